@@ -1,0 +1,1 @@
+//! Restore-side commands: what `qmprestore` does with images and chains.

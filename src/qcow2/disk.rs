@@ -1,0 +1,458 @@
+//! A guest disk: an image together with its backing chain.
+//!
+//! This is the API the rest of the project reads through. [`Disk::read_at`] returns the
+//! guest-visible bytes and may be called from many threads at once; [`Disk::extent_at`] and
+//! [`Disk::for_each_extent`] describe where every byte comes from (layer, host offset,
+//! compressed, zero), with the same semantics as `qemu-img map`. Backing files are resolved the
+//! way QEMU resolves them, with loop detection and a depth limit, and every failure names the
+//! image whose reference could not be followed.
+
+use super::error::{ErrorKind, Result};
+use super::header::MAGIC;
+use super::image::{resolve_relative, Qcow2, Status};
+use super::raw::Raw;
+use super::storage::Storage;
+use serde::Serialize;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Backing chains deeper than this are refused (a daily backup for over a year fits).
+pub const MAX_CHAIN_DEPTH: usize = 1000;
+
+/// Image formats this tool reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+
+    /// Parses a format name as QEMU writes it in the backing format extension.
+    pub fn from_name(name: &str) -> Option<Format> {
+        match name {
+            "qcow2" => Some(Format::Qcow2),
+            "raw" => Some(Format::Raw),
+            _ => None,
+        }
+    }
+}
+
+/// The storage of one layer of a chain.
+pub enum Layer {
+    Qcow2(Box<Qcow2>),
+    Raw(Raw),
+}
+
+/// How to open a disk.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The format of the top image; probed when `None`.
+    pub format: Option<Format>,
+    /// Open only the top image: unallocated clusters then read as zeros.
+    pub no_backing: bool,
+    /// Read the top image as it was at this internal snapshot (id or name).
+    pub snapshot: Option<String>,
+}
+
+/// One layer of the guest-visible view of a byte range, as `qemu-img map --output=json`
+/// describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Extent {
+    pub start: u64,
+    pub length: u64,
+    /// Which layer provides the bytes: 0 the top image, 1 its backing file, ...
+    pub depth: u32,
+    /// Allocated (data or zero) in some layer.
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Backed by stored data.
+    pub data: bool,
+    pub compressed: bool,
+    /// Host offset in the layer's file (or its external data file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+impl Extent {
+    /// Whether `next` directly continues this extent (qemu-img's merge rule).
+    pub fn mergeable(&self, next: &Extent) -> bool {
+        self.depth == next.depth
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && self.compressed == next.compressed
+            && match (self.offset, next.offset) {
+                (Some(a), Some(b)) => a + self.length == b,
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
+/// An opened image with its backing chain.
+pub struct Disk {
+    path: PathBuf,
+    layer: Layer,
+    backing: Option<Box<Disk>>,
+}
+
+impl Disk {
+    /// Opens an image (format probed) and its whole backing chain.
+    pub fn open(path: &Path) -> Result<Disk> {
+        Disk::open_with(path, &OpenOptions::default())
+    }
+
+    pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Disk> {
+        let mut seen = Vec::new();
+        let mut disk = open_layer(path, opts.format, opts.no_backing, 0, &mut seen)?;
+        if let Some(key) = &opts.snapshot {
+            match &mut disk.layer {
+                Layer::Qcow2(q) => q.select_snapshot(key)?,
+                Layer::Raw(_) => {
+                    return Err(ErrorKind::Unsupported(
+                        "raw images have no internal snapshots".into(),
+                    )
+                    .at(path))
+                }
+            }
+        }
+        Ok(disk)
+    }
+
+    /// Opens a qcow2 image held in memory, without backing file or data file (for fuzzing).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Disk> {
+        let path = Path::new(name);
+        let q = Qcow2::from_storage(path, Box::new(bytes), &|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "no files available",
+            ))
+        })?;
+        Ok(Disk {
+            path: path.to_path_buf(),
+            layer: Layer::Qcow2(Box::new(q)),
+            backing: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn layer(&self) -> &Layer {
+        &self.layer
+    }
+
+    pub fn qcow2(&self) -> Option<&Qcow2> {
+        match &self.layer {
+            Layer::Qcow2(q) => Some(q),
+            Layer::Raw(_) => None,
+        }
+    }
+
+    pub fn format(&self) -> Format {
+        match self.layer {
+            Layer::Qcow2(_) => Format::Qcow2,
+            Layer::Raw(_) => Format::Raw,
+        }
+    }
+
+    pub fn backing(&self) -> Option<&Disk> {
+        self.backing.as_deref()
+    }
+
+    /// This image, then its backing file, and so on down the chain.
+    pub fn chain(&self) -> impl Iterator<Item = &Disk> {
+        std::iter::successors(Some(self), |d| d.backing())
+    }
+
+    /// Guest-visible size.
+    pub fn size(&self) -> u64 {
+        match &self.layer {
+            Layer::Qcow2(q) => q.size(),
+            Layer::Raw(r) => r.size(),
+        }
+    }
+
+    /// Bytes the image file occupies on the host (not counting backing files).
+    pub fn allocated_bytes(&self) -> Option<u64> {
+        match &self.layer {
+            Layer::Qcow2(q) => q.allocated_bytes(),
+            Layer::Raw(r) => r.allocated_bytes(),
+        }
+    }
+
+    /// Reads guest data at `offset`; bytes past the end of the disk read as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.size();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let off = offset + pos as u64;
+            if off >= size {
+                buf[pos..].fill(0);
+                break;
+            }
+            let max = ((buf.len() - pos) as u64).min(size - off);
+            let q = match &self.layer {
+                Layer::Raw(r) => {
+                    r.read(&mut buf[pos..pos + max as usize], off)?;
+                    pos += max as usize;
+                    continue;
+                }
+                Layer::Qcow2(q) => q,
+            };
+            let (status, n) = q.status(off, max)?;
+            let dst = &mut buf[pos..pos + n as usize];
+            match status {
+                Status::Data { host } => q.read_data(dst, host)?,
+                Status::Zero { .. } => dst.fill(0),
+                Status::Unallocated { .. } => match &self.backing {
+                    Some(b) => b.read_at(dst, off)?,
+                    None => dst.fill(0),
+                },
+                Status::Compressed(d) => {
+                    let cs = q.cluster_size();
+                    let mut cluster = vec![0u8; cs as usize];
+                    q.read_compressed(d, &mut cluster)?;
+                    let within = (off % cs) as usize;
+                    dst.copy_from_slice(&cluster[within..within + n as usize]);
+                }
+            }
+            pos += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Describes the guest range starting at `offset` (< size): the extent covers 1..=`max`
+    /// bytes and is not necessarily maximal (see [`Disk::for_each_extent`]).
+    pub fn extent_at(&self, offset: u64, max: u64) -> Result<Extent> {
+        self.extent_at_depth(offset, max, 0)
+    }
+
+    fn extent_at_depth(&self, offset: u64, max: u64, depth: u32) -> Result<Extent> {
+        let mut e = Extent {
+            start: offset,
+            length: max,
+            depth,
+            present: true,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+        };
+        let q = match &self.layer {
+            Layer::Raw(r) => {
+                let (data, n) = r.allocation(offset, max)?;
+                e.length = n;
+                e.data = data;
+                e.zero = !data;
+                e.offset = Some(offset);
+                return Ok(e);
+            }
+            Layer::Qcow2(q) => q,
+        };
+        let (status, n) = q.status(offset, max)?;
+        e.length = n;
+        match status {
+            Status::Data { host } => {
+                e.data = true;
+                e.offset = Some(host);
+            }
+            Status::Compressed(_) => {
+                e.data = true;
+                e.compressed = true;
+            }
+            Status::Zero { host } => {
+                e.zero = true;
+                e.offset = host;
+            }
+            Status::Unallocated { host } => match &self.backing {
+                Some(b) if offset < b.size() => {
+                    return b.extent_at_depth(offset, n.min(b.size() - offset), depth + 1)
+                }
+                _ => {
+                    e.present = false;
+                    e.zero = true;
+                    e.offset = host;
+                }
+            },
+        }
+        Ok(e)
+    }
+
+    /// Calls `f` with the maximal extents covering `[offset, offset + len)` (clipped to the
+    /// disk size), merged as `qemu-img map` merges them. Streams: memory does not grow with the
+    /// number of extents.
+    pub fn for_each_extent(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(Extent) -> Result<()>,
+    ) -> Result<()> {
+        let end = offset.saturating_add(len).min(self.size());
+        let mut pos = offset;
+        let mut cur: Option<Extent> = None;
+        while pos < end {
+            let e = self.extent_at(pos, end - pos)?;
+            pos += e.length;
+            match &mut cur {
+                Some(c) if c.mergeable(&e) => c.length += e.length,
+                _ => {
+                    if let Some(done) = cur.replace(e) {
+                        f(done)?;
+                    }
+                }
+            }
+        }
+        if let Some(done) = cur {
+            f(done)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the whole range reads as zeros, judged from metadata alone.
+    pub fn is_zero(&self, offset: u64, len: u64) -> Result<bool> {
+        let mut zero = true;
+        self.for_each_extent(offset, len, |e| {
+            zero &= e.zero;
+            Ok(())
+        })?;
+        Ok(zero)
+    }
+}
+
+/// Opens `path` as one layer and, unless told not to, its backing chain below it.
+fn open_layer(
+    path: &Path,
+    format: Option<Format>,
+    no_backing: bool,
+    depth: usize,
+    seen: &mut Vec<PathBuf>,
+) -> Result<Disk> {
+    if depth > MAX_CHAIN_DEPTH {
+        return Err(ErrorKind::Backing(format!(
+            "backing chain deeper than {MAX_CHAIN_DEPTH} images"
+        ))
+        .at(path));
+    }
+    let file = File::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
+    let canonical = std::fs::canonicalize(path).map_err(|e| ErrorKind::Io(e).at(path))?;
+    if let Some(first) = seen.iter().position(|p| *p == canonical) {
+        let cycle: Vec<String> = seen[first..]
+            .iter()
+            .chain(std::iter::once(&canonical))
+            .map(|p| p.display().to_string())
+            .collect();
+        return Err(ErrorKind::Backing(format!("backing file loop: {}", cycle.join(" -> "))).at(path));
+    }
+    seen.push(canonical);
+    let format = match format {
+        Some(f) => f,
+        None => probe(&file).map_err(|k| k.at(path))?,
+    };
+    let layer = match format {
+        Format::Raw => Layer::Raw(Raw::from_storage(path, Box::new(file))?),
+        Format::Qcow2 => Layer::Qcow2(Box::new(Qcow2::from_storage(
+            path,
+            Box::new(file),
+            &|p| Ok(Box::new(File::open(p)?) as Box<dyn Storage>),
+        )?)),
+    };
+    let backing = match (&layer, no_backing) {
+        (Layer::Qcow2(q), false) => match q.backing_name() {
+            Some(name) => Some(Box::new(open_backing(path, q, name, depth, seen)?)),
+            None => None,
+        },
+        _ => None,
+    };
+    Ok(Disk {
+        path: path.to_path_buf(),
+        layer,
+        backing,
+    })
+}
+
+fn open_backing(
+    path: &Path,
+    q: &Qcow2,
+    name: &OsStr,
+    depth: usize,
+    seen: &mut Vec<PathBuf>,
+) -> Result<Disk> {
+    let target = backing_path(path, name).map_err(|k| k.at(path))?;
+    let format = match q.backing_format() {
+        Some(f) => Some(Format::from_name(f).ok_or_else(|| {
+            ErrorKind::Unsupported(format!("backing file format '{f}' is not supported"))
+                .at(path)
+        })?),
+        None => None,
+    };
+    if !target.exists() {
+        return Err(ErrorKind::Backing(format!(
+            "backing file '{}' (resolved to {}) does not exist",
+            name.to_string_lossy(),
+            target.display()
+        ))
+        .at(path));
+    }
+    open_layer(&target, format, false, depth + 1, seen)
+}
+
+/// Where a backing file name points, resolved like QEMU: protocol and `json:` names are
+/// refused, absolute names used as they are, relative ones joined to the image's directory.
+pub fn backing_path(image: &Path, name: &OsStr) -> Result<PathBuf, ErrorKind> {
+    let bytes = name.as_bytes();
+    if bytes.starts_with(b"json:") {
+        return Err(ErrorKind::Unsupported(format!(
+            "json: backing file names are not supported ({})",
+            name.to_string_lossy()
+        )));
+    }
+    if let Some(i) = bytes.iter().position(|&c| c == b':' || c == b'/') {
+        if bytes[i] == b':' {
+            return Err(ErrorKind::Unsupported(format!(
+                "backing file '{}' uses a protocol, only local files are supported",
+                name.to_string_lossy()
+            )));
+        }
+    }
+    Ok(resolve_relative(image, Path::new(name)))
+}
+
+/// Recognises qcow2 by its magic; refuses other image formats rather than reading their
+/// metadata as guest data; anything else is raw.
+fn probe(file: &File) -> Result<Format, ErrorKind> {
+    let mut magic = [0u8; 8];
+    let n = Storage::read_at(file, &mut magic, 0)?;
+    let magic = &magic[..n];
+    if magic.len() >= 4 && u32::from_be_bytes(magic[..4].try_into().unwrap()) == MAGIC {
+        return Ok(Format::Qcow2);
+    }
+    let others: [(&[u8], &str); 6] = [
+        (b"KDMV", "vmdk"),
+        (b"vhdxfile", "vhdx"),
+        (b"QED\0", "qed"),
+        (b"LUKS\xba\xbe", "luks"),
+        (b"conectix", "vpc"),
+        (b"<<< ", "vdi"),
+    ];
+    for (sig, name) in others {
+        if magic.starts_with(sig) {
+            return Err(ErrorKind::Unsupported(format!(
+                "{name} images are not supported (only qcow2 and raw)"
+            )));
+        }
+    }
+    Ok(Format::Raw)
+}

@@ -1,0 +1,64 @@
+//! Errors of the format engine.
+//!
+//! Every error names the file it is about: a restore that fails on the worst day must tell the
+//! admin which of thirty backup files is damaged and how, not just "invalid data". Parsers of
+//! single on-disk structures return an [`ErrorKind`] (they do not know the file); the image
+//! layer attaches the path with [`ErrorKind::at`].
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// What went wrong, without the file it happened in.
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
+    /// The operating system refused a read or an open.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The image violates the qcow2 specification or QEMU's limits.
+    #[error("corrupt image: {0}")]
+    Corrupt(String),
+    /// A valid image that uses something this tool does not implement.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The backing chain cannot be followed (missing file, loop, too deep).
+    #[error("backing chain: {0}")]
+    Backing(String),
+    /// The caller asked for something the image does not have (e.g. a snapshot name).
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl ErrorKind {
+    /// Attaches the file this error concerns.
+    pub fn at(self, path: impl AsRef<Path>) -> Error {
+        Error {
+            path: path.as_ref().to_path_buf(),
+            kind: self,
+        }
+    }
+}
+
+/// Shorthand for a [`ErrorKind::Corrupt`] with a formatted message.
+pub(crate) fn corrupt(msg: impl Into<String>) -> ErrorKind {
+    ErrorKind::Corrupt(msg.into())
+}
+
+/// An error about one image file.
+#[derive(Debug)]
+pub struct Error {
+    pub path: PathBuf,
+    pub kind: ErrorKind,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.kind)
+    }
+}
+
+/// The kind is part of the message, so there is no separate source: error chains printed by
+/// the binaries would otherwise repeat it.
+impl std::error::Error for Error {}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

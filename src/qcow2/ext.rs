@@ -1,0 +1,191 @@
+//! Header extensions: the typed records between the header and the end of cluster 0.
+//!
+//! Known ones are decoded (backing format, feature names, bitmaps, external data file, LUKS
+//! pointer); unknown ones are kept verbatim because a writer must preserve what it does not
+//! understand.
+
+use super::error::{corrupt, ErrorKind};
+use byteorder::{BigEndian, ByteOrder};
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStringExt;
+
+pub const END: u32 = 0;
+pub const BACKING_FORMAT: u32 = 0xe279_2aca;
+pub const FEATURE_TABLE: u32 = 0x6803_f857;
+pub const BITMAPS: u32 = 0x2385_2875;
+pub const CRYPTO: u32 = 0x0537_be77;
+pub const DATA_FILE: u32 = 0x4441_5441;
+
+/// One entry of the feature name table (48 bytes on disk).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    pub bit: u8,
+    pub name: String,
+}
+
+/// The bitmaps extension: where the bitmap directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
+/// QEMU: at most 65535 bitmaps, directory at most 64 MiB.
+pub const MAX_BITMAPS: u32 = 65535;
+pub const MAX_BITMAP_DIRECTORY: u64 = 64 << 20;
+
+/// All header extensions of an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extensions {
+    pub backing_format: Option<String>,
+    pub feature_names: Vec<FeatureName>,
+    pub bitmaps: Option<BitmapsExt>,
+    pub data_file: Option<OsString>,
+    /// LUKS header pointer (offset, length); only its presence matters to a reader.
+    pub crypto: Option<(u64, u64)>,
+    /// Unknown extensions as (type, data), in file order.
+    pub unknown: Vec<(u32, Vec<u8>)>,
+}
+
+impl Extensions {
+    /// Parses the extension area `area` (cluster 0 from the extension start up to the backing
+    /// file name or the end of the cluster).
+    pub fn parse(area: &[u8]) -> Result<Extensions, ErrorKind> {
+        let mut ext = Extensions::default();
+        let mut seen = Vec::new();
+        let mut pos = 0usize;
+        while pos + 8 <= area.len() {
+            let kind = BigEndian::read_u32(&area[pos..]);
+            let len = BigEndian::read_u32(&area[pos + 4..]) as usize;
+            pos += 8;
+            if kind == END {
+                break;
+            }
+            if len > area.len() - pos {
+                return Err(corrupt(format!(
+                    "header extension {kind:#010x} of {len} bytes overruns the header cluster"
+                )));
+            }
+            if seen.contains(&kind) {
+                return Err(corrupt(format!(
+                    "header extension {kind:#010x} appears twice"
+                )));
+            }
+            seen.push(kind);
+            let data = &area[pos..pos + len];
+            match kind {
+                BACKING_FORMAT => {
+                    ext.backing_format = Some(String::from_utf8_lossy(data).into_owned())
+                }
+                FEATURE_TABLE => ext.feature_names = parse_feature_table(data),
+                BITMAPS => ext.bitmaps = Some(parse_bitmaps_ext(data)?),
+                DATA_FILE => ext.data_file = Some(OsString::from_vec(data.to_vec())),
+                CRYPTO => {
+                    if len != 16 {
+                        return Err(corrupt("crypto header extension has a wrong length"));
+                    }
+                    ext.crypto = Some((
+                        BigEndian::read_u64(data),
+                        BigEndian::read_u64(&data[8..]),
+                    ));
+                }
+                _ => ext.unknown.push((kind, data.to_vec())),
+            }
+            pos += len.div_ceil(8) * 8;
+        }
+        Ok(ext)
+    }
+
+    /// The name the feature table gives to an incompatible feature bit, if any.
+    pub fn incompatible_name(&self, bit: u8) -> Option<&str> {
+        self.feature_names
+            .iter()
+            .find(|f| f.kind == 0 && f.bit == bit)
+            .map(|f| f.name.as_str())
+    }
+}
+
+fn parse_feature_table(data: &[u8]) -> Vec<FeatureName> {
+    data.chunks_exact(48)
+        .map(|e| {
+            let raw = &e[2..48];
+            let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+            FeatureName {
+                kind: e[0],
+                bit: e[1],
+                name: String::from_utf8_lossy(&raw[..end]).into_owned(),
+            }
+        })
+        .collect()
+}
+
+fn parse_bitmaps_ext(data: &[u8]) -> Result<BitmapsExt, ErrorKind> {
+    if data.len() != 24 {
+        return Err(corrupt("bitmaps header extension has a wrong length"));
+    }
+    let b = BitmapsExt {
+        nb_bitmaps: BigEndian::read_u32(data),
+        directory_size: BigEndian::read_u64(&data[8..]),
+        directory_offset: BigEndian::read_u64(&data[16..]),
+    };
+    if BigEndian::read_u32(&data[4..]) != 0 {
+        return Err(corrupt("bitmaps extension: reserved field is not zero"));
+    }
+    if b.nb_bitmaps == 0 || b.nb_bitmaps > MAX_BITMAPS {
+        return Err(corrupt(format!(
+            "bitmaps extension: {} bitmaps (1 to {MAX_BITMAPS} allowed)",
+            b.nb_bitmaps
+        )));
+    }
+    if b.directory_size == 0 || b.directory_size > MAX_BITMAP_DIRECTORY {
+        return Err(corrupt(format!(
+            "bitmap directory of {} bytes (at most 64 MiB)",
+            b.directory_size
+        )));
+    }
+    Ok(b)
+}
+
+/// Serialises one extension record with its padding.
+pub fn encode(kind: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + data.len().div_ceil(8) * 8);
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out.resize(8 + data.len().div_ceil(8) * 8, 0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_known_and_unknown() {
+        let mut area = encode(BACKING_FORMAT, b"raw");
+        area.extend(encode(0x1234_5678, b"opaque"));
+        area.extend(encode(DATA_FILE, b"d.raw"));
+        area.extend(encode(END, b""));
+        let e = Extensions::parse(&area).unwrap();
+        assert_eq!(e.backing_format.as_deref(), Some("raw"));
+        assert_eq!(e.data_file, Some(OsString::from("d.raw")));
+        assert_eq!(e.unknown, vec![(0x1234_5678, b"opaque".to_vec())]);
+    }
+
+    #[test]
+    fn overrunning_length_is_an_error() {
+        let mut area = encode(BACKING_FORMAT, b"qcow2");
+        area[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        assert!(Extensions::parse(&area).is_err());
+    }
+
+    #[test]
+    fn duplicate_is_an_error() {
+        let mut area = encode(BACKING_FORMAT, b"qcow2");
+        area.extend(encode(BACKING_FORMAT, b"raw"));
+        assert!(Extensions::parse(&area).is_err());
+    }
+}

@@ -1,0 +1,455 @@
+//! One qcow2 file: its metadata, the mapping of guest offsets, and reads of its own clusters.
+//!
+//! A [`Qcow2`] knows nothing about its backing file: where a cluster is unallocated it says so,
+//! and [`super::disk::Disk`] decides what that reads as. Opening parses and validates all
+//! fixed-size metadata (header, extensions, L1 table, snapshot table, bitmap directory); L2
+//! tables are loaded on demand into a bounded cache, so memory stays proportional to the
+//! metadata actually touched, never to the data.
+
+use super::bitmap::{self, Bitmap};
+use super::cache::L2Cache;
+use super::compress;
+use super::error::{corrupt, Error, ErrorKind, Result};
+use super::ext::Extensions;
+use super::header::{self, Header};
+use super::l1::{self, L1Entry};
+use super::l2::{CompressedDescriptor, L2Format, L2Table, Subcluster};
+use super::refcount::{self, RefcountFormat};
+use super::snapshot::{self, Snapshot};
+use super::storage::{read_exact, read_zero_padded, Storage};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// L2 tables kept in memory per image (at most 2 MiB each).
+const L2_CACHE_TABLES: usize = 64;
+
+/// How a guest byte range is stored in this one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Uncompressed data at this host offset (in the external data file if there is one).
+    Data { host: u64 },
+    /// A compressed cluster (runs never span more than one).
+    Compressed(CompressedDescriptor),
+    /// Reads as zeros; `host` is set where a host cluster is still allocated.
+    Zero { host: Option<u64> },
+    /// Not stored here: the backing file (or zeros) provides it.
+    Unallocated { host: Option<u64> },
+}
+
+/// An external data file: guest data lives there, metadata in the qcow2 file.
+pub struct DataFile {
+    /// The name as stored in the header extension.
+    pub name: OsString,
+    /// Where it was found (resolved against the image's directory).
+    pub path: PathBuf,
+    storage: Box<dyn Storage>,
+    len: u64,
+}
+
+/// A parsed qcow2 image (one file, without its backing chain).
+pub struct Qcow2 {
+    path: PathBuf,
+    file: Box<dyn Storage>,
+    file_len: u64,
+    header: Header,
+    ext: Extensions,
+    backing_name: Option<OsString>,
+    data_file: Option<DataFile>,
+    format: L2Format,
+    l1: Vec<L1Entry>,
+    size: u64,
+    snapshots: Vec<Snapshot>,
+    bitmaps: Vec<Bitmap>,
+    cache: L2Cache,
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 file read-only; an external data file is looked up next to it.
+    pub fn open(path: &Path) -> Result<Qcow2> {
+        let file = File::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
+        Qcow2::from_storage(path, Box::new(file), &|p| {
+            Ok(Box::new(File::open(p)?) as Box<dyn Storage>)
+        })
+    }
+
+    /// Parses an image from any storage. `open_data_file` opens an external data file by its
+    /// resolved path (memory-backed images in fuzzing have none to offer).
+    pub fn from_storage(
+        path: &Path,
+        file: Box<dyn Storage>,
+        open_data_file: &dyn Fn(&Path) -> std::io::Result<Box<dyn Storage>>,
+    ) -> Result<Qcow2> {
+        let at = |k: ErrorKind| k.at(path);
+        let file_len = file.len().map_err(|e| at(e.into()))?;
+        let mut probe = vec![0u8; header::PROBE_LENGTH.min(file_len as usize)];
+        read_exact(&*file, &mut probe, 0, "header").map_err(|e| at(e.into()))?;
+        let header = Header::parse(&probe).map_err(at)?;
+        header.validate(file_len).map_err(at)?;
+
+        let cs = header.cluster_size();
+        let mut cluster0 = vec![0u8; cs.min(file_len) as usize];
+        read_exact(&*file, &mut cluster0, 0, "header cluster").map_err(|e| at(e.into()))?;
+        let ext_start = header.extensions_offset() as usize;
+        let ext_end = if header.backing_file_offset != 0 {
+            header.backing_file_offset as usize
+        } else {
+            cluster0.len()
+        };
+        if ext_end < ext_start || ext_end > cluster0.len() {
+            return Err(at(corrupt(format!(
+                "backing file name offset {:#x} lies inside the header or past the end of the file",
+                header.backing_file_offset
+            ))));
+        }
+        let ext = Extensions::parse(&cluster0[ext_start..ext_end]).map_err(at)?;
+
+        let unknown = header.unknown_incompatible();
+        if unknown != 0 {
+            let names: Vec<String> = (0..64)
+                .filter(|b| unknown & (1u64 << b) != 0)
+                .map(|b| match ext.incompatible_name(b as u8) {
+                    Some(n) => format!("bit {b} ({n})"),
+                    None => format!("bit {b}"),
+                })
+                .collect();
+            return Err(at(ErrorKind::Unsupported(format!(
+                "unsupported incompatible feature {}",
+                names.join(", ")
+            ))));
+        }
+        if header.crypt_method != 0 || ext.crypto.is_some() {
+            return Err(at(ErrorKind::Unsupported(
+                "encrypted images are not supported".into(),
+            )));
+        }
+        if header.corrupt() {
+            tracing::warn!(
+                "{}: the image is marked corrupt; reading it anyway (never written)",
+                path.display()
+            );
+        }
+        if ext.bitmaps.is_some() && header.autoclear_features & header::autoclear::BITMAPS == 0 {
+            tracing::warn!(
+                "{}: a program without bitmap support modified this image; its bitmaps are inconsistent and ignored",
+                path.display()
+            );
+        }
+
+        let backing_name = header.has_backing_file().then(|| {
+            let o = header.backing_file_offset as usize;
+            OsStr::from_bytes(&cluster0[o..o + header.backing_file_size as usize]).to_os_string()
+        });
+
+        let data_file = if header.has_data_file() {
+            let name = ext.data_file.clone().ok_or_else(|| {
+                at(corrupt(
+                    "the image needs an external data file but its header names none",
+                ))
+            })?;
+            let resolved = resolve_relative(path, Path::new(&name));
+            let storage = open_data_file(&resolved).map_err(|e| {
+                at(ErrorKind::Io(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot open external data file {}: {e}",
+                        resolved.display()
+                    ),
+                )))
+            })?;
+            let len = storage.len().map_err(|e| at(e.into()))?;
+            Some(DataFile {
+                name,
+                path: resolved,
+                storage,
+                len,
+            })
+        } else {
+            None
+        };
+
+        let l1 = l1::read_table(&*file, header.l1_table_offset, header.l1_size).map_err(at)?;
+        let max_l1 = header::MAX_L1_BYTES / 8;
+        let snapshots = if header.nb_snapshots > 0 {
+            snapshot::read_table(
+                &*file,
+                header.snapshots_offset,
+                header.nb_snapshots,
+                cs,
+                max_l1,
+            )
+            .map_err(at)?
+        } else {
+            Vec::new()
+        };
+        let bitmaps = match &ext.bitmaps {
+            Some(b) if header.autoclear_features & header::autoclear::BITMAPS != 0 => {
+                bitmap::read_directory(&*file, b, cs).map_err(at)?
+            }
+            _ => Vec::new(),
+        };
+        Ok(Qcow2 {
+            path: path.to_path_buf(),
+            file,
+            file_len,
+            size: header.size,
+            format: L2Format::of(&header),
+            header,
+            ext,
+            backing_name,
+            data_file,
+            l1,
+            snapshots,
+            bitmaps,
+            cache: L2Cache::new(L2_CACHE_TABLES),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn extensions(&self) -> &Extensions {
+        &self.ext
+    }
+
+    /// Virtual size of the current view (the snapshot's disk size after
+    /// [`Qcow2::select_snapshot`]).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Bytes the file occupies on the host, when the storage can tell.
+    pub fn allocated_bytes(&self) -> Option<u64> {
+        self.file.allocated_bytes()
+    }
+
+    pub fn backing_name(&self) -> Option<&OsStr> {
+        self.backing_name.as_deref()
+    }
+
+    pub fn backing_format(&self) -> Option<&str> {
+        self.ext.backing_format.as_deref()
+    }
+
+    pub fn data_file(&self) -> Option<&DataFile> {
+        self.data_file.as_ref()
+    }
+
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    pub fn bitmaps(&self) -> &[Bitmap] {
+        &self.bitmaps
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    /// Switches this (read-only) view to the disk as it was at an internal snapshot, found by
+    /// id or name as `qemu-img convert -l` does.
+    pub fn select_snapshot(&mut self, key: &str) -> Result<()> {
+        let snap = snapshot::find(&self.snapshots, key)
+            .ok_or_else(|| ErrorKind::NotFound(format!("no snapshot with id or name '{key}'")).at(&self.path))?
+            .clone();
+        let size = snap.disk_size.unwrap_or(self.header.size);
+        let needed = self.header.l1_entries_needed(size);
+        if (snap.l1_size as u64) < needed {
+            return Err(corrupt(format!(
+                "snapshot '{}': L1 table of {} entries is too small for its disk size {size}",
+                snap.name, snap.l1_size
+            ))
+            .at(&self.path));
+        }
+        if snap.l1_table_offset == 0
+            || snap.l1_table_offset + snap.l1_size as u64 * 8 > self.file_len
+        {
+            return Err(corrupt(format!(
+                "snapshot '{}': L1 table at {:#x} lies outside the file",
+                snap.name, snap.l1_table_offset
+            ))
+            .at(&self.path));
+        }
+        self.l1 = l1::read_table(&*self.file, snap.l1_table_offset, snap.l1_size)
+            .map_err(|k| k.at(&self.path))?;
+        self.size = size;
+        self.cache = L2Cache::new(L2_CACHE_TABLES);
+        Ok(())
+    }
+
+    /// How the guest range starting at `guest` is stored here: a status and the length
+    /// (1..=`max`) of the run it applies to. Runs end at L2 table boundaries, at the end of a
+    /// compressed cluster, and where host offsets stop being contiguous.
+    pub fn status(&self, guest: u64, max: u64) -> Result<(Status, u64)> {
+        let f = &self.format;
+        let span = self.header.l1_span();
+        let l1_index = guest / span;
+        let limit = max.min((l1_index + 1) * span - guest);
+        let unallocated = Ok((Status::Unallocated { host: None }, limit));
+        let Some(entry) = self.l1.get(l1_index as usize) else {
+            return unallocated;
+        };
+        let Some(l2_offset) = entry
+            .checked_l2_offset(l1_index as usize, f.cluster_size(), self.file_len)
+            .map_err(|k| k.at(&self.path))?
+        else {
+            return unallocated;
+        };
+        let table = self.l2_table(l2_offset)?;
+        let unit = f.unit_size();
+        let per_cluster = f.units_per_cluster() as u64;
+        let per_table = f.entries_per_table();
+        let classify = |u: u64| -> Result<Subcluster> {
+            let cluster = u / per_cluster;
+            table
+                .entry((cluster % per_table) as usize)
+                .classify(f, (u % per_cluster) as u32)
+                .map_err(|k| {
+                    corrupt(format!("guest offset {:#x}: {k}", cluster * f.cluster_size()))
+                        .at(&self.path)
+                })
+        };
+        let first_unit = guest / unit;
+        let first = classify(first_unit)?;
+        let within = guest % unit;
+        let status = match first {
+            Subcluster::Normal(h) => Status::Data { host: h + within },
+            Subcluster::ZeroAlloc(h) => Status::Zero {
+                host: Some(h + within),
+            },
+            Subcluster::ZeroPlain => Status::Zero { host: None },
+            Subcluster::UnallocatedPlain => Status::Unallocated { host: None },
+            Subcluster::UnallocatedAlloc(h) => Status::Unallocated {
+                host: Some(h + within),
+            },
+            Subcluster::Compressed(d) => {
+                let cluster_end = (guest / f.cluster_size() + 1) * f.cluster_size();
+                return Ok((Status::Compressed(d), limit.min(cluster_end - guest)));
+            }
+        };
+        let end_limit = guest + limit;
+        let mut end = (first_unit + 1) * unit;
+        while end < end_limit {
+            let next = classify(end / unit)?;
+            let distance = end - first_unit * unit;
+            if !continues(first, next, distance) {
+                break;
+            }
+            end += unit;
+        }
+        Ok((status, end.min(end_limit) - guest))
+    }
+
+    fn l2_table(&self, offset: u64) -> Result<std::sync::Arc<L2Table>> {
+        self.cache.get_or_load(offset, || {
+            let mut bytes = vec![0u8; self.cluster_size() as usize];
+            read_exact(&*self.file, &mut bytes, offset, "L2 table")
+                .map_err(|e| ErrorKind::Io(e).at(&self.path))?;
+            Ok::<_, Error>(L2Table::parse(&bytes, self.format.extended))
+        })
+    }
+
+    /// Reads uncompressed guest data stored at `host` (a [`Status::Data`] run). Bytes past the
+    /// end of the file read as zeros, as in QEMU, but a run that starts past it is corrupt.
+    pub fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        let (storage, len, path) = match &self.data_file {
+            Some(d) => (&*d.storage, d.len, d.path.as_path()),
+            None => (&*self.file, self.file_len, self.path.as_path()),
+        };
+        if host >= len {
+            return Err(corrupt(format!(
+                "data cluster at host offset {host:#x} lies past the end of the file ({len} bytes)"
+            ))
+            .at(path));
+        }
+        read_zero_padded(storage, buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+    }
+
+    /// Decompresses one compressed cluster into `out` (one cluster long).
+    pub fn read_compressed(&self, d: CompressedDescriptor, out: &mut [u8]) -> Result<()> {
+        if d.offset >= self.file_len {
+            return Err(corrupt(format!(
+                "compressed cluster at host offset {:#x} lies past the end of the file ({} bytes)",
+                d.offset, self.file_len
+            ))
+            .at(&self.path));
+        }
+        let len = d.max_len.min(self.file_len - d.offset) as usize;
+        let mut input = vec![0u8; len];
+        read_exact(&*self.file, &mut input, d.offset, "compressed cluster")
+            .map_err(|e| ErrorKind::Io(e).at(&self.path))?;
+        compress::decompress(self.header.compression_type, &input, out).map_err(|m| {
+            corrupt(format!(
+                "compressed cluster at host offset {:#x}: {m}",
+                d.offset
+            ))
+            .at(&self.path)
+        })
+    }
+
+    /// The refcount of host cluster number `cluster` (0 when no refcount block covers it).
+    pub fn refcount(&self, cluster: u64) -> Result<u64> {
+        let at = |k: ErrorKind| k.at(&self.path);
+        let f = RefcountFormat {
+            cluster_bits: self.header.cluster_bits,
+            order: self.header.refcount_order,
+        };
+        let (table_index, block_index) = f.locate(cluster);
+        if table_index >= self.header.refcount_table_clusters as u64 * self.cluster_size() / 8 {
+            return Ok(0);
+        }
+        let mut entry = [0u8; 8];
+        read_exact(
+            &*self.file,
+            &mut entry,
+            self.header.refcount_table_offset + table_index * 8,
+            "refcount table",
+        )
+        .map_err(|e| at(e.into()))?;
+        let block = u64::from_be_bytes(entry) & refcount::OFFSET_MASK;
+        if block == 0 {
+            return Ok(0);
+        }
+        if block % self.cluster_size() != 0 || block + self.cluster_size() > self.file_len {
+            return Err(at(corrupt(format!(
+                "refcount block at {block:#x} is unaligned or past the end of the file"
+            ))));
+        }
+        let mut bytes = vec![0u8; self.cluster_size() as usize];
+        read_exact(&*self.file, &mut bytes, block, "refcount block").map_err(|e| at(e.into()))?;
+        Ok(refcount::get(&bytes, block_index, f.order))
+    }
+}
+
+/// Whether `next`, `distance` bytes after `first`, continues the same run.
+fn continues(first: Subcluster, next: Subcluster, distance: u64) -> bool {
+    use Subcluster::*;
+    match (first, next) {
+        (Normal(a), Normal(b))
+        | (ZeroAlloc(a), ZeroAlloc(b))
+        | (UnallocatedAlloc(a), UnallocatedAlloc(b)) => b == a + distance,
+        (ZeroPlain, ZeroPlain) | (UnallocatedPlain, UnallocatedPlain) => true,
+        _ => false,
+    }
+}
+
+/// Resolves a file name stored in an image (backing or data file) as QEMU does for backing
+/// files: absolute names as they are, relative ones against the image's own directory.
+pub fn resolve_relative(image: &Path, name: &Path) -> PathBuf {
+    if name.is_absolute() {
+        name.to_path_buf()
+    } else {
+        image.parent().unwrap_or(Path::new("")).join(name)
+    }
+}

@@ -1,0 +1,69 @@
+//! The L1 table: one 64-bit entry per L2 table, contiguous on disk.
+
+use super::error::{corrupt, ErrorKind};
+use super::storage::{read_exact, Storage};
+use byteorder::{BigEndian, ByteOrder};
+
+/// Bits 9..55 of an L1 entry: the L2 table's host offset.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bit 63: the L2 table's refcount is exactly 1 (active L1 only).
+pub const COPIED: u64 = 1 << 63;
+
+/// One L1 table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L1Entry(pub u64);
+
+impl L1Entry {
+    /// Host offset of the L2 table, 0 when unallocated.
+    pub fn l2_offset(self) -> u64 {
+        self.0 & OFFSET_MASK
+    }
+
+    pub fn copied(self) -> bool {
+        self.0 & COPIED != 0
+    }
+
+    /// The L2 table offset, checked: `None` when unallocated, an error when unaligned or when
+    /// the table would lie past the end of the file.
+    pub fn checked_l2_offset(
+        self,
+        index: usize,
+        cluster_size: u64,
+        file_len: u64,
+    ) -> Result<Option<u64>, ErrorKind> {
+        let off = self.l2_offset();
+        if off == 0 {
+            return Ok(None);
+        }
+        if off % cluster_size != 0 {
+            return Err(corrupt(format!(
+                "L2 table offset {off:#x} is not cluster aligned (L1 index {index})"
+            )));
+        }
+        if off + cluster_size > file_len {
+            return Err(corrupt(format!(
+                "L2 table at {off:#x} (L1 index {index}) lies past the end of the file ({file_len} bytes)"
+            )));
+        }
+        Ok(Some(off))
+    }
+}
+
+/// Reads an L1 table of `entries` entries at `offset`.
+pub fn read_table(
+    storage: &dyn Storage,
+    offset: u64,
+    entries: u32,
+) -> Result<Vec<L1Entry>, ErrorKind> {
+    let mut bytes = vec![0u8; entries as usize * 8];
+    read_exact(storage, &mut bytes, offset, "L1 table")?;
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| L1Entry(BigEndian::read_u64(c)))
+        .collect())
+}
+
+/// Serialises an L1 table.
+pub fn to_bytes(table: &[L1Entry]) -> Vec<u8> {
+    table.iter().flat_map(|e| e.0.to_be_bytes()).collect()
+}

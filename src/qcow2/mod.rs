@@ -1,0 +1,30 @@
+//! The qcow2 format engine: one file per on-disk structure, plus the image and chain layers.
+//!
+//! Nothing here calls qemu-img: `qmprestore` must work on hosts without qemu-utils. Every
+//! structure is parsed from untrusted bytes and validated against the specification
+//! (`docs/interop/qcow2.rst` in QEMU) and QEMU's own limits before it is used, so a hostile
+//! image yields an [`Error`] naming the file and the problem, never a panic or an unbounded
+//! allocation.
+//!
+//! Layers, bottom up: [`storage`] (positional reads), the structures ([`header`], [`ext`],
+//! [`l1`], [`l2`], [`refcount`], [`snapshot`], [`bitmap`], [`compress`]), [`image::Qcow2`] (one
+//! file), [`disk::Disk`] (an image with its backing chain: reads and block status).
+
+pub mod bitmap;
+pub mod cache;
+pub mod compress;
+pub mod disk;
+pub mod error;
+pub mod ext;
+pub mod header;
+pub mod image;
+pub mod l1;
+pub mod l2;
+pub mod raw;
+pub mod refcount;
+pub mod snapshot;
+pub mod storage;
+
+pub use disk::{Disk, Extent, Format, Layer, OpenOptions};
+pub use error::{Error, ErrorKind, Result};
+pub use image::{Qcow2, Status};
