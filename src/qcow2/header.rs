@@ -398,7 +398,9 @@ impl Header {
                     CompressionType::Zstd => 1,
                 };
             }
-            b[112..112 + self.unknown_tail.len()].copy_from_slice(&self.unknown_tail);
+            if !self.unknown_tail.is_empty() {
+                b[112..112 + self.unknown_tail.len()].copy_from_slice(&self.unknown_tail);
+            }
         }
         b
     }
