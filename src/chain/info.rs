@@ -1,0 +1,278 @@
+//! `qmprestore info`: what an image is, in qemu-img's words.
+//!
+//! The JSON uses `qemu-img info --output=json` field names wherever the two overlap, so scripts
+//! written against qemu-img keep working on hosts that only have qmprestore.
+
+use super::units;
+use crate::qcow2::{Disk, Layer, Qcow2};
+use serde::Serialize;
+use std::fmt::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageInfo {
+    pub filename: String,
+    pub format: &'static str,
+    pub virtual_size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actual_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<Vec<SnapshotInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format_specific: Option<FormatSpecific>,
+    pub dirty_flag: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    pub id: String,
+    pub name: String,
+    pub vm_state_size: u64,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_sec: u64,
+    pub vm_clock_nsec: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FormatSpecific {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub data: Qcow2Specific,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Qcow2Specific {
+    pub compat: &'static str,
+    pub compression_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_refcounts: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps: Option<Vec<BitmapInfo>>,
+    pub refcount_bits: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file_raw: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extended_l2: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BitmapInfo {
+    pub flags: Vec<&'static str>,
+    pub name: String,
+    pub granularity: u64,
+}
+
+/// Describes the top layer of `disk` (one entry of `--backing-chain`).
+pub fn describe(disk: &Disk) -> ImageInfo {
+    let mut info = ImageInfo {
+        filename: disk.path().display().to_string(),
+        format: disk.format().name(),
+        virtual_size: disk.size(),
+        actual_size: disk.allocated_bytes(),
+        cluster_size: None,
+        backing_filename: None,
+        full_backing_filename: None,
+        backing_filename_format: None,
+        snapshots: None,
+        format_specific: None,
+        dirty_flag: false,
+    };
+    if let Layer::Qcow2(q) = disk.layer() {
+        describe_qcow2(q, &mut info);
+    }
+    info
+}
+
+fn describe_qcow2(q: &Qcow2, info: &mut ImageInfo) {
+    let h = q.header();
+    info.cluster_size = Some(h.cluster_size());
+    info.dirty_flag = h.dirty();
+    if let Some(name) = q.backing_name() {
+        info.backing_filename = Some(String::from_utf8_lossy(name.as_bytes()).into_owned());
+        let full = crate::qcow2::image::resolve_relative(q.path(), Path::new(name));
+        info.full_backing_filename = Some(full.display().to_string());
+        info.backing_filename_format = q.backing_format().map(str::to_string);
+    }
+    if !q.snapshots().is_empty() {
+        info.snapshots = Some(
+            q.snapshots()
+                .iter()
+                .map(|s| SnapshotInfo {
+                    id: s.id.clone(),
+                    name: s.name.clone(),
+                    vm_state_size: s.vm_state_size,
+                    date_sec: s.date_sec,
+                    date_nsec: s.date_nsec,
+                    vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+                    vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+                    icount: s.icount.filter(|&i| i != -1),
+                })
+                .collect(),
+        );
+    }
+    let v3 = h.version >= 3;
+    let bitmaps: Vec<BitmapInfo> = q
+        .bitmaps()
+        .iter()
+        .map(|b| BitmapInfo {
+            flags: b.flag_names(),
+            name: b.name.clone(),
+            granularity: b.granularity(),
+        })
+        .collect();
+    info.format_specific = Some(FormatSpecific {
+        kind: "qcow2",
+        data: Qcow2Specific {
+            compat: if v3 { "1.1" } else { "0.10" },
+            compression_type: h.compression_type.name(),
+            lazy_refcounts: v3.then(|| h.lazy_refcounts()),
+            bitmaps: (!bitmaps.is_empty()).then_some(bitmaps),
+            refcount_bits: h.refcount_bits(),
+            data_file: q
+                .extensions()
+                .data_file
+                .as_ref()
+                .map(|n| String::from_utf8_lossy(n.as_bytes()).into_owned()),
+            data_file_raw: q.data_file().map(|_| h.data_file_raw()),
+            corrupt: v3.then(|| h.corrupt()),
+            extended_l2: v3.then(|| h.extended_l2()),
+        },
+    });
+}
+
+/// The human-readable report, laid out like `qemu-img info`.
+pub fn human(info: &ImageInfo) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "image: {}", info.filename);
+    let _ = writeln!(s, "file format: {}", info.format);
+    let _ = writeln!(
+        s,
+        "virtual size: {} ({} bytes)",
+        units::size(info.virtual_size),
+        info.virtual_size
+    );
+    if let Some(a) = info.actual_size {
+        let _ = writeln!(s, "disk size: {}", units::size(a));
+    }
+    if let Some(c) = info.cluster_size {
+        let _ = writeln!(s, "cluster_size: {c}");
+    }
+    if let Some(b) = &info.backing_filename {
+        let _ = write!(s, "backing file: {b}");
+        match &info.full_backing_filename {
+            Some(full) if full != b => {
+                let _ = writeln!(s, " (actual path: {full})");
+            }
+            _ => s.push('\n'),
+        }
+        if let Some(f) = &info.backing_filename_format {
+            let _ = writeln!(s, "backing file format: {f}");
+        }
+    }
+    if let Some(snaps) = &info.snapshots {
+        let _ = writeln!(s, "Snapshot list:");
+        let _ = writeln!(
+            s,
+            "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        );
+        for sn in snaps {
+            let secs = sn.vm_clock_sec;
+            let clock = format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                secs / 3600,
+                secs / 60 % 60,
+                secs % 60,
+                sn.vm_clock_nsec / 1_000_000
+            );
+            let icount = sn.icount.map(|i| i.to_string()).unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
+                sn.id,
+                sn.name,
+                units::size(sn.vm_state_size),
+                local_time(sn.date_sec as i64),
+                clock,
+                icount
+            );
+        }
+    }
+    if let Some(fs) = &info.format_specific {
+        let d = &fs.data;
+        let _ = writeln!(s, "Format specific information:");
+        let _ = writeln!(s, "    compat: {}", d.compat);
+        let _ = writeln!(s, "    compression type: {}", d.compression_type);
+        if let Some(l) = d.lazy_refcounts {
+            let _ = writeln!(s, "    lazy refcounts: {l}");
+        }
+        if let Some(bitmaps) = &d.bitmaps {
+            let _ = writeln!(s, "    bitmaps:");
+            for (i, b) in bitmaps.iter().enumerate() {
+                let _ = writeln!(s, "        [{i}]:");
+                let _ = writeln!(s, "            flags:");
+                for (j, f) in b.flags.iter().enumerate() {
+                    let _ = writeln!(s, "                [{j}]: {f}");
+                }
+                let _ = writeln!(s, "            name: {}", b.name);
+                let _ = writeln!(s, "            granularity: {}", b.granularity);
+            }
+        }
+        let _ = writeln!(s, "    refcount bits: {}", d.refcount_bits);
+        if let Some(df) = &d.data_file {
+            let _ = writeln!(s, "    data file: {df}");
+        }
+        if let Some(raw) = d.data_file_raw {
+            let _ = writeln!(s, "    data file raw: {raw}");
+        }
+        if let Some(c) = d.corrupt {
+            let _ = writeln!(s, "    corrupt: {c}");
+        }
+        if let Some(e) = d.extended_l2 {
+            let _ = writeln!(s, "    extended l2: {e}");
+        }
+    }
+    if info.dirty_flag {
+        let _ = writeln!(s, "dirty flag: true");
+    }
+    s
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in the local time zone, as qemu-img prints snapshot dates.
+pub fn local_time(epoch: i64) -> String {
+    // SAFETY: localtime_r writes into the tm we own; a zeroed tm is a valid initial value.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let t = epoch as libc::time_t;
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return epoch.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
