@@ -108,11 +108,13 @@ Zero ranges become holes in a regular output file; the output is synced before e
         dst: PathBuf,
     },
     /// Compare the guest-visible contents of two images (qcow2 or raw, probed).
-    #[command(after_help = "Exit codes: 0 identical, 1 different (the first differing offset is
+    #[command(
+        after_help = "Exit codes: 0 identical, 1 different (the first differing offset is
 printed), 2 an image could not be read.
 
 Example:
-  qmprestore compare restored.qcow2 /var/lib/libvirt/images/vm.qcow2")]
+  qmprestore compare restored.qcow2 /var/lib/libvirt/images/vm.qcow2"
+    )]
     Compare {
         a: PathBuf,
         b: PathBuf,

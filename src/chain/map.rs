@@ -24,7 +24,12 @@ pub fn write_map(disk: &Disk, format: MapFormat, out: &mut dyn Write) -> Result<
         .collect();
     let mut first = true;
     if format == MapFormat::Human {
-        writeln!(out, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to").map_err(io)?;
+        writeln!(
+            out,
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
+        )
+        .map_err(io)?;
     }
     disk.for_each_extent(0, disk.size(), |e| {
         match format {

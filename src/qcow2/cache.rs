@@ -91,12 +91,18 @@ mod tests {
             load()
         })
         .unwrap();
-        assert!(!loaded, "table 1 was used recently and must still be cached");
+        assert!(
+            !loaded,
+            "table 1 was used recently and must still be cached"
+        );
         c.get_or_load(2, || {
             loaded = true;
             load()
         })
         .unwrap();
-        assert!(loaded, "table 2 was the least recently used and must be evicted");
+        assert!(
+            loaded,
+            "table 2 was the least recently used and must be evicted"
+        );
     }
 }

@@ -66,7 +66,8 @@ mod tests {
     fn deflate_raw(data: &[u8]) -> Vec<u8> {
         let mut c = Compress::new(Compression::default(), false);
         let mut out = Vec::with_capacity(data.len() + 64);
-        c.compress_vec(data, &mut out, FlushCompress::Finish).unwrap();
+        c.compress_vec(data, &mut out, FlushCompress::Finish)
+            .unwrap();
         out
     }
 

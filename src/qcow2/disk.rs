@@ -117,17 +117,20 @@ impl Disk {
         let mut seen = Vec::new();
         let mut disk = open_layer(path, opts.format, opts.no_backing, 0, &mut seen)?;
         if let Some(key) = &opts.snapshot {
-            match &mut disk.layer {
-                Layer::Qcow2(q) => q.select_snapshot(key)?,
-                Layer::Raw(_) => {
-                    return Err(ErrorKind::Unsupported(
-                        "raw images have no internal snapshots".into(),
-                    )
-                    .at(path))
-                }
-            }
+            disk.select_snapshot(key)?;
         }
         Ok(disk)
+    }
+
+    /// Switches the top image to its view at an internal snapshot (id or name).
+    pub fn select_snapshot(&mut self, key: &str) -> Result<()> {
+        match &mut self.layer {
+            Layer::Qcow2(q) => q.select_snapshot(key),
+            Layer::Raw(_) => Err(ErrorKind::Unsupported(
+                "raw images have no internal snapshots".into(),
+            )
+            .at(&self.path)),
+        }
     }
 
     /// Opens a qcow2 image held in memory, without backing file or data file (for fuzzing).
@@ -321,6 +324,26 @@ impl Disk {
         Ok(())
     }
 
+    /// Reads every range the metadata says holds data (decompressing compressed clusters), so
+    /// that damage anywhere in the mapped data surfaces as an error. Stops after `budget`
+    /// bytes; returns the bytes read.
+    pub fn read_stored(&self, budget: u64) -> Result<u64> {
+        const STEP: u64 = 1 << 20;
+        let mut buf = vec![0u8; STEP as usize];
+        let mut done = 0u64;
+        self.for_each_extent(0, self.size(), |e| {
+            let mut pos = e.start;
+            while e.data && pos < e.start + e.length && done < budget {
+                let n = STEP.min(e.start + e.length - pos).min(budget - done);
+                self.read_at(&mut buf[..n as usize], pos)?;
+                pos += n;
+                done += n;
+            }
+            Ok(())
+        })?;
+        Ok(done)
+    }
+
     /// Whether the whole range reads as zeros, judged from metadata alone.
     pub fn is_zero(&self, offset: u64, len: u64) -> Result<bool> {
         let mut zero = true;
@@ -354,7 +377,9 @@ fn open_layer(
             .chain(std::iter::once(&canonical))
             .map(|p| p.display().to_string())
             .collect();
-        return Err(ErrorKind::Backing(format!("backing file loop: {}", cycle.join(" -> "))).at(path));
+        return Err(
+            ErrorKind::Backing(format!("backing file loop: {}", cycle.join(" -> "))).at(path),
+        );
     }
     seen.push(canonical);
     let format = match format {
@@ -363,11 +388,9 @@ fn open_layer(
     };
     let layer = match format {
         Format::Raw => Layer::Raw(Raw::from_storage(path, Box::new(file))?),
-        Format::Qcow2 => Layer::Qcow2(Box::new(Qcow2::from_storage(
-            path,
-            Box::new(file),
-            &|p| Ok(Box::new(File::open(p)?) as Box<dyn Storage>),
-        )?)),
+        Format::Qcow2 => Layer::Qcow2(Box::new(Qcow2::from_storage(path, Box::new(file), &|p| {
+            Ok(Box::new(File::open(p)?) as Box<dyn Storage>)
+        })?)),
     };
     let backing = match (&layer, no_backing) {
         (Layer::Qcow2(q), false) => match q.backing_name() {
@@ -393,8 +416,7 @@ fn open_backing(
     let target = backing_path(path, name).map_err(|k| k.at(path))?;
     let format = match q.backing_format() {
         Some(f) => Some(Format::from_name(f).ok_or_else(|| {
-            ErrorKind::Unsupported(format!("backing file format '{f}' is not supported"))
-                .at(path)
+            ErrorKind::Unsupported(format!("backing file format '{f}' is not supported")).at(path)
         })?),
         None => None,
     };

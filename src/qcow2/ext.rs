@@ -87,10 +87,7 @@ impl Extensions {
                     if len != 16 {
                         return Err(corrupt("crypto header extension has a wrong length"));
                     }
-                    ext.crypto = Some((
-                        BigEndian::read_u64(data),
-                        BigEndian::read_u64(&data[8..]),
-                    ));
+                    ext.crypto = Some((BigEndian::read_u64(data), BigEndian::read_u64(&data[8..])));
                 }
                 _ => ext.unknown.push((kind, data.to_vec())),
             }

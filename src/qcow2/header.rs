@@ -453,7 +453,10 @@ mod tests {
             (|h| h.nb_snapshots = 70000, "snapshots"),
             (|h| h.header_length = 100, "header length"),
             (|h| h.size = u64::MAX, "virtual size"),
-            (|h| h.compression_type = CompressionType::Zstd, "compression"),
+            (
+                |h| h.compression_type = CompressionType::Zstd,
+                "compression",
+            ),
         ];
         for (mutate, needle) in cases {
             let mut h = sample();

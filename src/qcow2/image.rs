@@ -152,10 +152,7 @@ impl Qcow2 {
             let storage = open_data_file(&resolved).map_err(|e| {
                 at(ErrorKind::Io(std::io::Error::new(
                     e.kind(),
-                    format!(
-                        "cannot open external data file {}: {e}",
-                        resolved.display()
-                    ),
+                    format!("cannot open external data file {}: {e}", resolved.display()),
                 )))
             })?;
             let len = storage.len().map_err(|e| at(e.into()))?;
@@ -170,6 +167,7 @@ impl Qcow2 {
         };
 
         let l1 = l1::read_table(&*file, header.l1_table_offset, header.l1_size).map_err(at)?;
+        l1::check_distinct(&l1).map_err(at)?;
         let max_l1 = header::MAX_L1_BYTES / 8;
         let snapshots = if header.nb_snapshots > 0 {
             snapshot::read_table(
@@ -261,7 +259,9 @@ impl Qcow2 {
     /// id or name as `qemu-img convert -l` does.
     pub fn select_snapshot(&mut self, key: &str) -> Result<()> {
         let snap = snapshot::find(&self.snapshots, key)
-            .ok_or_else(|| ErrorKind::NotFound(format!("no snapshot with id or name '{key}'")).at(&self.path))?
+            .ok_or_else(|| {
+                ErrorKind::NotFound(format!("no snapshot with id or name '{key}'")).at(&self.path)
+            })?
             .clone();
         let size = snap.disk_size.unwrap_or(self.header.size);
         let needed = self.header.l1_entries_needed(size);
@@ -282,6 +282,7 @@ impl Qcow2 {
             .at(&self.path));
         }
         self.l1 = l1::read_table(&*self.file, snap.l1_table_offset, snap.l1_size)
+            .and_then(|t| l1::check_distinct(&t).map(|_| t))
             .map_err(|k| k.at(&self.path))?;
         self.size = size;
         self.cache = L2Cache::new(L2_CACHE_TABLES);
@@ -316,8 +317,11 @@ impl Qcow2 {
                 .entry((cluster % per_table) as usize)
                 .classify(f, (u % per_cluster) as u32)
                 .map_err(|k| {
-                    corrupt(format!("guest offset {:#x}: {k}", cluster * f.cluster_size()))
-                        .at(&self.path)
+                    corrupt(format!(
+                        "guest offset {:#x}: {k}",
+                        cluster * f.cluster_size()
+                    ))
+                    .at(&self.path)
                 })
         };
         let first_unit = guest / unit;

@@ -63,6 +63,28 @@ pub fn read_table(
         .collect())
 }
 
+/// Checks that no two entries of one L1 table point to the same L2 table. A valid image never
+/// does that, and a hostile one could otherwise make a small file describe an enormous,
+/// slow-to-walk mapping.
+pub fn check_distinct(table: &[L1Entry]) -> Result<(), ErrorKind> {
+    let mut offsets: Vec<(u64, usize)> = table
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.l2_offset() != 0)
+        .map(|(i, e)| (e.l2_offset(), i))
+        .collect();
+    offsets.sort_unstable();
+    for w in offsets.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(corrupt(format!(
+                "L1 entries {} and {} both point to the L2 table at {:#x}",
+                w[0].1, w[1].1, w[0].0
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Serialises an L1 table.
 pub fn to_bytes(table: &[L1Entry]) -> Vec<u8> {
     table.iter().flat_map(|e| e.0.to_be_bytes()).collect()

@@ -281,7 +281,10 @@ mod tests {
                 let w = CompressedDescriptor::encode(off, len, bits);
                 let d = CompressedDescriptor::decode(w & !COMPRESSED, bits);
                 assert_eq!(d.offset, off);
-                assert!(d.max_len >= len && d.max_len < len + 512, "{bits} {off} {len}");
+                assert!(
+                    d.max_len >= len && d.max_len < len + 512,
+                    "{bits} {off} {len}"
+                );
             }
         }
     }
@@ -302,7 +305,12 @@ mod tests {
         assert_eq!(c(ZERO), Subcluster::ZeroPlain);
         assert_eq!(c(COPIED | 0x50000), Subcluster::Normal(0x50000));
         assert_eq!(c(0x50000 | ZERO), Subcluster::ZeroAlloc(0x50000));
-        assert!(L2Entry { word: 0x50200, bitmap: 0 }.classify(&STD, 0).is_err());
+        assert!(L2Entry {
+            word: 0x50200,
+            bitmap: 0
+        }
+        .classify(&STD, 0)
+        .is_err());
     }
 
     #[test]
@@ -311,7 +319,10 @@ mod tests {
             external_data: true,
             ..STD
         };
-        let e = L2Entry { word: COPIED, bitmap: 0 };
+        let e = L2Entry {
+            word: COPIED,
+            bitmap: 0,
+        };
         assert_eq!(e.classify(&f, 0).unwrap(), Subcluster::Normal(0));
         assert_eq!(e.classify(&STD, 0).unwrap(), Subcluster::UnallocatedPlain);
     }

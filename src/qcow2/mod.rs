@@ -16,6 +16,7 @@ pub mod compress;
 pub mod disk;
 pub mod error;
 pub mod ext;
+pub mod fuzz;
 pub mod header;
 pub mod image;
 pub mod l1;

@@ -58,7 +58,11 @@ impl Snapshot {
         BigEndian::write_u64(&mut b[48..], self.disk_size.unwrap_or(0));
         BigEndian::write_u64(&mut b[56..], self.icount.unwrap_or(-1) as u64);
         let mut p = 64;
-        for part in [&self.extra_unknown[..], self.id.as_bytes(), self.name.as_bytes()] {
+        for part in [
+            &self.extra_unknown[..],
+            self.id.as_bytes(),
+            self.name.as_bytes(),
+        ] {
             b[p..p + part.len()].copy_from_slice(part);
             p += part.len();
         }
@@ -106,7 +110,12 @@ pub fn read_table(
             return Err(corrupt("snapshot table exceeds QEMU's 64 MiB limit"));
         }
         let mut var = vec![0u8; var_len];
-        read_exact(storage, &mut var, pos + FIXED as u64, "snapshot table entry")?;
+        read_exact(
+            storage,
+            &mut var,
+            pos + FIXED as u64,
+            "snapshot table entry",
+        )?;
         let (extra, rest) = var.split_at(extra_len as usize);
         let (id, name) = rest.split_at(id_len);
         let field = |o: usize| (extra.len() >= o + 8).then(|| BigEndian::read_u64(&extra[o..]));

@@ -1,0 +1,42 @@
+//! The body of the `open_read` fuzz target, shared with the test that replays its findings
+//! (`tests/fuzz_regressions.rs`), so both exercise exactly the same code.
+
+use super::disk::Disk;
+
+/// Bytes of data one input may make us read: enough to cover every structure of a small
+/// image, small enough to keep thousands of executions per second.
+const READ_BUDGET: u64 = 8 << 20;
+
+/// Opens `data` as an image and reads everything it maps. Returns whether it opened.
+pub fn open_read(data: &[u8]) -> bool {
+    let Ok(disk) = Disk::from_bytes("fuzz-input", data.to_vec()) else {
+        return false;
+    };
+    let _ = disk.read_stored(READ_BUDGET);
+    let mut extents = 0u32;
+    let _ = disk.for_each_extent(0, disk.size(), |_| {
+        extents += 1;
+        if extents > 100_000 {
+            return Err(super::ErrorKind::Corrupt("enough".into()).at("fuzz-input"));
+        }
+        Ok(())
+    });
+    if let Some(q) = disk.qcow2() {
+        for s in q
+            .snapshots()
+            .iter()
+            .map(|s| s.id.clone())
+            .collect::<Vec<_>>()
+        {
+            if let Ok(d) = Disk::from_bytes("fuzz-input", data.to_vec()) {
+                let _ = snapshot_view(d, &s);
+            }
+        }
+    }
+    true
+}
+
+fn snapshot_view(mut d: Disk, id: &str) -> super::Result<u64> {
+    d.select_snapshot(id)?;
+    d.read_stored(READ_BUDGET)
+}

@@ -1,0 +1,148 @@
+//! Helpers shared by the integration tests: fixture paths, reference tools, renderings.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use qmpbackup::qcow2::{Disk, Extent};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/fixtures")
+}
+
+pub fn sample_chain() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/sample-chain")
+}
+
+/// Whether a reference tool is installed. Missing locally: a loud skip. Missing in CI
+/// (`CI=true`): a failure, because there the tools are installed and must be used.
+pub fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("{tool} is required in CI but is not installed");
+        }
+        eprintln!("\n!!! SKIPPING: {tool} is not installed; this oracle test did not run !!!\n");
+    }
+    ok
+}
+
+/// Runs a command, panicking with its output if it fails; returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `qemu-img` with arguments, run in `dir`.
+pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
+    run(Command::new("qemu-img").current_dir(dir).args(args))
+}
+
+/// Runs qemu-io commands on a qcow2 image (in `dir`).
+pub fn qemu_io(dir: &Path, image: &str, cmds: &[String]) {
+    let mut c = Command::new("qemu-io");
+    c.current_dir(dir).args(["-f", "qcow2"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(image);
+    let out = run(&mut c);
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io {cmds:?} on {image}: {out}"
+    );
+}
+
+/// SHA-256 of the guest-visible contents, read through our engine in 1 MiB steps.
+pub fn sha256_of(disk: &Disk) -> String {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < disk.size() {
+        let n = (disk.size() - off).min(buf.len() as u64) as usize;
+        disk.read_at(&mut buf[..n], off).unwrap();
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    format!("{:x}", h.finalize())
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Our map of the whole disk, as qemu-img's JSON would parse.
+pub fn our_map(disk: &Disk) -> serde_json::Value {
+    let mut v: Vec<Extent> = Vec::new();
+    disk.for_each_extent(0, disk.size(), |e| {
+        v.push(e);
+        Ok(())
+    })
+    .unwrap();
+    serde_json::to_value(v).unwrap()
+}
+
+/// Asserts that our engine reads `image` exactly as `qemu-img convert -O raw` renders it, in
+/// chunks so a mismatch names the first differing offset.
+pub fn assert_reads_like_qemu(dir: &Path, image: &str, extra: &[&str]) {
+    let raw = format!("{image}.expected.raw");
+    let mut args = vec!["convert", "-O", "raw"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[image, &raw]);
+    qemu_img(dir, &args);
+    let expected = std::fs::read(dir.join(&raw)).unwrap();
+    let mut disk = Disk::open(&dir.join(image)).unwrap();
+    if let Some(snap) = extra.iter().find_map(|a| a.strip_prefix("snapshot.name=")) {
+        disk.select_snapshot(snap).unwrap();
+    }
+    assert_eq!(disk.size(), expected.len() as u64, "{image}: size");
+    let mut buf = vec![0u8; 1 << 20];
+    for (i, want) in expected.chunks(buf.len()).enumerate() {
+        let got = &mut buf[..want.len()];
+        disk.read_at(got, (i * (1 << 20)) as u64).unwrap();
+        if got != want {
+            let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+            panic!("{image}: contents differ at offset {}", i * (1 << 20) + at);
+        }
+    }
+    std::fs::remove_file(dir.join(&raw)).unwrap();
+}
+
+/// Asserts that our map equals `qemu-img map --output=json`.
+pub fn assert_maps_like_qemu(dir: &Path, image: &str) {
+    let expected: serde_json::Value =
+        serde_json::from_str(&qemu_img(dir, &["map", "--output=json", image])).unwrap();
+    let disk = Disk::open(&dir.join(image)).unwrap();
+    assert_eq!(
+        our_map(&disk),
+        expected,
+        "{image}: map differs from qemu-img's"
+    );
+}
+
+/// A small deterministic generator for test scenarios.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
