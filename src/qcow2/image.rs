@@ -59,7 +59,6 @@ pub struct Qcow2 {
     data_file: Option<DataFile>,
     format: L2Format,
     l1: Vec<L1Entry>,
-    size: u64,
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<Bitmap>,
     cache: L2Cache,
@@ -191,7 +190,6 @@ impl Qcow2 {
             path: path.to_path_buf(),
             file,
             file_len,
-            size: header.size,
             format: L2Format::of(&header),
             header,
             ext,
@@ -216,10 +214,10 @@ impl Qcow2 {
         &self.ext
     }
 
-    /// Virtual size of the current view (the snapshot's disk size after
-    /// [`Qcow2::select_snapshot`]).
+    /// Virtual size. A snapshot view keeps the image's current size, as `qemu-img convert -l`
+    /// does; the size recorded with the snapshot is in [`Snapshot::disk_size`].
     pub fn size(&self) -> u64 {
-        self.size
+        self.header.size
     }
 
     pub fn file_len(&self) -> u64 {
@@ -256,22 +254,14 @@ impl Qcow2 {
     }
 
     /// Switches this (read-only) view to the disk as it was at an internal snapshot, found by
-    /// id or name as `qemu-img convert -l` does.
+    /// id or name as `qemu-img convert -l` does. Guest ranges beyond the snapshot's L1 table
+    /// read as unallocated.
     pub fn select_snapshot(&mut self, key: &str) -> Result<()> {
         let snap = snapshot::find(&self.snapshots, key)
             .ok_or_else(|| {
                 ErrorKind::NotFound(format!("no snapshot with id or name '{key}'")).at(&self.path)
             })?
             .clone();
-        let size = snap.disk_size.unwrap_or(self.header.size);
-        let needed = self.header.l1_entries_needed(size);
-        if (snap.l1_size as u64) < needed {
-            return Err(corrupt(format!(
-                "snapshot '{}': L1 table of {} entries is too small for its disk size {size}",
-                snap.name, snap.l1_size
-            ))
-            .at(&self.path));
-        }
         if snap.l1_table_offset == 0
             || snap.l1_table_offset + snap.l1_size as u64 * 8 > self.file_len
         {
@@ -284,7 +274,6 @@ impl Qcow2 {
         self.l1 = l1::read_table(&*self.file, snap.l1_table_offset, snap.l1_size)
             .and_then(|t| l1::check_distinct(&t).map(|_| t))
             .map_err(|k| k.at(&self.path))?;
-        self.size = size;
         self.cache = L2Cache::new(L2_CACHE_TABLES);
         Ok(())
     }

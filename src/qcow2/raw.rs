@@ -1,8 +1,8 @@
 //! A raw image: guest offset = file offset.
 //!
 //! QEMU sizes raw images in whole 512-byte sectors, so a file whose length is not a multiple
-//! of 512 reads as zeros up to the next sector boundary; we do the same so that sizes, map
-//! output and converted images agree with qemu-img.
+//! of 512 reads as zeros up to the next sector boundary (a hole in map output); we do the same
+//! so that sizes, map output and converted images agree with qemu-img.
 
 use super::error::{ErrorKind, Result};
 use super::storage::{read_zero_padded, Allocation, Storage};
@@ -46,14 +46,10 @@ impl Raw {
             .storage
             .allocation(offset)
             .map_err(|e| ErrorKind::Io(e).at(&self.path))?;
-        let (data, mut end) = match a {
-            Allocation::DataUntil(e) => (true, e),
+        let (data, end) = match a {
+            Allocation::DataUntil(e) => (true, e.min(self.file_len)),
             Allocation::HoleUntil(e) => (false, e),
         };
-        // A data run ending at a partial last sector covers the whole sector (QEMU rounds up).
-        if end >= self.file_len {
-            end = self.size();
-        }
-        Ok((data, (end - offset).clamp(1, max)))
+        Ok((data, (end.max(offset + 1) - offset).min(max)))
     }
 }
