@@ -277,7 +277,11 @@ fn internal_snapshots_with_writes_after_them() {
         qemu_io(p, "s.qcow2", &random_ops(&mut rng, 4 << 20, 16384, 30, mix));
         qemu_img(p, &["snapshot", "-c", snap, "s.qcow2"]);
     }
-    qemu_io(p, "s.qcow2", &random_ops(&mut rng, 4 << 20, 16384, 30, NO_COMPRESS));
+    qemu_io(
+        p,
+        "s.qcow2",
+        &random_ops(&mut rng, 4 << 20, 16384, 30, NO_COMPRESS),
+    );
     qemu_img(p, &["snapshot", "-d", "two", "s.qcow2"]);
     qemu_img(p, &["resize", "s.qcow2", "6M"]);
     qemu_io(p, "s.qcow2", &["write -P 9 5M 64k".into()]);

@@ -6,7 +6,7 @@ use qmpbackup::chain::compare::{self, Comparison};
 use qmpbackup::chain::convert::{self, ConvertOptions};
 use qmpbackup::chain::info;
 use qmpbackup::chain::map::{self, MapFormat};
-use qmpbackup::qcow2::{Disk, Format, OpenOptions};
+use qmpbackup::qcow2::{Disk, Format, Image, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -169,10 +169,10 @@ fn run(command: Command) -> Result<ExitCode> {
             format,
         } => {
             let disk = open(&file, format)?;
-            let layers: Vec<&Disk> = if backing_chain {
+            let layers: Vec<&Image> = if backing_chain {
                 disk.chain().collect()
             } else {
-                vec![&disk]
+                vec![disk.top()]
             };
             let infos: Vec<info::ImageInfo> = layers.into_iter().map(info::describe).collect();
             match output {

@@ -4,7 +4,7 @@
 //! written against qemu-img keep working on hosts that only have qmprestore.
 
 use super::units;
-use crate::qcow2::{Disk, Layer, Qcow2};
+use crate::qcow2::{Image, Qcow2};
 use serde::Serialize;
 use std::fmt::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -81,8 +81,8 @@ pub struct BitmapInfo {
     pub granularity: u64,
 }
 
-/// Describes the top layer of `disk` (one entry of `--backing-chain`).
-pub fn describe(disk: &Disk) -> ImageInfo {
+/// Describes one image of a chain (one entry of `--backing-chain`).
+pub fn describe(disk: &Image) -> ImageInfo {
     let mut info = ImageInfo {
         filename: disk.path().display().to_string(),
         format: disk.format().name(),
@@ -96,7 +96,7 @@ pub fn describe(disk: &Disk) -> ImageInfo {
         format_specific: None,
         dirty_flag: false,
     };
-    if let Layer::Qcow2(q) = disk.layer() {
+    if let Some(q) = disk.qcow2() {
         describe_qcow2(q, &mut info);
     }
     info

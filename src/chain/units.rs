@@ -10,13 +10,13 @@ pub fn size(bytes: u64) -> String {
         unit += 1;
     }
     let v = bytes as f64 / (1u64 << (10 * unit)) as f64;
-    let s = if v >= 100.0 {
-        format!("{v:.0}")
-    } else if v >= 10.0 {
-        format!("{v:.1}")
+    // C's %0.3g: three significant digits, trailing zeros dropped.
+    let decimals = if v > 0.0 {
+        (2 - v.log10().floor() as i32).max(0) as usize
     } else {
-        format!("{v:.2}")
+        0
     };
+    let s = format!("{v:.decimals$}");
     let s = if s.contains('.') {
         s.trim_end_matches('0').trim_end_matches('.').to_string()
     } else {

@@ -100,55 +100,13 @@ impl Extent {
     }
 }
 
-/// An opened image with its backing chain.
-pub struct Disk {
+/// One file of a chain: its path and how it is stored.
+pub struct Image {
     path: PathBuf,
     layer: Layer,
-    backing: Option<Box<Disk>>,
 }
 
-impl Disk {
-    /// Opens an image (format probed) and its whole backing chain.
-    pub fn open(path: &Path) -> Result<Disk> {
-        Disk::open_with(path, &OpenOptions::default())
-    }
-
-    pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Disk> {
-        let mut seen = Vec::new();
-        let mut disk = open_layer(path, opts.format, opts.no_backing, 0, &mut seen)?;
-        if let Some(key) = &opts.snapshot {
-            disk.select_snapshot(key)?;
-        }
-        Ok(disk)
-    }
-
-    /// Switches the top image to its view at an internal snapshot (id or name).
-    pub fn select_snapshot(&mut self, key: &str) -> Result<()> {
-        match &mut self.layer {
-            Layer::Qcow2(q) => q.select_snapshot(key),
-            Layer::Raw(_) => Err(ErrorKind::Unsupported(
-                "raw images have no internal snapshots".into(),
-            )
-            .at(&self.path)),
-        }
-    }
-
-    /// Opens a qcow2 image held in memory, without backing file or data file (for fuzzing).
-    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Disk> {
-        let path = Path::new(name);
-        let q = Qcow2::from_storage(path, Box::new(bytes), &|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::Unsupported,
-                "no files available",
-            ))
-        })?;
-        Ok(Disk {
-            path: path.to_path_buf(),
-            layer: Layer::Qcow2(Box::new(q)),
-            backing: None,
-        })
-    }
-
+impl Image {
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -171,16 +129,7 @@ impl Disk {
         }
     }
 
-    pub fn backing(&self) -> Option<&Disk> {
-        self.backing.as_deref()
-    }
-
-    /// This image, then its backing file, and so on down the chain.
-    pub fn chain(&self) -> impl Iterator<Item = &Disk> {
-        std::iter::successors(Some(self), |d| d.backing())
-    }
-
-    /// Guest-visible size.
+    /// Guest-visible size of this file on its own.
     pub fn size(&self) -> u64 {
         match &self.layer {
             Layer::Qcow2(q) => q.size(),
@@ -188,110 +137,216 @@ impl Disk {
         }
     }
 
-    /// Bytes the image file occupies on the host (not counting backing files).
+    /// Bytes the file occupies on the host.
     pub fn allocated_bytes(&self) -> Option<u64> {
         match &self.layer {
             Layer::Qcow2(q) => q.allocated_bytes(),
             Layer::Raw(r) => r.allocated_bytes(),
         }
     }
+}
+
+/// An opened image with its backing chain: `images[0]` is the top, each next one the backing
+/// file of the one before. Every walk down the chain is a loop, not a recursion, so a chain
+/// of a thousand backups needs no deep stack.
+pub struct Disk {
+    images: Vec<Image>,
+}
+
+impl Disk {
+    /// Opens an image (format probed) and its whole backing chain.
+    pub fn open(path: &Path) -> Result<Disk> {
+        Disk::open_with(path, &OpenOptions::default())
+    }
+
+    pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Disk> {
+        let mut images: Vec<Image> = Vec::new();
+        let mut seen: Vec<PathBuf> = Vec::new();
+        let mut next = Some((path.to_path_buf(), opts.format));
+        while let Some((path, format)) = next.take() {
+            if images.len() > MAX_CHAIN_DEPTH {
+                return Err(ErrorKind::Backing(format!(
+                    "backing chain deeper than {MAX_CHAIN_DEPTH} images"
+                ))
+                .at(&images[0].path));
+            }
+            let image = open_image(&path, format, &mut seen)?;
+            if !opts.no_backing {
+                if let Some(q) = image.qcow2() {
+                    if let Some(name) = q.backing_name() {
+                        next = Some(backing_of(&path, q, name)?);
+                    }
+                }
+            }
+            images.push(image);
+        }
+        let mut disk = Disk { images };
+        if let Some(key) = &opts.snapshot {
+            disk.select_snapshot(key)?;
+        }
+        Ok(disk)
+    }
+
+    /// Opens a qcow2 image held in memory, without backing file or data file (for fuzzing).
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Disk> {
+        let path = Path::new(name);
+        let q = Qcow2::from_storage(path, Box::new(bytes), &|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "no files available",
+            ))
+        })?;
+        Ok(Disk {
+            images: vec![Image {
+                path: path.to_path_buf(),
+                layer: Layer::Qcow2(Box::new(q)),
+            }],
+        })
+    }
+
+    /// Switches the top image to its view at an internal snapshot (id or name).
+    pub fn select_snapshot(&mut self, key: &str) -> Result<()> {
+        let top = &mut self.images[0];
+        match &mut top.layer {
+            Layer::Qcow2(q) => q.select_snapshot(key),
+            Layer::Raw(_) => Err(ErrorKind::Unsupported(
+                "raw images have no internal snapshots".into(),
+            )
+            .at(&top.path)),
+        }
+    }
+
+    /// The top image.
+    pub fn top(&self) -> &Image {
+        &self.images[0]
+    }
+
+    pub fn path(&self) -> &Path {
+        self.top().path()
+    }
+
+    pub fn qcow2(&self) -> Option<&Qcow2> {
+        self.top().qcow2()
+    }
+
+    pub fn format(&self) -> Format {
+        self.top().format()
+    }
+
+    /// The top image, then its backing file, and so on down the chain.
+    pub fn chain(&self) -> std::slice::Iter<'_, Image> {
+        self.images.iter()
+    }
+
+    /// Guest-visible size (the top image's).
+    pub fn size(&self) -> u64 {
+        self.top().size()
+    }
 
     /// Reads guest data at `offset`; bytes past the end of the disk read as zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let size = self.size();
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            if off >= size {
-                buf[pos..].fill(0);
-                break;
-            }
-            let max = ((buf.len() - pos) as u64).min(size - off);
-            let q = match &self.layer {
-                Layer::Raw(r) => {
-                    r.read(&mut buf[pos..pos + max as usize], off)?;
-                    pos += max as usize;
-                    continue;
+        // Pending (layer, buffer start, length) pieces: an unallocated run of one layer
+        // becomes a piece of the next. Pieces are disjoint parts of `buf`.
+        let mut pending = vec![(0usize, 0usize, buf.len())];
+        while let Some((depth, start, len)) = pending.pop() {
+            let image = &self.images[depth];
+            let size = image.size();
+            let mut pos = start;
+            let end = start + len;
+            while pos < end {
+                let off = offset + pos as u64;
+                if off >= size {
+                    buf[pos..end].fill(0);
+                    break;
                 }
-                Layer::Qcow2(q) => q,
-            };
-            let (status, n) = q.status(off, max)?;
-            let dst = &mut buf[pos..pos + n as usize];
-            match status {
-                Status::Data { host } => q.read_data(dst, host)?,
-                Status::Zero { .. } => dst.fill(0),
-                Status::Unallocated { .. } => match &self.backing {
-                    Some(b) => b.read_at(dst, off)?,
-                    None => dst.fill(0),
-                },
-                Status::Compressed(d) => {
-                    let cs = q.cluster_size();
-                    let mut cluster = vec![0u8; cs as usize];
-                    q.read_compressed(d, &mut cluster)?;
-                    let within = (off % cs) as usize;
-                    dst.copy_from_slice(&cluster[within..within + n as usize]);
+                let max = ((end - pos) as u64).min(size - off);
+                let q = match &image.layer {
+                    Layer::Raw(r) => {
+                        r.read(&mut buf[pos..pos + max as usize], off)?;
+                        pos += max as usize;
+                        continue;
+                    }
+                    Layer::Qcow2(q) => q,
+                };
+                let (status, n) = q.status(off, max)?;
+                let dst = &mut buf[pos..pos + n as usize];
+                match status {
+                    Status::Data { host } => q.read_data(dst, host)?,
+                    Status::Zero { .. } => dst.fill(0),
+                    Status::Unallocated { .. } if depth + 1 < self.images.len() => {
+                        pending.push((depth + 1, pos, n as usize))
+                    }
+                    Status::Unallocated { .. } => dst.fill(0),
+                    Status::Compressed(d) => {
+                        let cs = q.cluster_size();
+                        let mut cluster = vec![0u8; cs as usize];
+                        q.read_compressed(d, &mut cluster)?;
+                        let within = (off % cs) as usize;
+                        dst.copy_from_slice(&cluster[within..within + n as usize]);
+                    }
                 }
+                pos += n as usize;
             }
-            pos += n as usize;
         }
         Ok(())
     }
 
     /// Describes the guest range starting at `offset` (< size): the extent covers 1..=`max`
     /// bytes and is not necessarily maximal (see [`Disk::for_each_extent`]).
-    pub fn extent_at(&self, offset: u64, max: u64) -> Result<Extent> {
-        self.extent_at_depth(offset, max, 0)
-    }
-
-    fn extent_at_depth(&self, offset: u64, max: u64, depth: u32) -> Result<Extent> {
-        let mut e = Extent {
-            start: offset,
-            length: max,
-            depth,
-            present: true,
-            zero: false,
-            data: false,
-            compressed: false,
-            offset: None,
-        };
-        let q = match &self.layer {
-            Layer::Raw(r) => {
-                let (data, n) = r.allocation(offset, max)?;
-                e.length = n;
-                e.data = data;
-                e.zero = !data;
-                e.offset = Some(offset);
-                return Ok(e);
-            }
-            Layer::Qcow2(q) => q,
-        };
-        let (status, n) = q.status(offset, max)?;
-        e.length = n;
-        match status {
-            Status::Data { host } => {
-                e.data = true;
-                e.offset = Some(host);
-            }
-            Status::Compressed(_) => {
-                e.data = true;
-                e.compressed = true;
-            }
-            Status::Zero { host } => {
-                e.zero = true;
-                e.offset = host;
-            }
-            Status::Unallocated { host } => match &self.backing {
-                Some(b) if offset < b.size() => {
-                    return b.extent_at_depth(offset, n.min(b.size() - offset), depth + 1)
+    pub fn extent_at(&self, offset: u64, mut max: u64) -> Result<Extent> {
+        let mut depth = 0usize;
+        loop {
+            let mut e = Extent {
+                start: offset,
+                length: max,
+                depth: depth as u32,
+                present: true,
+                zero: false,
+                data: false,
+                compressed: false,
+                offset: None,
+            };
+            let q = match &self.images[depth].layer {
+                Layer::Raw(r) => {
+                    let (data, n) = r.allocation(offset, max)?;
+                    e.length = n;
+                    e.data = data;
+                    e.zero = !data;
+                    e.offset = Some(offset);
+                    return Ok(e);
                 }
-                _ => {
-                    e.present = false;
+                Layer::Qcow2(q) => q,
+            };
+            let (status, n) = q.status(offset, max)?;
+            e.length = n;
+            match status {
+                Status::Data { host } => {
+                    e.data = true;
+                    e.offset = Some(host);
+                }
+                Status::Compressed(_) => {
+                    e.data = true;
+                    e.compressed = true;
+                }
+                Status::Zero { host } => {
                     e.zero = true;
                     e.offset = host;
                 }
-            },
+                Status::Unallocated { host } => match self.images.get(depth + 1) {
+                    Some(b) if offset < b.size() => {
+                        max = n.min(b.size() - offset);
+                        depth += 1;
+                        continue;
+                    }
+                    _ => {
+                        e.present = false;
+                        e.zero = true;
+                        e.offset = host;
+                    }
+                },
+            }
+            return Ok(e);
         }
-        Ok(e)
     }
 
     /// Calls `f` with the maximal extents covering `[offset, offset + len)` (clipped to the
@@ -355,20 +410,8 @@ impl Disk {
     }
 }
 
-/// Opens `path` as one layer and, unless told not to, its backing chain below it.
-fn open_layer(
-    path: &Path,
-    format: Option<Format>,
-    no_backing: bool,
-    depth: usize,
-    seen: &mut Vec<PathBuf>,
-) -> Result<Disk> {
-    if depth > MAX_CHAIN_DEPTH {
-        return Err(ErrorKind::Backing(format!(
-            "backing chain deeper than {MAX_CHAIN_DEPTH} images"
-        ))
-        .at(path));
-    }
+/// Opens one file of a chain, refusing one already seen (a loop).
+fn open_image(path: &Path, format: Option<Format>, seen: &mut Vec<PathBuf>) -> Result<Image> {
     let file = File::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
     let canonical = std::fs::canonicalize(path).map_err(|e| ErrorKind::Io(e).at(path))?;
     if let Some(first) = seen.iter().position(|p| *p == canonical) {
@@ -392,27 +435,14 @@ fn open_layer(
             Ok(Box::new(File::open(p)?) as Box<dyn Storage>)
         })?)),
     };
-    let backing = match (&layer, no_backing) {
-        (Layer::Qcow2(q), false) => match q.backing_name() {
-            Some(name) => Some(Box::new(open_backing(path, q, name, depth, seen)?)),
-            None => None,
-        },
-        _ => None,
-    };
-    Ok(Disk {
+    Ok(Image {
         path: path.to_path_buf(),
         layer,
-        backing,
     })
 }
 
-fn open_backing(
-    path: &Path,
-    q: &Qcow2,
-    name: &OsStr,
-    depth: usize,
-    seen: &mut Vec<PathBuf>,
-) -> Result<Disk> {
+/// The backing file of `q` (at `path`): where it is and which format to open it with.
+fn backing_of(path: &Path, q: &Qcow2, name: &OsStr) -> Result<(PathBuf, Option<Format>)> {
     let target = backing_path(path, name).map_err(|k| k.at(path))?;
     let format = match q.backing_format() {
         Some(f) => Some(Format::from_name(f).ok_or_else(|| {
@@ -428,7 +458,7 @@ fn open_backing(
         ))
         .at(path));
     }
-    open_layer(&target, format, false, depth + 1, seen)
+    Ok((target, format))
 }
 
 /// Where a backing file name points, resolved like QEMU: protocol and `json:` names are

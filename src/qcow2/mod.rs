@@ -26,6 +26,6 @@ pub mod refcount;
 pub mod snapshot;
 pub mod storage;
 
-pub use disk::{Disk, Extent, Format, Layer, OpenOptions};
+pub use disk::{Disk, Extent, Format, Image, Layer, OpenOptions};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Qcow2, Status};

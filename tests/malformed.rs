@@ -1,0 +1,335 @@
+//! Malformed and hostile images: each must fail with a clear error that names the file and
+//! the problem, never panic or allocate without bound, and leave the file as it was.
+//! Built by patching committed fixtures, so no qemu-img is needed.
+
+mod common;
+
+use byteorder::{BigEndian, ByteOrder};
+use common::*;
+use qmpbackup::qcow2::header::Header;
+use qmpbackup::qcow2::Disk;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Opens, maps and reads everything; the error text if any step fails.
+fn outcome(path: &Path) -> Result<(), String> {
+    let disk = Disk::open(path).map_err(|e| e.to_string())?;
+    disk.for_each_extent(0, disk.size(), |_| Ok(()))
+        .map_err(|e| e.to_string())?;
+    disk.read_stored(u64::MAX).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Copies a fixture into `dir` under `name` and applies `patch` to its bytes.
+fn patched(
+    dir: &Path,
+    fixture: &str,
+    name: &str,
+    patch: impl FnOnce(&mut Vec<u8>, &Header),
+) -> PathBuf {
+    let mut bytes = std::fs::read(fixtures().join(fixture)).unwrap();
+    let h = Header::parse(&bytes).unwrap();
+    patch(&mut bytes, &h);
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn expect_error(path: &Path, needle: &str) {
+    let before = sha256_file(path);
+    let err = outcome(path).expect_err(&format!("{} should be refused", path.display()));
+    assert!(
+        err.contains(needle),
+        "{}: error `{err}` should mention `{needle}`",
+        path.display()
+    );
+    assert!(
+        err.contains(&path.display().to_string())
+            || err.contains(path.file_name().unwrap().to_str().unwrap()),
+        "error `{err}` should name the file"
+    );
+    // The CLI reports it too, with exit code 1.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(["convert", "-O", "raw"])
+        .arg(path)
+        .arg(tmp.path().join("out.raw"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", path.display());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(needle),
+        "CLI stderr `{stderr}` should mention `{needle}`"
+    );
+    assert!(
+        !tmp.path().join("out.raw").exists(),
+        "a failed convert must not leave output"
+    );
+    assert_eq!(sha256_file(path), before, "{} was modified", path.display());
+}
+
+fn set_u32(b: &mut [u8], off: usize, v: u32) {
+    BigEndian::write_u32(&mut b[off..], v);
+}
+
+fn set_u64(b: &mut [u8], off: usize, v: u64) {
+    BigEndian::write_u64(&mut b[off..], v);
+}
+
+/// Byte offset of the first L2 table's entry for guest cluster `index`.
+fn l2_entry_offset(b: &[u8], h: &Header, index: u64) -> usize {
+    let l1 = BigEndian::read_u64(&b[h.l1_table_offset as usize..]) & 0x00ff_ffff_ffff_fe00;
+    (l1 + index * h.l2_entry_size()) as usize
+}
+
+#[test]
+fn header_problems() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let cases: Vec<(&str, fn(&mut Vec<u8>, &Header), &str)> = vec![
+        ("short", |b, _| b.truncate(50), "too short"),
+        ("short-v3", |b, _| b.truncate(90), "too short"),
+        ("tables-cut", |b, _| b.truncate(0x10200), "past the end"),
+        (
+            "bits-low",
+            |b, _| set_u32(b, 20, 8),
+            "cluster_bits 8 out of range",
+        ),
+        (
+            "bits-high",
+            |b, _| set_u32(b, 20, 22),
+            "cluster_bits 22 out of range",
+        ),
+        (
+            "bits-huge",
+            |b, _| set_u32(b, 20, 63),
+            "cluster_bits 63 out of range",
+        ),
+        ("l1-huge", |b, _| set_u32(b, 36, u32::MAX), "32 MiB limit"),
+        ("l1-small", |b, _| set_u32(b, 36, 0), "too small"),
+        ("l1-eof", |b, _| set_u64(b, 40, 0x7fff_0000), "past the end"),
+        (
+            "l1-unaligned",
+            |b, _| set_u64(b, 40, 0x3_0001),
+            "cluster-aligned",
+        ),
+        ("rt-huge", |b, _| set_u32(b, 56, u32::MAX), "8 MiB limit"),
+        ("rt-eof", |b, _| set_u64(b, 48, 0x7fff_0000), "past the end"),
+        (
+            "snapshots-many",
+            |b, _| set_u32(b, 60, 1 << 20),
+            "snapshots",
+        ),
+        (
+            "snapshots-eof",
+            |b, _| {
+                set_u32(b, 60, 3);
+                set_u64(b, 64, 0x7fff_0000);
+            },
+            "past the end",
+        ),
+        ("version", |b, _| set_u32(b, 4, 4), "version 4"),
+        ("refcount-order", |b, _| set_u32(b, 96, 7), "refcount_order"),
+        (
+            "header-length",
+            |b, _| set_u32(b, 100, 20000000),
+            "header length",
+        ),
+        (
+            "incompat",
+            |b, _| b[79] |= 1 << 5,
+            "unsupported incompatible feature bit 5",
+        ),
+        (
+            "encrypted",
+            |b, _| set_u32(b, 32, 1),
+            "encrypted images are not supported",
+        ),
+        (
+            "ext-overrun",
+            |b, h| set_u32(b, h.header_length as usize + 4, 0x100_0000),
+            "overruns",
+        ),
+        ("size-huge", |b, _| set_u64(b, 24, u64::MAX), "too large"),
+    ];
+    for (name, patch, needle) in cases {
+        expect_error(
+            &patched(p, "v3.qcow2", &format!("{name}.qcow2"), patch),
+            needle,
+        );
+    }
+}
+
+#[test]
+fn table_and_cluster_problems() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let l1 = |h: &Header| h.l1_table_offset as usize;
+    let cases: Vec<(&str, &str, Box<dyn Fn(&mut Vec<u8>, &Header)>, &str)> = vec![
+        (
+            "l2-eof",
+            "v3.qcow2",
+            Box::new(move |b, h| set_u64(b, l1(h), (1 << 63) | 0x7fff_0000)),
+            "past the end",
+        ),
+        (
+            "l2-unaligned",
+            "v3.qcow2",
+            Box::new(move |b, h| set_u64(b, l1(h), (1 << 63) | 0x3_0200)),
+            "not cluster aligned",
+        ),
+        (
+            "l2-shared",
+            "cs512.qcow2",
+            Box::new(move |b, h| {
+                let first = BigEndian::read_u64(&b[l1(h)..]);
+                set_u64(b, l1(h) + 8, first);
+            }),
+            "both point to the L2 table",
+        ),
+        (
+            "data-eof",
+            "v3.qcow2",
+            Box::new(|b, h| {
+                let e = l2_entry_offset(b, h, 0);
+                set_u64(b, e, (1 << 63) | 0x7fff_0000);
+            }),
+            "data cluster at host offset 0x7fff0000 lies past the end",
+        ),
+        (
+            "data-unaligned",
+            "v3.qcow2",
+            Box::new(|b, h| {
+                let e = l2_entry_offset(b, h, 0);
+                set_u64(b, e, (1 << 63) | 0x5_0200);
+            }),
+            "not cluster aligned",
+        ),
+        (
+            "compressed-eof",
+            "zlib.qcow2",
+            Box::new(|b, h| {
+                let e = l2_entry_offset(b, h, 0);
+                set_u64(b, e, (1 << 62) | 0x7fff_0000);
+            }),
+            "compressed cluster at host offset 0x7fff0000 lies past the end",
+        ),
+        (
+            "compressed-garbage",
+            "zlib.qcow2",
+            Box::new(|b, h| {
+                let e = l2_entry_offset(b, h, 0);
+                let w = BigEndian::read_u64(&b[e..]);
+                let off = (w & ((1 << 54) - 1)) as usize;
+                b[off..off + 64].fill(0xff);
+            }),
+            "invalid deflate stream",
+        ),
+        (
+            "zstd-garbage",
+            "zstd.qcow2",
+            Box::new(|b, h| {
+                let e = l2_entry_offset(b, h, 0);
+                let w = BigEndian::read_u64(&b[e..]);
+                let off = (w & ((1 << 54) - 1)) as usize;
+                b[off + 4..off + 64].fill(0xff);
+            }),
+            "zstd",
+        ),
+        (
+            "subcluster-both",
+            "extl2.qcow2",
+            Box::new(|b, h| {
+                let e = l2_entry_offset(b, h, 0);
+                set_u64(b, e + 8, 1 | (1 << 32));
+            }),
+            "both allocated and zero",
+        ),
+    ];
+    for (name, fixture, patch, needle) in cases {
+        expect_error(
+            &patched(p, fixture, &format!("{name}.qcow2"), |b, h| patch(b, h)),
+            needle,
+        );
+    }
+}
+
+/// Writes a backing file name into cluster 0 of a copy of v3.qcow2.
+fn with_backing(dir: &Path, name: &str, backing: &str) -> PathBuf {
+    let backing = backing.to_string();
+    patched(dir, "v3.qcow2", name, move |b, _| {
+        let off = 0xf000;
+        b[off..off + backing.len()].copy_from_slice(backing.as_bytes());
+        set_u64(b, 8, off as u64);
+        set_u32(b, 16, backing.len() as u32);
+    })
+}
+
+#[test]
+fn backing_problems() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    expect_error(
+        &with_backing(p, "self.qcow2", "self.qcow2"),
+        "backing file loop",
+    );
+    with_backing(p, "a.qcow2", "b.qcow2");
+    expect_error(&with_backing(p, "b.qcow2", "a.qcow2"), "backing file loop");
+    expect_error(
+        &with_backing(p, "missing.qcow2", "nowhere.qcow2"),
+        "does not exist",
+    );
+    expect_error(
+        &with_backing(p, "proto.qcow2", "nbd:localhost:10809"),
+        "protocol",
+    );
+    expect_error(
+        &with_backing(p, "json.qcow2", "json:{\"driver\":\"null-co\"}"),
+        "json:",
+    );
+    // A chain deeper than the limit.
+    let depth = qmpbackup::qcow2::disk::MAX_CHAIN_DEPTH + 2;
+    std::fs::copy(fixtures().join("v3.qcow2"), p.join("deep0.qcow2")).unwrap();
+    for i in 1..depth {
+        with_backing(
+            p,
+            &format!("deep{i}.qcow2"),
+            &format!("deep{}.qcow2", i - 1),
+        );
+    }
+    let top = p.join(format!("deep{}.qcow2", depth - 1));
+    let err = outcome(&top).unwrap_err();
+    assert!(err.contains("deeper than"), "{err}");
+    // Just within the limit it opens.
+    let ok = p.join(format!("deep{}.qcow2", depth - 3));
+    assert_eq!(Disk::open(&ok).unwrap().chain().count(), depth - 2);
+}
+
+#[test]
+fn every_truncation_of_an_image_fails_cleanly() {
+    // Cutting a compressed image at any metadata boundary must give an error or read fine,
+    // never panic; cuts inside the header must be refused.
+    let bytes = std::fs::read(fixtures().join("zlib.qcow2")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let step = 4099;
+    let mut refused = 0;
+    for len in (0..bytes.len())
+        .step_by(step)
+        .chain([104, 111, 112, 0x10000, 0x20000])
+    {
+        let p = d.path().join("cut.qcow2");
+        std::fs::write(&p, &bytes[..len]).unwrap();
+        if outcome(&p).is_err() {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0);
+}
+
+#[test]
+fn dirty_and_corrupt_images_are_readable() {
+    for name in ["dirty.qcow2", "corrupt.qcow2"] {
+        outcome(&fixtures().join(name)).unwrap();
+    }
+}
