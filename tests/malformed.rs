@@ -11,6 +11,10 @@ use qmpbackup::qcow2::Disk;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A change to an image's bytes, given its parsed header.
+type HeaderPatch = fn(&mut Vec<u8>, &Header);
+type Patch = Box<dyn Fn(&mut Vec<u8>, &Header)>;
+
 /// Opens, maps and reads everything; the error text if any step fails.
 fn outcome(path: &Path) -> Result<(), String> {
     let disk = Disk::open(path).map_err(|e| e.to_string())?;
@@ -87,7 +91,7 @@ fn l2_entry_offset(b: &[u8], h: &Header, index: u64) -> usize {
 fn header_problems() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    let cases: Vec<(&str, fn(&mut Vec<u8>, &Header), &str)> = vec![
+    let cases: Vec<(&str, HeaderPatch, &str)> = vec![
         ("short", |b, _| b.truncate(50), "too short"),
         ("short-v3", |b, _| b.truncate(90), "too short"),
         ("tables-cut", |b, _| b.truncate(0x10200), "past the end"),
@@ -166,7 +170,7 @@ fn table_and_cluster_problems() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     let l1 = |h: &Header| h.l1_table_offset as usize;
-    let cases: Vec<(&str, &str, Box<dyn Fn(&mut Vec<u8>, &Header)>, &str)> = vec![
+    let cases: Vec<(&str, &str, Patch, &str)> = vec![
         (
             "l2-eof",
             "v3.qcow2",

@@ -490,7 +490,7 @@ fn odd_virtual_sizes() {
             d.path(),
             &name,
             &[
-                format!("write -P 9 0 512"),
+                "write -P 9 0 512".to_string(),
                 format!("write -P 8 {last} 512"),
             ],
         );

@@ -8,7 +8,7 @@ use qmpbackup::chain::info;
 use qmpbackup::chain::map::{self, MapFormat};
 use qmpbackup::qcow2::{Disk, Format, Image, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 const EXIT_CODES: &str = "\
@@ -148,7 +148,7 @@ fn init_logging(debug: bool) {
         .init();
 }
 
-fn open(file: &PathBuf, format: Option<ImageFormat>) -> Result<Disk> {
+fn open(file: &Path, format: Option<ImageFormat>) -> Result<Disk> {
     Ok(Disk::open_with(
         file,
         &OpenOptions {
@@ -215,7 +215,7 @@ fn run(command: Command) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn compare_cmd(a: &PathBuf, b: &PathBuf, progress: bool) -> ExitCode {
+fn compare_cmd(a: &Path, b: &Path, progress: bool) -> ExitCode {
     let result = (|| -> Result<Comparison> {
         let da = open(a, None)?;
         let db = open(b, None)?;

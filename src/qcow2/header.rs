@@ -442,7 +442,8 @@ mod tests {
 
     #[test]
     fn rejects_out_of_range_fields() {
-        let cases: Vec<(fn(&mut Header), &str)> = vec![
+        type Case = (fn(&mut Header), &'static str);
+        let cases: Vec<Case> = vec![
             (|h| h.cluster_bits = 8, "cluster_bits"),
             (|h| h.cluster_bits = 22, "cluster_bits"),
             (|h| h.l1_size = u32::MAX, "L1 table"),

@@ -81,7 +81,7 @@ impl Qcow2 {
         open_data_file: &dyn Fn(&Path) -> std::io::Result<Box<dyn Storage>>,
     ) -> Result<Qcow2> {
         let at = |k: ErrorKind| k.at(path);
-        let file_len = file.len().map_err(|e| at(e.into()))?;
+        let file_len = file.size().map_err(|e| at(e.into()))?;
         let mut probe = vec![0u8; header::PROBE_LENGTH.min(file_len as usize)];
         read_exact(&*file, &mut probe, 0, "header").map_err(|e| at(e.into()))?;
         let header = Header::parse(&probe).map_err(at)?;
@@ -154,7 +154,7 @@ impl Qcow2 {
                     format!("cannot open external data file {}: {e}", resolved.display()),
                 )))
             })?;
-            let len = storage.len().map_err(|e| at(e.into()))?;
+            let len = storage.size().map_err(|e| at(e.into()))?;
             Some(DataFile {
                 name,
                 path: resolved,

@@ -16,7 +16,7 @@ pub struct Raw {
 
 impl Raw {
     pub fn from_storage(path: &Path, storage: Box<dyn Storage>) -> Result<Raw> {
-        let file_len = storage.len().map_err(|e| ErrorKind::Io(e).at(path))?;
+        let file_len = storage.size().map_err(|e| ErrorKind::Io(e).at(path))?;
         Ok(Raw {
             path: path.to_path_buf(),
             storage,

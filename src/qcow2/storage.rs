@@ -23,11 +23,11 @@ pub trait Storage: Send + Sync {
     /// Reads at `offset`; returns fewer bytes than asked only at end of storage.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     /// Current length in bytes.
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
     /// Whether `offset` (< len) is in data or in a hole, and until where. Storage that cannot
     /// tell reports data, as QEMU does.
     fn allocation(&self, offset: u64) -> io::Result<Allocation> {
-        Ok(Allocation::DataUntil(self.len()?.max(offset)))
+        Ok(Allocation::DataUntil(self.size()?.max(offset)))
     }
     /// Bytes actually allocated on the host, if known (`du`, not `ls -l`).
     fn allocated_bytes(&self) -> Option<u64> {
@@ -53,13 +53,13 @@ impl Storage for File {
         Ok(done)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
     }
 
     fn allocation(&self, offset: u64) -> io::Result<Allocation> {
         let fd = self.as_raw_fd();
-        let len = Storage::len(self)?;
+        let len = Storage::size(self)?;
         let seek = |whence| {
             // SAFETY: lseek on a file descriptor we own; it only moves the file cursor, which
             // this module never uses (all reads are positional).
@@ -101,7 +101,7 @@ impl Storage for Vec<u8> {
         Ok(n)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(Vec::len(self) as u64)
     }
 }

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Times qmprestore against qemu-img on the same inputs, side by side in one run, and prints
+# the median wall time of each, their ratio (ours / qemu-img; below 1.0 means we are faster)
+# and peak RSS. Every timing includes a final `sync` of what the command wrote.
+#
+# Usage: benches/compare-qemu-img.sh [filter]
+#   REPS=5            repetitions per command (median reported)
+#   BENCH_DIR=/path   scratch directory (default: a new one under /var/tmp; removed at exit)
+#   DATA_MIB=1024     guest data in the test image
+set -euo pipefail
+cd "$(dirname "$0")/.."
+reps=${REPS:-5}
+data_mib=${DATA_MIB:-1024}
+filter=${1:-}
+for tool in qemu-img /usr/bin/time; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install qemu-utils time)"; exit 2; }
+done
+cargo build --release --quiet
+ours=$PWD/target/release/qmprestore
+work=${BENCH_DIR:-$(mktemp -d /var/tmp/qmpbench.XXXXXX)}
+[ -n "${BENCH_DIR:-}" ] || trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+# A 4 GiB disk with $data_mib MiB of incompressible data in 64 MiB pieces, spread out so
+# that holes and data alternate, stored as a qcow2 image with 64 KiB clusters.
+if [ ! -f img.qcow2 ]; then
+    echo "preparing a 4 GiB image with $data_mib MiB of data in $work"
+    truncate -s 4G src.raw
+    pieces=$((data_mib / 64))
+    for i in $(seq 0 $((pieces - 1))); do
+        dd if=/dev/urandom of=src.raw bs=1M count=64 seek=$((i * 4096 / pieces)) conv=notrunc status=none
+    done
+    qemu-img convert -O qcow2 src.raw img.qcow2
+    rm -f src.raw
+fi
+
+# measure NAME OUTPUT COMMAND...: runs COMMAND && sync $reps times, removing OUTPUT before
+# each run; prints "median_seconds peak_rss_kib".
+measure() {
+    local out=$1; shift
+    local times=() rss=0
+    for _ in $(seq "$reps"); do
+        rm -f "$out"; sync
+        /usr/bin/time -f '%e %M' -o time.txt sh -c '"$@" >/dev/null && sync' sh "$@"
+        read -r t m < time.txt
+        times+=("$t"); [ "$m" -gt "$rss" ] && rss=$m
+    done
+    printf '%s\n' "${times[@]}" | sort -n | awk -v r="$rss" '{a[NR]=$1} END {print a[int((NR+1)/2)], r}'
+}
+
+row() { # LABEL OURS_RESULT THEIRS_RESULT
+    read -r t1 m1 <<<"$2"; read -r t2 m2 <<<"$3"
+    awk -v l="$1" -v t1="$t1" -v t2="$t2" -v m1="$m1" -v m2="$m2" 'BEGIN {
+        printf "%-34s %9.2fs %9.2fs %7.2f %10.1f %10.1f\n", l, t1, t2, (t2 > 0 ? t1 / t2 : 0), m1 / 1024, m2 / 1024 }'
+}
+
+printf '%-34s %10s %10s %7s %10s %10s\n' operation qmprestore qemu-img ratio "RSS MiB" "qemu MiB"
+if [ -z "$filter" ] || [[ convert-raw == *$filter* ]]; then
+    a=$(measure out.raw "$ours" convert -O raw img.qcow2 out.raw)
+    b=$(measure out.raw qemu-img convert -O raw img.qcow2 out.raw)
+    row "convert -O raw (${data_mib} MiB data)" "$a" "$b"
+    rm -f out.raw
+fi
