@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Times qmprestore against qemu-img on the same inputs, side by side in one run, and prints
-# the median wall time of each, their ratio (ours / qemu-img; below 1.0 means we are faster)
+# the median wall time of each (runs alternate, after one warm-up run each), their ratio (ours / qemu-img; below 1.0 means we are faster)
 # and peak RSS. Every timing includes a final `sync` of what the command wrote.
 #
 # Usage: benches/compare-qemu-img.sh [filter]
@@ -34,18 +34,32 @@ if [ ! -f img.qcow2 ]; then
     rm -f src.raw
 fi
 
-# measure NAME OUTPUT COMMAND...: runs COMMAND && sync $reps times, removing OUTPUT before
-# each run; prints "median_seconds peak_rss_kib".
-measure() {
+# timed OUTPUT COMMAND...: one run of COMMAND && sync after removing OUTPUT; appends
+# "seconds peak_rss_kib" to the file named by $log.
+timed() {
     local out=$1; shift
-    local times=() rss=0
+    rm -f "$out"; sync
+    /usr/bin/time -f '%e %M' -o time.txt sh -c '"$@" >/dev/null && sync' sh "$@"
+    cat time.txt >> "$log"
+}
+
+# median LOG: "median_seconds max_rss_kib" of the runs logged in LOG.
+median() {
+    sort -n "$1" | awk '{t[NR]=$1; if ($2 > m) m=$2} END {print t[int((NR+1)/2)], m}'
+}
+
+# compare LABEL OUTPUT "OUR COMMAND" "THEIR COMMAND": one untimed warm-up run of each, then
+# $reps runs of each, alternating, so both see the same machine state; prints a table row.
+compare() {
+    local label=$1 out=$2 ours_cmd=$3 theirs_cmd=$4
+    : > ours.log; : > theirs.log
+    log=/dev/null timed "$out" $ours_cmd; log=/dev/null timed "$out" $theirs_cmd
     for _ in $(seq "$reps"); do
-        rm -f "$out"; sync
-        /usr/bin/time -f '%e %M' -o time.txt sh -c '"$@" >/dev/null && sync' sh "$@"
-        read -r t m < time.txt
-        times+=("$t"); [ "$m" -gt "$rss" ] && rss=$m
+        log=ours.log timed "$out" $ours_cmd
+        log=theirs.log timed "$out" $theirs_cmd
     done
-    printf '%s\n' "${times[@]}" | sort -n | awk -v r="$rss" '{a[NR]=$1} END {print a[int((NR+1)/2)], r}'
+    rm -f "$out"
+    row "$label" "$(median ours.log)" "$(median theirs.log)"
 }
 
 row() { # LABEL OURS_RESULT THEIRS_RESULT
@@ -56,8 +70,6 @@ row() { # LABEL OURS_RESULT THEIRS_RESULT
 
 printf '%-34s %10s %10s %7s %10s %10s\n' operation qmprestore qemu-img ratio "RSS MiB" "qemu MiB"
 if [ -z "$filter" ] || [[ convert-raw == *$filter* ]]; then
-    a=$(measure out.raw "$ours" convert -O raw img.qcow2 out.raw)
-    b=$(measure out.raw qemu-img convert -O raw img.qcow2 out.raw)
-    row "convert -O raw (${data_mib} MiB data)" "$a" "$b"
-    rm -f out.raw
+    compare "convert -O raw (${data_mib} MiB data)" out.raw \
+        "$ours convert -O raw img.qcow2 out.raw" "qemu-img convert -O raw img.qcow2 out.raw"
 fi
