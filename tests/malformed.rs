@@ -166,6 +166,21 @@ fn header_problems() {
 }
 
 #[test]
+fn unknown_feature_named_from_the_feature_table() {
+    let d = tempfile::tempdir().unwrap();
+    let p = patched(d.path(), "v3.qcow2", "named.qcow2", |b, _| {
+        // Turn the table's entry for incompatible bit 0 into one for bit 6, then set bit 6.
+        let magic = 0x6803_f857u32.to_be_bytes();
+        let ext = b.windows(4).position(|w| w == magic).unwrap();
+        let entry = ext + 8;
+        assert_eq!((b[entry], b[entry + 1]), (0, 0));
+        b[entry + 1] = 6;
+        b[79] |= 1 << 6;
+    });
+    expect_error(&p, "unsupported incompatible feature bit 6 (dirty bit)");
+}
+
+#[test]
 fn table_and_cluster_problems() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();

@@ -373,6 +373,41 @@ fn qcow2_over_qcow2_over_raw_chain() {
         ],
     );
     assert_reads_like_qemu(p, "sub/abs.qcow2", &[]);
+    // A relative name is resolved against the directory of the image that holds it.
+    qemu_img(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../mid.qcow2",
+            "-F",
+            "qcow2",
+            "sub/rel.qcow2",
+            "8M",
+        ],
+    );
+    assert_reads_like_qemu(p, "sub/rel.qcow2", &[]);
+    // The backing format extension is honoured: a qcow2 file declared raw is read as raw.
+    qemu_img(
+        p,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "raw",
+            "as-raw.qcow2",
+            "8M",
+        ],
+    );
+    assert_reads_like_qemu(p, "as-raw.qcow2", &[]);
+    assert_maps_like_qemu(p, "as-raw.qcow2");
 }
 
 #[test]

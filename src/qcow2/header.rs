@@ -441,6 +441,26 @@ mod tests {
     }
 
     #[test]
+    fn keeps_unknown_additional_fields() {
+        let mut h = sample();
+        h.header_length = 128;
+        h.unknown_tail = (1..=16).collect();
+        let parsed = Header::parse(&h.to_bytes()).unwrap();
+        assert_eq!(parsed.unknown_tail, h.unknown_tail);
+        assert_eq!(parsed.extensions_offset(), 128);
+        let v2 = Header {
+            version: 2,
+            header_length: 72,
+            ..sample()
+        };
+        let parsed = Header::parse(&v2.to_bytes()).unwrap();
+        assert_eq!(
+            (parsed.version, parsed.refcount_order, parsed.header_length),
+            (2, 4, 72)
+        );
+    }
+
+    #[test]
     fn rejects_out_of_range_fields() {
         type Case = (fn(&mut Header), &'static str);
         let cases: Vec<Case> = vec![

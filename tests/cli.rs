@@ -1,0 +1,213 @@
+//! The qmprestore binary: outputs, exit codes and files, on the committed fixtures.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn qmprestore(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn fixture(name: &str) -> String {
+    fixtures().join(name).display().to_string()
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+
+#[test]
+fn convert_renders_fixtures_and_snapshots() {
+    let d = tempfile::tempdir().unwrap();
+    let sums = std::fs::read_to_string(fixtures().join("SHA256SUMS")).unwrap();
+    for line in sums.lines() {
+        let (sum, name) = line.split_once(' ').unwrap();
+        let (file, snap) = match name.split_once('@') {
+            Some((f, s)) => (f, Some(s)),
+            None => (name, None),
+        };
+        let out = d.path().join("out.raw");
+        let out_s = out.display().to_string();
+        let src = fixture(file);
+        let mut args = vec!["convert", "-O", "raw"];
+        if let Some(s) = snap {
+            args.extend(["-l", s]);
+        }
+        args.extend([src.as_str(), out_s.as_str()]);
+        stdout(&qmprestore(&args));
+        assert_eq!(sha256_file(&out), sum, "{name}");
+    }
+}
+
+#[test]
+fn convert_leaves_holes_for_zero_ranges() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("top.raw");
+    stdout(&qmprestore(&[
+        "convert",
+        "-O",
+        "raw",
+        &fixture("snap.qcow2"),
+        out.to_str().unwrap(),
+    ]));
+    let m = std::fs::metadata(&out).unwrap();
+    // 2 MiB disk, about 400 KiB of data.
+    assert_eq!(m.len(), 2 << 20);
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "{} bytes allocated",
+        m.blocks() * 512
+    );
+}
+
+#[test]
+fn convert_refuses_to_overwrite_its_own_source() {
+    let d = tempfile::tempdir().unwrap();
+    for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+        std::fs::copy(fixtures().join(f), d.path().join(f)).unwrap();
+    }
+    let base = d.path().join("base.qcow2");
+    let before = sha256_file(&base);
+    let o = qmprestore(&[
+        "convert",
+        "-O",
+        "raw",
+        d.path().join("top.qcow2").to_str().unwrap(),
+        base.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("refusing to overwrite"));
+    assert_eq!(sha256_file(&base), before);
+}
+
+#[test]
+fn compare_exit_codes() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = d.path().join("v3.raw");
+    stdout(&qmprestore(&[
+        "convert",
+        "-O",
+        "raw",
+        &fixture("v3.qcow2"),
+        raw.to_str().unwrap(),
+    ]));
+    let o = qmprestore(&["compare", &fixture("v3.qcow2"), raw.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "Images are identical.\n"
+    );
+    // Change one byte in the middle: exit 1 and the exact offset.
+    let mut bytes = std::fs::read(&raw).unwrap();
+    bytes[1_234_567] ^= 1;
+    std::fs::write(&raw, &bytes).unwrap();
+    let o = qmprestore(&["compare", &fixture("v3.qcow2"), raw.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "Content mismatch at offset 1234567!\n"
+    );
+    // A longer image whose excess is zero compares identical; a missing one is an error.
+    let longer = d.path().join("longer.raw");
+    let mut b = std::fs::read(&raw).unwrap();
+    b[1_234_567] ^= 1;
+    b.resize(b.len() + 65536, 0);
+    std::fs::write(&longer, &b).unwrap();
+    let o = qmprestore(&["compare", &fixture("v3.qcow2"), longer.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("size mismatch"));
+    let o = qmprestore(&["compare", &fixture("v3.qcow2"), "/nonexistent.qcow2"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent.qcow2"));
+}
+
+#[test]
+fn info_json_and_backing_chain() {
+    let v: Value = serde_json::from_str(&stdout(&qmprestore(&[
+        "info",
+        "--output",
+        "json",
+        &fixture("zstd.qcow2"),
+    ])))
+    .unwrap();
+    assert_eq!(v["format"], "qcow2");
+    assert_eq!(v["virtual-size"], 4 << 20);
+    assert_eq!(v["format-specific"]["data"]["compression-type"], "zstd");
+    let chain: Value = serde_json::from_str(&stdout(&qmprestore(&[
+        "info",
+        "--backing-chain",
+        "--output",
+        "json",
+        &fixture("top.qcow2"),
+    ])))
+    .unwrap();
+    let names: Vec<&str> = chain
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["backing-filename"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(names, ["mid.qcow2", "base.qcow2", "-"]);
+    let human = stdout(&qmprestore(&["info", &fixture("snap.qcow2")]));
+    for needle in [
+        "file format: qcow2",
+        "virtual size: 2 MiB (2097152 bytes)",
+        "cluster_size: 16384",
+        "Snapshot list:",
+        "second",
+        "compat: 1.1",
+    ] {
+        assert!(human.contains(needle), "{needle} missing in:\n{human}");
+    }
+}
+
+#[test]
+fn corrupt_images_read_with_a_warning() {
+    let o = qmprestore(&["info", &fixture("corrupt.qcow2")]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("marked corrupt"));
+    assert!(stdout(&o).contains("corrupt: true"));
+}
+
+#[test]
+fn map_outputs() {
+    let json = stdout(&qmprestore(&[
+        "map",
+        "--output",
+        "json",
+        &fixture("top.qcow2"),
+    ]));
+    let recorded = std::fs::read_to_string(fixtures().join("top.qcow2.map.json")).unwrap();
+    assert_eq!(
+        json, recorded,
+        "byte-identical to qemu-img map --output=json"
+    );
+    let human = stdout(&qmprestore(&["map", &fixture("v2.qcow2")]));
+    let first = human.lines().nth(1).unwrap();
+    assert!(
+        first.starts_with("0               0x40000         0x"),
+        "{human}"
+    );
+    assert!(first.ends_with("v2.qcow2"));
+}
+
+#[test]
+fn help_has_examples_and_exit_codes() {
+    let top = stdout(&qmprestore(&["--help"]));
+    assert!(top.contains("Exit codes"));
+    for cmd in ["info", "map", "convert", "compare"] {
+        let h = stdout(&qmprestore(&[cmd, "--help"]));
+        assert!(h.contains("Example"), "{cmd} --help has no example");
+    }
+}
