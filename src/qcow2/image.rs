@@ -13,7 +13,9 @@ use super::error::{corrupt, Error, ErrorKind, Result};
 use super::ext::Extensions;
 use super::header::{self, Header};
 use super::l1::{self, L1Entry};
-use super::l2::{CompressedDescriptor, L2Format, L2Table, Subcluster};
+use super::l2::{CompressedDescriptor, L2Format, L2Table};
+use super::mapping;
+pub use super::mapping::Status;
 use super::refcount::{self, RefcountFormat};
 use super::snapshot::{self, Snapshot};
 use super::storage::{read_exact, read_zero_padded, Storage};
@@ -24,19 +26,6 @@ use std::path::{Path, PathBuf};
 
 /// L2 tables kept in memory per image (at most 2 MiB each).
 const L2_CACHE_TABLES: usize = 64;
-
-/// How a guest byte range is stored in this one image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    /// Uncompressed data at this host offset (in the external data file if there is one).
-    Data { host: u64 },
-    /// A compressed cluster (runs never span more than one).
-    Compressed(CompressedDescriptor),
-    /// Reads as zeros; `host` is set where a host cluster is still allocated.
-    Zero { host: Option<u64> },
-    /// Not stored here: the backing file (or zeros) provides it.
-    Unallocated { host: Option<u64> },
-}
 
 /// An external data file: guest data lives there, metadata in the qcow2 file.
 pub struct DataFile {
@@ -297,51 +286,7 @@ impl Qcow2 {
             return unallocated;
         };
         let table = self.l2_table(l2_offset)?;
-        let unit = f.unit_size();
-        let per_cluster = f.units_per_cluster() as u64;
-        let per_table = f.entries_per_table();
-        let classify = |u: u64| -> Result<Subcluster> {
-            let cluster = u / per_cluster;
-            table
-                .entry((cluster % per_table) as usize)
-                .classify(f, (u % per_cluster) as u32)
-                .map_err(|k| {
-                    corrupt(format!(
-                        "guest offset {:#x}: {k}",
-                        cluster * f.cluster_size()
-                    ))
-                    .at(&self.path)
-                })
-        };
-        let first_unit = guest / unit;
-        let first = classify(first_unit)?;
-        let within = guest % unit;
-        let status = match first {
-            Subcluster::Normal(h) => Status::Data { host: h + within },
-            Subcluster::ZeroAlloc(h) => Status::Zero {
-                host: Some(h + within),
-            },
-            Subcluster::ZeroPlain => Status::Zero { host: None },
-            Subcluster::UnallocatedPlain => Status::Unallocated { host: None },
-            Subcluster::UnallocatedAlloc(h) => Status::Unallocated {
-                host: Some(h + within),
-            },
-            Subcluster::Compressed(d) => {
-                let cluster_end = (guest / f.cluster_size() + 1) * f.cluster_size();
-                return Ok((Status::Compressed(d), limit.min(cluster_end - guest)));
-            }
-        };
-        let end_limit = guest + limit;
-        let mut end = (first_unit + 1) * unit;
-        while end < end_limit {
-            let next = classify(end / unit)?;
-            let distance = end - first_unit * unit;
-            if !continues(first, next, distance) {
-                break;
-            }
-            end += unit;
-        }
-        Ok((status, end.min(end_limit) - guest))
+        mapping::run(&self.format, &table, guest, limit).map_err(|k| k.at(&self.path))
     }
 
     fn l2_table(&self, offset: u64) -> Result<std::sync::Arc<L2Table>> {
@@ -422,18 +367,6 @@ impl Qcow2 {
         let mut bytes = vec![0u8; self.cluster_size() as usize];
         read_exact(&*self.file, &mut bytes, block, "refcount block").map_err(|e| at(e.into()))?;
         Ok(refcount::get(&bytes, block_index, f.order))
-    }
-}
-
-/// Whether `next`, `distance` bytes after `first`, continues the same run.
-fn continues(first: Subcluster, next: Subcluster, distance: u64) -> bool {
-    use Subcluster::*;
-    match (first, next) {
-        (Normal(a), Normal(b))
-        | (ZeroAlloc(a), ZeroAlloc(b))
-        | (UnallocatedAlloc(a), UnallocatedAlloc(b)) => b == a + distance,
-        (ZeroPlain, ZeroPlain) | (UnallocatedPlain, UnallocatedPlain) => true,
-        _ => false,
     }
 }
 
