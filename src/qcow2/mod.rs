@@ -10,9 +10,11 @@
 //! [`l1`], [`l2`], [`refcount`], [`snapshot`], [`bitmap`], [`compress`]), [`image::Qcow2`] (one
 //! file), [`disk::Disk`] (an image with its backing chain: reads and block status).
 
+pub mod alloc;
 pub mod bitmap;
 pub mod cache;
 pub mod compress;
+pub mod create;
 pub mod disk;
 pub mod error;
 pub mod ext;
