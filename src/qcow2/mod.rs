@@ -28,6 +28,7 @@ pub mod raw;
 pub mod refcount;
 pub mod snapshot;
 pub mod storage;
+pub mod write;
 
 pub use disk::{Disk, Extent, Format, Image, Layer, OpenOptions};
 pub use error::{Error, ErrorKind, Result};

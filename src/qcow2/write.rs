@@ -1,0 +1,690 @@
+//! Writing to a qcow2 image in place: data, zeros, discards, compressed clusters.
+//!
+//! Metadata changes are kept in memory (L1, dirty L2 tables, refcounts) and committed by
+//! [`Writer::flush`] in an order that keeps the image valid on disk at every instant:
+//!
+//! 1. new data is written to clusters nobody references yet;
+//! 2. refcount increments (and a relocated refcount table) are written, then `fdatasync`:
+//!    from here a crash only leaks the new clusters;
+//! 3. the header switches to a relocated refcount table, then `fdatasync`;
+//! 4. changed L2 tables are written, then `fdatasync` (each entry flips from old to new);
+//! 5. the L1 table entries of new or copied L2 tables are written, then `fdatasync`;
+//! 6. refcounts of clusters no longer referenced are decremented, then `fdatasync`: a crash
+//!    before this only leaks them.
+//!
+//! So a crash at any point leaves, for every guest cluster, either the old or the new
+//! content, and at worst leaked clusters, never a wrong mapping. Clusters shared with an
+//! internal snapshot (refcount > 1), and L2 tables shared likewise, are copied before they are
+//! changed. Persistent dirty bitmaps cannot be kept exact by this writer, so before the first
+//! change every bitmap is flagged in use (QEMU then treats it as inconsistent, and a backup
+//! tool starts a new full chain) rather than left silently stale.
+
+use super::alloc::Refcounts;
+use super::bitmap;
+use super::compress;
+use super::disk::{Disk, OpenOptions};
+use super::error::{corrupt, ErrorKind, Result};
+use super::header::{self, CompressionType, Header};
+use super::image::Qcow2;
+use super::l1::{self, L1Entry};
+use super::l2::{self, CompressedDescriptor, L2Entry, L2Format, L2Table};
+use super::mapping::{self, Status};
+use super::storage::{read_exact, read_zero_padded, Storage};
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions as FileOpen};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Dirty L2 tables kept before a flush is forced (bounds memory on huge writes).
+const MAX_DIRTY_L2: usize = 512;
+
+struct L2Slot {
+    table: L2Table,
+    dirty: bool,
+}
+
+/// A qcow2 image opened for writing.
+pub struct Writer {
+    path: PathBuf,
+    file: File,
+    data: Option<(PathBuf, File)>,
+    header: Header,
+    fmt: L2Format,
+    cs: u64,
+    l1: Vec<L1Entry>,
+    l1_dirty: BTreeSet<usize>,
+    l2: HashMap<u64, L2Slot>,
+    refs: Refcounts,
+    backing: Option<Disk>,
+    /// Host clusters (first cluster index, count) whose references are dropped by changes
+    /// not yet flushed; decremented after the new mapping is on disk.
+    frees: Vec<(u64, u64)>,
+    /// Where the next compressed stream may go: the first unused byte of a host cluster
+    /// that already holds compressed streams.
+    compress_pos: Option<u64>,
+    prepared: bool,
+    bitmaps: Option<(u64, Vec<bitmap::Bitmap>)>,
+}
+
+impl Writer {
+    /// Opens an existing image for writing (its backing chain read-only, for copy-on-write of
+    /// partial clusters).
+    pub fn open(path: &Path) -> Result<Writer> {
+        let at = |k: ErrorKind| k.at(path);
+        let reader = Qcow2::open(path)?;
+        let h = reader.header().clone();
+        if h.corrupt() {
+            return Err(at(ErrorKind::Unsupported(
+                "the image is marked corrupt; it must be repaired before it is written".into(),
+            )));
+        }
+        if h.dirty() {
+            return Err(at(ErrorKind::Unsupported(
+                "the image's refcounts are not up to date (dirty bit); repair it with 'qmprestore check --repair all' first".into(),
+            )));
+        }
+        let file = FileOpen::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| at(e.into()))?;
+        let data = match reader.data_file() {
+            Some(d) => Some((
+                d.path.clone(),
+                FileOpen::new()
+                    .read(true)
+                    .write(true)
+                    .open(&d.path)
+                    .map_err(|e| ErrorKind::Io(e).at(&d.path))?,
+            )),
+            None => None,
+        };
+        let backing = match reader.backing_name() {
+            Some(_) => {
+                let d = Disk::open_with(path, &OpenOptions::default())?;
+                let below: Vec<PathBuf> = d.chain().skip(1).map(|i| i.path().to_path_buf()).collect();
+                match below.first() {
+                    Some(p) => Some(Disk::open_with(
+                        p,
+                        &OpenOptions {
+                            format: Some(d.chain().nth(1).expect("has backing").format()),
+                            ..Default::default()
+                        },
+                    )?),
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let bitmaps = reader
+            .extensions()
+            .bitmaps
+            .filter(|_| !reader.bitmaps().is_empty())
+            .map(|e| (e.directory_offset, reader.bitmaps().to_vec()));
+        let refs = Refcounts::load(&file, &h).map_err(at)?;
+        let l1 = l1::read_table(&file, h.l1_table_offset, h.l1_size).map_err(at)?;
+        Ok(Writer {
+            path: path.to_path_buf(),
+            file,
+            data,
+            fmt: L2Format::of(&h),
+            cs: h.cluster_size(),
+            header: h,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            l2: HashMap::new(),
+            refs,
+            backing,
+            frees: Vec::new(),
+            compress_pos: None,
+            prepared: false,
+            bitmaps,
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn at(&self, k: ErrorKind) -> super::Error {
+        k.at(&self.path)
+    }
+
+    /// Before the first change: clear autoclear bits we do not maintain and flag persistent
+    /// bitmaps in use, durably, so no later crash can leave a stale bitmap marked valid.
+    fn prepare(&mut self) -> Result<()> {
+        if self.prepared {
+            return Ok(());
+        }
+        let known = header::autoclear::BITMAPS | header::autoclear::DATA_FILE_RAW;
+        let mut changed = false;
+        if self.header.autoclear_features & !known != 0 {
+            self.header.autoclear_features &= known;
+            changed = true;
+        }
+        if let Some((dir_off, bitmaps)) = &self.bitmaps {
+            let mut pos = *dir_off;
+            let mut entry = [0u8; 24];
+            for b in bitmaps {
+                read_exact(&self.file, &mut entry, pos, "bitmap directory").map_err(|e| self.at(e.into()))?;
+                let flags = u32::from_be_bytes(entry[12..16].try_into().unwrap()) | bitmap::FLAG_IN_USE;
+                self.file
+                    .write_all_at(&flags.to_be_bytes(), pos + 12)
+                    .map_err(|e| self.at(e.into()))?;
+                let extra = u32::from_be_bytes(entry[20..24].try_into().unwrap()) as u64;
+                pos += (24 + extra + b.name.len() as u64).div_ceil(8) * 8;
+            }
+            if !bitmaps.is_empty() {
+                tracing::warn!(
+                    "{}: persistent bitmaps {} flagged in use: this write makes them inconsistent",
+                    self.path.display(),
+                    bitmaps.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        if changed {
+            self.write_header()?;
+        }
+        self.sync()?;
+        self.prepared = true;
+        Ok(())
+    }
+
+    fn write_header(&mut self) -> Result<()> {
+        let bytes = self.header.to_bytes();
+        self.file.write_all_at(&bytes, 0).map_err(|e| self.at(e.into()))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| self.at(e.into()))
+    }
+
+    /// The L2 table at `offset`, loaded into the write-back cache.
+    fn table(&mut self, offset: u64) -> Result<&mut L2Slot> {
+        if !self.l2.contains_key(&offset) {
+            let mut bytes = vec![0u8; self.cs as usize];
+            read_exact(&self.file, &mut bytes, offset, "L2 table").map_err(|e| self.at(e.into()))?;
+            self.l2.insert(
+                offset,
+                L2Slot {
+                    table: L2Table::parse(&bytes, self.fmt.extended),
+                    dirty: false,
+                },
+            );
+        }
+        Ok(self.l2.get_mut(&offset).expect("inserted above"))
+    }
+
+    /// How the guest range at `guest` is stored now (including unflushed changes).
+    fn status(&mut self, guest: u64, max: u64) -> Result<(Status, u64)> {
+        let span = self.header.l1_span();
+        let i = (guest / span) as usize;
+        let limit = max.min((i as u64 + 1) * span - guest);
+        let l2_off = match self.l1.get(i) {
+            Some(e) if e.l2_offset() != 0 => e.l2_offset(),
+            _ => return Ok((Status::Unallocated { host: None }, limit)),
+        };
+        let fmt = self.fmt;
+        let slot = self.table(l2_off)?;
+        mapping::run(&fmt, &slot.table, guest, limit).map_err(|k| k.at(&self.path))
+    }
+
+    /// Reads guest data as the image shows it now (for copy-on-write).
+    fn read_current(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let off = offset + pos as u64;
+            if off >= self.header.size {
+                buf[pos..].fill(0);
+                break;
+            }
+            let max = ((buf.len() - pos) as u64).min(self.header.size - off);
+            let (st, n) = self.status(off, max)?;
+            let dst = &mut buf[pos..pos + n as usize];
+            match st {
+                Status::Data { host } => {
+                    let f = self.data.as_ref().map_or(&self.file, |(_, f)| f);
+                    read_zero_padded(f, dst, host).map_err(|e| self.at(e.into()))?
+                }
+                Status::Zero { .. } => dst.fill(0),
+                Status::Unallocated { .. } => match &self.backing {
+                    Some(b) => b.read_at(dst, off)?,
+                    None => dst.fill(0),
+                },
+                Status::Compressed(d) => {
+                    let mut cluster = vec![0u8; self.cs as usize];
+                    self.read_compressed(d, &mut cluster)?;
+                    let within = (off % self.cs) as usize;
+                    dst.copy_from_slice(&cluster[within..within + n as usize]);
+                }
+            }
+            pos += n as usize;
+        }
+        Ok(())
+    }
+
+    fn read_compressed(&self, d: CompressedDescriptor, out: &mut [u8]) -> Result<()> {
+        let len = Storage::size(&self.file).map_err(|e| self.at(e.into()))?;
+        if d.offset >= len {
+            return Err(self.at(corrupt(format!(
+                "compressed cluster at host offset {:#x} lies past the end of the file",
+                d.offset
+            ))));
+        }
+        let mut input = vec![0u8; d.max_len.min(len - d.offset) as usize];
+        read_exact(&self.file, &mut input, d.offset, "compressed cluster").map_err(|e| self.at(e.into()))?;
+        compress::decompress(self.header.compression_type, &input, out)
+            .map_err(|m| self.at(corrupt(format!("compressed cluster at {:#x}: {m}", d.offset))))
+    }
+
+    /// The L2 table for guest cluster `gc`, writable: allocated when missing, copied when
+    /// shared with a snapshot. Returns its offset.
+    fn writable_table(&mut self, gc: u64) -> Result<u64> {
+        let per = self.fmt.entries_per_table();
+        let i = (gc / per) as usize;
+        if i >= self.l1.len() {
+            return Err(self.at(corrupt(format!("guest cluster {gc} lies beyond the L1 table"))));
+        }
+        let e = self.l1[i];
+        let old = e.l2_offset();
+        if old != 0 && e.copied() {
+            self.table(old)?;
+            return Ok(old);
+        }
+        let new = self.refs.alloc(&self.file, 1).map_err(|k| k.at(&self.path))?;
+        let table = if old == 0 {
+            L2Table::empty(per as usize, self.fmt.extended)
+        } else {
+            // Shared with a snapshot: copy it. Its data clusters keep their counts (each is
+            // referenced from both tables now); the old table loses this reference.
+            self.frees.push((old / self.cs, 1));
+            self.table(old)?.table.clone()
+        };
+        self.l2.insert(new, L2Slot { table, dirty: true });
+        self.l1[i] = L1Entry(l1::COPIED | new);
+        self.l1_dirty.insert(i);
+        Ok(new)
+    }
+
+    fn entry(&mut self, gc: u64) -> Result<(u64, L2Entry)> {
+        let t = self.writable_table(gc)?;
+        let idx = (gc % self.fmt.entries_per_table()) as usize;
+        Ok((t, self.l2[&t].table.entry(idx)))
+    }
+
+    fn set_entry(&mut self, table: u64, gc: u64, e: L2Entry) {
+        let idx = (gc % self.fmt.entries_per_table()) as usize;
+        let slot = self.l2.get_mut(&table).expect("writable table is cached");
+        slot.table.set(idx, e);
+        slot.dirty = true;
+    }
+
+    /// Schedules the release of what an entry referenced (after the flush that removes it).
+    fn release(&mut self, e: &L2Entry) {
+        if e.is_compressed() {
+            let d = CompressedDescriptor::decode(e.word & !(l2::COMPRESSED | l2::COPIED), self.fmt.cluster_bits);
+            let first = d.offset / self.cs;
+            let last = (d.offset + d.max_len - 1) / self.cs;
+            self.frees.push((first, last - first + 1));
+        } else if e.host_offset() != 0 && self.data.is_none() {
+            self.frees.push((e.host_offset() / self.cs, 1));
+        }
+    }
+
+    /// Whether an entry's host cluster may be written in place (ours alone).
+    fn owned(&mut self, e: &L2Entry) -> Result<bool> {
+        if e.is_compressed() || e.host_offset() == 0 && !(self.data.is_some() && e.word & l2::COPIED != 0) {
+            return Ok(false);
+        }
+        if self.data.is_some() {
+            return Ok(true);
+        }
+        let rc = self.refs.get(&self.file, e.host_offset() / self.cs).map_err(|k| k.at(&self.path))?;
+        Ok(rc == 1)
+    }
+
+    /// A new host cluster for guest cluster `gc`: 1:1 in an external data file, else
+    /// allocated.
+    fn new_cluster(&mut self, gc: u64) -> Result<u64> {
+        if self.data.is_some() {
+            return Ok(gc * self.cs);
+        }
+        self.refs.alloc(&self.file, 1).map_err(|k| k.at(&self.path))
+    }
+
+    fn write_host(&self, buf: &[u8], host: u64) -> Result<()> {
+        let (path, f) = match &self.data {
+            Some((p, f)) => (p.as_path(), f),
+            None => (self.path.as_path(), &self.file),
+        };
+        f.write_all_at(buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+    }
+
+    /// Writes `buf` at guest offset `offset`.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        self.prepare()?;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let off = offset + pos as u64;
+            let gc = off / self.cs;
+            let within = (off % self.cs) as usize;
+            let n = (self.cs as usize - within).min(buf.len() - pos);
+            self.write_in_cluster(gc, within, &buf[pos..pos + n])?;
+            pos += n;
+            self.maybe_flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_in_cluster(&mut self, gc: u64, within: usize, data: &[u8]) -> Result<()> {
+        let cs = self.cs as usize;
+        let (table, e) = self.entry(gc)?;
+        let cluster_off = gc * self.cs;
+        if self.fmt.extended {
+            return self.write_subclusters(table, gc, e, within, data);
+        }
+        let zero_flag = e.word & l2::ZERO != 0;
+        if !zero_flag && self.owned(&e)? {
+            self.write_host(data, e.host_offset() + within as u64)?;
+            return Ok(());
+        }
+        // Copy on write: a whole new cluster holding the old content around the new data.
+        let mut full = vec![0u8; cs];
+        if data.len() < cs {
+            self.read_current(&mut full, cluster_off)?;
+        }
+        full[within..within + data.len()].copy_from_slice(data);
+        let host = self.new_cluster(gc)?;
+        self.write_host(&full, host)?;
+        self.release(&e);
+        self.set_entry(table, gc, L2Entry { word: l2::COPIED | host, bitmap: 0 });
+        Ok(())
+    }
+
+    /// Extended L2: only the subclusters a write touches are filled (partial ones completed
+    /// from their current content) and marked allocated.
+    fn write_subclusters(&mut self, table: u64, gc: u64, e: L2Entry, within: usize, data: &[u8]) -> Result<()> {
+        let cs = self.cs as usize;
+        let sub = cs / l2::SUBCLUSTERS as usize;
+        let cluster_off = gc * self.cs;
+        let first = within / sub;
+        let last = (within + data.len() - 1) / sub;
+        let (lo, hi) = (first * sub, (last + 1) * sub);
+        let mut span = vec![0u8; hi - lo];
+        if within != lo || within + data.len() != hi {
+            self.read_current(&mut span, cluster_off + lo as u64)?;
+        }
+        span[within - lo..within - lo + data.len()].copy_from_slice(data);
+        let mask: u32 = (first..=last).fold(0, |m, s| m | (1 << s));
+        let has_host = e.host_offset() != 0 || (self.data.is_some() && e.word & l2::COPIED != 0);
+        if has_host && self.owned(&e)? {
+            self.write_host(&span, e.host_offset() + lo as u64)?;
+            let bitmap = (e.bitmap | mask as u64) & !((mask as u64) << 32);
+            self.set_entry(table, gc, L2Entry { word: e.word, bitmap });
+            return Ok(());
+        }
+        if !e.is_compressed() && !has_host {
+            let host = self.new_cluster(gc)?;
+            self.write_host(&span, host + lo as u64)?;
+            let zero = (e.bitmap >> 32) as u32 & !mask;
+            self.set_entry(table, gc, L2Entry { word: l2::COPIED | host, bitmap: ((zero as u64) << 32) | mask as u64 });
+            return Ok(());
+        }
+        // Compressed or shared: copy the whole cluster.
+        let mut full = vec![0u8; cs];
+        self.read_current(&mut full, cluster_off)?;
+        full[lo..hi].copy_from_slice(&span);
+        let host = self.new_cluster(gc)?;
+        self.write_host(&full, host)?;
+        self.release(&e);
+        self.set_entry(table, gc, L2Entry { word: l2::COPIED | host, bitmap: 0xffff_ffff });
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: whole clusters (or subclusters) become
+    /// zero entries and release their data; partial ones are written with zeros. Version 2
+    /// images have no zero flag: there whole clusters are unallocated when nothing lies
+    /// beneath, and written with zeros otherwise.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.set_range(offset, len, true)
+    }
+
+    /// Drops `[offset, offset + len)`: whole clusters (subclusters) become unallocated, so they
+    /// read from the backing file again (or as zeros without one); partial ones are untouched.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.set_range(offset, len, false)
+    }
+
+    fn set_range(&mut self, offset: u64, len: u64, zero: bool) -> Result<()> {
+        self.check_range(offset, len)?;
+        self.prepare()?;
+        let unit = self.fmt.unit_size();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let gc = pos / self.cs;
+            let cluster_end = ((gc + 1) * self.cs).min(end);
+            let a = pos.div_ceil(unit) * unit;
+            let b = (cluster_end / unit) * unit;
+            if zero {
+                // Partial units at either end get real zeros.
+                for (s, e) in [(pos, a.min(cluster_end)), (b.max(a).max(pos), cluster_end)] {
+                    if e > s {
+                        self.write_at(&vec![0u8; (e - s) as usize], s)?;
+                    }
+                }
+            }
+            if b > a {
+                self.set_units(gc, a, b, zero)?;
+            }
+            pos = cluster_end;
+            self.maybe_flush()?;
+        }
+        Ok(())
+    }
+
+    /// Whole units `[a, b)` of guest cluster `gc` become zero (or unallocated).
+    fn set_units(&mut self, gc: u64, a: u64, b: u64, zero: bool) -> Result<()> {
+        let (table, e) = self.entry(gc)?;
+        if self.fmt.extended {
+            let sub = self.fmt.unit_size();
+            let first = (a - gc * self.cs) / sub;
+            let last = (b - gc * self.cs) / sub;
+            let mask: u64 = (first..last).fold(0, |m, s| m | (1 << s));
+            if e.is_compressed() {
+                // Compressed clusters have no subclusters: decompress, then zero the range.
+                let mut full = vec![0u8; self.cs as usize];
+                self.read_current(&mut full, gc * self.cs)?;
+                full[(first * sub) as usize..(last * sub) as usize].fill(0);
+                return self.write_in_cluster(gc, 0, &full);
+            }
+            let mut bitmap = e.bitmap & !mask;
+            bitmap = if zero { bitmap | (mask << 32) } else { bitmap & !(mask << 32) };
+            let mut word = e.word;
+            if bitmap as u32 == 0 && (e.host_offset() != 0 || self.data.is_some() && e.word & l2::COPIED != 0) {
+                // No subcluster uses the host cluster any more.
+                self.release(&e);
+                word = 0;
+            }
+            self.set_entry(table, gc, L2Entry { word, bitmap });
+            return Ok(());
+        }
+        let whole = a == gc * self.cs && b == (gc + 1) * self.cs;
+        debug_assert!(whole);
+        let version2 = self.header.version < 3;
+        if zero && version2 && self.backing.is_some() {
+            return self.write_in_cluster(gc, 0, &vec![0u8; self.cs as usize]);
+        }
+        self.release(&e);
+        let word = if zero && !version2 { l2::ZERO } else { 0 };
+        self.set_entry(table, gc, L2Entry { word, bitmap: 0 });
+        Ok(())
+    }
+
+    /// Writes whole guest clusters in compressed form. `clusters` pairs a guest cluster index
+    /// with its compressed stream (from [`compress_cluster`]), or with the plain data when it
+    /// does not compress; compress them in parallel before calling this.
+    pub fn write_compressed(&mut self, clusters: &[(u64, Compressed)]) -> Result<()> {
+        if self.data.is_some() {
+            return Err(self.at(ErrorKind::Unsupported(
+                "compressed clusters are not possible with an external data file".into(),
+            )));
+        }
+        self.prepare()?;
+        for (gc, c) in clusters {
+            self.check_range(gc * self.cs, self.cs)?;
+            match c {
+                Compressed::Plain(data) => self.write_in_cluster(*gc, 0, data)?,
+                Compressed::Stream(bytes) => {
+                    let off = self.place_compressed(bytes.len() as u64)?;
+                    self.file.write_all_at(bytes, off).map_err(|e| self.at(e.into()))?;
+                    let (table, e) = self.entry(*gc)?;
+                    self.release(&e);
+                    let word = CompressedDescriptor::encode(off, bytes.len() as u64, self.fmt.cluster_bits);
+                    self.set_entry(table, *gc, L2Entry { word, bitmap: 0 });
+                }
+            }
+            self.maybe_flush()?;
+        }
+        Ok(())
+    }
+
+    /// Finds room for `len` compressed bytes, packing streams back to back into host clusters,
+    /// and takes one reference on every host cluster the stream touches.
+    fn place_compressed(&mut self, len: u64) -> Result<u64> {
+        let cs = self.cs;
+        if let Some(pos) = self.compress_pos {
+            let (first, last) = (pos / cs, (pos + len - 1) / cs);
+            // The cluster holding `pos` is already in use by earlier streams (and must have
+            // room for one more reference); continuing into the following ones needs them free.
+            let max = self.refs.format().max_value();
+            let mut free = self.refs.get(&self.file, first).map_err(|k| self.at(k))? < max;
+            for c in first + 1..=last {
+                free &= self.refs.get(&self.file, c).map_err(|k| self.at(k))? == 0;
+            }
+            if free {
+                self.refs.add(&self.file, first, 1).map_err(|k| self.at(k))?;
+                for c in first + 1..=last {
+                    self.refs.set(&self.file, c, 1).map_err(|k| self.at(k))?;
+                }
+                self.compress_pos = Some(pos + len).filter(|e| e % cs != 0);
+                return Ok(pos);
+            }
+        }
+        let start = self.refs.alloc(&self.file, len.div_ceil(cs)).map_err(|k| self.at(k))?;
+        self.compress_pos = Some(start + len).filter(|e| e % cs != 0);
+        Ok(start)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        if offset.checked_add(len).is_none_or(|e| e > self.header.size) {
+            return Err(self.at(ErrorKind::Unsupported(format!(
+                "write of {len} bytes at {offset} goes past the end of the {}-byte disk",
+                self.header.size
+            ))));
+        }
+        Ok(())
+    }
+
+    fn maybe_flush(&mut self) -> Result<()> {
+        if self.l2.values().filter(|s| s.dirty).count() >= MAX_DIRTY_L2 {
+            self.flush()?;
+        }
+        // Clean tables are only a cache: keep it bounded too.
+        if self.l2.len() > 2 * MAX_DIRTY_L2 {
+            self.l2.retain(|_, s| s.dirty);
+        }
+        Ok(())
+    }
+
+    /// Commits everything written so far, in crash-safe order (see the module docs).
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some((p, f)) = &self.data {
+            f.sync_data().map_err(|e| ErrorKind::Io(e).at(p))?;
+        }
+        // 1-2: data and refcount increments.
+        let moved = self.refs.write_back(&self.file).map_err(|k| self.at(k))?;
+        self.sync()?;
+        // 3: a relocated refcount table goes live; the old one is released below.
+        if let Some(m) = moved {
+            self.header.refcount_table_offset = m.new_offset;
+            self.header.refcount_table_clusters = m.new_clusters;
+            self.write_header()?;
+            self.sync()?;
+            self.frees.push((m.old_offset / self.cs, m.old_clusters as u64));
+        }
+        // 4: L2 tables.
+        let mut dirty: Vec<u64> = self.l2.iter().filter(|(_, s)| s.dirty).map(|(&o, _)| o).collect();
+        dirty.sort_unstable();
+        for off in &dirty {
+            let bytes = self.l2[off].table.to_bytes();
+            self.file.write_all_at(&bytes, *off).map_err(|e| self.at(e.into()))?;
+        }
+        for off in dirty {
+            self.l2.get_mut(&off).expect("listed").dirty = false;
+        }
+        self.sync()?;
+        // 5: L1 entries.
+        if !self.l1_dirty.is_empty() {
+            let dirty = std::mem::take(&mut self.l1_dirty);
+            for i in dirty {
+                let off = self.header.l1_table_offset + i as u64 * 8;
+                self.file.write_all_at(&self.l1[i].0.to_be_bytes(), off).map_err(|e| self.at(e.into()))?;
+            }
+            self.sync()?;
+        }
+        // 6: release what is no longer referenced.
+        if !self.frees.is_empty() {
+            for (first, n) in std::mem::take(&mut self.frees) {
+                for c in first..first + n {
+                    self.refs.add(&self.file, c, -1).map_err(|k| self.at(k))?;
+                }
+            }
+            if let Some(m) = self.refs.write_back(&self.file).map_err(|k| self.at(k))? {
+                // Releasing never grows the table; keep the invariant visible.
+                return Err(self.at(corrupt(format!("unexpected refcount table move to {:#x}", m.new_offset))));
+            }
+            self.sync()?;
+        }
+        Ok(())
+    }
+}
+
+/// A cluster prepared for [`Writer::write_compressed`].
+pub enum Compressed {
+    /// The compressed stream (shorter than a cluster).
+    Stream(Vec<u8>),
+    /// Did not compress: stored as plain data.
+    Plain(Vec<u8>),
+}
+
+/// Compresses one cluster the way QEMU can read it: raw deflate with a 4 KiB window, or one
+/// zstd frame; kept only if it saves at least one byte (else stored plain, as QEMU does).
+pub fn compress_cluster(kind: CompressionType, data: &[u8]) -> Compressed {
+    let limit = data.len() - 1;
+    let out = match kind {
+        CompressionType::Zlib => {
+            use flate2::{Compress, Compression, FlushCompress, Status};
+            let mut c = Compress::new_with_window_bits(Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(limit);
+            match c.compress_vec(data, &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => Some(out),
+                _ => None,
+            }
+        }
+        CompressionType::Zstd => zstd::bulk::compress(data, 0).ok().filter(|o| o.len() < limit),
+    };
+    match out {
+        Some(o) if o.len() < limit => Compressed::Stream(o),
+        _ => Compressed::Plain(data.to_vec()),
+    }
+}
