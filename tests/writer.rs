@@ -14,9 +14,11 @@ use std::path::Path;
 struct Model(Vec<u8>);
 
 fn check_clean(path: &Path) {
+    // In the image's directory: QEMU resolves relative data file names against the cwd.
     let out = std::process::Command::new("qemu-img")
+        .current_dir(path.parent().unwrap())
         .args(["check", "--output=json"])
-        .arg(path)
+        .arg(path.file_name().unwrap())
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -38,7 +40,8 @@ fn assert_contents(path: &Path, model: &Model) {
     }
     // And QEMU reads the same.
     let raw = path.with_extension("check.raw");
-    qemu_img(path.parent().unwrap(), &["convert", "-O", "raw", path.to_str().unwrap(), raw.to_str().unwrap()]);
+    let name = path.file_name().unwrap().to_str().unwrap();
+    qemu_img(path.parent().unwrap(), &["convert", "-O", "raw", name, raw.to_str().unwrap()]);
     let theirs = std::fs::read(&raw).unwrap();
     std::fs::remove_file(&raw).unwrap();
     if let Some(i) = theirs.iter().zip(&model.0).position(|(a, b)| a != b) {
@@ -96,5 +99,95 @@ fn random_writes_zeroes_discards_and_compressed_clusters() {
         drop(w);
         check_clean(&path);
         assert_contents(&path, &model);
+    }
+}
+
+/// Random writes into an image QEMU made; returns the model of what it must now read.
+fn scribble(path: &Path, seed: u64, ops: usize) -> Model {
+    let dir = path.parent().unwrap();
+    let raw = path.with_extension("before.raw");
+    let name = path.file_name().unwrap().to_str().unwrap();
+    qemu_img(dir, &["convert", "-O", "raw", name, raw.to_str().unwrap()]);
+    let mut model = Model(std::fs::read(&raw).unwrap());
+    std::fs::remove_file(&raw).unwrap();
+    let size = model.0.len() as u64;
+    let mut w = Writer::open(path).unwrap();
+    let mut rng = Lcg(seed);
+    for _ in 0..ops {
+        let off = rng.below(size / 512) * 512;
+        let len = (1 + rng.below(200_000)).min(size - off);
+        match rng.below(6) {
+            0 => {
+                w.write_zeroes(off, len).unwrap();
+                model.0[off as usize..(off + len) as usize].fill(0);
+            }
+            _ => {
+                let data = vec![rng.below(256) as u8; len as usize];
+                w.write_at(&data, off).unwrap();
+                model.0[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+        }
+    }
+    w.flush().unwrap();
+    model
+}
+
+fn snapshot_sums(dir: &Path, image: &str, names: &[&str]) -> Vec<String> {
+    names
+        .iter()
+        .map(|s| {
+            let out = dir.join(format!("{s}.raw"));
+            qemu_img(dir, &["convert", "-O", "raw", "-l", &format!("snapshot.name={s}"), image, out.to_str().unwrap()]);
+            let sum = sha256_file(&out);
+            std::fs::remove_file(out).unwrap();
+            sum
+        })
+        .collect()
+}
+
+#[test]
+fn writes_into_images_with_internal_snapshots_copy_on_write() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for (name, opts) in [("s64k.qcow2", "cluster_size=64k"), ("s4k.qcow2", "cluster_size=4k,refcount_bits=8"), ("sext.qcow2", "extended_l2=on,cluster_size=32k")] {
+        qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"]);
+        qemu_io(p, name, &["write -P 1 0 3M".into(), "write -c -P 2 3M 64k".into()]);
+        qemu_img(p, &["snapshot", "-c", "a", name]);
+        qemu_io(p, name, &["write -P 3 1M 1M".into()]);
+        qemu_img(p, &["snapshot", "-c", "b", name]);
+        let before = snapshot_sums(p, name, &["a", "b"]);
+        let model = scribble(&p.join(name), 7, 60);
+        check_clean(&p.join(name));
+        assert_contents(&p.join(name), &model);
+        assert_eq!(snapshot_sums(p, name, &["a", "b"]), before, "{name}: snapshots changed");
+    }
+}
+
+#[test]
+fn writes_over_backing_files_and_into_data_files() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qemu_img(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    qemu_io(p, "base.qcow2", &["write -P 9 0 4M".into()]);
+    let base_sum = sha256_file(&p.join("base.qcow2"));
+    for (name, opts) in [("over.qcow2", "cluster_size=64k"), ("over-ext.qcow2", "extended_l2=on,cluster_size=64k"), ("over-v2.qcow2", "compat=0.10")] {
+        qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.qcow2", "-F", "qcow2", name]);
+        let model = scribble(&p.join(name), 11, 60);
+        check_clean(&p.join(name));
+        assert_contents(&p.join(name), &model);
+    }
+    assert_eq!(sha256_file(&p.join("base.qcow2")), base_sum, "the backing file must not change");
+    for (name, opts) in [("df.qcow2", "data_file=df.data"), ("dfr.qcow2", "data_file=dfr.data,data_file_raw=on")] {
+        qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"]);
+        qemu_io(p, name, &["write -P 5 0 1M".into()]);
+        let model = scribble(&p.join(name), 13, 40);
+        check_clean(&p.join(name));
+        assert_contents(&p.join(name), &model);
     }
 }
