@@ -41,11 +41,17 @@ fn assert_contents(path: &Path, model: &Model) {
     // And QEMU reads the same.
     let raw = path.with_extension("check.raw");
     let name = path.file_name().unwrap().to_str().unwrap();
-    qemu_img(path.parent().unwrap(), &["convert", "-O", "raw", name, raw.to_str().unwrap()]);
+    qemu_img(
+        path.parent().unwrap(),
+        &["convert", "-O", "raw", name, raw.to_str().unwrap()],
+    );
     let theirs = std::fs::read(&raw).unwrap();
     std::fs::remove_file(&raw).unwrap();
     if let Some(i) = theirs.iter().zip(&model.0).position(|(a, b)| a != b) {
-        panic!("{}: qemu-img reads differently from the model at {i}", path.display());
+        panic!(
+            "{}: qemu-img reads differently from the model at {i}",
+            path.display()
+        );
     }
 }
 
@@ -65,7 +71,18 @@ fn random_writes_zeroes_discards_and_compressed_clusters() {
     for (n, (cs, rb, ext, comp)) in configs.into_iter().enumerate() {
         let size = 4u64 << 20;
         let path = d.path().join(format!("w{n}.qcow2"));
-        create(&path, &CreateOptions { size, cluster_size: cs, refcount_bits: rb, extended_l2: ext, compression: comp, ..Default::default() }).unwrap();
+        create(
+            &path,
+            &CreateOptions {
+                size,
+                cluster_size: cs,
+                refcount_bits: rb,
+                extended_l2: ext,
+                compression: comp,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut model = Model(vec![0; size as usize]);
         let mut w = Writer::open(&path).unwrap();
         let mut rng = Lcg(n as u64 + 100);
@@ -80,8 +97,11 @@ fn random_writes_zeroes_discards_and_compressed_clusters() {
                 1 if rb > 1 => {
                     let gc = rng.below(size / cs);
                     let byte = rng.below(256) as u8;
-                    let data: Vec<u8> = (0..cs).map(|i| if i % 7 == 0 { byte } else { (i / 100) as u8 }).collect();
-                    w.write_compressed(&[(gc, compress_cluster(comp, &data))]).unwrap();
+                    let data: Vec<u8> = (0..cs)
+                        .map(|i| if i % 7 == 0 { byte } else { (i / 100) as u8 })
+                        .collect();
+                    w.write_compressed(&[(gc, compress_cluster(comp, &data))])
+                        .unwrap();
                     model.0[(gc * cs) as usize..((gc + 1) * cs) as usize].copy_from_slice(&data);
                 }
                 _ => {
@@ -137,7 +157,18 @@ fn snapshot_sums(dir: &Path, image: &str, names: &[&str]) -> Vec<String> {
         .iter()
         .map(|s| {
             let out = dir.join(format!("{s}.raw"));
-            qemu_img(dir, &["convert", "-O", "raw", "-l", &format!("snapshot.name={s}"), image, out.to_str().unwrap()]);
+            qemu_img(
+                dir,
+                &[
+                    "convert",
+                    "-O",
+                    "raw",
+                    "-l",
+                    &format!("snapshot.name={s}"),
+                    image,
+                    out.to_str().unwrap(),
+                ],
+            );
             let sum = sha256_file(&out);
             std::fs::remove_file(out).unwrap();
             sum
@@ -152,9 +183,17 @@ fn writes_into_images_with_internal_snapshots_copy_on_write() {
     }
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    for (name, opts) in [("s64k.qcow2", "cluster_size=64k"), ("s4k.qcow2", "cluster_size=4k,refcount_bits=8"), ("sext.qcow2", "extended_l2=on,cluster_size=32k")] {
+    for (name, opts) in [
+        ("s64k.qcow2", "cluster_size=64k"),
+        ("s4k.qcow2", "cluster_size=4k,refcount_bits=8"),
+        ("sext.qcow2", "extended_l2=on,cluster_size=32k"),
+    ] {
         qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"]);
-        qemu_io(p, name, &["write -P 1 0 3M".into(), "write -c -P 2 3M 64k".into()]);
+        qemu_io(
+            p,
+            name,
+            &["write -P 1 0 3M".into(), "write -c -P 2 3M 64k".into()],
+        );
         qemu_img(p, &["snapshot", "-c", "a", name]);
         qemu_io(p, name, &["write -P 3 1M 1M".into()]);
         qemu_img(p, &["snapshot", "-c", "b", name]);
@@ -162,7 +201,11 @@ fn writes_into_images_with_internal_snapshots_copy_on_write() {
         let model = scribble(&p.join(name), 7, 60);
         check_clean(&p.join(name));
         assert_contents(&p.join(name), &model);
-        assert_eq!(snapshot_sums(p, name, &["a", "b"]), before, "{name}: snapshots changed");
+        assert_eq!(
+            snapshot_sums(p, name, &["a", "b"]),
+            before,
+            "{name}: snapshots changed"
+        );
     }
 }
 
@@ -176,18 +219,161 @@ fn writes_over_backing_files_and_into_data_files() {
     qemu_img(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
     qemu_io(p, "base.qcow2", &["write -P 9 0 4M".into()]);
     let base_sum = sha256_file(&p.join("base.qcow2"));
-    for (name, opts) in [("over.qcow2", "cluster_size=64k"), ("over-ext.qcow2", "extended_l2=on,cluster_size=64k"), ("over-v2.qcow2", "compat=0.10")] {
-        qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.qcow2", "-F", "qcow2", name]);
+    for (name, opts) in [
+        ("over.qcow2", "cluster_size=64k"),
+        ("over-ext.qcow2", "extended_l2=on,cluster_size=64k"),
+        ("over-v2.qcow2", "compat=0.10"),
+    ] {
+        qemu_img(
+            p,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                name,
+            ],
+        );
         let model = scribble(&p.join(name), 11, 60);
         check_clean(&p.join(name));
         assert_contents(&p.join(name), &model);
     }
-    assert_eq!(sha256_file(&p.join("base.qcow2")), base_sum, "the backing file must not change");
-    for (name, opts) in [("df.qcow2", "data_file=df.data"), ("dfr.qcow2", "data_file=dfr.data,data_file_raw=on")] {
+    assert_eq!(
+        sha256_file(&p.join("base.qcow2")),
+        base_sum,
+        "the backing file must not change"
+    );
+    for (name, opts) in [
+        ("df.qcow2", "data_file=df.data"),
+        ("dfr.qcow2", "data_file=dfr.data,data_file_raw=on"),
+    ] {
         qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"]);
         qemu_io(p, name, &["write -P 5 0 1M".into()]);
         let model = scribble(&p.join(name), 13, 40);
         check_clean(&p.join(name));
         assert_contents(&p.join(name), &model);
     }
+}
+
+#[test]
+fn internal_snapshots_created_applied_and_deleted() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    for (name, opts) in [
+        ("snap.qcow2", "cluster_size=64k"),
+        ("snap-ext.qcow2", "extended_l2=on,cluster_size=16k"),
+        ("snap-small.qcow2", "cluster_size=512"),
+    ] {
+        qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, name, "2M"]);
+        qemu_io(
+            p,
+            name,
+            &["write -P 1 0 1M".into(), "write -c -P 2 1M 64k".into()],
+        );
+        let path = p.join(name);
+        // Ours: snapshot, write, snapshot, write.
+        let mut w = Writer::open(&path).unwrap();
+        let s1 = w.create_snapshot("one").unwrap();
+        w.write_at(&vec![3u8; 300_000], 100_000).unwrap();
+        w.write_zeroes(500_000, 200_000).unwrap();
+        w.flush().unwrap();
+        let s2 = w.create_snapshot("two").unwrap();
+        assert_eq!((s1.id.as_str(), s2.id.as_str()), ("1", "2"));
+        w.write_at(&vec![4u8; 70_000], 1_000_000).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        check_clean(&path);
+        let listed = qemu_img(p, &["snapshot", "-l", name]);
+        assert!(listed.contains("one") && listed.contains("two"), "{listed}");
+        // Each snapshot renders the state at its creation, per qemu-img and per us.
+        let mut expected_one = vec![1u8; 1 << 20];
+        expected_one.resize(2 << 20, 0);
+        expected_one[1 << 20..(1 << 20) + 65536].fill(2);
+        let mut expected_two = expected_one.clone();
+        expected_two[100_000..400_000].fill(3);
+        expected_two[500_000..700_000].fill(0);
+        let mut expected_now = expected_two.clone();
+        expected_now[1_000_000..1_070_000].fill(4);
+        for (snap, want) in [("one", &expected_one), ("two", &expected_two)] {
+            let out = p.join("s.raw");
+            qemu_img(
+                p,
+                &[
+                    "convert",
+                    "-O",
+                    "raw",
+                    "-l",
+                    &format!("snapshot.name={snap}"),
+                    name,
+                    out.to_str().unwrap(),
+                ],
+            );
+            assert!(
+                std::fs::read(&out).unwrap() == *want,
+                "{name}@{snap} per qemu-img"
+            );
+            let mut disk = Disk::open(&path).unwrap();
+            disk.select_snapshot(snap).unwrap();
+            let mut buf = vec![0u8; 2 << 20];
+            disk.read_at(&mut buf, 0).unwrap();
+            assert!(buf == *want, "{name}@{snap} per us");
+        }
+        assert_contents(&path, &Model(expected_now));
+        // Apply "one", then delete both: clean at every step.
+        let mut w = Writer::open(&path).unwrap();
+        w.apply_snapshot("one").unwrap();
+        drop(w);
+        check_clean(&path);
+        assert_contents(&path, &Model(expected_one.clone()));
+        let mut w = Writer::open(&path).unwrap();
+        w.delete_snapshot("two").unwrap();
+        w.delete_snapshot("1").unwrap();
+        w.write_at(&[5u8; 4096], 0).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        check_clean(&path);
+        expected_one[..4096].fill(5);
+        assert_contents(&path, &Model(expected_one));
+        assert!(!qemu_img(p, &["snapshot", "-l", name]).contains("one"));
+    }
+}
+
+#[test]
+fn snapshots_made_by_qemu_applied_and_deleted_by_us() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qemu_img(p, &["create", "-q", "-f", "qcow2", "q.qcow2", "4M"]);
+    qemu_io(p, "q.qcow2", &["write -P 1 0 2M".into()]);
+    qemu_img(p, &["snapshot", "-c", "a", "q.qcow2"]);
+    qemu_io(p, "q.qcow2", &["write -P 2 1M 2M".into()]);
+    qemu_img(p, &["snapshot", "-c", "b", "q.qcow2"]);
+    qemu_io(p, "q.qcow2", &["write -P 3 0 64k".into()]);
+    let a = snapshot_sums(p, "q.qcow2", &["a"]);
+    let path = p.join("q.qcow2");
+    let mut w = Writer::open(&path).unwrap();
+    w.delete_snapshot("b").unwrap();
+    drop(w);
+    check_clean(&path);
+    let mut w = Writer::open(&path).unwrap();
+    w.apply_snapshot("a").unwrap();
+    drop(w);
+    check_clean(&path);
+    let now = p.join("now.raw");
+    qemu_img(
+        p,
+        &["convert", "-O", "raw", "q.qcow2", now.to_str().unwrap()],
+    );
+    assert_eq!(vec![sha256_file(&now)], a);
 }

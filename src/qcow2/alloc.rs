@@ -200,10 +200,11 @@ impl Refcounts {
             for c in start..start + clusters {
                 self.set(file, c, 1)?;
             }
-            let old = self.pending_move.map_or(
-                (self.table_offset, self.table_clusters),
-                |m| (m.old_offset, m.old_clusters),
-            );
+            let old = self
+                .pending_move
+                .map_or((self.table_offset, self.table_clusters), |m| {
+                    (m.old_offset, m.old_clusters)
+                });
             if let Some(prev) = self.pending_move {
                 // An earlier relocation target that was never written is free again.
                 for c in 0..prev.new_clusters as u64 {
@@ -231,7 +232,9 @@ impl Refcounts {
         let mut first_free = None;
         loop {
             if (c + 1) * self.cs > MAX_HOST_OFFSET {
-                return Err(ErrorKind::Unsupported("image would exceed 2^56 bytes".into()));
+                return Err(ErrorKind::Unsupported(
+                    "image would exceed 2^56 bytes".into(),
+                ));
             }
             let (t, _) = self.fmt.locate(c);
             let free = match self.table.get(t as usize) {

@@ -69,7 +69,10 @@ impl CreateOptions {
                     (rb != 16, "refcount widths other than 16"),
                     (self.lazy_refcounts, "lazy refcounts"),
                     (self.extended_l2, "extended L2 entries"),
-                    (self.compression != CompressionType::Zlib, "zstd compression"),
+                    (
+                        self.compression != CompressionType::Zlib,
+                        "zstd compression",
+                    ),
                     (self.data_file.is_some(), "external data files"),
                 ];
                 if let Some((_, what)) = v3_only.iter().find(|(bad, _)| *bad) {
@@ -162,7 +165,11 @@ const FEATURE_NAMES: [(u8, u8, &str); 8] = [
 
 /// Serialises header, extensions and backing name into cluster 0. The feature name table is
 /// optional and dropped when the cluster is too small for it.
-pub fn header_cluster(h: &mut Header, extensions: &[(u32, Vec<u8>)], backing: Option<&[u8]>) -> Result<Vec<u8>, ErrorKind> {
+pub fn header_cluster(
+    h: &mut Header,
+    extensions: &[(u32, Vec<u8>)],
+    backing: Option<&[u8]>,
+) -> Result<Vec<u8>, ErrorKind> {
     let cs = h.cluster_size() as usize;
     let build = |h: &mut Header, with_names: bool| -> Option<Vec<u8>> {
         let mut area = Vec::new();
@@ -190,9 +197,11 @@ pub fn header_cluster(h: &mut Header, extensions: &[(u32, Vec<u8>)], backing: Op
         out.resize(cs, 0);
         Some(out)
     };
-    build(h, true)
-        .or_else(|| build(h, false))
-        .ok_or_else(|| ErrorKind::Unsupported("header, extensions and backing file name do not fit in one cluster".into()))
+    build(h, true).or_else(|| build(h, false)).ok_or_else(|| {
+        ErrorKind::Unsupported(
+            "header, extensions and backing file name do not fit in one cluster".into(),
+        )
+    })
 }
 
 /// The feature name table extension's payload.
@@ -306,7 +315,8 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions) -> Result<()> {
             }
             let off = l2_off + t * cs;
             file.write_all_at(&l2.to_bytes(), off).map_err(at)?;
-            l1[t as usize * 8..t as usize * 8 + 8].copy_from_slice(&(super::l1::COPIED | off).to_be_bytes());
+            l1[t as usize * 8..t as usize * 8 + 8]
+                .copy_from_slice(&(super::l1::COPIED | off).to_be_bytes());
         }
     }
     file.write_all_at(&l1, l1_off).map_err(at)?;
@@ -319,9 +329,11 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions) -> Result<()> {
             .open(&data_path)
             .map_err(|e| ErrorKind::Io(e).at(&data_path))?;
         if raw_data {
-            data.set_len(h.size).map_err(|e| ErrorKind::Io(e).at(&data_path))?;
+            data.set_len(h.size)
+                .map_err(|e| ErrorKind::Io(e).at(&data_path))?;
         }
-        data.sync_all().map_err(|e| ErrorKind::Io(e).at(&data_path))?;
+        data.sync_all()
+            .map_err(|e| ErrorKind::Io(e).at(&data_path))?;
     }
     file.sync_all().map_err(at)?;
     Ok(())

@@ -37,7 +37,12 @@ pub fn run(
         table
             .entry((cluster % per_table) as usize)
             .classify(f, (u % per_cluster) as u32)
-            .map_err(|k| corrupt(format!("guest offset {:#x}: {k}", cluster * f.cluster_size())))
+            .map_err(|k| {
+                corrupt(format!(
+                    "guest offset {:#x}: {k}",
+                    cluster * f.cluster_size()
+                ))
+            })
     };
     let first_unit = guest / unit;
     let first = classify(first_unit)?;

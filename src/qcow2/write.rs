@@ -19,6 +19,8 @@
 //! change every bitmap is flagged in use (QEMU then treats it as inconsistent, and a backup
 //! tool starts a new full chain) rather than left silently stale.
 
+mod snapshots;
+
 use super::alloc::Refcounts;
 use super::bitmap;
 use super::compress;
@@ -64,6 +66,7 @@ pub struct Writer {
     compress_pos: Option<u64>,
     prepared: bool,
     bitmaps: Option<(u64, Vec<bitmap::Bitmap>)>,
+    snapshots: Vec<super::snapshot::Snapshot>,
 }
 
 impl Writer {
@@ -102,7 +105,8 @@ impl Writer {
         let backing = match reader.backing_name() {
             Some(_) => {
                 let d = Disk::open_with(path, &OpenOptions::default())?;
-                let below: Vec<PathBuf> = d.chain().skip(1).map(|i| i.path().to_path_buf()).collect();
+                let below: Vec<PathBuf> =
+                    d.chain().skip(1).map(|i| i.path().to_path_buf()).collect();
                 match below.first() {
                     Some(p) => Some(Disk::open_with(
                         p,
@@ -139,6 +143,7 @@ impl Writer {
             compress_pos: None,
             prepared: false,
             bitmaps,
+            snapshots: reader.snapshots().to_vec(),
         })
     }
 
@@ -174,8 +179,10 @@ impl Writer {
             let mut pos = *dir_off;
             let mut entry = [0u8; 24];
             for b in bitmaps {
-                read_exact(&self.file, &mut entry, pos, "bitmap directory").map_err(|e| self.at(e.into()))?;
-                let flags = u32::from_be_bytes(entry[12..16].try_into().unwrap()) | bitmap::FLAG_IN_USE;
+                read_exact(&self.file, &mut entry, pos, "bitmap directory")
+                    .map_err(|e| self.at(e.into()))?;
+                let flags =
+                    u32::from_be_bytes(entry[12..16].try_into().unwrap()) | bitmap::FLAG_IN_USE;
                 self.file
                     .write_all_at(&flags.to_be_bytes(), pos + 12)
                     .map_err(|e| self.at(e.into()))?;
@@ -186,7 +193,11 @@ impl Writer {
                 tracing::warn!(
                     "{}: persistent bitmaps {} flagged in use: this write makes them inconsistent",
                     self.path.display(),
-                    bitmaps.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ")
+                    bitmaps
+                        .iter()
+                        .map(|b| b.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
         }
@@ -200,7 +211,9 @@ impl Writer {
 
     fn write_header(&mut self) -> Result<()> {
         let bytes = self.header.to_bytes();
-        self.file.write_all_at(&bytes, 0).map_err(|e| self.at(e.into()))
+        self.file
+            .write_all_at(&bytes, 0)
+            .map_err(|e| self.at(e.into()))
     }
 
     fn sync(&self) -> Result<()> {
@@ -211,7 +224,8 @@ impl Writer {
     fn table(&mut self, offset: u64) -> Result<&mut L2Slot> {
         if !self.l2.contains_key(&offset) {
             let mut bytes = vec![0u8; self.cs as usize];
-            read_exact(&self.file, &mut bytes, offset, "L2 table").map_err(|e| self.at(e.into()))?;
+            read_exact(&self.file, &mut bytes, offset, "L2 table")
+                .map_err(|e| self.at(e.into()))?;
             self.l2.insert(
                 offset,
                 L2Slot {
@@ -280,9 +294,14 @@ impl Writer {
             ))));
         }
         let mut input = vec![0u8; d.max_len.min(len - d.offset) as usize];
-        read_exact(&self.file, &mut input, d.offset, "compressed cluster").map_err(|e| self.at(e.into()))?;
-        compress::decompress(self.header.compression_type, &input, out)
-            .map_err(|m| self.at(corrupt(format!("compressed cluster at {:#x}: {m}", d.offset))))
+        read_exact(&self.file, &mut input, d.offset, "compressed cluster")
+            .map_err(|e| self.at(e.into()))?;
+        compress::decompress(self.header.compression_type, &input, out).map_err(|m| {
+            self.at(corrupt(format!(
+                "compressed cluster at {:#x}: {m}",
+                d.offset
+            )))
+        })
     }
 
     /// The L2 table for guest cluster `gc`, writable: allocated when missing, copied when
@@ -291,7 +310,9 @@ impl Writer {
         let per = self.fmt.entries_per_table();
         let i = (gc / per) as usize;
         if i >= self.l1.len() {
-            return Err(self.at(corrupt(format!("guest cluster {gc} lies beyond the L1 table"))));
+            return Err(self.at(corrupt(format!(
+                "guest cluster {gc} lies beyond the L1 table"
+            ))));
         }
         let e = self.l1[i];
         let old = e.l2_offset();
@@ -299,7 +320,10 @@ impl Writer {
             self.table(old)?;
             return Ok(old);
         }
-        let new = self.refs.alloc(&self.file, 1).map_err(|k| k.at(&self.path))?;
+        let new = self
+            .refs
+            .alloc(&self.file, 1)
+            .map_err(|k| k.at(&self.path))?;
         let table = if old == 0 {
             L2Table::empty(per as usize, self.fmt.extended)
         } else {
@@ -329,25 +353,25 @@ impl Writer {
 
     /// Schedules the release of what an entry referenced (after the flush that removes it).
     fn release(&mut self, e: &L2Entry) {
-        if e.is_compressed() {
-            let d = CompressedDescriptor::decode(e.word & !(l2::COMPRESSED | l2::COPIED), self.fmt.cluster_bits);
-            let first = d.offset / self.cs;
-            let last = (d.offset + d.max_len - 1) / self.cs;
-            self.frees.push((first, last - first + 1));
-        } else if e.host_offset() != 0 && self.data.is_none() {
-            self.frees.push((e.host_offset() / self.cs, 1));
+        if let Some(r) = self.clusters_of(e) {
+            self.frees.push(r);
         }
     }
 
     /// Whether an entry's host cluster may be written in place (ours alone).
     fn owned(&mut self, e: &L2Entry) -> Result<bool> {
-        if e.is_compressed() || e.host_offset() == 0 && !(self.data.is_some() && e.word & l2::COPIED != 0) {
+        if e.is_compressed()
+            || e.host_offset() == 0 && !(self.data.is_some() && e.word & l2::COPIED != 0)
+        {
             return Ok(false);
         }
         if self.data.is_some() {
             return Ok(true);
         }
-        let rc = self.refs.get(&self.file, e.host_offset() / self.cs).map_err(|k| k.at(&self.path))?;
+        let rc = self
+            .refs
+            .get(&self.file, e.host_offset() / self.cs)
+            .map_err(|k| k.at(&self.path))?;
         Ok(rc == 1)
     }
 
@@ -365,7 +389,8 @@ impl Writer {
             Some((p, f)) => (p.as_path(), f),
             None => (self.path.as_path(), &self.file),
         };
-        f.write_all_at(buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+        f.write_all_at(buf, host)
+            .map_err(|e| ErrorKind::Io(e).at(path))
     }
 
     /// Writes `buf` at guest offset `offset`.
@@ -406,13 +431,27 @@ impl Writer {
         let host = self.new_cluster(gc)?;
         self.write_host(&full, host)?;
         self.release(&e);
-        self.set_entry(table, gc, L2Entry { word: l2::COPIED | host, bitmap: 0 });
+        self.set_entry(
+            table,
+            gc,
+            L2Entry {
+                word: l2::COPIED | host,
+                bitmap: 0,
+            },
+        );
         Ok(())
     }
 
     /// Extended L2: only the subclusters a write touches are filled (partial ones completed
     /// from their current content) and marked allocated.
-    fn write_subclusters(&mut self, table: u64, gc: u64, e: L2Entry, within: usize, data: &[u8]) -> Result<()> {
+    fn write_subclusters(
+        &mut self,
+        table: u64,
+        gc: u64,
+        e: L2Entry,
+        within: usize,
+        data: &[u8],
+    ) -> Result<()> {
         let cs = self.cs as usize;
         let sub = cs / l2::SUBCLUSTERS as usize;
         let cluster_off = gc * self.cs;
@@ -429,14 +468,28 @@ impl Writer {
         if has_host && self.owned(&e)? {
             self.write_host(&span, e.host_offset() + lo as u64)?;
             let bitmap = (e.bitmap | mask as u64) & !((mask as u64) << 32);
-            self.set_entry(table, gc, L2Entry { word: e.word, bitmap });
+            self.set_entry(
+                table,
+                gc,
+                L2Entry {
+                    word: e.word,
+                    bitmap,
+                },
+            );
             return Ok(());
         }
         if !e.is_compressed() && !has_host {
             let host = self.new_cluster(gc)?;
             self.write_host(&span, host + lo as u64)?;
             let zero = (e.bitmap >> 32) as u32 & !mask;
-            self.set_entry(table, gc, L2Entry { word: l2::COPIED | host, bitmap: ((zero as u64) << 32) | mask as u64 });
+            self.set_entry(
+                table,
+                gc,
+                L2Entry {
+                    word: l2::COPIED | host,
+                    bitmap: ((zero as u64) << 32) | mask as u64,
+                },
+            );
             return Ok(());
         }
         // Compressed or shared: copy the whole cluster.
@@ -446,7 +499,14 @@ impl Writer {
         let host = self.new_cluster(gc)?;
         self.write_host(&full, host)?;
         self.release(&e);
-        self.set_entry(table, gc, L2Entry { word: l2::COPIED | host, bitmap: 0xffff_ffff });
+        self.set_entry(
+            table,
+            gc,
+            L2Entry {
+                word: l2::COPIED | host,
+                bitmap: 0xffff_ffff,
+            },
+        );
         Ok(())
     }
 
@@ -508,9 +568,15 @@ impl Writer {
                 return self.write_in_cluster(gc, 0, &full);
             }
             let mut bitmap = e.bitmap & !mask;
-            bitmap = if zero { bitmap | (mask << 32) } else { bitmap & !(mask << 32) };
+            bitmap = if zero {
+                bitmap | (mask << 32)
+            } else {
+                bitmap & !(mask << 32)
+            };
             let mut word = e.word;
-            if bitmap as u32 == 0 && (e.host_offset() != 0 || self.data.is_some() && e.word & l2::COPIED != 0) {
+            if bitmap as u32 == 0
+                && (e.host_offset() != 0 || self.data.is_some() && e.word & l2::COPIED != 0)
+            {
                 // No subcluster uses the host cluster any more.
                 self.release(&e);
                 word = 0;
@@ -546,10 +612,16 @@ impl Writer {
                 Compressed::Plain(data) => self.write_in_cluster(*gc, 0, data)?,
                 Compressed::Stream(bytes) => {
                     let off = self.place_compressed(bytes.len() as u64)?;
-                    self.file.write_all_at(bytes, off).map_err(|e| self.at(e.into()))?;
+                    self.file
+                        .write_all_at(bytes, off)
+                        .map_err(|e| self.at(e.into()))?;
                     let (table, e) = self.entry(*gc)?;
                     self.release(&e);
-                    let word = CompressedDescriptor::encode(off, bytes.len() as u64, self.fmt.cluster_bits);
+                    let word = CompressedDescriptor::encode(
+                        off,
+                        bytes.len() as u64,
+                        self.fmt.cluster_bits,
+                    );
                     self.set_entry(table, *gc, L2Entry { word, bitmap: 0 });
                 }
             }
@@ -572,7 +644,9 @@ impl Writer {
                 free &= self.refs.get(&self.file, c).map_err(|k| self.at(k))? == 0;
             }
             if free {
-                self.refs.add(&self.file, first, 1).map_err(|k| self.at(k))?;
+                self.refs
+                    .add(&self.file, first, 1)
+                    .map_err(|k| self.at(k))?;
                 for c in first + 1..=last {
                     self.refs.set(&self.file, c, 1).map_err(|k| self.at(k))?;
                 }
@@ -580,7 +654,10 @@ impl Writer {
                 return Ok(pos);
             }
         }
-        let start = self.refs.alloc(&self.file, len.div_ceil(cs)).map_err(|k| self.at(k))?;
+        let start = self
+            .refs
+            .alloc(&self.file, len.div_ceil(cs))
+            .map_err(|k| self.at(k))?;
         self.compress_pos = Some(start + len).filter(|e| e % cs != 0);
         Ok(start)
     }
@@ -620,14 +697,22 @@ impl Writer {
             self.header.refcount_table_clusters = m.new_clusters;
             self.write_header()?;
             self.sync()?;
-            self.frees.push((m.old_offset / self.cs, m.old_clusters as u64));
+            self.frees
+                .push((m.old_offset / self.cs, m.old_clusters as u64));
         }
         // 4: L2 tables.
-        let mut dirty: Vec<u64> = self.l2.iter().filter(|(_, s)| s.dirty).map(|(&o, _)| o).collect();
+        let mut dirty: Vec<u64> = self
+            .l2
+            .iter()
+            .filter(|(_, s)| s.dirty)
+            .map(|(&o, _)| o)
+            .collect();
         dirty.sort_unstable();
         for off in &dirty {
             let bytes = self.l2[off].table.to_bytes();
-            self.file.write_all_at(&bytes, *off).map_err(|e| self.at(e.into()))?;
+            self.file
+                .write_all_at(&bytes, *off)
+                .map_err(|e| self.at(e.into()))?;
         }
         for off in dirty {
             self.l2.get_mut(&off).expect("listed").dirty = false;
@@ -638,7 +723,9 @@ impl Writer {
             let dirty = std::mem::take(&mut self.l1_dirty);
             for i in dirty {
                 let off = self.header.l1_table_offset + i as u64 * 8;
-                self.file.write_all_at(&self.l1[i].0.to_be_bytes(), off).map_err(|e| self.at(e.into()))?;
+                self.file
+                    .write_all_at(&self.l1[i].0.to_be_bytes(), off)
+                    .map_err(|e| self.at(e.into()))?;
             }
             self.sync()?;
         }
@@ -651,7 +738,10 @@ impl Writer {
             }
             if let Some(m) = self.refs.write_back(&self.file).map_err(|k| self.at(k))? {
                 // Releasing never grows the table; keep the invariant visible.
-                return Err(self.at(corrupt(format!("unexpected refcount table move to {:#x}", m.new_offset))));
+                return Err(self.at(corrupt(format!(
+                    "unexpected refcount table move to {:#x}",
+                    m.new_offset
+                ))));
             }
             self.sync()?;
         }
@@ -681,7 +771,9 @@ pub fn compress_cluster(kind: CompressionType, data: &[u8]) -> Compressed {
                 _ => None,
             }
         }
-        CompressionType::Zstd => zstd::bulk::compress(data, 0).ok().filter(|o| o.len() < limit),
+        CompressionType::Zstd => zstd::bulk::compress(data, 0)
+            .ok()
+            .filter(|o| o.len() < limit),
     };
     match out {
         Some(o) if o.len() < limit => Compressed::Stream(o),

@@ -1,0 +1,269 @@
+//! Internal snapshots: create, apply (revert to) and delete, as QEMU does them.
+//!
+//! A snapshot is a copy of the active L1 table plus one more reference on every L2 table and
+//! data cluster it reaches; later writes then copy on write. Each operation orders its
+//! metadata updates so that a crash leaves at worst leaked clusters (refcounts above the
+//! number of references), plus, for apply and delete, the window QEMU itself has where some
+//! COPIED flags are not yet updated (`check --repair` fixes those).
+
+use super::Writer;
+use crate::qcow2::error::{ErrorKind, Result};
+use crate::qcow2::l1::{self, L1Entry};
+use crate::qcow2::l2::{self, CompressedDescriptor, L2Entry};
+use crate::qcow2::snapshot::{self, Snapshot};
+use std::os::unix::fs::FileExt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+impl Writer {
+    /// The snapshots as they are now.
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// Creates an internal snapshot of the current state; QEMU's id scheme (highest numeric id
+    /// plus one). Names must be unique.
+    pub fn create_snapshot(&mut self, name: &str) -> Result<Snapshot> {
+        if name.is_empty() || snapshot::find(&self.snapshots, name).is_some_and(|s| s.name == name)
+        {
+            return Err(self.at(ErrorKind::Unsupported(format!(
+                "a snapshot named '{name}' already exists (or the name is empty)"
+            ))));
+        }
+        self.prepare()?;
+        self.flush()?;
+        // 1. A copy of the active L1 table, and one more reference on all it reaches.
+        let l1 = self.l1.clone();
+        let l1_bytes = (l1.len() as u64 * 8).div_ceil(self.cs).max(1) * self.cs;
+        let l1_off = self
+            .refs
+            .alloc(&self.file, l1_bytes / self.cs)
+            .map_err(|k| self.at(k))?;
+        self.update_refs(&l1, 1)?;
+        let mut bytes = l1::to_bytes(&l1);
+        bytes.resize(l1_bytes as usize, 0);
+        self.file
+            .write_all_at(&bytes, l1_off)
+            .map_err(|e| self.at(e.into()))?;
+        self.flush()?;
+        // 2. Everything is shared now: clear COPIED flags (matches the raised refcounts).
+        self.fix_copied()?;
+        self.flush()?;
+        // 3. The table entry.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let id = self
+            .snapshots
+            .iter()
+            .filter_map(|s| s.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let snap = Snapshot {
+            l1_table_offset: l1_off,
+            l1_size: l1.len() as u32,
+            id: id.to_string(),
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(self.header.size),
+            icount: Some(0),
+            extra_unknown: Vec::new(),
+        };
+        let mut all = self.snapshots.clone();
+        all.push(snap.clone());
+        self.write_snapshot_table(all)?;
+        Ok(snap)
+    }
+
+    /// Reverts the disk to a snapshot (by id or name); the snapshot itself stays.
+    pub fn apply_snapshot(&mut self, key: &str) -> Result<()> {
+        let snap = self.find_snapshot(key)?;
+        self.prepare()?;
+        self.flush()?;
+        let snap_l1 = l1::read_table(&self.file, snap.l1_table_offset, snap.l1_size)
+            .map_err(|k| self.at(k))?;
+        if snap_l1.len() > self.l1.len() {
+            return Err(self.at(ErrorKind::Unsupported(
+                "the snapshot's L1 table is larger than the active one (disk shrunk since)".into(),
+            )));
+        }
+        // 1. The snapshot's clusters gain the active table's reference.
+        self.update_refs(&snap_l1, 1)?;
+        self.flush()?;
+        // 2. The active L1 becomes the snapshot's (entries beyond it: unallocated).
+        let n = self.l1.len();
+        let old = std::mem::replace(
+            &mut self.l1,
+            snap_l1
+                .iter()
+                .map(|e| L1Entry(e.0 & !l1::COPIED))
+                .chain(std::iter::repeat(L1Entry(0)))
+                .take(n)
+                .collect(),
+        );
+        self.l1_dirty.extend(0..n);
+        if let Some(size) = snap.disk_size {
+            self.header.size = size.min(self.header.l1_span() * self.l1.len() as u64);
+            self.write_header()?;
+        }
+        self.flush()?;
+        // 3. What only the old state referenced is released, then COPIED recomputed.
+        self.update_refs(&old, -1)?;
+        self.flush()?;
+        self.fix_copied()?;
+        self.flush()
+    }
+
+    /// Deletes a snapshot (by id or name) and releases what only it referenced.
+    pub fn delete_snapshot(&mut self, key: &str) -> Result<()> {
+        let snap = self.find_snapshot(key)?;
+        self.prepare()?;
+        self.flush()?;
+        let snap_l1 = l1::read_table(&self.file, snap.l1_table_offset, snap.l1_size)
+            .map_err(|k| self.at(k))?;
+        let rest: Vec<Snapshot> = self
+            .snapshots
+            .iter()
+            .filter(|s| s.id != snap.id)
+            .cloned()
+            .collect();
+        self.write_snapshot_table(rest)?;
+        self.update_refs(&snap_l1, -1)?;
+        let l1_clusters = (snap.l1_size as u64 * 8).div_ceil(self.cs).max(1);
+        self.frees
+            .push((snap.l1_table_offset / self.cs, l1_clusters));
+        self.flush()?;
+        self.fix_copied()?;
+        self.flush()
+    }
+
+    fn find_snapshot(&self, key: &str) -> Result<Snapshot> {
+        snapshot::find(&self.snapshots, key)
+            .cloned()
+            .ok_or_else(|| {
+                self.at(ErrorKind::NotFound(format!(
+                    "no snapshot with id or name '{key}'"
+                )))
+            })
+    }
+
+    /// Adds `delta` to the refcount of every L2 table and data cluster `table` reaches.
+    fn update_refs(&mut self, table: &[L1Entry], delta: i64) -> Result<()> {
+        for e in table.iter().filter(|e| e.l2_offset() != 0) {
+            let t = e.l2_offset();
+            let entries: Vec<L2Entry> = {
+                let slot = self.table(t)?;
+                (0..slot.table.len()).map(|i| slot.table.entry(i)).collect()
+            };
+            for entry in entries {
+                if let Some((first, n)) = self.clusters_of(&entry) {
+                    for c in first..first + n {
+                        self.refs
+                            .add(&self.file, c, delta)
+                            .map_err(|k| self.at(k))?;
+                    }
+                }
+            }
+            self.refs
+                .add(&self.file, t / self.cs, delta)
+                .map_err(|k| self.at(k))?;
+        }
+        Ok(())
+    }
+
+    /// Host clusters of this image file an L2 entry references (first, count).
+    pub(super) fn clusters_of(&self, e: &L2Entry) -> Option<(u64, u64)> {
+        if e.is_compressed() {
+            let d = CompressedDescriptor::decode(
+                e.word & !(l2::COMPRESSED | l2::COPIED),
+                self.fmt.cluster_bits,
+            );
+            let first = d.offset / self.cs;
+            return Some((first, (d.offset + d.max_len - 1) / self.cs - first + 1));
+        }
+        (e.host_offset() != 0 && self.data.is_none()).then(|| (e.host_offset() / self.cs, 1))
+    }
+
+    /// Sets COPIED exactly where the refcount is 1, in the active L1 and its L2 tables.
+    fn fix_copied(&mut self) -> Result<()> {
+        for i in 0..self.l1.len() {
+            let e = self.l1[i];
+            let t = e.l2_offset();
+            if t == 0 {
+                continue;
+            }
+            let own = self
+                .refs
+                .get(&self.file, t / self.cs)
+                .map_err(|k| self.at(k))?
+                == 1;
+            let want = if own {
+                L1Entry(t | l1::COPIED)
+            } else {
+                L1Entry(t)
+            };
+            if want != e {
+                self.l1[i] = want;
+                self.l1_dirty.insert(i);
+            }
+            let n = self.table(t)?.table.len();
+            for idx in 0..n {
+                let entry = self.l2[&t].table.entry(idx);
+                if entry.is_compressed() || entry.host_offset() == 0 && self.data.is_none() {
+                    continue;
+                }
+                let single = match self.clusters_of(&entry) {
+                    Some((c, _)) => self.refs.get(&self.file, c).map_err(|k| self.at(k))? == 1,
+                    None => true,
+                };
+                let word = if single {
+                    entry.word | l2::COPIED
+                } else {
+                    entry.word & !l2::COPIED
+                };
+                if word != entry.word {
+                    let slot = self.l2.get_mut(&t).expect("loaded above");
+                    slot.table.set(idx, L2Entry { word, ..entry });
+                    slot.dirty = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the snapshot table: the new one at fresh clusters, the header switched, the old
+    /// one released.
+    fn write_snapshot_table(&mut self, snaps: Vec<Snapshot>) -> Result<()> {
+        let bytes: Vec<u8> = snaps.iter().flat_map(|s| s.to_bytes()).collect();
+        let old = (
+            self.header.snapshots_offset,
+            self.snapshots
+                .iter()
+                .map(|s| s.encoded_len() as u64)
+                .sum::<u64>(),
+        );
+        let new_off = if bytes.is_empty() {
+            0
+        } else {
+            let n = (bytes.len() as u64).div_ceil(self.cs);
+            let off = self.refs.alloc(&self.file, n).map_err(|k| self.at(k))?;
+            self.file
+                .write_all_at(&bytes, off)
+                .map_err(|e| self.at(e.into()))?;
+            off
+        };
+        self.flush()?;
+        self.header.nb_snapshots = snaps.len() as u32;
+        self.header.snapshots_offset = new_off;
+        self.write_header()?;
+        self.sync()?;
+        if old.0 != 0 && old.1 > 0 {
+            self.frees.push((old.0 / self.cs, old.1.div_ceil(self.cs)));
+        }
+        self.snapshots = snaps;
+        self.flush()
+    }
+}
