@@ -3,9 +3,14 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use qmpbackup::chain::compare::{self, Comparison};
-use qmpbackup::chain::convert::{self, ConvertOptions};
+use qmpbackup::chain::convert::{self, ConvertOptions, Qcow2Output};
+use qmpbackup::chain::create_opts;
 use qmpbackup::chain::info;
 use qmpbackup::chain::map::{self, MapFormat};
+use qmpbackup::qcow2::check::{self, Repair};
+use qmpbackup::qcow2::create::{self, CreateOptions};
+use qmpbackup::qcow2::header::CompressionType;
+use qmpbackup::qcow2::write::Writer;
 use qmpbackup::qcow2::{Disk, Format, Image, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,9 +18,10 @@ use std::process::ExitCode;
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  success (compare: images are identical)
-  1  failure (compare: images differ)
-  2  compare only: an image could not be read";
+  0  success (compare: identical; check: no problems)
+  1  failure (compare: images differ; check: the image could not be checked)
+  2  compare: an image could not be read; check: corruptions found
+  3  check: only leaked clusters found";
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +62,28 @@ impl From<ImageFormat> for Format {
 #[derive(Clone, Copy, ValueEnum)]
 enum ConvertTarget {
     Raw,
+    Qcow2,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CompressionArg {
+    Zlib,
+    Zstd,
+}
+
+impl From<CompressionArg> for CompressionType {
+    fn from(c: CompressionArg) -> CompressionType {
+        match c {
+            CompressionArg::Zlib => CompressionType::Zlib,
+            CompressionArg::Zstd => CompressionType::Zstd,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RepairArg {
+    Leaks,
+    All,
 }
 
 #[derive(Subcommand)]
@@ -90,10 +118,12 @@ enum Command {
     /// Write the guest-visible contents of an image (with its backing chain) to a new file.
     #[command(after_help = "Examples:
   qmprestore convert -O raw INC-1700000100-disk.qcow2 restored.raw
+  qmprestore convert -O qcow2 -c --compression-type zstd INC-1700000100-disk.qcow2 restored.qcow2
   qmprestore convert -O raw -l FULL-BACKUP FULL-1700000000-disk.qcow2 at-full.raw
   qmprestore convert -O raw backup.qcow2 /dev/vg0/restored   (block device target)
 
-Zero ranges become holes in a regular output file; the output is synced before exit.")]
+Zero ranges become holes (raw) or stay unallocated (qcow2); the output is synced before exit.
+An existing output file is replaced, except a file the source reads from.")]
     Convert {
         /// Output format.
         #[arg(short = 'O', value_enum)]
@@ -101,11 +131,83 @@ Zero ranges become holes in a regular output file; the output is synced before e
         /// Convert the disk as it was at this internal snapshot (id or name).
         #[arg(short = 'l', value_name = "SNAPSHOT")]
         snapshot: Option<String>,
+        /// qcow2 output: compress every cluster that shrinks.
+        #[arg(short = 'c', long)]
+        compress: bool,
+        /// qcow2 output: how compressed clusters are encoded.
+        #[arg(long, value_enum, default_value = "zlib")]
+        compression_type: CompressionArg,
+        /// qcow2 output: cluster size (e.g. 64k, 2M).
+        #[arg(long, default_value = "64k", value_parser = parse_size_arg)]
+        cluster_size: u64,
         /// Show a progress bar (on a terminal).
         #[arg(short = 'p', long)]
         progress: bool,
         src: PathBuf,
         dst: PathBuf,
+    },
+    /// Create a new qcow2 image (qemu-img's -o options).
+    #[command(
+        after_help = "Options (-o, comma separated): cluster_size, compat (0.10|1.1), refcount_bits,
+lazy_refcounts, extended_l2, compression_type (zlib|zstd), backing_file, backing_fmt,
+data_file, data_file_raw.
+
+Examples:
+  qmprestore create disk.qcow2 20G
+  qmprestore create -o cluster_size=2M,compression_type=zstd -b FULL.qcow2 -F qcow2 INC.qcow2 20G"
+    )]
+    Create {
+        /// Image options, as qemu-img's -o.
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Backing file name to store (relative to the new image).
+        #[arg(short = 'b', value_name = "BACKING")]
+        backing: Option<String>,
+        /// Backing file format.
+        #[arg(short = 'F', value_enum)]
+        backing_format: Option<ImageFormat>,
+        file: PathBuf,
+        /// Virtual size (e.g. 64M, 20G); defaults to the backing file's size.
+        #[arg(value_parser = parse_size_arg)]
+        size: Option<u64>,
+    },
+    /// Check an image's consistency (refcounts, references, flags), like qemu-img check.
+    #[command(
+        after_help = "Exit codes: 0 no problems, 2 corruptions, 3 only leaked clusters,
+1 the image could not be checked.
+
+Examples:
+  qmprestore check FULL-1700000000-disk.qcow2
+  qmprestore check --repair leaks --output json FULL-1700000000-disk.qcow2"
+    )]
+    Check {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Repair leaked clusters only, or everything that can be repaired.
+        #[arg(short = 'r', long, value_enum)]
+        repair: Option<RepairArg>,
+    },
+    /// List, create, apply or delete internal snapshots.
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["list", "create", "apply", "delete"])),
+        after_help = "Examples:
+  qmprestore snapshot -l FULL-1700000000-disk.qcow2
+  qmprestore snapshot -c before-upgrade disk.qcow2
+  qmprestore snapshot -a before-upgrade disk.qcow2")]
+    Snapshot {
+        /// List snapshots.
+        #[arg(short = 'l')]
+        list: bool,
+        /// Create a snapshot with this name.
+        #[arg(short = 'c', value_name = "NAME")]
+        create: Option<String>,
+        /// Revert the disk to this snapshot (id or name).
+        #[arg(short = 'a', value_name = "NAME")]
+        apply: Option<String>,
+        /// Delete this snapshot (id or name).
+        #[arg(short = 'd', value_name = "NAME")]
+        delete: Option<String>,
+        file: PathBuf,
     },
     /// Compare the guest-visible contents of two images (qcow2 or raw, probed).
     #[command(
@@ -199,20 +301,156 @@ fn run(command: Command) -> Result<ExitCode> {
             map::write_map(&disk, f, &mut out)?;
         }
         Command::Convert {
-            output_format: ConvertTarget::Raw,
+            output_format,
             snapshot,
+            compress,
+            compression_type,
+            cluster_size,
             progress,
             src,
             dst,
         } => {
-            convert::to_raw(&src, &dst, &ConvertOptions { snapshot, progress })
-                .with_context(|| format!("converting {}", src.display()))?;
+            let opts = ConvertOptions { snapshot, progress };
+            match output_format {
+                ConvertTarget::Raw => convert::to_raw(&src, &dst, &opts),
+                ConvertTarget::Qcow2 => convert::to_qcow2(
+                    &src,
+                    &dst,
+                    &opts,
+                    &Qcow2Output {
+                        cluster_size,
+                        compression_type: compression_type.into(),
+                        compress,
+                    },
+                ),
+            }
+            .with_context(|| format!("converting {}", src.display()))?;
+        }
+        Command::Create {
+            options,
+            backing,
+            backing_format,
+            file,
+            size,
+        } => {
+            let mut opts = CreateOptions::default();
+            for o in &options {
+                create_opts::apply(&mut opts, o).map_err(anyhow::Error::msg)?;
+            }
+            if let Some(b) = backing {
+                opts.backing = Some((b, backing_format.map(Format::from)));
+            }
+            opts.size = match (size, &opts.backing) {
+                (Some(s), _) => s,
+                (None, Some((b, _))) => {
+                    let path = qmpbackup::qcow2::disk::backing_path(&file, std::ffi::OsStr::new(b))
+                        .map_err(|k| k.at(&file))?;
+                    Disk::open(&path)?.size()
+                }
+                (None, None) => {
+                    anyhow::bail!("a size is needed (or a backing file to take it from)")
+                }
+            };
+            create::create(&file, &opts)?;
+        }
+        Command::Check {
+            file,
+            output,
+            repair,
+        } => {
+            let report = match repair {
+                None => check::check(&file)?,
+                Some(RepairArg::Leaks) => check::repair(&file, Repair::Leaks)?,
+                Some(RepairArg::All) => check::repair(&file, Repair::All)?,
+            };
+            for m in &report.messages {
+                eprintln!("{m}");
+            }
+            match output {
+                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
+                Output::Human => write!(out, "{}", check_summary(&report))?,
+            }
+            return Ok(ExitCode::from(report.exit_code()));
+        }
+        Command::Snapshot {
+            list,
+            create,
+            apply,
+            delete,
+            file,
+        } => {
+            if list {
+                let disk = Disk::open_with(
+                    &file,
+                    &OpenOptions {
+                        no_backing: true,
+                        ..Default::default()
+                    },
+                )?;
+                if let Some(q) = disk.qcow2() {
+                    if !q.snapshots().is_empty() {
+                        write!(out, "{}", info::snapshot_table(&info::snapshots(q)))?;
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut w = Writer::open(&file)?;
+            if let Some(name) = create {
+                w.create_snapshot(&name)?;
+            } else if let Some(name) = apply {
+                w.apply_snapshot(&name)?;
+            } else if let Some(name) = delete {
+                w.delete_snapshot(&name)?;
+            }
+            w.flush()?;
         }
         Command::Compare { a, b, progress } => {
             return Ok(compare_cmd(&a, &b, progress));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    create_opts::parse_size(s)
+}
+
+/// `qemu-img check`'s human summary.
+fn check_summary(r: &check::CheckReport) -> String {
+    let mut s = String::new();
+    if r.corruptions == 0 && r.leaks == 0 {
+        s.push_str("No errors were found on the image.\n");
+    }
+    if r.corruptions > 0 {
+        s.push_str(&format!(
+            "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+            r.corruptions
+        ));
+    }
+    if r.leaks > 0 {
+        s.push_str(&format!(
+            "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+            r.leaks
+        ));
+    }
+    if r.leaks_fixed + r.corruptions_fixed > 0 {
+        s.push_str(&format!(
+            "Repaired: {} leaked clusters, {} corruptions.\n",
+            r.leaks_fixed, r.corruptions_fixed
+        ));
+    }
+    let pct = |n: u64| 100.0 * n as f64 / r.total_clusters.max(1) as f64;
+    let pct_of = |n: u64| 100.0 * n as f64 / r.allocated_clusters.max(1) as f64;
+    s.push_str(&format!(
+        "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\nImage end offset: {}\n",
+        r.allocated_clusters,
+        r.total_clusters,
+        pct(r.allocated_clusters),
+        pct_of(r.fragmented_clusters),
+        pct_of(r.compressed_clusters),
+        r.image_end_offset
+    ));
+    s
 }
 
 fn compare_cmd(a: &Path, b: &Path, progress: bool) -> ExitCode {

@@ -1,6 +1,7 @@
-//! `qmprestore convert -O raw`: the guest-visible contents of an image (and its chain) as a
-//! raw file or onto a block device.
+//! `qmprestore convert`: the guest-visible contents of an image (and its chain) as a raw file,
+//! onto a block device, or as a new qcow2 image (optionally compressed).
 //!
+//! Raw output:
 //! The disk is cut into fixed chunks processed in parallel (rayon): each worker asks the
 //! metadata which parts of its chunk hold data, reads only those, and writes them at the same
 //! offset with positional writes, so no ordering between workers is needed. Ranges that read
@@ -10,6 +11,9 @@
 //! success is reported, and a file this command created is removed again if it fails.
 
 use super::progress;
+use crate::qcow2::create::{create, CreateOptions};
+use crate::qcow2::header::CompressionType;
+use crate::qcow2::write::{compress_cluster, Compressed, Writer};
 use crate::qcow2::{Disk, Error, ErrorKind, OpenOptions, Result};
 use rayon::prelude::*;
 use std::fs::{File, OpenOptions as FileOpen};
@@ -29,8 +33,27 @@ pub struct ConvertOptions {
     pub progress: bool,
 }
 
-/// Writes the guest-visible contents of `src` to `dst` as raw.
-pub fn to_raw(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<()> {
+/// qcow2 output settings.
+#[derive(Debug, Clone)]
+pub struct Qcow2Output {
+    pub cluster_size: u64,
+    /// How compressed clusters are encoded (also recorded in the header).
+    pub compression_type: CompressionType,
+    /// Write every cluster that shrinks compressed.
+    pub compress: bool,
+}
+
+impl Default for Qcow2Output {
+    fn default() -> Self {
+        Qcow2Output {
+            cluster_size: 65536,
+            compression_type: CompressionType::Zlib,
+            compress: false,
+        }
+    }
+}
+
+fn open_source(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<Disk> {
     let disk = Disk::open_with(
         src,
         &OpenOptions {
@@ -39,6 +62,107 @@ pub fn to_raw(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<()> {
         },
     )?;
     refuse_chain_member(&disk, dst)?;
+    Ok(disk)
+}
+
+/// Writes the guest-visible contents of `src` to a new qcow2 image `dst` (replacing a file of
+/// that name). Reading, zero detection and compression run in parallel; one writer appends
+/// the clusters in guest order, so the output is laid out sequentially.
+pub fn to_qcow2(src: &Path, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output) -> Result<()> {
+    let disk = open_source(src, dst, opts)?;
+    if dst.exists() {
+        std::fs::remove_file(dst).map_err(|e| ErrorKind::Io(e).at(dst))?;
+    }
+    let size = disk.size();
+    create(
+        dst,
+        &CreateOptions {
+            size,
+            cluster_size: out.cluster_size,
+            compression: out.compression_type,
+            ..Default::default()
+        },
+    )?;
+    let result = write_qcow2(&disk, dst, opts, out);
+    if result.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    result
+}
+
+/// One cluster's worth of output, produced by the parallel stage.
+enum Piece {
+    Plain(u64, Vec<u8>),
+    Compressed(u64, Compressed),
+}
+
+fn write_qcow2(disk: &Disk, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output) -> Result<()> {
+    let size = disk.size();
+    let cs = out.cluster_size;
+    let mut w = Writer::open(dst)?;
+    let bar = progress::bytes(size, "convert", opts.progress);
+    let chunk = CHUNK.max(cs);
+    // A batch is what the workers produce before the writer consumes it: a few chunks per
+    // thread, so memory stays at a few dozen MiB whatever the disk size.
+    let batch = chunk * 4 * rayon::current_num_threads() as u64;
+    let mut start = 0;
+    while start < size {
+        let end = (start + batch).min(size);
+        let chunks: Vec<u64> = (start..end).step_by(chunk as usize).collect();
+        let pieces: Vec<Vec<Piece>> = chunks
+            .par_iter()
+            .map(|&c| produce(disk, c, chunk.min(size - c), cs, out))
+            .collect::<Result<_>>()?;
+        for piece in pieces.into_iter().flatten() {
+            match piece {
+                Piece::Plain(off, data) => w.write_at(&data, off)?,
+                Piece::Compressed(gc, c) => w.write_compressed(&[(gc, c)])?,
+            }
+        }
+        bar.inc(end - start);
+        start = end;
+    }
+    w.flush()?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// Reads one chunk and turns it into pieces: runs of non-zero clusters (plain), or single
+/// compressed clusters. Zero ranges produce nothing: the new image reads zeros there.
+fn produce(disk: &Disk, start: u64, len: u64, cs: u64, out: &Qcow2Output) -> Result<Vec<Piece>> {
+    let mut pieces = Vec::new();
+    if disk.is_zero(start, len)? {
+        return Ok(pieces);
+    }
+    let mut buf = vec![0u8; len as usize];
+    disk.read_at(&mut buf, start)?;
+    let mut run: Option<(u64, Vec<u8>)> = None;
+    for (i, cluster) in buf.chunks(cs as usize).enumerate() {
+        let off = start + i as u64 * cs;
+        if is_zero(cluster) {
+            pieces.extend(run.take().map(|(o, d)| Piece::Plain(o, d)));
+            continue;
+        }
+        if out.compress && cluster.len() as u64 == cs {
+            pieces.extend(run.take().map(|(o, d)| Piece::Plain(o, d)));
+            pieces.push(Piece::Compressed(
+                off / cs,
+                compress_cluster(out.compression_type, cluster),
+            ));
+            continue;
+        }
+        match &mut run {
+            Some((_, d)) => d.extend_from_slice(cluster),
+            None => run = Some((off, cluster.to_vec())),
+        }
+    }
+    pieces.extend(run.map(|(o, d)| Piece::Plain(o, d)));
+    Ok(pieces)
+}
+
+/// Writes the guest-visible contents of `src` to `dst` as raw.
+pub fn to_raw(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<()> {
+    let disk = open_source(src, dst, opts)?;
     let existed = dst.exists();
     let at = |e: std::io::Error| ErrorKind::Io(e).at(dst);
     let out = FileOpen::new()

@@ -113,21 +113,7 @@ fn describe_qcow2(q: &Qcow2, info: &mut ImageInfo) {
         info.backing_filename_format = q.backing_format().map(str::to_string);
     }
     if !q.snapshots().is_empty() {
-        info.snapshots = Some(
-            q.snapshots()
-                .iter()
-                .map(|s| SnapshotInfo {
-                    id: s.id.clone(),
-                    name: s.name.clone(),
-                    vm_state_size: s.vm_state_size,
-                    date_sec: s.date_sec,
-                    date_nsec: s.date_nsec,
-                    vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
-                    vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
-                    icount: s.icount.filter(|&i| i != -1),
-                })
-                .collect(),
-        );
+        info.snapshots = Some(snapshots(q));
     }
     let v3 = h.version >= 3;
     let bitmaps: Vec<BitmapInfo> = q
@@ -189,33 +175,7 @@ pub fn human(info: &ImageInfo) -> String {
         }
     }
     if let Some(snaps) = &info.snapshots {
-        let _ = writeln!(s, "Snapshot list:");
-        let _ = writeln!(
-            s,
-            "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        );
-        for sn in snaps {
-            let secs = sn.vm_clock_sec;
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                secs / 3600,
-                secs / 60 % 60,
-                secs % 60,
-                sn.vm_clock_nsec / 1_000_000
-            );
-            let icount = sn.icount.map(|i| i.to_string()).unwrap_or_default();
-            let _ = writeln!(
-                s,
-                "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
-                sn.id,
-                sn.name,
-                units::size(sn.vm_state_size),
-                local_time(sn.date_sec as i64),
-                clock,
-                icount
-            );
-        }
+        s.push_str(&snapshot_table(snaps));
     }
     if let Some(fs) = &info.format_specific {
         let d = &fs.data;
@@ -255,6 +215,55 @@ pub fn human(info: &ImageInfo) -> String {
         let _ = writeln!(s, "dirty flag: true");
     }
     s
+}
+
+/// The snapshot list as `qemu-img info` and `qemu-img snapshot -l` print it.
+pub fn snapshot_table(snaps: &[SnapshotInfo]) -> String {
+    let mut s = String::from("Snapshot list:\n");
+    let _ = writeln!(
+        s,
+        "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for sn in snaps {
+        let secs = sn.vm_clock_sec;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            sn.vm_clock_nsec / 1_000_000
+        );
+        let icount = sn.icount.map(|i| i.to_string()).unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
+            sn.id,
+            sn.name,
+            units::size(sn.vm_state_size),
+            local_time(sn.date_sec as i64),
+            clock,
+            icount
+        );
+    }
+    s
+}
+
+/// Snapshot descriptions of an image, as `info` reports them.
+pub fn snapshots(q: &Qcow2) -> Vec<SnapshotInfo> {
+    q.snapshots()
+        .iter()
+        .map(|s| SnapshotInfo {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            vm_state_size: s.vm_state_size,
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+            icount: s.icount.filter(|&i| i != -1),
+        })
+        .collect()
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in the local time zone, as qemu-img prints snapshot dates.

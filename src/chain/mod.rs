@@ -5,6 +5,7 @@
 
 pub mod compare;
 pub mod convert;
+pub mod create_opts;
 pub mod info;
 pub mod map;
 pub mod progress;

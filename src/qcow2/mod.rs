@@ -13,6 +13,7 @@
 pub mod alloc;
 pub mod bitmap;
 pub mod cache;
+pub mod check;
 pub mod compress;
 pub mod create;
 pub mod disk;

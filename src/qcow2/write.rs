@@ -402,12 +402,48 @@ impl Writer {
             let off = offset + pos as u64;
             let gc = off / self.cs;
             let within = (off % self.cs) as usize;
+            let whole = (buf.len() - pos) / self.cs as usize;
+            if within == 0 && whole > 1 && !self.fmt.extended {
+                let n = self.write_fresh_run(gc, &buf[pos..pos + whole * self.cs as usize])?;
+                if n > 0 {
+                    pos += n as usize * self.cs as usize;
+                    self.maybe_flush()?;
+                    continue;
+                }
+            }
             let n = (self.cs as usize - within).min(buf.len() - pos);
             self.write_in_cluster(gc, within, &buf[pos..pos + n])?;
             pos += n;
             self.maybe_flush()?;
         }
         Ok(())
+    }
+
+    /// The fast path for filling unallocated space (a fresh image, a convert, a merge): a run
+    /// of whole clusters from `gc` that are all unallocated gets one contiguous allocation and
+    /// one write. Returns how many clusters it wrote (0: not applicable here).
+    fn write_fresh_run(&mut self, gc: u64, data: &[u8]) -> Result<u64> {
+        let per = self.fmt.entries_per_table();
+        let max = (data.len() as u64 / self.cs).min(per - gc % per);
+        let table = self.writable_table(gc)?;
+        let first = (gc % per) as usize;
+        let slot = &self.l2[&table];
+        let n = (0..max as usize)
+            .take_while(|&i| slot.table.entry(first + i) == L2Entry::default())
+            .count() as u64;
+        if n < 2 {
+            return Ok(0);
+        }
+        let host = match self.data {
+            Some(_) => gc * self.cs,
+            None => self.refs.alloc(&self.file, n).map_err(|k| self.at(k))?,
+        };
+        self.write_host(&data[..(n * self.cs) as usize], host)?;
+        for i in 0..n {
+            let word = l2::COPIED | (host + i * self.cs);
+            self.set_entry(table, gc + i, L2Entry { word, bitmap: 0 });
+        }
+        Ok(n)
     }
 
     fn write_in_cluster(&mut self, gc: u64, within: usize, data: &[u8]) -> Result<()> {
@@ -423,13 +459,15 @@ impl Writer {
             return Ok(());
         }
         // Copy on write: a whole new cluster holding the old content around the new data.
-        let mut full = vec![0u8; cs];
-        if data.len() < cs {
-            self.read_current(&mut full, cluster_off)?;
-        }
-        full[within..within + data.len()].copy_from_slice(data);
         let host = self.new_cluster(gc)?;
-        self.write_host(&full, host)?;
+        if data.len() == cs {
+            self.write_host(data, host)?;
+        } else {
+            let mut full = vec![0u8; cs];
+            self.read_current(&mut full, cluster_off)?;
+            full[within..within + data.len()].copy_from_slice(data);
+            self.write_host(&full, host)?;
+        }
         self.release(&e);
         self.set_entry(
             table,

@@ -1,0 +1,448 @@
+//! Consistency check (and repair) of a qcow2 image, like `qemu-img check`.
+//!
+//! Every structure that owns host clusters is walked and its clusters counted: header, L1
+//! tables (active and of each snapshot), L2 tables and the data they map (once per L1 table
+//! that reaches them, as QEMU counts), the snapshot table, the refcount table and blocks, and
+//! persistent bitmaps. The counts are then compared with the stored refcounts: a refcount
+//! below the number of references is a corruption (a write could reuse a cluster still in
+//! use), one above it a leak (wasted space). COPIED flags must be set exactly where the
+//! refcount is 1, and no offset may be unaligned or lie past the end of the file.
+//!
+//! Memory: one counter per host cluster of the file (4 bytes), plus one L2 table at a time.
+
+use super::alloc::Refcounts;
+use super::error::{ErrorKind, Result};
+use super::header::{self, Header};
+use super::image::Qcow2;
+use super::l1::{self, L1Entry};
+use super::l2::{self, L2Entry, L2Format, L2Table, Subcluster};
+use super::refcount;
+use super::storage::read_exact;
+use serde::Serialize;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// What to repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Lower refcounts that are too high.
+    Leaks,
+    /// Also raise refcounts that are too low, fix COPIED flags and clear the dirty bit.
+    All,
+}
+
+/// The result, with `qemu-img check --output=json` field names.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CheckReport {
+    pub filename: String,
+    pub format: &'static str,
+    pub check_errors: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub corruptions: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub leaks: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub corruptions_fixed: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub leaks_fixed: u64,
+    pub image_end_offset: u64,
+    pub total_clusters: u64,
+    pub allocated_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
+    /// One line per problem found, QEMU's wording where it has one.
+    #[serde(skip)]
+    pub messages: Vec<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl CheckReport {
+    /// `qemu-img check`'s exit code: 0 clean, 2 corruptions, 3 leaks only.
+    pub fn exit_code(&self) -> u8 {
+        if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+}
+
+/// A COPIED flag to verify once refcounts are known.
+enum Copied {
+    L1 {
+        index: usize,
+        entry: L1Entry,
+    },
+    L2 {
+        table: u64,
+        index: usize,
+        entry: L2Entry,
+        cluster: u64,
+    },
+}
+
+struct Walk<'a> {
+    q: &'a Qcow2,
+    file: &'a File,
+    cs: u64,
+    refs: Vec<u32>,
+    report: CheckReport,
+    copied: Vec<Copied>,
+}
+
+impl Walk<'_> {
+    fn corrupt(&mut self, msg: String) {
+        self.report.corruptions += 1;
+        self.report.messages.push(format!("ERROR {msg}"));
+    }
+
+    /// Counts one reference on every cluster of `[off, off + len)`.
+    fn reference(&mut self, off: u64, len: u64, what: &str) {
+        if len == 0 {
+            return;
+        }
+        let first = off / self.cs;
+        let last = (off + len - 1) / self.cs;
+        for c in first..=last {
+            match self.refs.get_mut(c as usize) {
+                Some(r) => *r = r.saturating_add(1),
+                None => {
+                    self.corrupt(format!(
+                        "{what} at {off:#x} lies beyond the end of the image file"
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn walk_l1(&mut self, table: &[L1Entry], active: bool) {
+        let fmt = L2Format::of(self.q.header());
+        for (i, e) in table.iter().enumerate() {
+            let off = e.l2_offset();
+            if off == 0 {
+                continue;
+            }
+            if off % self.cs != 0 {
+                self.corrupt(format!("L2 table offset {off:#x} unaligned (L1 index {i})"));
+                continue;
+            }
+            if active {
+                self.copied.push(Copied::L1 {
+                    index: i,
+                    entry: *e,
+                });
+            }
+            self.reference(off, self.cs, "L2 table");
+            let mut bytes = vec![0u8; self.cs as usize];
+            if read_exact(self.file, &mut bytes, off, "L2 table").is_err() {
+                self.report.check_errors += 1;
+                continue;
+            }
+            let l2 = L2Table::parse(&bytes, fmt.extended);
+            self.walk_l2(&fmt, &l2, off, i as u64, active);
+        }
+    }
+
+    /// Fragmentation is counted as QEMU does: per L2 table, a data cluster not directly after
+    /// the previous one, and every compressed cluster.
+    fn walk_l2(
+        &mut self,
+        fmt: &L2Format,
+        l2: &L2Table,
+        table_off: u64,
+        l1_index: u64,
+        active: bool,
+    ) {
+        let external = self.q.data_file().is_some();
+        let mut last: Option<u64> = None;
+        for idx in 0..l2.len() {
+            let e = l2.entry(idx);
+            if e.word == 0 && e.bitmap == 0 {
+                continue;
+            }
+            let guest = (l1_index * fmt.entries_per_table() + idx as u64) * self.cs;
+            let kind = match e.classify(fmt, 0) {
+                Ok(k) => k,
+                Err(k) => {
+                    self.corrupt(format!("guest offset {guest:#x}: {k}"));
+                    continue;
+                }
+            };
+            if fmt.extended {
+                if let Err(k) =
+                    (1..l2::SUBCLUSTERS).try_for_each(|s| e.classify(fmt, s).map(|_| ()))
+                {
+                    self.corrupt(format!("guest offset {guest:#x}: {k}"));
+                }
+            }
+            match kind {
+                Subcluster::Compressed(d) => {
+                    if active {
+                        self.report.allocated_clusters += 1;
+                        self.report.compressed_clusters += 1;
+                        self.report.fragmented_clusters += 1;
+                    }
+                    self.reference(d.offset, d.max_len.min(self.cs * 2), "compressed cluster");
+                }
+                Subcluster::Normal(h)
+                | Subcluster::ZeroAlloc(h)
+                | Subcluster::UnallocatedAlloc(h) => {
+                    if active {
+                        self.report.allocated_clusters += 1;
+                        if last.is_some_and(|l| l + self.cs != h) {
+                            self.report.fragmented_clusters += 1;
+                        }
+                        last = Some(h);
+                        self.copied.push(Copied::L2 {
+                            table: table_off,
+                            index: idx,
+                            entry: e,
+                            cluster: h / self.cs,
+                        });
+                    }
+                    if !external {
+                        self.reference(h, self.cs, "data cluster");
+                    }
+                }
+                Subcluster::ZeroPlain | Subcluster::UnallocatedPlain => {}
+            }
+        }
+    }
+}
+
+/// Checks an image; `Err` only when it cannot be checked at all (unreadable header).
+pub fn check(path: &Path) -> Result<CheckReport> {
+    run(path, None)
+}
+
+/// Checks and repairs an image in place; the report counts what was found and fixed.
+pub fn repair(path: &Path, mode: Repair) -> Result<CheckReport> {
+    run(path, Some(mode))
+}
+
+fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
+    let at = |k: ErrorKind| k.at(path);
+    let q = Qcow2::open(path)?;
+    let file = File::open(path).map_err(|e| at(e.into()))?;
+    let h = q.header().clone();
+    let cs = h.cluster_size();
+    let file_len = q.file_len();
+    let nb = file_len.div_ceil(cs);
+    let mut w = Walk {
+        q: &q,
+        file: &file,
+        cs,
+        refs: vec![0; nb as usize],
+        report: CheckReport {
+            filename: path.display().to_string(),
+            format: "qcow2",
+            total_clusters: h.size.div_ceil(cs),
+            ..Default::default()
+        },
+        copied: Vec::new(),
+    };
+    w.reference(0, cs, "header");
+    let active = l1::read_table(&file, h.l1_table_offset, h.l1_size).map_err(at)?;
+    w.reference(h.l1_table_offset, h.l1_size as u64 * 8, "L1 table");
+    w.walk_l1(&active, true);
+    let snaps_len: u64 = q.snapshots().iter().map(|s| s.encoded_len() as u64).sum();
+    w.reference(h.snapshots_offset, snaps_len, "snapshot table");
+    for s in q.snapshots() {
+        w.reference(s.l1_table_offset, s.l1_size as u64 * 8, "snapshot L1 table");
+        match l1::read_table(&file, s.l1_table_offset, s.l1_size) {
+            Ok(t) => w.walk_l1(&t, false),
+            Err(_) => w.report.check_errors += 1,
+        }
+    }
+    let rt = refcount::read_table(
+        &file,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        h.cluster_bits,
+    )
+    .map_err(at)?;
+    w.reference(
+        h.refcount_table_offset,
+        h.refcount_table_clusters as u64 * cs,
+        "refcount table",
+    );
+    for (i, &b) in rt.iter().enumerate() {
+        if b != 0 {
+            if b >= file_len {
+                w.corrupt(format!("refcount block {i} at {b:#x} is outside the image"));
+            } else {
+                w.reference(b, cs, "refcount block");
+            }
+        }
+    }
+    if let Some(ext) = &q.extensions().bitmaps {
+        if h.autoclear_features & header::autoclear::BITMAPS != 0 {
+            w.reference(ext.directory_offset, ext.directory_size, "bitmap directory");
+            for b in q.bitmaps() {
+                w.reference(b.table_offset, b.table_size as u64 * 8, "bitmap table");
+                let mut t = vec![0u8; b.table_size as usize * 8];
+                if read_exact(&file, &mut t, b.table_offset, "bitmap table").is_ok() {
+                    for e in t.chunks_exact(8) {
+                        let off = u64::from_be_bytes(e.try_into().unwrap()) & l2::OFFSET_MASK;
+                        if off != 0 {
+                            w.reference(off, cs, "bitmap data");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Stored refcounts, block by block.
+    let fmt = refcount::RefcountFormat {
+        cluster_bits: h.cluster_bits,
+        order: h.refcount_order,
+    };
+    let per_block = fmt.block_entries();
+    let mut stored = vec![0u64; nb as usize];
+    for (t, &b) in rt.iter().enumerate() {
+        let first = t as u64 * per_block;
+        if b == 0 || b >= file_len || first >= nb {
+            continue;
+        }
+        let mut block = vec![0u8; cs as usize];
+        if read_exact(&file, &mut block, b, "refcount block").is_err() {
+            w.report.check_errors += 1;
+            continue;
+        }
+        for i in 0..per_block.min(nb - first) {
+            stored[(first + i) as usize] = refcount::get(&block, i, fmt.order);
+        }
+    }
+    let mut too_low = Vec::new();
+    let mut too_high = Vec::new();
+    for c in 0..nb as usize {
+        let (s, r) = (stored[c], w.refs[c] as u64);
+        if s < r {
+            w.corrupt(format!("cluster {c} refcount={s} reference={r}"));
+            too_low.push((c as u64, r));
+        } else if s > r {
+            w.report.leaks += 1;
+            w.report
+                .messages
+                .push(format!("Leaked cluster {c} refcount={s} reference={r}"));
+            too_high.push((c as u64, r));
+        }
+    }
+    let external = q.data_file().is_some();
+    let mut copied_fixes = Vec::new();
+    for c in &w.copied {
+        match *c {
+            Copied::L1 { index, entry } => {
+                let rc = stored
+                    .get((entry.l2_offset() / cs) as usize)
+                    .copied()
+                    .unwrap_or(0);
+                if (rc == 1) != entry.copied() {
+                    copied_fixes.push((h.l1_table_offset + index as u64 * 8, entry.0 ^ l1::COPIED));
+                }
+            }
+            Copied::L2 {
+                table,
+                index,
+                entry,
+                cluster,
+            } => {
+                let rc = if external {
+                    1
+                } else {
+                    stored.get(cluster as usize).copied().unwrap_or(0)
+                };
+                if (rc == 1) != (entry.word & l2::COPIED != 0) {
+                    copied_fixes.push((
+                        table + index as u64 * if h.extended_l2() { 16 } else { 8 },
+                        entry.word ^ l2::COPIED,
+                    ));
+                }
+            }
+        }
+    }
+    for (off, word) in &copied_fixes {
+        w.corrupt(format!(
+            "OFLAG_COPIED: entry at {off:#x} should be {word:#018x}"
+        ));
+    }
+    // QEMU: the end of the last cluster in use.
+    let highest = (0..nb as usize)
+        .rev()
+        .find(|&c| stored[c] > 0 || w.refs[c] > 0);
+    w.report.image_end_offset = highest.map_or(0, |c| (c as u64 + 1) * cs);
+    let mut report = w.report;
+    if let Some(mode) = repair {
+        if h.corrupt() && mode == Repair::Leaks {
+            return Err(at(ErrorKind::Unsupported(
+                "the image is marked corrupt: repair it with --repair all".into(),
+            )));
+        }
+        let fixed = apply_repairs(path, &h, mode, &too_low, &too_high, &copied_fixes)?;
+        report.leaks_fixed = fixed.0;
+        report.corruptions_fixed = fixed.1;
+        report.leaks -= fixed.0;
+        report.corruptions -= fixed.1;
+    }
+    Ok(report)
+}
+
+/// Writes the repairs: raised refcounts first (a crash then leaves leaks, never corruption),
+/// then COPIED flags, then lowered refcounts, then the header bits. Returns (leaks, corruptions)
+/// fixed.
+fn apply_repairs(
+    path: &Path,
+    h: &Header,
+    mode: Repair,
+    too_low: &[(u64, u64)],
+    too_high: &[(u64, u64)],
+    copied: &[(u64, u64)],
+) -> Result<(u64, u64)> {
+    let at = |k: ErrorKind| k.at(path);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| at(e.into()))?;
+    let mut refs = Refcounts::load(&file, h).map_err(at)?;
+    let mut fixed_corruptions = 0;
+    if mode == Repair::All {
+        for &(c, r) in too_low {
+            refs.set(&file, c, r).map_err(at)?;
+            fixed_corruptions += 1;
+        }
+        if refs.write_back(&file).map_err(at)?.is_some() {
+            return Err(at(ErrorKind::Unsupported(
+                "repair would need a larger refcount table".into(),
+            )));
+        }
+        file.sync_data().map_err(|e| at(e.into()))?;
+        for &(off, word) in copied {
+            file.write_all_at(&word.to_be_bytes(), off)
+                .map_err(|e| at(e.into()))?;
+            fixed_corruptions += 1;
+        }
+        file.sync_data().map_err(|e| at(e.into()))?;
+    }
+    for &(c, r) in too_high {
+        refs.set(&file, c, r).map_err(at)?;
+    }
+    refs.write_back(&file).map_err(at)?;
+    file.sync_data().map_err(|e| at(e.into()))?;
+    if mode == Repair::All && (h.dirty() || h.corrupt()) {
+        let mut nh = h.clone();
+        nh.incompatible_features &= !(header::incompat::DIRTY | header::incompat::CORRUPT);
+        file.write_all_at(&nh.to_bytes(), 0)
+            .map_err(|e| at(e.into()))?;
+        file.sync_data().map_err(|e| at(e.into()))?;
+    }
+    Ok((too_high.len() as u64, fixed_corruptions))
+}
