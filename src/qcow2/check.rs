@@ -336,43 +336,46 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
             too_high.push((c as u64, r));
         }
     }
+    // COPIED must say "refcount is 1": reported against the stored refcounts, repaired
+    // against the counted references (what a full repair makes the refcounts).
     let external = q.data_file().is_some();
-    let mut copied_fixes = Vec::new();
-    for c in &w.copied {
-        match *c {
-            Copied::L1 { index, entry } => {
-                let rc = stored
-                    .get((entry.l2_offset() / cs) as usize)
-                    .copied()
-                    .unwrap_or(0);
-                if (rc == 1) != entry.copied() {
-                    copied_fixes.push((h.l1_table_offset + index as u64 * 8, entry.0 ^ l1::COPIED));
-                }
-            }
+    let entry_size = if h.extended_l2() { 16 } else { 8 };
+    // (entry offset, entry, host cluster, whose refcount is implicitly 1)
+    let flags: Vec<(u64, u64, u64, bool)> = w
+        .copied
+        .iter()
+        .map(|c| match *c {
+            Copied::L1 { index, entry } => (
+                h.l1_table_offset + index as u64 * 8,
+                entry.0,
+                entry.l2_offset() / cs,
+                false,
+            ),
             Copied::L2 {
                 table,
                 index,
                 entry,
                 cluster,
-            } => {
-                let rc = if external {
-                    1
-                } else {
-                    stored.get(cluster as usize).copied().unwrap_or(0)
-                };
-                if (rc == 1) != (entry.word & l2::COPIED != 0) {
-                    copied_fixes.push((
-                        table + index as u64 * if h.extended_l2() { 16 } else { 8 },
-                        entry.word ^ l2::COPIED,
-                    ));
-                }
-            }
+            } => (
+                table + index as u64 * entry_size,
+                entry.word,
+                cluster,
+                external,
+            ),
+        })
+        .collect();
+    let mut copied_fixes = Vec::new();
+    for &(off, word, c, implicit) in &flags {
+        // L1 and L2 entries keep COPIED in the same bit.
+        let copied = word & l1::COPIED != 0;
+        let stored_single = implicit || stored.get(c as usize) == Some(&1);
+        if stored_single != copied {
+            w.corrupt(format!("OFLAG_COPIED: entry at {off:#x} is {word:#018x}"));
         }
-    }
-    for (off, word) in &copied_fixes {
-        w.corrupt(format!(
-            "OFLAG_COPIED: entry at {off:#x} should be {word:#018x}"
-        ));
+        let counted_single = implicit || w.refs.get(c as usize) == Some(&1);
+        if counted_single != copied {
+            copied_fixes.push((off, word ^ l1::COPIED));
+        }
     }
     // QEMU: the end of the last cluster in use.
     let highest = (0..nb as usize)

@@ -1,0 +1,178 @@
+//! Our `check` against `qemu-img check` on damaged images, and repairs verified by qemu-img.
+
+mod common;
+
+use byteorder::{BigEndian, ByteOrder};
+use common::*;
+use qmpbackup::qcow2::check::{check, repair, Repair};
+use qmpbackup::qcow2::header::Header;
+use std::path::Path;
+
+/// (exit code, corruptions, leaks) as qemu-img check reports them.
+fn qemu_check(dir: &Path, name: &str) -> (i32, u64, u64) {
+    let out = std::process::Command::new("qemu-img")
+        .current_dir(dir)
+        .args(["check", "--output=json", name])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        out.status.code().unwrap(),
+        v["corruptions"].as_u64().unwrap_or(0),
+        v["leaks"].as_u64().unwrap_or(0),
+    )
+}
+
+/// Offset of the refcount entry (16-bit refcounts) of host cluster `c`.
+fn refcount_entry(b: &[u8], c: u64) -> usize {
+    let h = Header::parse(b).unwrap();
+    let block = BigEndian::read_u64(&b[h.refcount_table_offset as usize..]) & !0x1ff;
+    (block + c * 2) as usize
+}
+
+fn l2_entry(b: &[u8], index: u64) -> usize {
+    let h = Header::parse(b).unwrap();
+    let l2 = BigEndian::read_u64(&b[h.l1_table_offset as usize..]) & 0x00ff_ffff_ffff_fe00;
+    (l2 + index * 8) as usize
+}
+
+#[test]
+fn damaged_images_are_classified_like_qemu_img() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qemu_img(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
+    qemu_io(
+        p,
+        "base.qcow2",
+        &["write -P 1 0 1M".into(), "write -P 2 4M 64k".into()],
+    );
+    qemu_img(p, &["snapshot", "-c", "s", "base.qcow2"]);
+    qemu_io(p, "base.qcow2", &["write -P 3 0 64k".into()]);
+    let pristine = std::fs::read(p.join("base.qcow2")).unwrap();
+    let data_cluster = |b: &[u8], i: u64| {
+        (BigEndian::read_u64(&b[l2_entry(b, i)..]) & 0x00ff_ffff_ffff_fe00) / 65536
+    };
+    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+        ("clean", Box::new(|_| {})),
+        (
+            "refcount-low",
+            Box::new(move |b| {
+                let c = data_cluster(b, 5);
+                let e = refcount_entry(b, c);
+                let v = BigEndian::read_u16(&b[e..]);
+                BigEndian::write_u16(&mut b[e..], v - 1);
+            }),
+        ),
+        (
+            "refcount-high",
+            Box::new(move |b| {
+                let c = data_cluster(b, 5);
+                let e = refcount_entry(b, c);
+                let v = BigEndian::read_u16(&b[e..]);
+                BigEndian::write_u16(&mut b[e..], v + 1);
+            }),
+        ),
+        (
+            "leak",
+            Box::new(|b| {
+                let n = b.len() as u64 / 65536;
+                b.extend(vec![0u8; 65536]);
+                let e = refcount_entry(b, n);
+                BigEndian::write_u16(&mut b[e..], 1);
+            }),
+        ),
+        (
+            "referenced-twice",
+            Box::new(move |b| {
+                let a = l2_entry(b, 6);
+                let w = BigEndian::read_u64(&b[l2_entry(b, 64)..]);
+                BigEndian::write_u64(&mut b[a..], w);
+            }),
+        ),
+        (
+            "l2-entry-past-eof",
+            Box::new(move |b| {
+                let a = l2_entry(b, 7);
+                BigEndian::write_u64(&mut b[a..], (1 << 63) | (1 << 30));
+            }),
+        ),
+    ];
+    for (name, damage) in cases {
+        let file = format!("{name}.qcow2");
+        let mut bytes = pristine.clone();
+        damage(&mut bytes);
+        std::fs::write(p.join(&file), &bytes).unwrap();
+        let (code, corruptions, leaks) = qemu_check(p, &file);
+        let ours = check(&p.join(&file)).unwrap();
+        assert_eq!(
+            ours.exit_code() as i32,
+            code,
+            "{name}: exit code; ours {:?}",
+            ours.messages
+        );
+        assert_eq!(
+            (ours.corruptions > 0, ours.leaks > 0),
+            (corruptions > 0, leaks > 0),
+            "{name}: ours {:?}",
+            ours.messages
+        );
+        // Repairs leave what qemu-img check calls clean, except for damage no refcount repair
+        // can undo (a cluster mapped twice, a mapping past the end of the file).
+        if !matches!(name, "l2-entry-past-eof" | "referenced-twice") {
+            let mode = if corruptions > 0 {
+                Repair::All
+            } else {
+                Repair::Leaks
+            };
+            repair(&p.join(&file), mode).unwrap();
+            assert_eq!(qemu_check(p, &file), (0, 0, 0), "{name} after repair");
+            assert_eq!(check(&p.join(&file)).unwrap().exit_code(), 0);
+        }
+    }
+}
+
+#[test]
+fn dirty_images_are_repaired_before_writing() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    std::fs::copy(fixtures().join("dirty.qcow2"), p.join("dirty.qcow2")).unwrap();
+    let path = p.join("dirty.qcow2");
+    let err = qmpbackup::qcow2::write::Writer::open(&path)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("dirty bit"), "{err}");
+    let r = repair(&path, Repair::All).unwrap();
+    assert_eq!(r.exit_code(), 0);
+    let h = Header::parse(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(!h.dirty());
+    assert_eq!(qemu_check(p, "dirty.qcow2"), (0, 0, 0));
+    qmpbackup::qcow2::write::Writer::open(&path).unwrap();
+}
+
+#[test]
+fn qemu_made_fixtures_check_clean() {
+    for name in [
+        "v2.qcow2",
+        "v3.qcow2",
+        "zlib.qcow2",
+        "zstd-convert.qcow2",
+        "extl2.qcow2",
+        "cs512.qcow2",
+        "rc1.qcow2",
+        "rc64.qcow2",
+        "snap.qcow2",
+        "bitmap.qcow2",
+        "datafile.qcow2",
+        "top.qcow2",
+    ] {
+        let r = check(&fixtures().join(name)).unwrap();
+        assert_eq!(r.exit_code(), 0, "{name}: {:?}", r.messages);
+    }
+}
