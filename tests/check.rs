@@ -141,19 +141,21 @@ fn dirty_images_are_repaired_before_writing() {
     }
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    std::fs::copy(fixtures().join("dirty.qcow2"), p.join("dirty.qcow2")).unwrap();
-    let path = p.join("dirty.qcow2");
-    let err = qmpbackup::qcow2::write::Writer::open(&path)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(err.contains("dirty bit"), "{err}");
-    let r = repair(&path, Repair::All).unwrap();
-    assert_eq!(r.exit_code(), 0);
-    let h = Header::parse(&std::fs::read(&path).unwrap()).unwrap();
-    assert!(!h.dirty());
-    assert_eq!(qemu_check(p, "dirty.qcow2"), (0, 0, 0));
-    qmpbackup::qcow2::write::Writer::open(&path).unwrap();
+    for (name, how) in [("explicit.qcow2", 0), ("on-open.qcow2", 1)] {
+        std::fs::copy(fixtures().join("dirty.qcow2"), p.join(name)).unwrap();
+        let path = p.join(name);
+        if how == 0 {
+            assert_eq!(repair(&path, Repair::All).unwrap().exit_code(), 0);
+        } else {
+            // Opening for writing rebuilds the refcounts first, as QEMU does.
+            let mut w = qmpbackup::qcow2::write::Writer::open(&path).unwrap();
+            w.write_at(&[9u8; 4096], 8192).unwrap();
+            w.flush().unwrap();
+        }
+        let h = Header::parse(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(!h.dirty(), "{name}");
+        assert_eq!(qemu_check(p, name), (0, 0, 0), "{name}");
+    }
 }
 
 #[test]

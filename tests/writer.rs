@@ -377,3 +377,99 @@ fn snapshots_made_by_qemu_applied_and_deleted_by_us() {
     );
     assert_eq!(vec![sha256_file(&now)], a);
 }
+
+#[test]
+fn backing_file_name_changes_in_place() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qemu_img(p, &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"]);
+    qemu_io(p, "a.qcow2", &["write -P 1 0 4M".into()]);
+    let long =
+        "a-much-longer-backing-file-name-than-before-with-more-than-sixty-four-characters.qcow2";
+    std::fs::copy(p.join("a.qcow2"), p.join(long)).unwrap();
+    qemu_img(p, &["create", "-q", "-f", "qcow2", "b.qcow2", "4M"]);
+    qemu_io(p, "b.qcow2", &["write -P 2 1M 64k".into()]);
+    let path = p.join("b.qcow2");
+    let info = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&qemu_img(p, &["info", "--output=json", "b.qcow2"])).unwrap()
+    };
+    let mut expected = vec![1u8; 4 << 20];
+    expected[1 << 20..(1 << 20) + 65536].fill(2);
+    for (name, fmt) in [
+        ("a.qcow2", Some(qmpbackup::qcow2::Format::Qcow2)),
+        (long, Some(qmpbackup::qcow2::Format::Qcow2)),
+        ("a.qcow2", None),
+    ] {
+        let mut w = Writer::open(&path).unwrap();
+        w.set_backing(Some((name, fmt))).unwrap();
+        drop(w);
+        let i = info(p);
+        assert_eq!(i["backing-filename"], name);
+        assert_eq!(i["backing-filename-format"].as_str(), fmt.map(|f| f.name()));
+        check_clean(&path);
+        assert_contents(&path, &Model(expected.clone()));
+    }
+    // Removing it: unallocated clusters read as zeros again.
+    let mut w = Writer::open(&path).unwrap();
+    w.set_backing(None).unwrap();
+    w.write_at(&[3u8; 512], 0).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    assert!(info(p).get("backing-filename").is_none());
+    let mut now = vec![0u8; 4 << 20];
+    now[1 << 20..(1 << 20) + 65536].fill(2);
+    now[..512].fill(3);
+    check_clean(&path);
+    assert_contents(&path, &Model(now));
+    // A backing file that does not exist is refused and nothing changes.
+    let before = sha256_file(&path);
+    assert!(Writer::open(&path)
+        .unwrap()
+        .set_backing(Some(("missing.qcow2", None)))
+        .is_err());
+    assert_eq!(sha256_file(&path), before);
+}
+
+#[test]
+fn persistent_bitmaps_are_never_left_silently_stale() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    qemu_img(p, &["create", "-q", "-f", "qcow2", "bm.qcow2", "4M"]);
+    run(std::process::Command::new("qemu-img")
+        .current_dir(p)
+        .args(["bitmap", "--add", "bm.qcow2", "b0"]));
+    // An unknown autoclear bit (5) must be cleared by a writer that does not know it.
+    let path = p.join("bm.qcow2");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[95] |= 1 << 5;
+    std::fs::write(&path, &bytes).unwrap();
+    let info = || -> serde_json::Value {
+        serde_json::from_str(&qemu_img(p, &["info", "--output=json", "bm.qcow2"])).unwrap()
+    };
+    assert_eq!(
+        info()["format-specific"]["data"]["bitmaps"][0]["flags"],
+        serde_json::json!(["auto"])
+    );
+    let mut w = Writer::open(&path).unwrap();
+    w.write_at(&[7u8; 65536], 0).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    // QEMU now sees the bitmap as in use (inconsistent), not as a valid record of changes.
+    let flags = info()["format-specific"]["data"]["bitmaps"][0]["flags"].clone();
+    assert!(
+        flags
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("in-use")),
+        "{flags}"
+    );
+    let h = qmpbackup::qcow2::header::Header::parse(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(h.autoclear_features & (1 << 5), 0);
+    check_clean(&path);
+}

@@ -323,8 +323,8 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     }
     let mut too_low = Vec::new();
     let mut too_high = Vec::new();
-    for c in 0..nb as usize {
-        let (s, r) = (stored[c], w.refs[c] as u64);
+    for (c, &s) in stored.iter().enumerate() {
+        let r = w.refs[c] as u64;
         if s < r {
             w.corrupt(format!("cluster {c} refcount={s} reference={r}"));
             too_low.push((c as u64, r));

@@ -7,7 +7,7 @@
 use super::error::{corrupt, ErrorKind};
 use byteorder::{BigEndian, ByteOrder};
 use std::ffi::OsString;
-use std::os::unix::ffi::OsStringExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
 pub const END: u32 = 0;
 pub const BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -96,6 +96,43 @@ impl Extensions {
         Ok(ext)
     }
 
+    /// All extensions as (type, payload) records, in a canonical order, for rewriting the
+    /// header cluster. Unknown ones are kept as they were.
+    pub fn to_records(&self) -> Vec<(u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        if let Some(f) = &self.backing_format {
+            out.push((BACKING_FORMAT, f.as_bytes().to_vec()));
+        }
+        if let Some(d) = &self.data_file {
+            out.push((DATA_FILE, d.as_bytes().to_vec()));
+        }
+        if !self.feature_names.is_empty() {
+            let mut t = Vec::with_capacity(self.feature_names.len() * 48);
+            for f in &self.feature_names {
+                let mut e = [0u8; 48];
+                e[0] = f.kind;
+                e[1] = f.bit;
+                let n = f.name.as_bytes();
+                e[2..2 + n.len().min(46)].copy_from_slice(&n[..n.len().min(46)]);
+                t.extend_from_slice(&e);
+            }
+            out.push((FEATURE_TABLE, t));
+        }
+        if let Some(b) = &self.bitmaps {
+            let mut e = Vec::with_capacity(24);
+            e.extend_from_slice(&b.nb_bitmaps.to_be_bytes());
+            e.extend_from_slice(&0u32.to_be_bytes());
+            e.extend_from_slice(&b.directory_size.to_be_bytes());
+            e.extend_from_slice(&b.directory_offset.to_be_bytes());
+            out.push((BITMAPS, e));
+        }
+        if let Some((off, len)) = self.crypto {
+            out.push((CRYPTO, [off.to_be_bytes(), len.to_be_bytes()].concat()));
+        }
+        out.extend(self.unknown.iter().cloned());
+        out
+    }
+
     /// The name the feature table gives to an incompatible feature bit, if any.
     pub fn incompatible_name(&self, bit: u8) -> Option<&str> {
         self.feature_names
@@ -170,6 +207,22 @@ mod tests {
         assert_eq!(e.backing_format.as_deref(), Some("raw"));
         assert_eq!(e.data_file, Some(OsString::from("d.raw")));
         assert_eq!(e.unknown, vec![(0x1234_5678, b"opaque".to_vec())]);
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let mut area = encode(BACKING_FORMAT, b"qcow2");
+        area.extend(encode(FEATURE_TABLE, &[0u8; 96]));
+        area.extend(encode(0x7777_0000, b"keep me"));
+        area.extend(encode(END, b""));
+        let e = Extensions::parse(&area).unwrap();
+        let mut again: Vec<u8> = e
+            .to_records()
+            .iter()
+            .flat_map(|(k, d)| encode(*k, d))
+            .collect();
+        again.extend(encode(END, b""));
+        assert_eq!(Extensions::parse(&again).unwrap(), e);
     }
 
     #[test]

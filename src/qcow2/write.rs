@@ -19,6 +19,7 @@
 //! change every bitmap is flagged in use (QEMU then treats it as inconsistent, and a backup
 //! tool starts a new full chain) rather than left silently stale.
 
+mod header_edit;
 mod snapshots;
 
 use super::alloc::Refcounts;
@@ -67,6 +68,7 @@ pub struct Writer {
     prepared: bool,
     bitmaps: Option<(u64, Vec<bitmap::Bitmap>)>,
     snapshots: Vec<super::snapshot::Snapshot>,
+    ext: super::ext::Extensions,
 }
 
 impl Writer {
@@ -82,9 +84,14 @@ impl Writer {
             )));
         }
         if h.dirty() {
-            return Err(at(ErrorKind::Unsupported(
-                "the image's refcounts are not up to date (dirty bit); repair it with 'qmprestore check --repair all' first".into(),
-            )));
+            // Refcounts are not trustworthy (lazy refcounts were in use): rebuild them from
+            // the mapping before allocating anything, as QEMU does on a writable open.
+            tracing::warn!(
+                "{}: dirty bit set, repairing refcounts first",
+                path.display()
+            );
+            super::check::repair(path, super::check::Repair::All)?;
+            return Writer::open(path);
         }
         let file = FileOpen::new()
             .read(true)
@@ -103,21 +110,7 @@ impl Writer {
             None => None,
         };
         let backing = match reader.backing_name() {
-            Some(_) => {
-                let d = Disk::open_with(path, &OpenOptions::default())?;
-                let below: Vec<PathBuf> =
-                    d.chain().skip(1).map(|i| i.path().to_path_buf()).collect();
-                match below.first() {
-                    Some(p) => Some(Disk::open_with(
-                        p,
-                        &OpenOptions {
-                            format: Some(d.chain().nth(1).expect("has backing").format()),
-                            ..Default::default()
-                        },
-                    )?),
-                    None => None,
-                }
-            }
+            Some(name) => Some(open_backing(path, name, reader.backing_format())?),
             None => None,
         };
         let bitmaps = reader
@@ -144,6 +137,7 @@ impl Writer {
             prepared: false,
             bitmaps,
             snapshots: reader.snapshots().to_vec(),
+            ext: reader.extensions().clone(),
         })
     }
 
@@ -785,6 +779,24 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Opens the backing chain of the image at `path` read-only (for copy-on-write reads).
+fn open_backing(path: &Path, name: &std::ffi::OsStr, format: Option<&str>) -> Result<Disk> {
+    let target = super::disk::backing_path(path, name).map_err(|k| k.at(path))?;
+    let format = match format {
+        Some(f) => Some(super::Format::from_name(f).ok_or_else(|| {
+            ErrorKind::Unsupported(format!("backing file format '{f}' is not supported")).at(path)
+        })?),
+        None => None,
+    };
+    Disk::open_with(
+        &target,
+        &OpenOptions {
+            format,
+            ..Default::default()
+        },
+    )
 }
 
 /// A cluster prepared for [`Writer::write_compressed`].
