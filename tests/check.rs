@@ -55,7 +55,8 @@ fn damaged_images_are_classified_like_qemu_img() {
     let data_cluster = |b: &[u8], i: u64| {
         (BigEndian::read_u64(&b[l2_entry(b, i)..]) & 0x00ff_ffff_ffff_fe00) / 65536
     };
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Damage)> = vec![
         ("clean", Box::new(|_| {})),
         (
             "refcount-low",
