@@ -473,3 +473,45 @@ fn persistent_bitmaps_are_never_left_silently_stale() {
     assert_eq!(h.autoclear_features & (1 << 5), 0);
     check_clean(&path);
 }
+
+#[test]
+fn refcount_table_growth_is_consistent_after_every_flush() {
+    if !have("qemu-img") {
+        return;
+    }
+    // 512-byte clusters with 64-bit refcounts: one refcount block covers 32 KiB and the first
+    // table 2 MiB, so this write creates many blocks and moves the table several times.
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("g.qcow2");
+    create(
+        &path,
+        &CreateOptions {
+            size: 16 << 20,
+            cluster_size: 512,
+            refcount_bits: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut w = Writer::open(&path).unwrap();
+    let mut model = Model(vec![0u8; 16 << 20]);
+    for i in 0..40u64 {
+        let off = i * 300_000 + 7;
+        let data = vec![(i + 1) as u8; 250_000];
+        w.write_at(&data, off).unwrap();
+        model.0[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        w.flush().unwrap();
+        let r = qmpbackup::qcow2::check::check(&path).unwrap();
+        assert_eq!(
+            (r.corruptions, r.leaks),
+            (0, 0),
+            "after write {i}: {:?}",
+            &r.messages[..r.messages.len().min(4)]
+        );
+    }
+    drop(w);
+    let h = qmpbackup::qcow2::header::Header::parse(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(h.refcount_table_clusters > 1, "the table should have grown");
+    check_clean(&path);
+    assert_contents(&path, &model);
+}

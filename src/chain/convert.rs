@@ -12,12 +12,13 @@
 
 use super::progress;
 use crate::qcow2::create::{create, CreateOptions};
+use crate::qcow2::fault::pwrite;
 use crate::qcow2::header::CompressionType;
 use crate::qcow2::write::{compress_cluster, Compressed, Writer};
 use crate::qcow2::{Disk, Error, ErrorKind, OpenOptions, Result};
 use rayon::prelude::*;
 use std::fs::{File, OpenOptions as FileOpen};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 /// Guest bytes one worker handles at a time.
@@ -231,7 +232,7 @@ fn write_raw(disk: &Disk, out: &File, dst: &Path, opts: &ConvertOptions) -> Resu
 /// Writes `data` at `offset`, skipping all-zero blocks when the target is sparse.
 fn write_nonzero(out: &File, data: &[u8], offset: u64, sparse: bool) -> std::io::Result<()> {
     if !sparse {
-        return out.write_all_at(data, offset);
+        return pwrite(out, data, offset);
     }
     let mut run_start: Option<usize> = None;
     let mut pos = 0;
@@ -241,7 +242,7 @@ fn write_nonzero(out: &File, data: &[u8], offset: u64, sparse: bool) -> std::io:
         match (zero, run_start) {
             (false, None) => run_start = Some(pos),
             (true, Some(s)) => {
-                out.write_all_at(&data[s..pos], offset + s as u64)?;
+                pwrite(out, &data[s..pos], offset + s as u64)?;
                 run_start = None;
             }
             _ => {}
@@ -249,7 +250,7 @@ fn write_nonzero(out: &File, data: &[u8], offset: u64, sparse: bool) -> std::io:
         pos = end;
     }
     if let Some(s) = run_start {
-        out.write_all_at(&data[s..], offset + s as u64)?;
+        pwrite(out, &data[s..], offset + s as u64)?;
     }
     Ok(())
 }

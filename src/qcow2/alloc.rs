@@ -12,9 +12,9 @@ use super::error::{corrupt, ErrorKind};
 use super::header::{Header, MAX_HOST_OFFSET};
 use super::refcount::{self, RefcountFormat};
 use super::storage::{read_exact, Storage};
+use crate::qcow2::fault::pwrite;
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 
 struct Block {
     data: Vec<u8>,
@@ -138,6 +138,11 @@ impl Refcounts {
             self.grow_table(file, t)?;
         }
         loop {
+            // Growing the table (or creating another block) may already have created this
+            // one; a second block would lose the refcounts recorded in the first.
+            if self.block(file, t)?.is_some() {
+                return Ok(());
+            }
             // The block's own cluster: the first free one. In the range the new block
             // describes, the block records itself; elsewhere the block covering it must exist
             // first (creating that one may take this cluster, hence the retry).
@@ -294,7 +299,7 @@ impl Refcounts {
         for t in dirty {
             let off = self.table[t as usize];
             let b = self.blocks.get_mut(&t).expect("listed above");
-            file.write_all_at(&b.data, off)?;
+            pwrite(file, &b.data, off)?;
             b.dirty = false;
         }
         if self.table_dirty {
@@ -302,7 +307,7 @@ impl Refcounts {
             for (i, off) in self.table.iter().enumerate() {
                 bytes[i * 8..i * 8 + 8].copy_from_slice(&off.to_be_bytes());
             }
-            file.write_all_at(&bytes, self.table_offset)?;
+            pwrite(file, &bytes, self.table_offset)?;
             self.table_dirty = false;
         }
         Ok(self.pending_move.take())

@@ -18,9 +18,9 @@ use super::l1::{self, L1Entry};
 use super::l2::{self, L2Entry, L2Format, L2Table, Subcluster};
 use super::refcount;
 use super::storage::read_exact;
+use crate::qcow2::fault::pwrite;
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// What to repair.
@@ -392,8 +392,8 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
         let fixed = apply_repairs(path, &h, mode, &too_low, &too_high, &copied_fixes)?;
         report.leaks_fixed = fixed.0;
         report.corruptions_fixed = fixed.1;
-        report.leaks -= fixed.0;
-        report.corruptions -= fixed.1;
+        report.leaks = report.leaks.saturating_sub(fixed.0);
+        report.corruptions = report.corruptions.saturating_sub(fixed.1);
     }
     Ok(report)
 }
@@ -429,8 +429,7 @@ fn apply_repairs(
         }
         file.sync_data().map_err(|e| at(e.into()))?;
         for &(off, word) in copied {
-            file.write_all_at(&word.to_be_bytes(), off)
-                .map_err(|e| at(e.into()))?;
+            pwrite(&file, &word.to_be_bytes(), off).map_err(|e| at(e.into()))?;
             fixed_corruptions += 1;
         }
         file.sync_data().map_err(|e| at(e.into()))?;
@@ -443,8 +442,7 @@ fn apply_repairs(
     if mode == Repair::All && (h.dirty() || h.corrupt()) {
         let mut nh = h.clone();
         nh.incompatible_features &= !(header::incompat::DIRTY | header::incompat::CORRUPT);
-        file.write_all_at(&nh.to_bytes(), 0)
-            .map_err(|e| at(e.into()))?;
+        pwrite(&file, &nh.to_bytes(), 0).map_err(|e| at(e.into()))?;
         file.sync_data().map_err(|e| at(e.into()))?;
     }
     Ok((too_high.len() as u64, fixed_corruptions))

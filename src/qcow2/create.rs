@@ -11,8 +11,8 @@ use super::header::{self, autoclear, compat, incompat, CompressionType, Header};
 use super::l2::{self, L2Entry, L2Format, L2Table};
 use super::refcount::{self, RefcountFormat};
 use super::Format;
+use crate::qcow2::fault::pwrite;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Everything `qmprestore create -o ...` can ask for.
@@ -291,9 +291,9 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions) -> Result<()> {
     }
     let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
     file.set_len(total * cs).map_err(at)?;
-    file.write_all_at(&cluster0, 0).map_err(at)?;
-    file.write_all_at(&table, rt_off).map_err(at)?;
-    file.write_all_at(&blocks, rb_off).map_err(at)?;
+    pwrite(file, &cluster0, 0).map_err(at)?;
+    pwrite(file, &table, rt_off).map_err(at)?;
+    pwrite(file, &blocks, rb_off).map_err(at)?;
     if raw_data {
         let fmt = L2Format::of(&h);
         let per_table = fmt.entries_per_table();
@@ -314,12 +314,12 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions) -> Result<()> {
                 }
             }
             let off = l2_off + t * cs;
-            file.write_all_at(&l2.to_bytes(), off).map_err(at)?;
+            pwrite(file, &l2.to_bytes(), off).map_err(at)?;
             l1[t as usize * 8..t as usize * 8 + 8]
                 .copy_from_slice(&(super::l1::COPIED | off).to_be_bytes());
         }
     }
-    file.write_all_at(&l1, l1_off).map_err(at)?;
+    pwrite(file, &l1, l1_off).map_err(at)?;
     if let Some((name, _)) = &opts.data_file {
         let data_path: PathBuf = super::image::resolve_relative(path, Path::new(name));
         let data = OpenOptions::new()

@@ -19,6 +19,7 @@ pub mod create;
 pub mod disk;
 pub mod error;
 pub mod ext;
+pub mod fault;
 pub mod fuzz;
 pub mod header;
 pub mod image;

@@ -33,9 +33,9 @@ use super::l1::{self, L1Entry};
 use super::l2::{self, CompressedDescriptor, L2Entry, L2Format, L2Table};
 use super::mapping::{self, Status};
 use super::storage::{read_exact, read_zero_padded, Storage};
+use crate::qcow2::fault::pwrite;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions as FileOpen};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Dirty L2 tables kept before a flush is forced (bounds memory on huge writes).
@@ -177,8 +177,7 @@ impl Writer {
                     .map_err(|e| self.at(e.into()))?;
                 let flags =
                     u32::from_be_bytes(entry[12..16].try_into().unwrap()) | bitmap::FLAG_IN_USE;
-                self.file
-                    .write_all_at(&flags.to_be_bytes(), pos + 12)
+                pwrite(&self.file, &flags.to_be_bytes(), pos + 12)
                     .map_err(|e| self.at(e.into()))?;
                 let extra = u32::from_be_bytes(entry[20..24].try_into().unwrap()) as u64;
                 pos += (24 + extra + b.name.len() as u64).div_ceil(8) * 8;
@@ -205,9 +204,7 @@ impl Writer {
 
     fn write_header(&mut self) -> Result<()> {
         let bytes = self.header.to_bytes();
-        self.file
-            .write_all_at(&bytes, 0)
-            .map_err(|e| self.at(e.into()))
+        pwrite(&self.file, &bytes, 0).map_err(|e| self.at(e.into()))
     }
 
     fn sync(&self) -> Result<()> {
@@ -383,8 +380,7 @@ impl Writer {
             Some((p, f)) => (p.as_path(), f),
             None => (self.path.as_path(), &self.file),
         };
-        f.write_all_at(buf, host)
-            .map_err(|e| ErrorKind::Io(e).at(path))
+        pwrite(f, buf, host).map_err(|e| ErrorKind::Io(e).at(path))
     }
 
     /// Writes `buf` at guest offset `offset`.
@@ -644,9 +640,7 @@ impl Writer {
                 Compressed::Plain(data) => self.write_in_cluster(*gc, 0, data)?,
                 Compressed::Stream(bytes) => {
                     let off = self.place_compressed(bytes.len() as u64)?;
-                    self.file
-                        .write_all_at(bytes, off)
-                        .map_err(|e| self.at(e.into()))?;
+                    pwrite(&self.file, bytes, off).map_err(|e| self.at(e.into()))?;
                     let (table, e) = self.entry(*gc)?;
                     self.release(&e);
                     let word = CompressedDescriptor::encode(
@@ -742,9 +736,7 @@ impl Writer {
         dirty.sort_unstable();
         for off in &dirty {
             let bytes = self.l2[off].table.to_bytes();
-            self.file
-                .write_all_at(&bytes, *off)
-                .map_err(|e| self.at(e.into()))?;
+            pwrite(&self.file, &bytes, *off).map_err(|e| self.at(e.into()))?;
         }
         for off in dirty {
             self.l2.get_mut(&off).expect("listed").dirty = false;
@@ -755,8 +747,7 @@ impl Writer {
             let dirty = std::mem::take(&mut self.l1_dirty);
             for i in dirty {
                 let off = self.header.l1_table_offset + i as u64 * 8;
-                self.file
-                    .write_all_at(&self.l1[i].0.to_be_bytes(), off)
+                pwrite(&self.file, &self.l1[i].0.to_be_bytes(), off)
                     .map_err(|e| self.at(e.into()))?;
             }
             self.sync()?;

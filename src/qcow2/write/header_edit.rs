@@ -7,8 +7,8 @@
 use super::Writer;
 use crate::qcow2::create::header_cluster;
 use crate::qcow2::error::{ErrorKind, Result};
+use crate::qcow2::fault::pwrite;
 use crate::qcow2::Format;
-use std::os::unix::fs::FileExt;
 
 impl Writer {
     /// Sets (or with `None` removes) the backing file name and its format. The name is stored
@@ -53,8 +53,7 @@ impl Writer {
             None => cluster0.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1),
         };
         let end = used.div_ceil(512) * 512;
-        self.file
-            .write_all_at(&cluster0[..end.min(cluster0.len())], 0)
+        pwrite(&self.file, &cluster0[..end.min(cluster0.len())], 0)
             .map_err(|e| self.at(e.into()))?;
         self.sync()?;
         self.header = h;

@@ -8,10 +8,10 @@
 
 use super::Writer;
 use crate::qcow2::error::{ErrorKind, Result};
+use crate::qcow2::fault::pwrite;
 use crate::qcow2::l1::{self, L1Entry};
 use crate::qcow2::l2::{self, CompressedDescriptor, L2Entry};
 use crate::qcow2::snapshot::{self, Snapshot};
-use std::os::unix::fs::FileExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 impl Writer {
@@ -31,6 +31,7 @@ impl Writer {
         }
         self.prepare()?;
         self.flush()?;
+        self.set_dirty(true)?;
         // 1. A copy of the active L1 table, and one more reference on all it reaches.
         let l1 = self.l1.clone();
         let l1_bytes = (l1.len() as u64 * 8).div_ceil(self.cs).max(1) * self.cs;
@@ -41,9 +42,7 @@ impl Writer {
         self.update_refs(&l1, 1)?;
         let mut bytes = l1::to_bytes(&l1);
         bytes.resize(l1_bytes as usize, 0);
-        self.file
-            .write_all_at(&bytes, l1_off)
-            .map_err(|e| self.at(e.into()))?;
+        pwrite(&self.file, &bytes, l1_off).map_err(|e| self.at(e.into()))?;
         self.flush()?;
         // 2. Everything is shared now: clear COPIED flags (matches the raised refcounts).
         self.fix_copied()?;
@@ -75,6 +74,7 @@ impl Writer {
         let mut all = self.snapshots.clone();
         all.push(snap.clone());
         self.write_snapshot_table(all)?;
+        self.set_dirty(false)?;
         Ok(snap)
     }
 
@@ -85,6 +85,7 @@ impl Writer {
         self.flush()?;
         let snap_l1 = l1::read_table(&self.file, snap.l1_table_offset, snap.l1_size)
             .map_err(|k| self.at(k))?;
+        self.set_dirty(true)?;
         if snap_l1.len() > self.l1.len() {
             return Err(self.at(ErrorKind::Unsupported(
                 "the snapshot's L1 table is larger than the active one (disk shrunk since)".into(),
@@ -114,7 +115,8 @@ impl Writer {
         self.update_refs(&old, -1)?;
         self.flush()?;
         self.fix_copied()?;
-        self.flush()
+        self.flush()?;
+        self.set_dirty(false)
     }
 
     /// Deletes a snapshot (by id or name) and releases what only it referenced.
@@ -124,6 +126,7 @@ impl Writer {
         self.flush()?;
         let snap_l1 = l1::read_table(&self.file, snap.l1_table_offset, snap.l1_size)
             .map_err(|k| self.at(k))?;
+        self.set_dirty(true)?;
         let rest: Vec<Snapshot> = self
             .snapshots
             .iter()
@@ -137,7 +140,21 @@ impl Writer {
             .push((snap.l1_table_offset / self.cs, l1_clusters));
         self.flush()?;
         self.fix_copied()?;
-        self.flush()
+        self.flush()?;
+        self.set_dirty(false)
+    }
+
+    /// Raises or lowers the dirty bit (version 3 only). Snapshot operations cannot keep
+    /// refcounts and COPIED flags in step at every instant (QEMU cannot either), so they run
+    /// under the dirty bit: an interrupted one leaves an image that QEMU and this tool repair
+    /// on their next writable open, before anything trusts its refcounts.
+    fn set_dirty(&mut self, dirty: bool) -> Result<()> {
+        if self.header.version < 3 || self.header.dirty() == dirty {
+            return Ok(());
+        }
+        self.header.incompatible_features ^= crate::qcow2::header::incompat::DIRTY;
+        self.write_header()?;
+        self.sync()
     }
 
     fn find_snapshot(&self, key: &str) -> Result<Snapshot> {
@@ -250,9 +267,7 @@ impl Writer {
         } else {
             let n = (bytes.len() as u64).div_ceil(self.cs);
             let off = self.refs.alloc(&self.file, n).map_err(|k| self.at(k))?;
-            self.file
-                .write_all_at(&bytes, off)
-                .map_err(|e| self.at(e.into()))?;
+            pwrite(&self.file, &bytes, off).map_err(|e| self.at(e.into()))?;
             off
         };
         self.flush()?;
