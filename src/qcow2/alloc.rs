@@ -286,6 +286,20 @@ impl Refcounts {
         }
     }
 
+    /// Takes cluster `c` (refcount 0 → 1) if it is free once the refcount block describing it
+    /// exists; creating that block may use `c` itself, and then this returns false.
+    pub fn claim(&mut self, file: &File, c: u64) -> Result<bool, ErrorKind> {
+        let (t, _) = self.fmt.locate(c);
+        if self.block(file, t)?.is_none() {
+            self.new_block(file, t)?;
+        }
+        if self.get(file, c)? != 0 {
+            return Ok(false);
+        }
+        self.set(file, c, 1)?;
+        Ok(true)
+    }
+
     /// Writes dirty refcount blocks and, when it moved, the new refcount table. Returns the
     /// table relocation the header must now point to, if any (after the caller has flushed).
     pub fn write_back(&mut self, file: &File) -> Result<Option<TableMove>, ErrorKind> {

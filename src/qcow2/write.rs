@@ -63,7 +63,7 @@ pub struct Writer {
     /// not yet flushed; decremented after the new mapping is on disk.
     frees: Vec<(u64, u64)>,
     /// Where the next compressed stream may go: the first unused byte of a host cluster
-    /// that already holds compressed streams.
+    /// that already holds compressed streams written since the last flush.
     compress_pos: Option<u64>,
     prepared: bool,
     bitmaps: Option<(u64, Vec<bitmap::Bitmap>)>,
@@ -660,24 +660,32 @@ impl Writer {
     /// and takes one reference on every host cluster the stream touches.
     fn place_compressed(&mut self, len: u64) -> Result<u64> {
         let cs = self.cs;
-        if let Some(pos) = self.compress_pos {
+        if let Some(pos) = self.compress_pos.take() {
             let (first, last) = (pos / cs, (pos + len - 1) / cs);
-            // The cluster holding `pos` is already in use by earlier streams (and must have
-            // room for one more reference); continuing into the following ones needs them free.
+            // The cluster holding `pos` holds earlier streams of this flush interval (nothing
+            // is freed before the next flush, which forgets `pos`); it needs room for one more
+            // reference, and the following clusters must be free.
             let max = self.refs.format().max_value();
-            let mut free = self.refs.get(&self.file, first).map_err(|k| self.at(k))? < max;
+            let mut ok = self.refs.get(&self.file, first).map_err(|k| self.at(k))? < max;
+            let mut claimed = Vec::new();
             for c in first + 1..=last {
-                free &= self.refs.get(&self.file, c).map_err(|k| self.at(k))? == 0;
+                if !ok {
+                    break;
+                }
+                ok = self.refs.claim(&self.file, c).map_err(|k| self.at(k))?;
+                if ok {
+                    claimed.push(c);
+                }
             }
-            if free {
+            if ok {
                 self.refs
                     .add(&self.file, first, 1)
                     .map_err(|k| self.at(k))?;
-                for c in first + 1..=last {
-                    self.refs.set(&self.file, c, 1).map_err(|k| self.at(k))?;
-                }
                 self.compress_pos = Some(pos + len).filter(|e| e % cs != 0);
                 return Ok(pos);
+            }
+            for c in claimed {
+                self.refs.set(&self.file, c, 0).map_err(|k| self.at(k))?;
             }
         }
         let start = self
@@ -711,6 +719,9 @@ impl Writer {
 
     /// Commits everything written so far, in crash-safe order (see the module docs).
     pub fn flush(&mut self) -> Result<()> {
+        // Clusters are released below; a half-filled compressed cluster might be among them
+        // and then be reused for something else, so never append to it after a flush.
+        self.compress_pos = None;
         if let Some((p, f)) = &self.data {
             f.sync_data().map_err(|e| ErrorKind::Io(e).at(p))?;
         }
