@@ -11,7 +11,7 @@
 //! success is reported, and a file this command created is removed again if it fails.
 
 use super::progress;
-use crate::qcow2::create::{create, CreateOptions};
+use crate::qcow2::create::{create_file, CreateOptions};
 use crate::qcow2::fault::pwrite;
 use crate::qcow2::header::CompressionType;
 use crate::qcow2::write::{compress_cluster, Compressed, Writer};
@@ -75,7 +75,7 @@ pub fn to_qcow2(src: &Path, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
         std::fs::remove_file(dst).map_err(|e| ErrorKind::Io(e).at(dst))?;
     }
     let size = disk.size();
-    create(
+    create_file(
         dst,
         &CreateOptions {
             size,
@@ -83,6 +83,7 @@ pub fn to_qcow2(src: &Path, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
             compression: out.compression_type,
             ..Default::default()
         },
+        false,
     )?;
     let result = write_qcow2(&disk, dst, opts, out);
     if result.is_err() {
@@ -91,74 +92,177 @@ pub fn to_qcow2(src: &Path, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
     result
 }
 
-/// One cluster's worth of output, produced by the parallel stage.
-enum Piece {
-    Plain(u64, Vec<u8>),
-    Compressed(u64, Compressed),
+/// What the parallel stage makes of one chunk of the disk.
+struct Produced {
+    /// The chunk's guest offset and length, and its data (empty when nothing is written
+    /// plainly).
+    start: u64,
+    len: u64,
+    data: Vec<u8>,
+    /// Byte ranges of `data` to write plainly (non-zero runs of clusters).
+    plain: Vec<std::ops::Range<usize>>,
+    /// Guest clusters to write compressed.
+    compressed: Vec<(u64, Compressed)>,
+    /// The whole chunk is stored contiguously in one layer: (layer, host offset) to copy from
+    /// inside the kernel instead.
+    copy: Option<(u32, u64)>,
 }
 
 fn write_qcow2(disk: &Disk, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output) -> Result<()> {
     let size = disk.size();
     let cs = out.cluster_size;
-    let mut w = Writer::open(dst)?;
+    let mut w = Writer::open(dst)?.unordered();
     let bar = progress::bytes(size, "convert", opts.progress);
     let chunk = CHUNK.max(cs);
-    // A batch is what the workers produce before the writer consumes it: a few chunks per
-    // thread, so memory stays at a few dozen MiB whatever the disk size.
-    let batch = chunk * 4 * rayon::current_num_threads() as u64;
-    let mut start = 0;
-    while start < size {
-        let end = (start + batch).min(size);
-        let chunks: Vec<u64> = (start..end).step_by(chunk as usize).collect();
-        let pieces: Vec<Vec<Piece>> = chunks
-            .par_iter()
-            .map(|&c| produce(disk, c, chunk.min(size - c), cs, out))
-            .collect::<Result<_>>()?;
-        for piece in pieces.into_iter().flatten() {
-            match piece {
-                Piece::Plain(off, data) => w.write_at(&data, off)?,
-                Piece::Compressed(gc, c) => w.write_compressed(&[(gc, c)])?,
+    // A batch is what the workers produce while the writer consumes the previous one: a few
+    // chunks per thread, so memory stays bounded whatever the disk size, and reading,
+    // compressing and writing overlap.
+    let batch = chunk * 2 * rayon::current_num_threads() as u64;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Produced>>>(1);
+    // Chunk buffers go round between workers and writer: fresh allocations would cost a page
+    // fault per 4 KiB every time.
+    let pool = BufferPool::default();
+    let pool = &pool;
+    std::thread::scope(|scope| -> Result<()> {
+        scope.spawn(move || {
+            let mut start = 0;
+            while start < size {
+                let end = (start + batch).min(size);
+                let chunks: Vec<u64> = (start..end).step_by(chunk as usize).collect();
+                let produced = chunks
+                    .par_iter()
+                    .map(|&c| produce(disk, c, chunk.min(size - c), cs, out, pool))
+                    .collect::<Result<Vec<_>>>();
+                let failed = produced.is_err();
+                if tx.send(produced).is_err() || failed {
+                    return;
+                }
+                start = end;
+            }
+        });
+        // Consecutive in-kernel copies from one contiguous source range become one call.
+        let mut pending: Option<(u32, u64, u64, u64)> = None;
+        let copy = |w: &mut Writer, run: Option<(u32, u64, u64, u64)>| -> Result<()> {
+            if let Some((depth, host, start, len)) = run {
+                let src = disk
+                    .data_file_of(depth)
+                    .expect("copy only planned for files");
+                w.copy_from(src, host, start, len)?;
+                bar.inc(len);
+            }
+            Ok(())
+        };
+        for batch in rx {
+            for p in batch? {
+                if let Some((depth, host)) = p.copy {
+                    match &mut pending {
+                        Some((d, h, s, l))
+                            if *d == depth && *h + *l == host && *s + *l == p.start =>
+                        {
+                            *l += p.len
+                        }
+                        _ => copy(&mut w, pending.replace((depth, host, p.start, p.len)))?,
+                    }
+                    continue;
+                }
+                copy(&mut w, pending.take())?;
+                for r in &p.plain {
+                    w.write_at(&p.data[r.clone()], p.start + r.start as u64)?;
+                }
+                if !p.compressed.is_empty() {
+                    w.write_compressed(&p.compressed)?;
+                }
+                bar.inc(p.len);
+                pool.put(p.data);
             }
         }
-        bar.inc(end - start);
-        start = end;
-    }
-    w.flush()?;
+        copy(&mut w, pending.take())
+    })?;
+    w.finish()?;
     bar.finish_and_clear();
     Ok(())
 }
 
-/// Reads one chunk and turns it into pieces: runs of non-zero clusters (plain), or single
+/// Reads one chunk and decides what to write: runs of non-zero clusters (plain), or single
 /// compressed clusters. Zero ranges produce nothing: the new image reads zeros there.
-fn produce(disk: &Disk, start: u64, len: u64, cs: u64, out: &Qcow2Output) -> Result<Vec<Piece>> {
-    let mut pieces = Vec::new();
-    if disk.is_zero(start, len)? {
-        return Ok(pieces);
+fn produce(
+    disk: &Disk,
+    start: u64,
+    len: u64,
+    cs: u64,
+    out: &Qcow2Output,
+    pool: &BufferPool,
+) -> Result<Produced> {
+    let mut p = Produced {
+        start,
+        len,
+        data: Vec::new(),
+        plain: Vec::new(),
+        compressed: Vec::new(),
+        copy: None,
+    };
+    let mut extents = Vec::new();
+    disk.for_each_extent(start, len, |e| {
+        extents.push(e);
+        Ok(())
+    })?;
+    if extents.iter().all(|e| e.zero) {
+        return Ok(p);
     }
-    let mut buf = vec![0u8; len as usize];
-    disk.read_at(&mut buf, start)?;
-    let mut run: Option<(u64, Vec<u8>)> = None;
-    for (i, cluster) in buf.chunks(cs as usize).enumerate() {
-        let off = start + i as u64 * cs;
-        if is_zero(cluster) {
-            pieces.extend(run.take().map(|(o, d)| Piece::Plain(o, d)));
-            continue;
+    if let [e] = extents[..] {
+        if let (true, false, false, Some(host)) = (e.data, e.zero, out.compress, e.offset) {
+            if disk.data_file_of(e.depth).is_some() {
+                p.copy = Some((e.depth, host));
+                return Ok(p);
+            }
         }
-        if out.compress && cluster.len() as u64 == cs {
-            pieces.extend(run.take().map(|(o, d)| Piece::Plain(o, d)));
-            pieces.push(Piece::Compressed(
-                off / cs,
-                compress_cluster(out.compression_type, cluster),
-            ));
+    }
+    p.data = pool.take(len as usize);
+    disk.read_at(&mut p.data, start)?;
+    let mut run: Option<std::ops::Range<usize>> = None;
+    for (i, cluster) in p.data.chunks(cs as usize).enumerate() {
+        let at = i * cs as usize;
+        let zero = is_zero(cluster);
+        if zero || out.compress && cluster.len() as u64 == cs {
+            p.plain.extend(run.take());
+            if !zero {
+                p.compressed.push((
+                    (start + at as u64) / cs,
+                    compress_cluster(out.compression_type, cluster),
+                ));
+            }
             continue;
         }
         match &mut run {
-            Some((_, d)) => d.extend_from_slice(cluster),
-            None => run = Some((off, cluster.to_vec())),
+            Some(r) => r.end = at + cluster.len(),
+            None => run = Some(at..at + cluster.len()),
         }
     }
-    pieces.extend(run.map(|(o, d)| Piece::Plain(o, d)));
-    Ok(pieces)
+    p.plain.extend(run);
+    Ok(p)
+}
+
+/// Reusable chunk buffers.
+#[derive(Default)]
+struct BufferPool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    fn put(&self, b: Vec<u8>) {
+        if b.capacity() > 0 {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).push(b);
+        }
+    }
 }
 
 /// Writes the guest-visible contents of `src` to `dst` as raw.

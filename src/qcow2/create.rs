@@ -217,8 +217,14 @@ pub fn feature_table() -> Vec<u8> {
     table
 }
 
-/// Creates a new image at `path` (which must not exist).
+/// Creates a new image at `path` (which must not exist), durably.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
+    create_file(path, opts, true)
+}
+
+/// Creates a new image; with `durable` false nothing is flushed, for an image that will be
+/// filled and only flushed at the end (a half-written output is worthless either way).
+pub fn create_file(path: &Path, opts: &CreateOptions, durable: bool) -> Result<()> {
     opts.validate()
         .map_err(|m| ErrorKind::Unsupported(m).at(path))?;
     let at = |e: std::io::Error| ErrorKind::Io(e).at(path);
@@ -228,14 +234,14 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         .create_new(true)
         .open(path)
         .map_err(at)?;
-    let result = write_new(&file, path, opts);
+    let result = write_new(&file, path, opts, durable);
     if result.is_err() {
         let _ = std::fs::remove_file(path);
     }
     result
 }
 
-fn write_new(file: &File, path: &Path, opts: &CreateOptions) -> Result<()> {
+fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> Result<()> {
     let at = |e: std::io::Error| ErrorKind::Io(e).at(path);
     let cs = opts.cluster_size;
     let probe = opts.header(0, 0, 0, 0);
@@ -332,9 +338,23 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions) -> Result<()> {
             data.set_len(h.size)
                 .map_err(|e| ErrorKind::Io(e).at(&data_path))?;
         }
-        data.sync_all()
-            .map_err(|e| ErrorKind::Io(e).at(&data_path))?;
+        if durable {
+            data.sync_all()
+                .map_err(|e| ErrorKind::Io(e).at(&data_path))?;
+        }
     }
-    file.sync_all().map_err(at)?;
+    if durable {
+        file.sync_all().map_err(at)?;
+        sync_parent(path).map_err(at)?;
+    }
     Ok(())
+}
+
+/// Makes a new directory entry durable.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
 }

@@ -238,6 +238,15 @@ impl Disk {
         self.images.iter()
     }
 
+    /// The file holding the uncompressed data of layer `depth` (its external data file if it
+    /// has one): where an [`Extent`]'s `offset` points.
+    pub fn data_file_of(&self, depth: u32) -> Option<&File> {
+        match &self.images.get(depth as usize)?.layer {
+            Layer::Qcow2(q) => q.data_storage().as_file(),
+            Layer::Raw(r) => r.storage().as_file(),
+        }
+    }
+
     /// Guest-visible size (the top image's).
     pub fn size(&self) -> u64 {
         self.top().size()

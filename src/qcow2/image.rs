@@ -298,6 +298,14 @@ impl Qcow2 {
         })
     }
 
+    /// The storage uncompressed data lives in (the data file, or the image itself).
+    pub fn data_storage(&self) -> &dyn Storage {
+        match &self.data_file {
+            Some(d) => &*d.storage,
+            None => &*self.file,
+        }
+    }
+
     /// Reads uncompressed guest data stored at `host` (a [`Status::Data`] run). Bytes past the
     /// end of the file read as zeros, as in QEMU, but a run that starts past it is corrupt.
     pub fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {

@@ -33,6 +33,10 @@ impl Raw {
         self.storage.allocated_bytes()
     }
 
+    pub fn storage(&self) -> &dyn Storage {
+        &*self.storage
+    }
+
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         read_zero_padded(&*self.storage, buf, offset).map_err(|e| ErrorKind::Io(e).at(&self.path))
     }

@@ -33,6 +33,10 @@ pub trait Storage: Send + Sync {
     fn allocated_bytes(&self) -> Option<u64> {
         None
     }
+    /// The file behind this storage, for in-kernel copies.
+    fn as_file(&self) -> Option<&File> {
+        None
+    }
 }
 
 impl Storage for File {
@@ -88,6 +92,10 @@ impl Storage for File {
     fn allocated_bytes(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
         self.metadata().ok().map(|m| m.blocks() * 512)
+    }
+
+    fn as_file(&self) -> Option<&File> {
+        Some(self)
     }
 }
 

@@ -33,7 +33,7 @@ use super::l1::{self, L1Entry};
 use super::l2::{self, CompressedDescriptor, L2Entry, L2Format, L2Table};
 use super::mapping::{self, Status};
 use super::storage::{read_exact, read_zero_padded, Storage};
-use crate::qcow2::fault::pwrite;
+use crate::qcow2::fault::{copy_range, pwrite};
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions as FileOpen};
 use std::path::{Path, PathBuf};
@@ -69,6 +69,7 @@ pub struct Writer {
     bitmaps: Option<(u64, Vec<bitmap::Bitmap>)>,
     snapshots: Vec<super::snapshot::Snapshot>,
     ext: super::ext::Extensions,
+    ordered: bool,
 }
 
 impl Writer {
@@ -138,6 +139,7 @@ impl Writer {
             bitmaps,
             snapshots: reader.snapshots().to_vec(),
             ext: reader.extensions().clone(),
+            ordered: true,
         })
     }
 
@@ -207,8 +209,30 @@ impl Writer {
         pwrite(&self.file, &bytes, 0).map_err(|e| self.at(e.into()))
     }
 
+    /// The ordering barrier between metadata updates; skipped while filling a new image.
     fn sync(&self) -> Result<()> {
+        if !self.ordered {
+            return Ok(());
+        }
         self.file.sync_data().map_err(|e| self.at(e.into()))
+    }
+
+    /// For an image this process just created and nobody else uses yet: skip the ordering
+    /// barriers between metadata updates (a crash leaves a worthless partial output either
+    /// way); [`Writer::finish`] makes everything durable once at the end.
+    pub fn unordered(mut self) -> Self {
+        self.ordered = false;
+        self
+    }
+
+    /// Flushes, then makes the image (and its data file and directory entry) durable.
+    pub fn finish(mut self) -> Result<()> {
+        self.flush()?;
+        if let Some((p, f)) = &self.data {
+            f.sync_all().map_err(|e| ErrorKind::Io(e).at(p))?;
+        }
+        self.file.sync_all().map_err(|e| self.at(e.into()))?;
+        super::create::sync_parent(&self.path).map_err(|e| self.at(e.into()))
     }
 
     /// The L2 table at `offset`, loaded into the write-back cache.
@@ -409,31 +433,85 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes `len` bytes of `src` (from `src_off`) at guest offset `guest`, copying inside the
+    /// kernel where the target clusters are unallocated (a fresh image: convert, merge) and
+    /// through memory otherwise.
+    pub fn copy_from(&mut self, src: &File, src_off: u64, guest: u64, len: u64) -> Result<()> {
+        self.check_range(guest, len)?;
+        self.prepare()?;
+        let cs = self.cs;
+        let mut done = 0;
+        while done < len {
+            let at = guest + done;
+            let whole = if at % cs == 0 { (len - done) / cs } else { 0 };
+            if let Some((table, n)) = self.fresh_run(at / cs, whole)? {
+                let host = self.alloc_run(at / cs, n)?;
+                let (path, dst) = match &self.data {
+                    Some((p, f)) => (p.as_path(), f),
+                    None => (self.path.as_path(), &self.file),
+                };
+                copy_range(src, src_off + done, dst, host, n * cs)
+                    .map_err(|e| ErrorKind::Io(e).at(path))?;
+                self.map_run(table, at / cs, host, n);
+                done += n * cs;
+            } else {
+                let n = (len - done).min(cs - at % cs);
+                let mut buf = vec![0u8; n as usize];
+                read_zero_padded(src, &mut buf, src_off + done).map_err(|e| self.at(e.into()))?;
+                self.write_at(&buf, at)?;
+                done += n;
+            }
+            self.maybe_flush()?;
+        }
+        Ok(())
+    }
+
     /// The fast path for filling unallocated space (a fresh image, a convert, a merge): a run
     /// of whole clusters from `gc` that are all unallocated gets one contiguous allocation and
     /// one write. Returns how many clusters it wrote (0: not applicable here).
     fn write_fresh_run(&mut self, gc: u64, data: &[u8]) -> Result<u64> {
-        let per = self.fmt.entries_per_table();
-        let max = (data.len() as u64 / self.cs).min(per - gc % per);
-        let table = self.writable_table(gc)?;
-        let first = (gc % per) as usize;
-        let slot = &self.l2[&table];
-        let n = (0..max as usize)
-            .take_while(|&i| slot.table.entry(first + i) == L2Entry::default())
-            .count() as u64;
+        let Some((table, n)) = self.fresh_run(gc, data.len() as u64 / self.cs)? else {
+            return Ok(0);
+        };
         if n < 2 {
             return Ok(0);
         }
-        let host = match self.data {
-            Some(_) => gc * self.cs,
-            None => self.refs.alloc(&self.file, n).map_err(|k| self.at(k))?,
-        };
+        let host = self.alloc_run(gc, n)?;
         self.write_host(&data[..(n * self.cs) as usize], host)?;
+        self.map_run(table, gc, host, n);
+        Ok(n)
+    }
+
+    /// How many of the (at most `max`) guest clusters from `gc`, within one L2 table, are
+    /// unallocated (standard L2 only), with that table made writable; `None` if none.
+    fn fresh_run(&mut self, gc: u64, max: u64) -> Result<Option<(u64, u64)>> {
+        if max == 0 || self.fmt.extended {
+            return Ok(None);
+        }
+        let per = self.fmt.entries_per_table();
+        let table = self.writable_table(gc)?;
+        let first = (gc % per) as usize;
+        let slot = &self.l2[&table];
+        let n = (0..max.min(per - gc % per) as usize)
+            .take_while(|&i| slot.table.entry(first + i) == L2Entry::default())
+            .count() as u64;
+        Ok((n > 0).then_some((table, n)))
+    }
+
+    /// Host clusters for `n` guest clusters from `gc`: contiguous, 1:1 in a data file.
+    fn alloc_run(&mut self, gc: u64, n: u64) -> Result<u64> {
+        match self.data {
+            Some(_) => Ok(gc * self.cs),
+            None => self.refs.alloc(&self.file, n).map_err(|k| self.at(k)),
+        }
+    }
+
+    /// Maps `n` guest clusters from `gc` to the host run at `host`.
+    fn map_run(&mut self, table: u64, gc: u64, host: u64, n: u64) {
         for i in 0..n {
             let word = l2::COPIED | (host + i * self.cs);
             self.set_entry(table, gc + i, L2Entry { word, bitmap: 0 });
         }
-        Ok(n)
     }
 
     fn write_in_cluster(&mut self, gc: u64, within: usize, data: &[u8]) -> Result<()> {
@@ -722,7 +800,7 @@ impl Writer {
         // Clusters are released below; a half-filled compressed cluster might be among them
         // and then be reused for something else, so never append to it after a flush.
         self.compress_pos = None;
-        if let Some((p, f)) = &self.data {
+        if let (Some((p, f)), true) = (&self.data, self.ordered) {
             f.sync_data().map_err(|e| ErrorKind::Io(e).at(p))?;
         }
         // 1-2: data and refcount increments.
