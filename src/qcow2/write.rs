@@ -515,9 +515,7 @@ impl Writer {
     }
 
     fn write_in_cluster(&mut self, gc: u64, within: usize, data: &[u8]) -> Result<()> {
-        let cs = self.cs as usize;
         let (table, e) = self.entry(gc)?;
-        let cluster_off = gc * self.cs;
         if self.fmt.extended {
             return self.write_subclusters(table, gc, e, within, data);
         }
@@ -527,22 +525,37 @@ impl Writer {
             return Ok(());
         }
         // Copy on write: a whole new cluster holding the old content around the new data.
+        self.copy_on_write(table, gc, &e, within, data, 0)
+    }
+
+    /// Gives guest cluster `gc` a new host cluster holding its current content with `data`
+    /// laid over it at `within`, and releases the old one (after the next flush).
+    fn copy_on_write(
+        &mut self,
+        table: u64,
+        gc: u64,
+        old: &L2Entry,
+        within: usize,
+        data: &[u8],
+        bitmap: u64,
+    ) -> Result<()> {
+        let cs = self.cs as usize;
         let host = self.new_cluster(gc)?;
         if data.len() == cs {
             self.write_host(data, host)?;
         } else {
             let mut full = vec![0u8; cs];
-            self.read_current(&mut full, cluster_off)?;
+            self.read_current(&mut full, gc * self.cs)?;
             full[within..within + data.len()].copy_from_slice(data);
             self.write_host(&full, host)?;
         }
-        self.release(&e);
+        self.release(old);
         self.set_entry(
             table,
             gc,
             L2Entry {
                 word: l2::COPIED | host,
-                bitmap: 0,
+                bitmap,
             },
         );
         Ok(())
@@ -599,21 +612,7 @@ impl Writer {
             return Ok(());
         }
         // Compressed or shared: copy the whole cluster.
-        let mut full = vec![0u8; cs];
-        self.read_current(&mut full, cluster_off)?;
-        full[lo..hi].copy_from_slice(&span);
-        let host = self.new_cluster(gc)?;
-        self.write_host(&full, host)?;
-        self.release(&e);
-        self.set_entry(
-            table,
-            gc,
-            L2Entry {
-                word: l2::COPIED | host,
-                bitmap: 0xffff_ffff,
-            },
-        );
-        Ok(())
+        self.copy_on_write(table, gc, &e, lo, &span, 0xffff_ffff)
     }
 
     /// Makes `[offset, offset + len)` read as zeros: whole clusters (or subclusters) become

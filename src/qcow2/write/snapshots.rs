@@ -80,17 +80,13 @@ impl Writer {
 
     /// Reverts the disk to a snapshot (by id or name); the snapshot itself stays.
     pub fn apply_snapshot(&mut self, key: &str) -> Result<()> {
-        let snap = self.find_snapshot(key)?;
-        self.prepare()?;
-        self.flush()?;
-        let snap_l1 = l1::read_table(&self.file, snap.l1_table_offset, snap.l1_size)
-            .map_err(|k| self.at(k))?;
-        self.set_dirty(true)?;
+        let (snap, snap_l1) = self.load_snapshot(key)?;
         if snap_l1.len() > self.l1.len() {
             return Err(self.at(ErrorKind::Unsupported(
                 "the snapshot's L1 table is larger than the active one (disk shrunk since)".into(),
             )));
         }
+        self.set_dirty(true)?;
         // 1. The snapshot's clusters gain the active table's reference.
         self.update_refs(&snap_l1, 1)?;
         self.flush()?;
@@ -121,11 +117,7 @@ impl Writer {
 
     /// Deletes a snapshot (by id or name) and releases what only it referenced.
     pub fn delete_snapshot(&mut self, key: &str) -> Result<()> {
-        let snap = self.find_snapshot(key)?;
-        self.prepare()?;
-        self.flush()?;
-        let snap_l1 = l1::read_table(&self.file, snap.l1_table_offset, snap.l1_size)
-            .map_err(|k| self.at(k))?;
+        let (snap, snap_l1) = self.load_snapshot(key)?;
         self.set_dirty(true)?;
         let rest: Vec<Snapshot> = self
             .snapshots
@@ -157,14 +149,20 @@ impl Writer {
         self.sync()
     }
 
-    fn find_snapshot(&self, key: &str) -> Result<Snapshot> {
-        snapshot::find(&self.snapshots, key)
+    /// Finds a snapshot and reads its L1 table, with everything pending flushed first.
+    fn load_snapshot(&mut self, key: &str) -> Result<(Snapshot, Vec<L1Entry>)> {
+        let snap = snapshot::find(&self.snapshots, key)
             .cloned()
             .ok_or_else(|| {
                 self.at(ErrorKind::NotFound(format!(
                     "no snapshot with id or name '{key}'"
                 )))
-            })
+            })?;
+        let table = l1::read_table(&self.file, snap.l1_table_offset, snap.l1_size)
+            .map_err(|k| self.at(k))?;
+        self.prepare()?;
+        self.flush()?;
+        Ok((snap, table))
     }
 
     /// Adds `delta` to the refcount of every L2 table and data cluster `table` reaches.
