@@ -6,7 +6,10 @@ use qmpbackup::chain::compare::{self, Comparison};
 use qmpbackup::chain::convert::{self, ConvertOptions, Qcow2Output};
 use qmpbackup::chain::create_opts;
 use qmpbackup::chain::info;
+use qmpbackup::chain::list;
 use qmpbackup::chain::map::{self, MapFormat};
+use qmpbackup::chain::merge::{self, MergeOptions};
+use qmpbackup::chain::rebase::{self, RebaseOptions};
 use qmpbackup::qcow2::check::{self, Repair};
 use qmpbackup::qcow2::create::{self, CreateOptions};
 use qmpbackup::qcow2::header::CompressionType;
@@ -23,6 +26,24 @@ Exit codes:
   2  compare: an image could not be read; check: corruptions found
   3  check: only leaked clusters found";
 
+/// Options every chain command shares, spelled as the original's.
+#[derive(clap::Args)]
+struct ChainArgs {
+    /// Backup directory of one disk (e.g. /backup/vm1/disk1.qcow2).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Restore point: a file name, a name prefix (INC-1700000600), or a time (epoch or ISO
+    /// 8601): the latest point at or before it. Default: the newest.
+    #[arg(long)]
+    until: Option<String>,
+    /// Only consider files whose name contains this (picks one disk in a flat directory).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Limit restore throughput to this many bytes per second.
+    #[arg(long, value_parser = parse_size_arg)]
+    rate_limit: Option<u64>,
+}
+
 #[derive(Parser)]
 #[command(
     name = "qmprestore",
@@ -34,6 +55,10 @@ struct Cli {
     /// Log debug details to stderr.
     #[arg(long, global = true)]
     debug: bool,
+    /// Accepted for compatibility with the original qmprestore; files are always validated
+    /// natively (opening an image checks its structure).
+    #[arg(long, global = true)]
+    skip_check: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,8 +111,67 @@ enum RepairArg {
     All,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum MergeFormat {
+    Qcow2,
+    Raw,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Merge a backup chain into one new image; the backup files stay untouched.
+    #[command(after_help = "Examples:
+  qmprestore merge --dir /backup/vm1/disk1.qcow2 --targetfile /restore/disk1.qcow2
+  qmprestore merge --dir /backup/vm1/disk1.qcow2 --until INC-1700000600 --targetfile at-noon.qcow2
+  qmprestore merge --dir /backup/vm1/disk1.qcow2 --format raw --targetfile /dev/vg0/disk1
+
+The chain is the latest FULL and the INCs after it, in the order of the epochs in their names.")]
+    Merge {
+        #[command(flatten)]
+        chain: ChainArgs,
+        /// The new image (or, with --format raw, a block device).
+        #[arg(long)]
+        targetfile: PathBuf,
+        /// Output format (qcow2 keeps the FULL's cluster size).
+        #[arg(long, value_enum, default_value = "qcow2")]
+        format: MergeFormat,
+        /// Compress the qcow2 output.
+        #[arg(long, value_enum)]
+        compress: Option<CompressionArg>,
+        /// Replace an existing target file.
+        #[arg(long)]
+        force: bool,
+        #[arg(short = 'p', long)]
+        progress: bool,
+    },
+    /// Link every INC to its predecessor in place and point `image` at the restore point.
+    #[command(after_help = "Example:
+  qmprestore rebase --dir /backup/vm1/disk1.qcow2 --until INC-1700000600 --dry-run
+  qemu-system-x86_64 ... -drive file=/backup/vm1/disk1.qcow2/image
+
+Only headers change (backing file name and format, as qemu-img rebase -u); data is untouched.")]
+    Rebase {
+        #[command(flatten)]
+        chain: ChainArgs,
+        /// Print the planned changes and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replace an existing `image` symlink.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the restore points of a backup directory.
+    #[command(after_help = "Example:
+  qmprestore list --dir /backup/vm1/disk1.qcow2 --json")]
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        filter: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an image's format, sizes, backing file, snapshots and qcow2 features.
     #[command(after_help = "Examples:
   qmprestore info backup/disk/FULL-1700000000-disk.qcow2
@@ -228,6 +312,7 @@ Example:
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.debug);
+    let _ = cli.skip_check;
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -310,7 +395,11 @@ fn run(command: Command) -> Result<ExitCode> {
             src,
             dst,
         } => {
-            let opts = ConvertOptions { snapshot, progress };
+            let opts = ConvertOptions {
+                snapshot,
+                progress,
+                rate_limit: None,
+            };
             match output_format {
                 ConvertTarget::Raw => convert::to_raw(&src, &dst, &opts),
                 ConvertTarget::Qcow2 => convert::to_qcow2(
@@ -403,6 +492,75 @@ fn run(command: Command) -> Result<ExitCode> {
                 w.delete_snapshot(&name)?;
             }
             w.flush()?;
+        }
+        Command::Merge {
+            chain,
+            targetfile,
+            format,
+            compress,
+            force,
+            progress,
+        } => {
+            let files = merge::merge(
+                &chain.dir,
+                &targetfile,
+                &MergeOptions {
+                    until: chain.until,
+                    filter: chain.filter,
+                    target: match format {
+                        MergeFormat::Qcow2 => merge::Target::Qcow2,
+                        MergeFormat::Raw => merge::Target::Raw,
+                    },
+                    compress: compress.map(Into::into),
+                    force,
+                    progress,
+                    rate_limit: chain.rate_limit,
+                },
+            )?;
+            for f in files {
+                eprintln!("merged {}", f.display());
+            }
+        }
+        Command::Rebase {
+            chain,
+            dry_run,
+            force,
+        } => {
+            let changes = rebase::rebase(
+                &chain.dir,
+                &RebaseOptions {
+                    until: chain.until,
+                    filter: chain.filter,
+                    dry_run,
+                    force,
+                },
+            )?;
+            for c in changes {
+                writeln!(out, "{}{c}", if dry_run { "would " } else { "" })?;
+            }
+        }
+        Command::List { dir, filter, json } => {
+            let points = list::list(&dir, filter.as_deref())?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&points)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<40} {:<5} {:>19} {:>10}  status",
+                    "file", "level", "time", "size"
+                )?;
+                for p in points {
+                    writeln!(
+                        out,
+                        "{:<40} {:<5} {:>19} {:>10}  {}",
+                        p.file,
+                        p.level.name(),
+                        p.time,
+                        qmpbackup::chain::units::size(p.size),
+                        p.status
+                    )?;
+                }
+            }
         }
         Command::Compare { a, b, progress } => {
             return Ok(compare_cmd(&a, &b, progress));

@@ -11,6 +11,7 @@
 //! success is reported, and a file this command created is removed again if it fails.
 
 use super::progress;
+use super::throttle::Throttle;
 use crate::qcow2::create::{create_file, CreateOptions};
 use crate::qcow2::fault::pwrite;
 use crate::qcow2::header::CompressionType;
@@ -32,6 +33,8 @@ pub struct ConvertOptions {
     pub snapshot: Option<String>,
     /// Show a progress bar (only drawn on a terminal).
     pub progress: bool,
+    /// Average bytes per second to stay under (guest bytes processed).
+    pub rate_limit: Option<u64>,
 }
 
 /// qcow2 output settings.
@@ -74,6 +77,17 @@ pub fn to_qcow2(src: &Path, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
     if dst.exists() {
         std::fs::remove_file(dst).map_err(|e| ErrorKind::Io(e).at(dst))?;
     }
+    disk_to_qcow2(&disk, dst, opts, out)
+}
+
+/// Writes the guest-visible contents of an opened disk to a new qcow2 image `dst` (which must
+/// not exist); removes it again on failure.
+pub fn disk_to_qcow2(
+    disk: &Disk,
+    dst: &Path,
+    opts: &ConvertOptions,
+    out: &Qcow2Output,
+) -> Result<()> {
     let size = disk.size();
     create_file(
         dst,
@@ -85,7 +99,7 @@ pub fn to_qcow2(src: &Path, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
         },
         false,
     )?;
-    let result = write_qcow2(&disk, dst, opts, out);
+    let result = write_qcow2(disk, dst, opts, out);
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }
@@ -113,6 +127,7 @@ fn write_qcow2(disk: &Disk, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
     let cs = out.cluster_size;
     let mut w = Writer::open(dst)?.unordered();
     let bar = progress::bytes(size, "convert", opts.progress);
+    let throttle = Throttle::new(opts.rate_limit);
     let chunk = CHUNK.max(cs);
     // A batch is what the workers produce while the writer consumes the previous one: a few
     // chunks per thread, so memory stays bounded whatever the disk size, and reading,
@@ -149,6 +164,7 @@ fn write_qcow2(disk: &Disk, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
                     .expect("copy only planned for files");
                 w.copy_from(src, host, start, len)?;
                 bar.inc(len);
+                throttle.pace(len);
             }
             Ok(())
         };
@@ -173,6 +189,7 @@ fn write_qcow2(disk: &Disk, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
                     w.write_compressed(&p.compressed)?;
                 }
                 bar.inc(p.len);
+                throttle.pace(p.len);
                 pool.put(p.data);
             }
         }
@@ -268,6 +285,12 @@ impl BufferPool {
 /// Writes the guest-visible contents of `src` to `dst` as raw.
 pub fn to_raw(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<()> {
     let disk = open_source(src, dst, opts)?;
+    disk_to_raw(&disk, dst, opts)
+}
+
+/// Writes the guest-visible contents of an opened disk to `dst` as raw (a file, created or
+/// replaced, or a block device); a file it created is removed again on failure.
+pub fn disk_to_raw(disk: &Disk, dst: &Path, opts: &ConvertOptions) -> Result<()> {
     let existed = dst.exists();
     let at = |e: std::io::Error| ErrorKind::Io(e).at(dst);
     let out = FileOpen::new()
@@ -276,7 +299,7 @@ pub fn to_raw(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<()> {
         .truncate(false)
         .open(dst)
         .map_err(at)?;
-    let result = write_raw(&disk, &out, dst, opts);
+    let result = write_raw(disk, &out, dst, opts);
     if result.is_err() && !existed {
         let _ = std::fs::remove_file(dst);
     }
@@ -302,6 +325,7 @@ fn write_raw(disk: &Disk, out: &File, dst: &Path, opts: &ConvertOptions) -> Resu
         }
     }
     let bar = progress::bytes(size, "convert", opts.progress);
+    let throttle = Throttle::new(opts.rate_limit);
     let chunks: Vec<u64> = (0..size.div_ceil(CHUNK)).map(|i| i * CHUNK).collect();
     chunks.par_iter().try_for_each_init(
         || vec![0u8; CHUNK as usize],
@@ -325,6 +349,7 @@ fn write_raw(disk: &Disk, out: &File, dst: &Path, opts: &ConvertOptions) -> Resu
                 write_nonzero(out, slice, e.start, sparse).map_err(at)?;
             }
             bar.inc(len);
+            throttle.pace(len);
             Ok(())
         },
     )?;

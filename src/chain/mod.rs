@@ -6,7 +6,13 @@
 pub mod compare;
 pub mod convert;
 pub mod create_opts;
+pub mod dir;
+pub mod error;
 pub mod info;
+pub mod list;
 pub mod map;
+pub mod merge;
 pub mod progress;
+pub mod rebase;
+pub mod throttle;
 pub mod units;

@@ -187,6 +187,22 @@ impl Disk {
         Ok(disk)
     }
 
+    /// Stacks independent images into one disk: `chain[0]` at the bottom, each next one laid
+    /// over the previous, whatever backing files they name themselves. This is how a backup
+    /// directory restores: its order is authoritative (the original tool's INCs have no
+    /// backing file at all).
+    pub fn stack(chain: &[PathBuf]) -> Result<Disk> {
+        let mut seen = Vec::new();
+        let mut images = Vec::with_capacity(chain.len());
+        for path in chain.iter().rev() {
+            images.push(open_image(path, None, &mut seen)?);
+        }
+        if images.is_empty() {
+            return Err(ErrorKind::NotFound("no images to stack".into()).at(Path::new(".")));
+        }
+        Ok(Disk { images })
+    }
+
     /// Opens a qcow2 image held in memory, without backing file or data file (for fuzzing).
     pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Disk> {
         let path = Path::new(name);

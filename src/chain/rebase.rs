@@ -1,0 +1,104 @@
+//! `qmprestore rebase`: link every INC of the chain to its predecessor in place (backing file
+//! name and format in the header only, as `qemu-img rebase -u`), then point the `image`
+//! symlink at the chosen restore point, so any QEMU can boot the backup directly.
+//!
+//! Each header change is one small write; files are changed oldest first and the symlink is
+//! replaced atomically last, so an interrupted rebase leaves a chain that restores as before
+//! and a re-run completes it.
+
+use super::error::{ChainError, Result};
+use super::merge::{open_chain, restore_chain};
+use crate::qcow2::write::Writer;
+use crate::qcow2::Format;
+use std::path::{Path, PathBuf};
+
+pub struct RebaseOptions {
+    pub until: Option<String>,
+    pub filter: Option<String>,
+    pub dry_run: bool,
+    /// Replace an existing `image` symlink.
+    pub force: bool,
+}
+
+/// One planned (or made) change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Backing {
+        file: PathBuf,
+        backing: String,
+        format: Format,
+    },
+    Link {
+        link: PathBuf,
+        target: String,
+    },
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Backing {
+                file,
+                backing,
+                format,
+            } => write!(
+                f,
+                "set backing file of {} to {backing} ({})",
+                file.display(),
+                format.name()
+            ),
+            Change::Link { link, target } => write!(f, "link {} -> {target}", link.display()),
+        }
+    }
+}
+
+/// Rebases the chain in `dir`; returns the changes (made, or planned with `dry_run`).
+pub fn rebase(dir: &Path, opts: &RebaseOptions) -> Result<Vec<Change>> {
+    let (_, chain) = restore_chain(dir, opts.filter.as_deref(), opts.until.as_deref())?;
+    // Validates every file (and refuses raw INCs) before anything changes.
+    let disk = open_chain(&chain)?;
+    let formats: Vec<Format> = disk.chain().map(|i| i.format()).rev().collect();
+    let link = dir.join("image");
+    if std::fs::symlink_metadata(&link).is_ok() && !opts.force {
+        return Err(ChainError::Refused(format!(
+            "{} exists; use --force to replace it",
+            link.display()
+        )));
+    }
+    let mut changes = Vec::new();
+    for (i, pair) in chain.files.windows(2).enumerate() {
+        changes.push(Change::Backing {
+            file: pair[1].path.clone(),
+            backing: pair[0].name.clone(),
+            format: formats[i],
+        });
+    }
+    let top = chain.files.last().expect("a chain has a FULL").name.clone();
+    changes.push(Change::Link {
+        link: link.clone(),
+        target: top,
+    });
+    if opts.dry_run {
+        return Ok(changes);
+    }
+    for c in &changes {
+        match c {
+            Change::Backing {
+                file,
+                backing,
+                format,
+            } => {
+                let mut w = Writer::open(file)?;
+                w.set_backing(Some((backing, Some(*format))))?;
+            }
+            Change::Link { link, target } => {
+                let tmp = link.with_file_name(".image.tmp");
+                let _ = std::fs::remove_file(&tmp);
+                let io = |e| ChainError::Refused(format!("{}: {e}", link.display()));
+                std::os::unix::fs::symlink(target, &tmp).map_err(io)?;
+                std::fs::rename(&tmp, link).map_err(io)?;
+            }
+        }
+    }
+    Ok(changes)
+}

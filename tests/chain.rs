@@ -1,0 +1,400 @@
+//! Chain commands (merge, rebase, list) on backup directories built with qemu-img/qemu-io in
+//! the original tool's layout (standalone INCs) and in the linked layout; every result is
+//! compared with the live disk at each backup instant by `qemu-img compare`.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn qmprestore(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+struct Backups {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    /// Raw images of the live disk at each backup (FULL first).
+    expected: Vec<PathBuf>,
+    names: Vec<String>,
+}
+
+/// A live disk gets `rounds` rounds of writes; after each a backup is taken: a full copy
+/// first, then INCs holding exactly the clusters written since (zero writes as zero
+/// clusters). Writes cover whole INC clusters, as a backup job copies whole dirty clusters.
+/// `linked`: INCs name their predecessor as backing file.
+fn build(rounds: usize, linked: bool, inc_opts: &str, resize_at: Option<usize>) -> Backups {
+    let align: u64 = inc_opts
+        .strip_prefix("cluster_size=")
+        .map(|c| qmpbackup::chain::create_opts::parse_size(c).unwrap())
+        .unwrap_or(65536);
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let dir = root.join("disk.qcow2");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(root.join("uuid"), "test-chain").unwrap();
+    qemu_img(&root, &["create", "-q", "-f", "qcow2", "live.qcow2", "8M"]);
+    let mut rng = Lcg(rounds as u64 * 7 + linked as u64);
+    let mut expected = Vec::new();
+    let mut names: Vec<String> = Vec::new();
+    let mut size = 8u64 << 20;
+    for k in 0..=rounds {
+        if resize_at == Some(k) {
+            size += 4 << 20;
+            qemu_img(&root, &["resize", "-q", "live.qcow2", &size.to_string()]);
+        }
+        let mut ops = Vec::new();
+        for _ in 0..if k == 0 { 12 } else { 5 } {
+            let off = rng.below(size / align) * align;
+            let len = ((1 + rng.below(6)) * align).min(size - off);
+            if k > 0 && rng.below(4) == 0 {
+                ops.push(format!("write -z {off} {len}"));
+            } else {
+                ops.push(format!("write -P {} {off} {len}", 1 + rng.below(250)));
+            }
+        }
+        qemu_io(&root, "live.qcow2", &ops);
+        let epoch = 1_700_000_000 + k as u64 * 600;
+        let name = if k == 0 {
+            format!("FULL-{epoch}-disk.qcow2")
+        } else {
+            format!("INC-{epoch}-disk.qcow2")
+        };
+        let path = dir.join(&name);
+        if k == 0 {
+            qemu_img(
+                &root,
+                &[
+                    "convert",
+                    "-O",
+                    "qcow2",
+                    "live.qcow2",
+                    path.to_str().unwrap(),
+                ],
+            );
+        } else {
+            let mut args = vec!["create", "-q", "-f", "qcow2"];
+            if !inc_opts.is_empty() {
+                args.extend(["-o", inc_opts]);
+            }
+            let prev: String = names.last().cloned().unwrap_or_default();
+            if linked {
+                args.extend(["-b", prev.as_str(), "-F", "qcow2"]);
+            }
+            let size_s = size.to_string();
+            args.extend([name.as_str(), size_s.as_str()]);
+            qemu_img(&dir, &args);
+            qemu_io(&dir, &name, &ops);
+        }
+        let raw = root.join(format!("expected-{k}.raw"));
+        qemu_img(
+            &root,
+            &["convert", "-O", "raw", "live.qcow2", raw.to_str().unwrap()],
+        );
+        expected.push(raw);
+        names.push(name);
+    }
+    Backups {
+        _tmp: tmp,
+        dir,
+        expected,
+        names,
+    }
+}
+
+fn sums(dir: &Path) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| (p.display().to_string(), sha256_file(&p)))
+        .collect();
+    v.sort();
+    v
+}
+
+fn assert_same(image: &Path, expected: &Path) {
+    let out = Command::new("qemu-img")
+        .arg("compare")
+        .arg(image)
+        .arg(expected)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} vs {}: {}",
+        image.display(),
+        expected.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn assert_check_clean(image: &Path) {
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn merge_every_restore_point_in_both_layouts() {
+    if !have("qemu-img") {
+        return;
+    }
+    for linked in [false, true] {
+        let b = build(5, linked, "", None);
+        let before = sums(&b.dir);
+        let out = b.dir.parent().unwrap().join("out");
+        std::fs::create_dir(&out).unwrap();
+        for (k, name) in b.names.iter().enumerate() {
+            let target = out.join(format!("m{k}.qcow2"));
+            ok(qmprestore(&[
+                "merge",
+                "--dir",
+                b.dir.to_str().unwrap(),
+                "--until",
+                name,
+                "--targetfile",
+                target.to_str().unwrap(),
+            ]));
+            assert_same(&target, &b.expected[k]);
+            assert_check_clean(&target);
+        }
+        // Raw and compressed outputs, and --until by prefix and by time.
+        let raw = out.join("m.raw");
+        ok(qmprestore(&[
+            "merge",
+            "--dir",
+            b.dir.to_str().unwrap(),
+            "--format",
+            "raw",
+            "--targetfile",
+            raw.to_str().unwrap(),
+        ]));
+        assert_eq!(sha256_file(&raw), sha256_file(b.expected.last().unwrap()));
+        let z = out.join("z.qcow2");
+        ok(qmprestore(&[
+            "merge",
+            "--dir",
+            b.dir.to_str().unwrap(),
+            "--compress",
+            "zstd",
+            "--until",
+            "INC-1700001200",
+            "--targetfile",
+            z.to_str().unwrap(),
+        ]));
+        assert_same(&z, &b.expected[2]);
+        let t = out.join("t.qcow2");
+        ok(qmprestore(&[
+            "merge",
+            "--dir",
+            b.dir.to_str().unwrap(),
+            "--until",
+            "2023-11-14T22:43:20Z",
+            "--targetfile",
+            t.to_str().unwrap(),
+        ]));
+        assert_same(&t, &b.expected[3]);
+        // An existing target is refused without --force.
+        let o = qmprestore(&[
+            "merge",
+            "--dir",
+            b.dir.to_str().unwrap(),
+            "--targetfile",
+            t.to_str().unwrap(),
+        ]);
+        assert_eq!(o.status.code(), Some(1));
+        ok(qmprestore(&[
+            "merge",
+            "--dir",
+            b.dir.to_str().unwrap(),
+            "--force",
+            "--targetfile",
+            t.to_str().unwrap(),
+        ]));
+        assert_same(&t, b.expected.last().unwrap());
+        assert_eq!(
+            sums(&b.dir),
+            before,
+            "merge must not change any backup file"
+        );
+    }
+}
+
+#[test]
+fn long_chains_cluster_size_mixes_and_resizes() {
+    if !have("qemu-img") {
+        return;
+    }
+    let b = build(32, false, "cluster_size=16k", None);
+    let target = b.dir.parent().unwrap().join("long.qcow2");
+    ok(qmprestore(&[
+        "merge",
+        "--dir",
+        b.dir.to_str().unwrap(),
+        "--targetfile",
+        target.to_str().unwrap(),
+    ]));
+    assert_same(&target, b.expected.last().unwrap());
+    let b = build(4, true, "cluster_size=2M", Some(2));
+    let target = b.dir.parent().unwrap().join("resized.qcow2");
+    ok(qmprestore(&[
+        "merge",
+        "--dir",
+        b.dir.to_str().unwrap(),
+        "--targetfile",
+        target.to_str().unwrap(),
+    ]));
+    assert_same(&target, b.expected.last().unwrap());
+    assert_eq!(
+        qmpbackup::qcow2::Disk::open(&target).unwrap().size(),
+        12 << 20
+    );
+}
+
+#[test]
+fn rebase_links_the_chain_and_points_image_at_the_restore_point() {
+    if !have("qemu-img") {
+        return;
+    }
+    let b = build(3, false, "", None);
+    let d = b.dir.to_str().unwrap();
+    let plan = ok(qmprestore(&[
+        "rebase",
+        "--dir",
+        d,
+        "--until",
+        &b.names[2],
+        "--dry-run",
+    ]));
+    assert_eq!(plan.lines().count(), 3, "{plan}");
+    assert!(plan.contains("would set backing file"));
+    assert!(!b.dir.join("image").exists(), "dry run changed something");
+    ok(qmprestore(&["rebase", "--dir", d, "--until", &b.names[2]]));
+    assert_eq!(
+        std::fs::read_link(b.dir.join("image")).unwrap(),
+        Path::new(&b.names[2])
+    );
+    assert_same(&b.dir.join("image"), &b.expected[2]);
+    for name in &b.names[1..3] {
+        assert_check_clean(&b.dir.join(name));
+    }
+    let info: Value =
+        serde_json::from_str(&qemu_img(&b.dir, &["info", "--output=json", &b.names[2]])).unwrap();
+    assert_eq!(info["backing-filename"], b.names[1].as_str());
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    // `image` exists now: refused without --force, then the whole chain.
+    assert_eq!(qmprestore(&["rebase", "--dir", d]).status.code(), Some(1));
+    ok(qmprestore(&["rebase", "--dir", d, "--force"]));
+    assert_same(&b.dir.join("image"), b.expected.last().unwrap());
+}
+
+#[test]
+fn directory_layouts_and_refusals() {
+    if !have("qemu-img") {
+        return;
+    }
+    let b = build(2, false, "", None);
+    let d = b.dir.to_str().unwrap();
+    let list: Value =
+        serde_json::from_str(&ok(qmprestore(&["list", "--dir", d, "--json"]))).unwrap();
+    let statuses: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["restore-point"; 3]);
+    // A relative --dir works.
+    let o = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .current_dir(b.dir.parent().unwrap())
+        .args(["merge", "--dir", "disk.qcow2", "--targetfile", "rel.qcow2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_same(
+        &b.dir.parent().unwrap().join("rel.qcow2"),
+        b.expected.last().unwrap(),
+    );
+    // A newer FULL starts the chain; the older one is reported.
+    std::fs::copy(&b.expected[1], b.dir.join("FULL-1700000900-disk.qcow2")).unwrap();
+    let list: Value =
+        serde_json::from_str(&ok(qmprestore(&["list", "--dir", d, "--json"]))).unwrap();
+    let statuses: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["status"].as_str().unwrap())
+        .collect();
+    // INC-1700000600 predates the newer FULL: it belongs to the old chain.
+    assert_eq!(
+        statuses,
+        ["older-full", "older-inc", "restore-point", "restore-point"]
+    );
+    let m = b.dir.parent().unwrap().join("newfull.qcow2");
+    ok(qmprestore(&[
+        "merge",
+        "--dir",
+        d,
+        "--targetfile",
+        m.to_str().unwrap(),
+    ]));
+    // FULL (raw, = state 1) + INC 2 = state 2.
+    assert_same(&m, &b.expected[2]);
+    // A partial backup blocks restores with a clear message.
+    std::fs::write(b.dir.join("INC-1700001300-disk.qcow2.partial"), b"").unwrap();
+    let o = qmprestore(&["merge", "--dir", d, "--targetfile", "/tmp/never.qcow2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("partial backup"));
+    std::fs::remove_file(b.dir.join("INC-1700001300-disk.qcow2.partial")).unwrap();
+    // A raw INC cannot be laid over its predecessor.
+    std::fs::write(b.dir.join("INC-1700001400-disk.qcow2"), vec![0u8; 8 << 20]).unwrap();
+    let o = qmprestore(&["merge", "--dir", d, "--targetfile", "/tmp/never.qcow2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("raw incremental"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Several disks in a flat directory need --filter.
+    std::fs::remove_file(b.dir.join("INC-1700001400-disk.qcow2")).unwrap();
+    std::fs::copy(&b.expected[0], b.dir.join("FULL-1700000000-other.raw")).unwrap();
+    let o = qmprestore(&["merge", "--dir", d, "--targetfile", "/tmp/never.qcow2"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--filter"));
+    let f = b.dir.parent().unwrap().join("filtered.raw");
+    ok(qmprestore(&[
+        "merge",
+        "--dir",
+        d,
+        "--filter",
+        "other",
+        "--format",
+        "raw",
+        "--targetfile",
+        f.to_str().unwrap(),
+    ]));
+    assert_eq!(sha256_file(&f), sha256_file(&b.expected[0]));
+}
