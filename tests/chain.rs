@@ -398,3 +398,89 @@ fn directory_layouts_and_refusals() {
     ]));
     assert_eq!(sha256_file(&f), sha256_file(&b.expected[0]));
 }
+
+#[test]
+fn commit_folds_into_the_full_and_keeps_later_incs_valid() {
+    if !have("qemu-img") {
+        return;
+    }
+    for linked in [false, true] {
+        let b = build(4, linked, "", None);
+        let d = b.dir.to_str().unwrap();
+        let before = sums(&b.dir);
+        let plan = ok(qmprestore(&[
+            "commit",
+            "--dir",
+            d,
+            "--until",
+            &b.names[2],
+            "--dry-run",
+        ]));
+        assert!(plan.contains("would fold"), "{plan}");
+        assert_eq!(sums(&b.dir), before, "dry run changed files");
+        ok(qmprestore(&["commit", "--dir", d, "--until", &b.names[2]]));
+        let full = b.dir.join(&b.names[0]);
+        assert_same(&full, &b.expected[2]);
+        assert_check_clean(&full);
+        assert!(!b.dir.join(&b.names[1]).exists() && !b.dir.join(&b.names[2]).exists());
+        // The INCs after the restore point still restore the later states.
+        let m = b.dir.parent().unwrap().join("after.qcow2");
+        ok(qmprestore(&[
+            "merge",
+            "--dir",
+            d,
+            "--targetfile",
+            m.to_str().unwrap(),
+        ]));
+        assert_same(&m, b.expected.last().unwrap());
+        if linked {
+            assert_same(&b.dir.join(&b.names[4]), b.expected.last().unwrap());
+        }
+        ok(qmprestore(&["commit", "--dir", d]));
+        assert_same(&full, b.expected.last().unwrap());
+        assert_eq!(std::fs::read_dir(&b.dir).unwrap().count(), 1);
+    }
+}
+
+#[test]
+fn interrupted_commits_converge_when_run_again() {
+    if !have("qemu-img") {
+        return;
+    }
+    for n in [0u64, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89] {
+        let b = build(3, n % 2 == 1, "", None);
+        let d = b.dir.to_str().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+            .env(qmpbackup::qcow2::fault::ENV, n.to_string())
+            .args(["commit", "--dir", d])
+            .output()
+            .unwrap();
+        let crashed = !o.status.success();
+        // Whatever was left restores the newest state: by merge, and by completing the commit.
+        let m = b.dir.parent().unwrap().join("m.qcow2");
+        ok(qmprestore(&[
+            "merge",
+            "--dir",
+            d,
+            "--targetfile",
+            m.to_str().unwrap(),
+        ]));
+        assert_same(&m, b.expected.last().unwrap());
+        ok(qmprestore(&["commit", "--dir", d]));
+        let full = b.dir.join(&b.names[0]);
+        assert_same(&full, b.expected.last().unwrap());
+        let out = Command::new("qemu-img")
+            .arg("check")
+            .arg(&full)
+            .output()
+            .unwrap();
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(3)),
+            "crash after {n} (crashed: {crashed}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        if !crashed {
+            break;
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use qmpbackup::chain::commit::{self, CommitOptions};
 use qmpbackup::chain::compare::{self, Comparison};
 use qmpbackup::chain::convert::{self, ConvertOptions, Qcow2Output};
 use qmpbackup::chain::create_opts;
@@ -143,6 +144,20 @@ The chain is the latest FULL and the INCs after it, in the order of the epochs i
         force: bool,
         #[arg(short = 'p', long)]
         progress: bool,
+    },
+    /// Fold the INCs up to the restore point into the FULL, in place, then delete them.
+    #[command(after_help = "Examples:
+  qmprestore commit --dir /backup/vm1/disk1.qcow2 --dry-run
+  qmprestore commit --dir /backup/vm1/disk1.qcow2 --until INC-1700000600
+
+The FULL is flushed before any INC is deleted; an interrupted commit is completed by running
+it again. INCs after the restore point stay valid (the next one is re-linked to the FULL).")]
+    Commit {
+        #[command(flatten)]
+        chain: ChainArgs,
+        /// Print what would be folded and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Link every INC to its predecessor in place and point `image` at the restore point.
     #[command(after_help = "Example:
@@ -520,6 +535,36 @@ fn run(command: Command) -> Result<ExitCode> {
             for f in files {
                 eprintln!("merged {}", f.display());
             }
+        }
+        Command::Commit { chain, dry_run } => {
+            let r = commit::commit(
+                &chain.dir,
+                &CommitOptions {
+                    until: chain.until,
+                    filter: chain.filter,
+                    dry_run,
+                    rate_limit: chain.rate_limit,
+                },
+            )?;
+            let verb = if dry_run { "would fold" } else { "folded" };
+            for f in &r.folded {
+                writeln!(out, "{verb} {} into {}", f.display(), r.full.display())?;
+            }
+            if let Some(n) = &r.relinked {
+                writeln!(
+                    out,
+                    "{} {} to {}",
+                    if dry_run { "would link" } else { "linked" },
+                    n.display(),
+                    r.full.display()
+                )?;
+            }
+            writeln!(
+                out,
+                "{} bytes {}",
+                r.bytes,
+                if dry_run { "to write" } else { "written" }
+            )?;
         }
         Command::Rebase {
             chain,

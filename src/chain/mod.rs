@@ -3,6 +3,7 @@
 //! Each submodule holds one command's logic as a library function the thin binary calls;
 //! printing is limited to the report the command exists to produce.
 
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create_opts;

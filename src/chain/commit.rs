@@ -1,0 +1,130 @@
+//! `qmprestore commit`: fold the INCs up to the restore point into the FULL, in place, then
+//! delete them.
+//!
+//! One pass over the stacked chain's map: every guest range whose newest version lives in an
+//! INC is written into the FULL once (zeroed ranges as zero clusters); ranges the FULL already
+//! holds are not touched and no data is read twice. The FULL is flushed to stable storage
+//! before anything is deleted; then the first INC after the restore point (if any, and if it
+//! is linked) is re-linked to the FULL, and the folded INCs are deleted oldest first. Re-running
+//! after an interruption at any point converges: a FULL that already holds a newer state is
+//! simply overwritten with the same data by the INCs that are left, newest last.
+
+use super::error::{ChainError, Result};
+use super::merge::{open_chain, restore_chain};
+use super::throttle::Throttle;
+use crate::qcow2::write::Writer;
+use crate::qcow2::{ErrorKind, Format};
+use std::path::{Path, PathBuf};
+
+pub struct CommitOptions {
+    pub until: Option<String>,
+    pub filter: Option<String>,
+    pub dry_run: bool,
+    pub rate_limit: Option<u64>,
+}
+
+/// What a commit did (or would do).
+#[derive(Debug, Default)]
+pub struct CommitReport {
+    pub full: PathBuf,
+    pub folded: Vec<PathBuf>,
+    pub relinked: Option<PathBuf>,
+    /// Guest bytes written into the FULL.
+    pub bytes: u64,
+}
+
+pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
+    let (bd, chain) = restore_chain(dir, opts.filter.as_deref(), opts.until.as_deref())?;
+    let full_chain = bd.chain()?;
+    let full = chain.files[0].path.clone();
+    let folded: Vec<PathBuf> = chain.files[1..].iter().map(|f| f.path.clone()).collect();
+    let next = full_chain
+        .files
+        .get(chain.files.len())
+        .map(|f| f.path.clone());
+    let mut report = CommitReport {
+        full: full.clone(),
+        folded: folded.clone(),
+        relinked: None,
+        bytes: 0,
+    };
+    if folded.is_empty() {
+        return Ok(report);
+    }
+    let disk = open_chain(&chain)?;
+    let layers = disk.chain().count() as u32;
+    let full_image = disk.chain().last().expect("chain has a FULL");
+    if full_image.format() != Format::Qcow2 {
+        return Err(ChainError::Refused(format!(
+            "{} is raw: commit needs a qcow2 FULL (use merge instead)",
+            full.display()
+        )));
+    }
+    if disk.size() != full_image.size() {
+        return Err(ChainError::Refused(format!(
+            "the disk was resized between backups ({} -> {} bytes): use merge, which writes a new image",
+            full_image.size(),
+            disk.size()
+        )));
+    }
+    let relink = match &next {
+        Some(n) => crate::qcow2::Disk::open_with(
+            n,
+            &crate::qcow2::OpenOptions {
+                no_backing: true,
+                ..Default::default()
+            },
+        )?
+        .qcow2()
+        .and_then(|q| q.backing_name().map(|_| n.clone())),
+        None => None,
+    };
+    report.relinked = relink.clone();
+    // Plan: the ranges whose newest version is in an INC (depth below the FULL's).
+    let mut ranges = Vec::new();
+    disk.for_each_extent(0, disk.size(), |e| {
+        if e.depth + 1 < layers && (e.data || e.zero) {
+            ranges.push(e);
+        }
+        Ok(())
+    })?;
+    report.bytes = ranges.iter().map(|e| e.length).sum();
+    if opts.dry_run {
+        return Ok(report);
+    }
+    let mut w = Writer::open(&full)?;
+    let throttle = Throttle::new(opts.rate_limit);
+    const STEP: u64 = 4 << 20;
+    let mut buf = vec![0u8; STEP as usize];
+    for e in &ranges {
+        if e.zero && !e.data {
+            w.write_zeroes(e.start, e.length)?;
+            throttle.pace(e.length);
+            continue;
+        }
+        let mut pos = e.start;
+        while pos < e.start + e.length {
+            let n = STEP.min(e.start + e.length - pos);
+            let b = &mut buf[..n as usize];
+            disk.read_at(b, pos)?;
+            w.write_at(b, pos)?;
+            throttle.pace(n);
+            pos += n;
+        }
+    }
+    drop(disk);
+    w.finish()?;
+    if let Some(n) = &relink {
+        let name = full
+            .file_name()
+            .expect("a file")
+            .to_string_lossy()
+            .into_owned();
+        Writer::open(n)?.set_backing(Some((&name, Some(Format::Qcow2))))?;
+    }
+    for f in &folded {
+        std::fs::remove_file(f).map_err(|e| ErrorKind::Io(e).at(f))?;
+    }
+    crate::qcow2::create::sync_parent(&full).map_err(|e| ErrorKind::Io(e).at(dir))?;
+    Ok(report)
+}
