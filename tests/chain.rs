@@ -144,6 +144,21 @@ fn assert_same(image: &Path, expected: &Path) {
     );
 }
 
+/// After a crash: leaked clusters are allowed, corruption is not.
+fn assert_no_corruption(image: &Path) {
+    let out = Command::new("qemu-img")
+        .arg("check")
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(3)),
+        "{}: {}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 fn assert_check_clean(image: &Path) {
     let out = Command::new("qemu-img")
         .arg("check")
@@ -469,17 +484,106 @@ fn interrupted_commits_converge_when_run_again() {
         ok(qmprestore(&["commit", "--dir", d]));
         let full = b.dir.join(&b.names[0]);
         assert_same(&full, b.expected.last().unwrap());
-        let out = Command::new("qemu-img")
-            .arg("check")
-            .arg(&full)
+        assert_no_corruption(&full);
+        if !crashed {
+            break;
+        }
+    }
+}
+
+fn snapshot_raw(dir: &Path, image: &Path, snap: &str) -> PathBuf {
+    let out = dir.join(format!("snap-{}.raw", snap.replace(':', "_")));
+    qemu_img(
+        dir,
+        &[
+            "convert",
+            "-O",
+            "raw",
+            "-l",
+            &format!("snapshot.name={snap}"),
+            image.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    out
+}
+
+#[test]
+fn snapshotrebase_keeps_every_backup_as_a_snapshot() {
+    if !have("qemu-img") {
+        return;
+    }
+    for linked in [false, true] {
+        let b = build(3, linked, "", None);
+        let d = b.dir.to_str().unwrap();
+        let root = b.dir.parent().unwrap().to_path_buf();
+        ok(qmprestore(&[
+            "snapshotrebase",
+            "--dir",
+            d,
+            "--until",
+            &b.names[2],
+        ]));
+        let full = b.dir.join(&b.names[0]);
+        assert_check_clean(&full);
+        let listed = qemu_img(&b.dir, &["snapshot", "-l", &b.names[0]]);
+        let mut names = vec!["FULL-BACKUP".to_string()];
+        for k in 1..=2 {
+            names.push(qmpbackup::chain::snapshot_rebase::snapshot_name(
+                1_700_000_000 + k * 600,
+            ));
+        }
+        for (k, n) in names.iter().enumerate() {
+            assert!(listed.contains(n.as_str()), "{n} not in {listed}");
+            assert_eq!(
+                sha256_file(&snapshot_raw(&root, &full, n)),
+                sha256_file(&b.expected[k]),
+                "snapshot {n}"
+            );
+        }
+        assert_same(&full, &b.expected[2]);
+        // The rest of the chain still restores, and a second run finishes it.
+        let m = root.join("m.qcow2");
+        ok(qmprestore(&[
+            "merge",
+            "--dir",
+            d,
+            "--targetfile",
+            m.to_str().unwrap(),
+        ]));
+        assert_same(&m, b.expected.last().unwrap());
+        ok(qmprestore(&["snapshotrebase", "--dir", d]));
+        assert_same(&full, b.expected.last().unwrap());
+        assert_check_clean(&full);
+        assert_eq!(std::fs::read_dir(&b.dir).unwrap().count(), 1);
+    }
+}
+
+#[test]
+fn interrupted_snapshotrebase_converges_when_run_again() {
+    if !have("qemu-img") {
+        return;
+    }
+    for n in [0u64, 2, 4, 7, 11, 16, 23, 35, 50, 70, 100, 150, 220] {
+        let b = build(2, n % 2 == 0, "", None);
+        let d = b.dir.to_str().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+            .env(qmpbackup::qcow2::fault::ENV, n.to_string())
+            .args(["snapshotrebase", "--dir", d])
             .output()
             .unwrap();
-        assert!(
-            matches!(out.status.code(), Some(0) | Some(3)),
-            "crash after {n} (crashed: {crashed}): {}",
-            String::from_utf8_lossy(&out.stdout)
+        ok(qmprestore(&["snapshotrebase", "--dir", d]));
+        let full = b.dir.join(&b.names[0]);
+        assert_same(&full, b.expected.last().unwrap());
+        assert_no_corruption(&full);
+        let root = b.dir.parent().unwrap();
+        let last = qmpbackup::chain::snapshot_rebase::snapshot_name(1_700_001_200);
+        assert_eq!(
+            sha256_file(&snapshot_raw(root, &full, &last)),
+            sha256_file(b.expected.last().unwrap()),
+            "crash after {n}"
         );
-        if !crashed {
+        if o.status.success() {
             break;
         }
     }

@@ -11,6 +11,7 @@ use qmpbackup::chain::list;
 use qmpbackup::chain::map::{self, MapFormat};
 use qmpbackup::chain::merge::{self, MergeOptions};
 use qmpbackup::chain::rebase::{self, RebaseOptions};
+use qmpbackup::chain::snapshot_rebase::{self, SnapshotRebaseOptions};
 use qmpbackup::qcow2::check::{self, Repair};
 use qmpbackup::qcow2::create::{self, CreateOptions};
 use qmpbackup::qcow2::header::CompressionType;
@@ -156,6 +157,22 @@ it again. INCs after the restore point stay valid (the next one is re-linked to 
         #[command(flatten)]
         chain: ChainArgs,
         /// Print what would be folded and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Fold each INC into the FULL and keep every backup as an internal snapshot.
+    #[command(
+        name = "snapshotrebase",
+        after_help = "Example:
+  qmprestore snapshotrebase --dir /backup/vm1/disk1.qcow2
+  qemu-img snapshot -l /backup/vm1/disk1.qcow2/FULL-1700000000-disk1.qcow2
+
+The FULL gets the snapshot FULL-BACKUP, then one snapshot per INC named after its time
+(%Y-%m-%d-%H:%M:%S, local time); each INC is deleted once its snapshot is on disk."
+    )]
+    SnapshotRebase {
+        #[command(flatten)]
+        chain: ChainArgs,
         #[arg(long)]
         dry_run: bool,
     },
@@ -565,6 +582,24 @@ fn run(command: Command) -> Result<ExitCode> {
                 r.bytes,
                 if dry_run { "to write" } else { "written" }
             )?;
+        }
+        Command::SnapshotRebase { chain, dry_run } => {
+            let plan = snapshot_rebase::snapshot_rebase(
+                &chain.dir,
+                &SnapshotRebaseOptions {
+                    until: chain.until,
+                    filter: chain.filter,
+                    dry_run,
+                    rate_limit: chain.rate_limit,
+                },
+            )?;
+            for (snap, inc) in plan {
+                let what = match inc {
+                    Some(f) => format!("fold {} and snapshot it as {snap}", f.display()),
+                    None => format!("snapshot the FULL as {snap} (when absent)"),
+                };
+                writeln!(out, "{}{what}", if dry_run { "would " } else { "" })?;
+            }
         }
         Command::Rebase {
             chain,

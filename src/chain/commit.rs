@@ -13,7 +13,7 @@ use super::error::{ChainError, Result};
 use super::merge::{open_chain, restore_chain};
 use super::throttle::Throttle;
 use crate::qcow2::write::Writer;
-use crate::qcow2::{ErrorKind, Format};
+use crate::qcow2::{Disk, ErrorKind, Extent, Format};
 use std::path::{Path, PathBuf};
 
 pub struct CommitOptions {
@@ -52,7 +52,6 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
         return Ok(report);
     }
     let disk = open_chain(&chain)?;
-    let layers = disk.chain().count() as u32;
     let full_image = disk.chain().last().expect("chain has a FULL");
     if full_image.format() != Format::Qcow2 {
         return Err(ChainError::Refused(format!(
@@ -80,38 +79,13 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
         None => None,
     };
     report.relinked = relink.clone();
-    // Plan: the ranges whose newest version is in an INC (depth below the FULL's).
-    let mut ranges = Vec::new();
-    disk.for_each_extent(0, disk.size(), |e| {
-        if e.depth + 1 < layers && (e.data || e.zero) {
-            ranges.push(e);
-        }
-        Ok(())
-    })?;
+    let ranges = newer_than_full(&disk)?;
     report.bytes = ranges.iter().map(|e| e.length).sum();
     if opts.dry_run {
         return Ok(report);
     }
     let mut w = Writer::open(&full)?;
-    let throttle = Throttle::new(opts.rate_limit);
-    const STEP: u64 = 4 << 20;
-    let mut buf = vec![0u8; STEP as usize];
-    for e in &ranges {
-        if e.zero && !e.data {
-            w.write_zeroes(e.start, e.length)?;
-            throttle.pace(e.length);
-            continue;
-        }
-        let mut pos = e.start;
-        while pos < e.start + e.length {
-            let n = STEP.min(e.start + e.length - pos);
-            let b = &mut buf[..n as usize];
-            disk.read_at(b, pos)?;
-            w.write_at(b, pos)?;
-            throttle.pace(n);
-            pos += n;
-        }
-    }
+    fold(&disk, &ranges, &mut w, &Throttle::new(opts.rate_limit))?;
     drop(disk);
     w.finish()?;
     if let Some(n) = &relink {
@@ -127,4 +101,65 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
     }
     crate::qcow2::create::sync_parent(&full).map_err(|e| ErrorKind::Io(e).at(dir))?;
     Ok(report)
+}
+
+/// The ranges of a stacked chain whose newest version lies above the bottom image (the FULL):
+/// what folding must write into it.
+pub fn newer_than_full(disk: &Disk) -> Result<Vec<Extent>> {
+    let layers = disk.chain().count() as u32;
+    let mut ranges = Vec::new();
+    disk.for_each_extent(0, disk.size(), |e| {
+        if e.depth + 1 < layers && (e.data || e.zero) {
+            ranges.push(e);
+        }
+        Ok(())
+    })?;
+    Ok(ranges)
+}
+
+/// Writes `ranges` of `disk` into the FULL open in `w`: data read from the INCs, zeroed
+/// ranges as zero clusters.
+pub fn fold(disk: &Disk, ranges: &[Extent], w: &mut Writer, throttle: &Throttle) -> Result<()> {
+    const STEP: u64 = 4 << 20;
+    let mut buf = vec![0u8; STEP as usize];
+    for e in ranges {
+        if e.zero && !e.data {
+            w.write_zeroes(e.start, e.length)?;
+            throttle.pace(e.length);
+            continue;
+        }
+        let mut pos = e.start;
+        while pos < e.start + e.length {
+            let n = STEP.min(e.start + e.length - pos);
+            let b = &mut buf[..n as usize];
+            disk.read_at(b, pos)?;
+            w.write_at(b, pos)?;
+            throttle.pace(n);
+            pos += n;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a backup file names a backing file (the linked layout).
+pub fn is_linked(path: &Path) -> Result<bool> {
+    let d = Disk::open_with(
+        path,
+        &crate::qcow2::OpenOptions {
+            no_backing: true,
+            ..Default::default()
+        },
+    )?;
+    Ok(d.qcow2().and_then(|q| q.backing_name()).is_some())
+}
+
+/// Points `inc`'s backing file at `full` (same directory, so by name).
+pub fn link_to(inc: &Path, full: &Path) -> Result<()> {
+    let name = full
+        .file_name()
+        .expect("a file")
+        .to_string_lossy()
+        .into_owned();
+    Writer::open(inc)?.set_backing(Some((&name, Some(Format::Qcow2))))?;
+    Ok(())
 }

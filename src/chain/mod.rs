@@ -15,5 +15,6 @@ pub mod map;
 pub mod merge;
 pub mod progress;
 pub mod rebase;
+pub mod snapshot_rebase;
 pub mod throttle;
 pub mod units;

@@ -1,0 +1,100 @@
+//! `qmprestore snapshotrebase`: turn a chain into one image with an internal snapshot per
+//! backup. The FULL first gets the snapshot `FULL-BACKUP` (when absent); then each INC, in
+//! order, is folded in, a snapshot named after the INC's time (`%Y-%m-%d-%H:%M:%S`, local time,
+//! as the original) is taken, and the INC is deleted. Each step is flushed before the next, so
+//! a re-run after an interruption continues where it stopped: folding the same INC again
+//! writes the same data, and an existing snapshot of that name is kept.
+
+use super::commit::{fold, is_linked, link_to, newer_than_full};
+use super::error::{ChainError, Result};
+use super::info::local_time;
+use super::merge::{open_chain, restore_chain};
+use super::throttle::Throttle;
+use crate::qcow2::write::Writer;
+use crate::qcow2::{Disk, ErrorKind, Format};
+use std::path::{Path, PathBuf};
+
+pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
+
+pub struct SnapshotRebaseOptions {
+    pub until: Option<String>,
+    pub filter: Option<String>,
+    pub dry_run: bool,
+    pub rate_limit: Option<u64>,
+}
+
+/// Snapshot name for a backup taken at `epoch`.
+pub fn snapshot_name(epoch: u64) -> String {
+    local_time(epoch as i64).replace(' ', "-")
+}
+
+/// Returns (snapshot name, INC folded) in order; with `dry_run` what would be done.
+pub fn snapshot_rebase(
+    dir: &Path,
+    opts: &SnapshotRebaseOptions,
+) -> Result<Vec<(String, Option<PathBuf>)>> {
+    let (bd, chain) = restore_chain(dir, opts.filter.as_deref(), opts.until.as_deref())?;
+    let all = bd.chain()?;
+    // Validates every file (and refuses raw INCs) before anything changes.
+    let disk = open_chain(&chain)?;
+    let full = chain.files[0].path.clone();
+    if disk.chain().last().map(|i| i.format()) != Some(Format::Qcow2) {
+        return Err(ChainError::Refused(format!(
+            "{} is raw: internal snapshots need a qcow2 FULL",
+            full.display()
+        )));
+    }
+    if disk.chain().any(|i| i.size() != disk.size()) {
+        return Err(ChainError::Refused(
+            "the disk was resized between backups: use merge, which writes a new image".into(),
+        ));
+    }
+    drop(disk);
+    let mut plan: Vec<(String, Option<PathBuf>)> = vec![(FULL_SNAPSHOT.to_string(), None)];
+    plan.extend(
+        chain.files[1..]
+            .iter()
+            .map(|f| (snapshot_name(f.epoch), Some(f.path.clone()))),
+    );
+    if opts.dry_run {
+        return Ok(plan);
+    }
+    let throttle = Throttle::new(opts.rate_limit);
+    let has = |name: &str| -> Result<bool> {
+        let d = Disk::open_with(
+            &full,
+            &crate::qcow2::OpenOptions {
+                no_backing: true,
+                ..Default::default()
+            },
+        )?;
+        Ok(d.qcow2()
+            .is_some_and(|q| q.snapshots().iter().any(|s| s.name == name)))
+    };
+    if !has(FULL_SNAPSHOT)? {
+        let mut w = Writer::open(&full)?;
+        w.create_snapshot(FULL_SNAPSHOT)?;
+        w.finish()?;
+    }
+    for (i, f) in chain.files.iter().enumerate().skip(1) {
+        let name = snapshot_name(f.epoch);
+        let pair = Disk::stack(&[full.clone(), f.path.clone()])?;
+        let ranges = newer_than_full(&pair)?;
+        let mut w = Writer::open(&full)?;
+        fold(&pair, &ranges, &mut w, &throttle)?;
+        drop(pair);
+        w.flush()?;
+        if !has(&name)? {
+            w.create_snapshot(&name)?;
+        }
+        w.finish()?;
+        if let Some(next) = all.files.get(i + 1) {
+            if is_linked(&next.path)? {
+                link_to(&next.path, &full)?;
+            }
+        }
+        std::fs::remove_file(&f.path).map_err(|e| ErrorKind::Io(e).at(&f.path))?;
+        crate::qcow2::create::sync_parent(&full).map_err(|e| ErrorKind::Io(e).at(dir))?;
+    }
+    Ok(plan)
+}
