@@ -588,3 +588,61 @@ fn interrupted_snapshotrebase_converges_when_run_again() {
         }
     }
 }
+
+#[test]
+fn verify_finds_bit_rot_with_file_and_offset() {
+    if !have("qemu-img") {
+        return;
+    }
+    let b = build(3, true, "", None);
+    let root = b.dir.parent().unwrap().to_path_buf();
+    let d = b.dir.to_str().unwrap();
+    let o = qmprestore(&["verify", "--dir", d, "--json"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["restorable"], true);
+    assert!(v["dirs"][0]["bytes_read"].as_u64().unwrap() > 0);
+    // Point one of INC 2's data clusters past the end of its file.
+    let inc = b.dir.join(&b.names[2]);
+    let mut bytes = std::fs::read(&inc).unwrap();
+    let h = qmpbackup::qcow2::header::Header::parse(&bytes).unwrap();
+    let l2 = u64::from_be_bytes(bytes[h.l1_table_offset as usize..][..8].try_into().unwrap())
+        & 0x00ff_ffff_ffff_fe00;
+    let entry = (0..h.l2_entries())
+        .map(|i| (l2 + i * 8) as usize)
+        .find(|&e| {
+            u64::from_be_bytes(bytes[e..e + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00 != 0
+        })
+        .expect("INC 2 maps some data");
+    bytes[entry..entry + 8].copy_from_slice(&((1u64 << 63) | (1 << 34)).to_be_bytes());
+    std::fs::write(&inc, bytes).unwrap();
+    let o = qmprestore(&["verify", "--dir", d, "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let problems = v["dirs"][0]["problems"].as_array().unwrap();
+    assert!(
+        problems.iter().any(|p| p["file"] == b.names[2].as_str()
+            && p["problem"].as_str().unwrap().contains("0x400000000")),
+        "{problems:?}"
+    );
+    // Several directories at once, a partial backup, and a directory that is not there.
+    std::fs::write(b.dir.join("INC-1700009999-disk.qcow2.partial"), b"").unwrap();
+    let o = qmprestore(&["verify", "--recursive", "--dir", root.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("NOT restorable") && text.contains("partial backup"),
+        "{text}"
+    );
+    assert_eq!(
+        qmprestore(&["verify", "--dir", "/nonexistent/backup"])
+            .status
+            .code(),
+        Some(2)
+    );
+}

@@ -18,3 +18,4 @@ pub mod rebase;
 pub mod snapshot_rebase;
 pub mod throttle;
 pub mod units;
+pub mod verify;
