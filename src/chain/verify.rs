@@ -233,7 +233,12 @@ fn verify_file(path: &Path) -> (u64, Vec<String>, Vec<String>, Option<(u64, Opti
             0
         }
     };
-    (bytes, problems, notes, Some((disk.size(), backing)))
+    FileResult {
+        bytes,
+        problems,
+        notes,
+        shape: Some((disk.size(), backing)),
+    }
 }
 
 /// The `uuid` file names the chain; the source disk's bitmaps (from `<disk>.config`, the
