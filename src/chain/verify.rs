@@ -142,20 +142,20 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
         }
     }
     // Per file, in parallel: structure, consistency, every stored byte.
-    let results: Vec<(u64, Vec<String>, Vec<String>, Option<(u64, Option<String>)>)> = chain
+    let results: Vec<FileResult> = chain
         .files
         .par_iter()
         .map(|f| verify_file(&f.path))
         .collect();
     let mut prev: Option<(u64, String)> = None;
-    for (f, (bytes, problems, notes, info)) in chain.files.iter().zip(results) {
-        r.bytes_read += bytes;
-        for p in problems {
+    for (f, res) in chain.files.iter().zip(results) {
+        r.bytes_read += res.bytes;
+        for p in res.problems {
             problem(&mut r, &f.name, p);
         }
         r.notes
-            .extend(notes.into_iter().map(|n| format!("{}: {n}", f.name)));
-        if let Some((size, backing)) = info {
+            .extend(res.notes.into_iter().map(|n| format!("{}: {n}", f.name)));
+        if let Some((size, backing)) = res.shape {
             if let (Some((_, pname)), Some(b)) = (&prev, &backing) {
                 if b != pname {
                     problem(
@@ -187,58 +187,64 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
     r
 }
 
-/// (bytes read, problems, notes, (virtual size, backing name)) of one backup file.
-fn verify_file(path: &Path) -> (u64, Vec<String>, Vec<String>, Option<(u64, Option<String>)>) {
-    let mut problems = Vec::new();
-    let mut notes = Vec::new();
-    let disk = match Disk::open_with(
-        path,
-        &OpenOptions {
-            no_backing: true,
-            ..Default::default()
-        },
-    ) {
-        Ok(d) => d,
-        Err(e) => return (0, vec![e.to_string()], notes, None),
+/// What verifying one backup file found.
+struct FileResult {
+    bytes: u64,
+    problems: Vec<String>,
+    notes: Vec<String>,
+    /// Virtual size and backing file name, when the file opened.
+    shape: Option<(u64, Option<String>)>,
+}
+
+fn verify_file(path: &Path) -> FileResult {
+    let mut res = FileResult {
+        bytes: 0,
+        problems: Vec::new(),
+        notes: Vec::new(),
+        shape: None,
     };
-    let backing = disk
-        .qcow2()
-        .and_then(|q| q.backing_name())
-        .map(|n| n.to_string_lossy().into_owned());
+    let opts = OpenOptions {
+        no_backing: true,
+        ..Default::default()
+    };
+    let disk = match Disk::open_with(path, &opts) {
+        Ok(d) => d,
+        Err(e) => {
+            res.problems.push(e.to_string());
+            return res;
+        }
+    };
     if disk.qcow2().is_some() {
         match check::check(path) {
             Ok(c) => {
                 if c.corruptions > 0 {
                     let first: Vec<&str> = c.messages.iter().take(3).map(String::as_str).collect();
-                    problems.push(format!(
+                    res.problems.push(format!(
                         "{} corruptions ({})",
                         c.corruptions,
                         first.join("; ")
                     ));
                 }
                 if c.leaks > 0 {
-                    notes.push(format!(
+                    res.notes.push(format!(
                         "{} leaked clusters (harmless; check --repair leaks frees them)",
                         c.leaks
                     ));
                 }
             }
-            Err(e) => problems.push(e.to_string()),
+            Err(e) => res.problems.push(e.to_string()),
         }
     }
-    let bytes = match disk.read_stored(u64::MAX) {
-        Ok(b) => b,
-        Err(e) => {
-            problems.push(e.to_string());
-            0
-        }
-    };
-    FileResult {
-        bytes,
-        problems,
-        notes,
-        shape: Some((disk.size(), backing)),
+    match disk.read_stored(u64::MAX) {
+        Ok(b) => res.bytes = b,
+        Err(e) => res.problems.push(e.to_string()),
     }
+    let backing = disk
+        .qcow2()
+        .and_then(|q| q.backing_name())
+        .map(|n| n.to_string_lossy().into_owned());
+    res.shape = Some((disk.size(), backing));
+    res
 }
 
 /// The `uuid` file names the chain; the source disk's bitmaps (from `<disk>.config`, the
