@@ -111,3 +111,28 @@ if [ -z "$filter" ] || [[ convert-zstd == *$filter* ]]; then
     size_row "  output size (zstd)" ours.qcow2 theirs.qcow2
     rm -f ours.qcow2 theirs.qcow2
 fi
+if [ -z "$filter" ] || [[ merge == *$filter* ]]; then
+    # A 4-deep chain in the original's layout: the FULL above plus 4 INCs of 128 MiB each,
+    # linked (rebase -u) so that qemu-img can read the same chain.
+    if [ ! -d chain4 ]; then
+        mkdir -p chain4
+        cp img.qcow2 chain4/FULL-1700000000-disk.qcow2
+        prev=FULL-1700000000-disk.qcow2
+        for i in 1 2 3 4; do
+            truncate -s 4G inc.raw
+            dd if=/dev/urandom of=inc.raw bs=1M count=128 seek=$((i * 700)) conv=notrunc status=none
+            name=INC-$((1700000000 + i * 600))-disk.qcow2
+            qemu-img convert -O qcow2 inc.raw "chain4/$name"
+            qemu-img rebase -u -b "$prev" -F qcow2 "chain4/$name"
+            prev=$name
+            rm -f inc.raw
+        done
+    fi
+    "$ours" merge --force --dir chain4 --targetfile ref.qcow2 2>/dev/null
+    compare "merge 4-deep vs cp" out.qcow2 \
+        "$ours merge --force --dir chain4 --targetfile out.qcow2" "cp ref.qcow2 out.qcow2"
+    compare "merge 4-deep vs qemu-img convert" out.qcow2 \
+        "$ours merge --force --dir chain4 --targetfile out.qcow2" \
+        "qemu-img convert -O qcow2 chain4/INC-1700002400-disk.qcow2 out.qcow2"
+    rm -f ref.qcow2
+fi
