@@ -130,9 +130,9 @@ if [ -z "$filter" ] || [[ merge == *$filter* ]]; then
     fi
     "$ours" merge --force --dir chain4 --targetfile ref.qcow2 2>/dev/null
     compare "merge 4-deep vs cp" out.qcow2 \
-        "$ours merge --force --dir chain4 --targetfile out.qcow2" "cp ref.qcow2 out.qcow2"
+        "$ours merge --force --dir chain4 --targetfile out.qcow2" "cp ref.qcow2 out.qcow2" 2>/dev/null
     compare "merge 4-deep vs qemu-img convert" out.qcow2 \
         "$ours merge --force --dir chain4 --targetfile out.qcow2" \
-        "qemu-img convert -O qcow2 chain4/INC-1700002400-disk.qcow2 out.qcow2"
+        "qemu-img convert -O qcow2 chain4/INC-1700002400-disk.qcow2 out.qcow2" 2>/dev/null
     rm -f ref.qcow2
 fi
