@@ -16,16 +16,6 @@ fn qmprestore(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 struct Backups {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -185,7 +175,7 @@ fn merge_every_restore_point_in_both_layouts() {
         std::fs::create_dir(&out).unwrap();
         for (k, name) in b.names.iter().enumerate() {
             let target = out.join(format!("m{k}.qcow2"));
-            ok(qmprestore(&[
+            succeeded(qmprestore(&[
                 "merge",
                 "--dir",
                 b.dir.to_str().unwrap(),
@@ -199,7 +189,7 @@ fn merge_every_restore_point_in_both_layouts() {
         }
         // Raw and compressed outputs, and --until by prefix and by time.
         let raw = out.join("m.raw");
-        ok(qmprestore(&[
+        succeeded(qmprestore(&[
             "merge",
             "--dir",
             b.dir.to_str().unwrap(),
@@ -210,7 +200,7 @@ fn merge_every_restore_point_in_both_layouts() {
         ]));
         assert_eq!(sha256_file(&raw), sha256_file(b.expected.last().unwrap()));
         let z = out.join("z.qcow2");
-        ok(qmprestore(&[
+        succeeded(qmprestore(&[
             "merge",
             "--dir",
             b.dir.to_str().unwrap(),
@@ -223,7 +213,7 @@ fn merge_every_restore_point_in_both_layouts() {
         ]));
         assert_same(&z, &b.expected[2]);
         let t = out.join("t.qcow2");
-        ok(qmprestore(&[
+        succeeded(qmprestore(&[
             "merge",
             "--dir",
             b.dir.to_str().unwrap(),
@@ -242,7 +232,7 @@ fn merge_every_restore_point_in_both_layouts() {
             t.to_str().unwrap(),
         ]);
         assert_eq!(o.status.code(), Some(1));
-        ok(qmprestore(&[
+        succeeded(qmprestore(&[
             "merge",
             "--dir",
             b.dir.to_str().unwrap(),
@@ -266,7 +256,7 @@ fn long_chains_cluster_size_mixes_and_resizes() {
     }
     let b = build(32, false, "cluster_size=16k", None);
     let target = b.dir.parent().unwrap().join("long.qcow2");
-    ok(qmprestore(&[
+    succeeded(qmprestore(&[
         "merge",
         "--dir",
         b.dir.to_str().unwrap(),
@@ -276,7 +266,7 @@ fn long_chains_cluster_size_mixes_and_resizes() {
     assert_same(&target, b.expected.last().unwrap());
     let b = build(4, true, "cluster_size=2M", Some(2));
     let target = b.dir.parent().unwrap().join("resized.qcow2");
-    ok(qmprestore(&[
+    succeeded(qmprestore(&[
         "merge",
         "--dir",
         b.dir.to_str().unwrap(),
@@ -297,7 +287,7 @@ fn rebase_links_the_chain_and_points_image_at_the_restore_point() {
     }
     let b = build(3, false, "", None);
     let d = b.dir.to_str().unwrap();
-    let plan = ok(qmprestore(&[
+    let plan = succeeded(qmprestore(&[
         "rebase",
         "--dir",
         d,
@@ -308,7 +298,7 @@ fn rebase_links_the_chain_and_points_image_at_the_restore_point() {
     assert_eq!(plan.lines().count(), 3, "{plan}");
     assert!(plan.contains("would set backing file"));
     assert!(!b.dir.join("image").exists(), "dry run changed something");
-    ok(qmprestore(&["rebase", "--dir", d, "--until", &b.names[2]]));
+    succeeded(qmprestore(&["rebase", "--dir", d, "--until", &b.names[2]]));
     assert_eq!(
         std::fs::read_link(b.dir.join("image")).unwrap(),
         Path::new(&b.names[2])
@@ -323,7 +313,7 @@ fn rebase_links_the_chain_and_points_image_at_the_restore_point() {
     assert_eq!(info["backing-filename-format"], "qcow2");
     // `image` exists now: refused without --force, then the whole chain.
     assert_eq!(qmprestore(&["rebase", "--dir", d]).status.code(), Some(1));
-    ok(qmprestore(&["rebase", "--dir", d, "--force"]));
+    succeeded(qmprestore(&["rebase", "--dir", d, "--force"]));
     assert_same(&b.dir.join("image"), b.expected.last().unwrap());
 }
 
@@ -335,7 +325,7 @@ fn directory_layouts_and_refusals() {
     let b = build(2, false, "", None);
     let d = b.dir.to_str().unwrap();
     let list: Value =
-        serde_json::from_str(&ok(qmprestore(&["list", "--dir", d, "--json"]))).unwrap();
+        serde_json::from_str(&succeeded(qmprestore(&["list", "--dir", d, "--json"]))).unwrap();
     let statuses: Vec<&str> = list
         .as_array()
         .unwrap()
@@ -357,7 +347,7 @@ fn directory_layouts_and_refusals() {
     // A newer FULL starts the chain; the older one is reported.
     std::fs::copy(&b.expected[1], b.dir.join("FULL-1700000900-disk.qcow2")).unwrap();
     let list: Value =
-        serde_json::from_str(&ok(qmprestore(&["list", "--dir", d, "--json"]))).unwrap();
+        serde_json::from_str(&succeeded(qmprestore(&["list", "--dir", d, "--json"]))).unwrap();
     let statuses: Vec<&str> = list
         .as_array()
         .unwrap()
@@ -370,7 +360,7 @@ fn directory_layouts_and_refusals() {
         ["older-full", "older-inc", "restore-point", "restore-point"]
     );
     let m = b.dir.parent().unwrap().join("newfull.qcow2");
-    ok(qmprestore(&[
+    succeeded(qmprestore(&[
         "merge",
         "--dir",
         d,
@@ -400,7 +390,7 @@ fn directory_layouts_and_refusals() {
     let o = qmprestore(&["merge", "--dir", d, "--targetfile", "/tmp/never.qcow2"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--filter"));
     let f = b.dir.parent().unwrap().join("filtered.raw");
-    ok(qmprestore(&[
+    succeeded(qmprestore(&[
         "merge",
         "--dir",
         d,
@@ -423,7 +413,7 @@ fn commit_folds_into_the_full_and_keeps_later_incs_valid() {
         let b = build(4, linked, "", None);
         let d = b.dir.to_str().unwrap();
         let before = sums(&b.dir);
-        let plan = ok(qmprestore(&[
+        let plan = succeeded(qmprestore(&[
             "commit",
             "--dir",
             d,
@@ -433,14 +423,14 @@ fn commit_folds_into_the_full_and_keeps_later_incs_valid() {
         ]));
         assert!(plan.contains("would fold"), "{plan}");
         assert_eq!(sums(&b.dir), before, "dry run changed files");
-        ok(qmprestore(&["commit", "--dir", d, "--until", &b.names[2]]));
+        succeeded(qmprestore(&["commit", "--dir", d, "--until", &b.names[2]]));
         let full = b.dir.join(&b.names[0]);
         assert_same(&full, &b.expected[2]);
         assert_check_clean(&full);
         assert!(!b.dir.join(&b.names[1]).exists() && !b.dir.join(&b.names[2]).exists());
         // The INCs after the restore point still restore the later states.
         let m = b.dir.parent().unwrap().join("after.qcow2");
-        ok(qmprestore(&[
+        succeeded(qmprestore(&[
             "merge",
             "--dir",
             d,
@@ -451,7 +441,7 @@ fn commit_folds_into_the_full_and_keeps_later_incs_valid() {
         if linked {
             assert_same(&b.dir.join(&b.names[4]), b.expected.last().unwrap());
         }
-        ok(qmprestore(&["commit", "--dir", d]));
+        succeeded(qmprestore(&["commit", "--dir", d]));
         assert_same(&full, b.expected.last().unwrap());
         assert_eq!(std::fs::read_dir(&b.dir).unwrap().count(), 1);
     }
@@ -473,7 +463,7 @@ fn interrupted_commits_converge_when_run_again() {
         let crashed = !o.status.success();
         // Whatever was left restores the newest state: by merge, and by completing the commit.
         let m = b.dir.parent().unwrap().join("m.qcow2");
-        ok(qmprestore(&[
+        succeeded(qmprestore(&[
             "merge",
             "--dir",
             d,
@@ -481,7 +471,7 @@ fn interrupted_commits_converge_when_run_again() {
             m.to_str().unwrap(),
         ]));
         assert_same(&m, b.expected.last().unwrap());
-        ok(qmprestore(&["commit", "--dir", d]));
+        succeeded(qmprestore(&["commit", "--dir", d]));
         let full = b.dir.join(&b.names[0]);
         assert_same(&full, b.expected.last().unwrap());
         assert_no_corruption(&full);
@@ -489,23 +479,6 @@ fn interrupted_commits_converge_when_run_again() {
             break;
         }
     }
-}
-
-fn snapshot_raw(dir: &Path, image: &Path, snap: &str) -> PathBuf {
-    let out = dir.join(format!("snap-{}.raw", snap.replace(':', "_")));
-    qemu_img(
-        dir,
-        &[
-            "convert",
-            "-O",
-            "raw",
-            "-l",
-            &format!("snapshot.name={snap}"),
-            image.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ],
-    );
-    out
 }
 
 #[test]
@@ -517,7 +490,7 @@ fn snapshotrebase_keeps_every_backup_as_a_snapshot() {
         let b = build(3, linked, "", None);
         let d = b.dir.to_str().unwrap();
         let root = b.dir.parent().unwrap().to_path_buf();
-        ok(qmprestore(&[
+        succeeded(qmprestore(&[
             "snapshotrebase",
             "--dir",
             d,
@@ -536,7 +509,7 @@ fn snapshotrebase_keeps_every_backup_as_a_snapshot() {
         for (k, n) in names.iter().enumerate() {
             assert!(listed.contains(n.as_str()), "{n} not in {listed}");
             assert_eq!(
-                sha256_file(&snapshot_raw(&root, &full, n)),
+                sha256_bytes(&render(&b.dir, &b.names[0], Some(n))),
                 sha256_file(&b.expected[k]),
                 "snapshot {n}"
             );
@@ -544,7 +517,7 @@ fn snapshotrebase_keeps_every_backup_as_a_snapshot() {
         assert_same(&full, &b.expected[2]);
         // The rest of the chain still restores, and a second run finishes it.
         let m = root.join("m.qcow2");
-        ok(qmprestore(&[
+        succeeded(qmprestore(&[
             "merge",
             "--dir",
             d,
@@ -552,7 +525,7 @@ fn snapshotrebase_keeps_every_backup_as_a_snapshot() {
             m.to_str().unwrap(),
         ]));
         assert_same(&m, b.expected.last().unwrap());
-        ok(qmprestore(&["snapshotrebase", "--dir", d]));
+        succeeded(qmprestore(&["snapshotrebase", "--dir", d]));
         assert_same(&full, b.expected.last().unwrap());
         assert_check_clean(&full);
         assert_eq!(std::fs::read_dir(&b.dir).unwrap().count(), 1);
@@ -572,14 +545,13 @@ fn interrupted_snapshotrebase_converges_when_run_again() {
             .args(["snapshotrebase", "--dir", d])
             .output()
             .unwrap();
-        ok(qmprestore(&["snapshotrebase", "--dir", d]));
+        succeeded(qmprestore(&["snapshotrebase", "--dir", d]));
         let full = b.dir.join(&b.names[0]);
         assert_same(&full, b.expected.last().unwrap());
         assert_no_corruption(&full);
-        let root = b.dir.parent().unwrap();
         let last = qmpbackup::chain::snapshot_rebase::snapshot_name(1_700_001_200);
         assert_eq!(
-            sha256_file(&snapshot_raw(root, &full, &last)),
+            sha256_bytes(&render(&b.dir, &b.names[0], Some(&last))),
             sha256_file(b.expected.last().unwrap()),
             "crash after {n}"
         );

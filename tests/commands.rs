@@ -16,16 +16,6 @@ fn qmprestore(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
 fn qemu_info(dir: &Path, name: &str) -> Value {
     serde_json::from_str(&qemu_img(dir, &["info", "--output=json", name])).unwrap()
 }
@@ -37,7 +27,7 @@ fn create_gives_exactly_the_requested_options() {
     }
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    ok(qmprestore(p, &["create", "base.qcow2", "64M"]));
+    succeeded(qmprestore(p, &["create", "base.qcow2", "64M"]));
     let cases: Vec<(&str, Vec<&str>, Value)> = vec![
         ("default.qcow2", vec!["1G"], serde_json::json!({"compat": "1.1", "compression-type": "zlib", "lazy-refcounts": false, "refcount-bits": 16, "corrupt": false, "extended-l2": false})),
         ("v2.qcow2", vec!["-o", "compat=0.10,cluster_size=512", "10M"], serde_json::json!({"compat": "0.10", "compression-type": "zlib", "refcount-bits": 16})),
@@ -50,7 +40,7 @@ fn create_gives_exactly_the_requested_options() {
         full.extend(args.iter().copied().take(args.len() - 1));
         full.push(name);
         full.push(args[args.len() - 1]);
-        ok(qmprestore(p, &full));
+        succeeded(qmprestore(p, &full));
         let info = qemu_info(p, name);
         assert_eq!(info["format-specific"]["data"], specific, "{name}");
         assert_eq!(
@@ -64,7 +54,7 @@ fn create_gives_exactly_the_requested_options() {
     // A raw data file maps the whole disk 1:1, as qemu-img's does.
     assert_maps_like_qemu(p, "df.qcow2");
     // A backing file with its format; the size comes from it.
-    ok(qmprestore(
+    succeeded(qmprestore(
         p,
         &["create", "-b", "base.qcow2", "-F", "qcow2", "over.qcow2"],
     ));
@@ -138,7 +128,7 @@ fn convert_to_qcow2_plain_and_compressed() {
         let mut args = vec!["convert", "-O", "qcow2"];
         args.extend(extra);
         args.extend([src, dst]);
-        ok(qmprestore(p, &args));
+        succeeded(qmprestore(p, &args));
         assert!(
             qemu_img(p, &["compare", src, dst]).contains("identical"),
             "{dst}"
@@ -159,7 +149,7 @@ fn convert_to_qcow2_plain_and_compressed() {
         "zstd"
     );
     // A snapshot's state, converted.
-    ok(qmprestore(
+    succeeded(qmprestore(
         p,
         &[
             "convert",
@@ -196,19 +186,19 @@ fn snapshot_command_round_trip() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     std::fs::copy(fixtures().join("v3.qcow2"), p.join("v.qcow2")).unwrap();
-    ok(qmprestore(p, &["snapshot", "-c", "before", "v.qcow2"]));
+    succeeded(qmprestore(p, &["snapshot", "-c", "before", "v.qcow2"]));
     assert!(qemu_img(p, &["snapshot", "-l", "v.qcow2"]).contains("before"));
-    let listed = ok(qmprestore(p, &["snapshot", "-l", "v.qcow2"]));
+    let listed = succeeded(qmprestore(p, &["snapshot", "-l", "v.qcow2"]));
     assert!(
         listed.contains("before") && listed.starts_with("Snapshot list:"),
         "{listed}"
     );
     qemu_io(p, "v.qcow2", &["write -P 0x77 0 1M".into()]);
-    ok(qmprestore(p, &["snapshot", "-a", "before", "v.qcow2"]));
+    succeeded(qmprestore(p, &["snapshot", "-a", "before", "v.qcow2"]));
     qemu_img(p, &["convert", "-O", "raw", "v.qcow2", "now.raw"]);
     let disk = qmpbackup::qcow2::Disk::open(&fixtures().join("v3.qcow2")).unwrap();
     assert_eq!(sha256_file(&p.join("now.raw")), sha256_of(&disk));
-    ok(qmprestore(p, &["snapshot", "-d", "before", "v.qcow2"]));
+    succeeded(qmprestore(p, &["snapshot", "-d", "before", "v.qcow2"]));
     assert!(!qemu_img(p, &["snapshot", "-l", "v.qcow2"]).contains("before"));
     assert!(qemu_img(p, &["check", "v.qcow2"]).starts_with("No errors"));
     let o = qmprestore(p, &["snapshot", "-d", "nope", "v.qcow2"]);

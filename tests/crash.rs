@@ -59,20 +59,6 @@ fn run_child(op: &str, path: &Path, crash_after: Option<u64>) -> bool {
     c.output().unwrap().status.success()
 }
 
-fn raw_of(dir: &Path, image: &str, snapshot: Option<&str>) -> Vec<u8> {
-    let out = dir.join("render.raw");
-    let mut args = vec!["convert".to_string(), "-O".into(), "raw".into()];
-    if let Some(s) = snapshot {
-        args.extend(["-l".into(), format!("snapshot.name={s}")]);
-    }
-    args.extend([image.to_string(), out.display().to_string()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    qemu_img(dir, &args);
-    let v = std::fs::read(&out).unwrap();
-    std::fs::remove_file(out).unwrap();
-    v
-}
-
 fn crash_points(op: &str) {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
@@ -99,14 +85,14 @@ fn crash_points(op: &str) {
     qemu_img(p, &["snapshot", "-c", "s", "t.qcow2"]);
     qemu_io(p, "t.qcow2", &["write -P 0x33 1M 64k".into()]);
     let template = std::fs::read(p.join("t.qcow2")).unwrap();
-    let old = raw_of(p, "t.qcow2", None);
-    let snap = raw_of(p, "t.qcow2", Some("s"));
+    let old = render(p, "t.qcow2", None);
+    let snap = render(p, "t.qcow2", Some("s"));
     // The expected result, from an uninterrupted run.
     assert!(
         run_child(op, &p.join("t.qcow2"), None),
         "{op} failed without a crash"
     );
-    let new = raw_of(p, "t.qcow2", None);
+    let new = render(p, "t.qcow2", None);
     let mut points = 0;
     for n in (0..).map(|i: u64| if i < 60 { i } else { 60 + (i - 60) * 11 }) {
         std::fs::write(p.join("t.qcow2"), &template).unwrap();
@@ -143,7 +129,7 @@ fn crash_points(op: &str) {
             "{op}, crash after write {n}: {:?}",
             ours.messages
         );
-        let now = raw_of(p, "t.qcow2", None);
+        let now = render(p, "t.qcow2", None);
         for (i, c) in now.chunks(CS).enumerate() {
             let r = i * CS..(i + 1) * CS;
             assert!(
@@ -154,7 +140,7 @@ fn crash_points(op: &str) {
         let listed = qemu_img(p, &["snapshot", "-l", "t.qcow2"]);
         if listed.contains(" s ") {
             assert!(
-                raw_of(p, "t.qcow2", Some("s")) == snap,
+                render(p, "t.qcow2", Some("s")) == snap,
                 "{op}, crash after write {n}: snapshot s changed"
             );
         }

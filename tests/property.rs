@@ -17,22 +17,6 @@ struct Model {
     snapshots: Vec<(String, Vec<u8>)>,
 }
 
-fn render(path: &Path, snapshot: Option<&str>) -> Vec<u8> {
-    let dir = path.parent().unwrap();
-    let out = dir.join("render.raw");
-    let name = path.file_name().unwrap().to_str().unwrap();
-    let snap_arg = snapshot.map(|s| format!("snapshot.name={s}"));
-    let mut args = vec!["convert", "-O", "raw"];
-    if let Some(s) = &snap_arg {
-        args.extend(["-l", s]);
-    }
-    args.extend([name, "render.raw"]);
-    qemu_img(dir, &args);
-    let v = std::fs::read(&out).unwrap();
-    std::fs::remove_file(out).unwrap();
-    v
-}
-
 fn run_sequence(
     dir: &Path,
     n: usize,
@@ -43,7 +27,8 @@ fn run_sequence(
     seed: u64,
 ) {
     let size = 2u64 << 20;
-    let path = dir.join(format!("p{n}.qcow2"));
+    let file = format!("p{n}.qcow2");
+    let path = dir.join(&file);
     create(
         &path,
         &CreateOptions {
@@ -129,7 +114,7 @@ fn run_sequence(
     let ours = qmpbackup::qcow2::check::check(&path).unwrap();
     assert_eq!(ours.exit_code(), 0, "{label}: {:?}", ours.messages);
     assert!(
-        render(&path, None) == m.now,
+        render(dir, &file, None) == m.now,
         "{label}: contents differ (qemu-img)"
     );
     let disk = Disk::open(&path).unwrap();
@@ -138,7 +123,7 @@ fn run_sequence(
     assert!(buf == m.now, "{label}: contents differ (ours)");
     for (name, want) in &m.snapshots {
         assert!(
-            render(&path, Some(name)) == *want,
+            render(dir, &file, Some(name)) == *want,
             "{label}: snapshot {name} differs"
         );
     }

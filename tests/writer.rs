@@ -155,24 +155,7 @@ fn scribble(path: &Path, seed: u64, ops: usize) -> Model {
 fn snapshot_sums(dir: &Path, image: &str, names: &[&str]) -> Vec<String> {
     names
         .iter()
-        .map(|s| {
-            let out = dir.join(format!("{s}.raw"));
-            qemu_img(
-                dir,
-                &[
-                    "convert",
-                    "-O",
-                    "raw",
-                    "-l",
-                    &format!("snapshot.name={s}"),
-                    image,
-                    out.to_str().unwrap(),
-                ],
-            );
-            let sum = sha256_file(&out);
-            std::fs::remove_file(out).unwrap();
-            sum
-        })
+        .map(|s| sha256_bytes(&render(dir, image, Some(s))))
         .collect()
 }
 

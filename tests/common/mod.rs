@@ -4,7 +4,7 @@
 use qmpbackup::qcow2::{Disk, Extent};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/fixtures")
@@ -43,6 +43,38 @@ pub fn run(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The output of a command that must have succeeded (its stdout), or a panic showing why not.
+pub fn succeeded(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The guest-visible bytes of `image` (in `dir`), or of one of its snapshots, as
+/// `qemu-img convert -O raw` renders them.
+pub fn render(dir: &Path, image: &str, snapshot: Option<&str>) -> Vec<u8> {
+    let out = dir.join(format!("{image}.render.raw"));
+    let out_s = out.display().to_string();
+    let snap = snapshot.map(|s| format!("snapshot.name={s}"));
+    let mut args = vec!["convert", "-O", "raw"];
+    if let Some(s) = &snap {
+        args.extend(["-l", s.as_str()]);
+    }
+    args.extend([image, out_s.as_str()]);
+    qemu_img(dir, &args);
+    let v = std::fs::read(&out).unwrap();
+    std::fs::remove_file(out).unwrap();
+    v
+}
+
+pub fn sha256_bytes(data: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(data))
+}
+
 /// `qemu-img` with arguments, run in `dir`.
 pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
     run(Command::new("qemu-img").current_dir(dir).args(args))
@@ -78,7 +110,7 @@ pub fn sha256_of(disk: &Disk) -> String {
 }
 
 pub fn sha256_file(path: &Path) -> String {
-    format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
+    sha256_bytes(&std::fs::read(path).unwrap())
 }
 
 /// Our map of the whole disk, as qemu-img's JSON would parse.
