@@ -134,35 +134,6 @@ fn assert_same(image: &Path, expected: &Path) {
     );
 }
 
-/// After a crash: leaked clusters are allowed, corruption is not.
-fn assert_no_corruption(image: &Path) {
-    let out = Command::new("qemu-img")
-        .arg("check")
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        matches!(out.status.code(), Some(0) | Some(3)),
-        "{}: {}",
-        image.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
-fn assert_check_clean(image: &Path) {
-    let out = Command::new("qemu-img")
-        .arg("check")
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        image.display(),
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
-
 #[test]
 fn merge_every_restore_point_in_both_layouts() {
     if !have("qemu-img") {

@@ -13,24 +13,6 @@ use std::path::Path;
 /// What the guest should read: a plain byte vector.
 struct Model(Vec<u8>);
 
-fn check_clean(path: &Path) {
-    // In the image's directory: QEMU resolves relative data file names against the cwd.
-    let out = std::process::Command::new("qemu-img")
-        .current_dir(path.parent().unwrap())
-        .args(["check", "--output=json"])
-        .arg(path.file_name().unwrap())
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert!(
-        out.status.success() && v["leaks"].as_u64().unwrap_or(0) == 0,
-        "qemu-img check {}: {}{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn assert_contents(path: &Path, model: &Model) {
     let disk = Disk::open(path).unwrap();
     let mut buf = vec![0u8; model.0.len()];
@@ -117,7 +99,7 @@ fn random_writes_zeroes_discards_and_compressed_clusters() {
         }
         w.flush().unwrap();
         drop(w);
-        check_clean(&path);
+        assert_check_clean(&path);
         assert_contents(&path, &model);
     }
 }
@@ -182,7 +164,7 @@ fn writes_into_images_with_internal_snapshots_copy_on_write() {
         qemu_img(p, &["snapshot", "-c", "b", name]);
         let before = snapshot_sums(p, name, &["a", "b"]);
         let model = scribble(&p.join(name), 7, 60);
-        check_clean(&p.join(name));
+        assert_check_clean(&p.join(name));
         assert_contents(&p.join(name), &model);
         assert_eq!(
             snapshot_sums(p, name, &["a", "b"]),
@@ -224,7 +206,7 @@ fn writes_over_backing_files_and_into_data_files() {
             ],
         );
         let model = scribble(&p.join(name), 11, 60);
-        check_clean(&p.join(name));
+        assert_check_clean(&p.join(name));
         assert_contents(&p.join(name), &model);
     }
     assert_eq!(
@@ -239,7 +221,7 @@ fn writes_over_backing_files_and_into_data_files() {
         qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"]);
         qemu_io(p, name, &["write -P 5 0 1M".into()]);
         let model = scribble(&p.join(name), 13, 40);
-        check_clean(&p.join(name));
+        assert_check_clean(&p.join(name));
         assert_contents(&p.join(name), &model);
     }
 }
@@ -274,7 +256,7 @@ fn internal_snapshots_created_applied_and_deleted() {
         w.write_at(&vec![4u8; 70_000], 1_000_000).unwrap();
         w.flush().unwrap();
         drop(w);
-        check_clean(&path);
+        assert_check_clean(&path);
         let listed = qemu_img(p, &["snapshot", "-l", name]);
         assert!(listed.contains("one") && listed.contains("two"), "{listed}");
         // Each snapshot renders the state at its creation, per qemu-img and per us.
@@ -315,7 +297,7 @@ fn internal_snapshots_created_applied_and_deleted() {
         let mut w = Writer::open(&path).unwrap();
         w.apply_snapshot("one").unwrap();
         drop(w);
-        check_clean(&path);
+        assert_check_clean(&path);
         assert_contents(&path, &Model(expected_one.clone()));
         let mut w = Writer::open(&path).unwrap();
         w.delete_snapshot("two").unwrap();
@@ -323,7 +305,7 @@ fn internal_snapshots_created_applied_and_deleted() {
         w.write_at(&[5u8; 4096], 0).unwrap();
         w.flush().unwrap();
         drop(w);
-        check_clean(&path);
+        assert_check_clean(&path);
         expected_one[..4096].fill(5);
         assert_contents(&path, &Model(expected_one));
         assert!(!qemu_img(p, &["snapshot", "-l", name]).contains("one"));
@@ -348,11 +330,11 @@ fn snapshots_made_by_qemu_applied_and_deleted_by_us() {
     let mut w = Writer::open(&path).unwrap();
     w.delete_snapshot("b").unwrap();
     drop(w);
-    check_clean(&path);
+    assert_check_clean(&path);
     let mut w = Writer::open(&path).unwrap();
     w.apply_snapshot("a").unwrap();
     drop(w);
-    check_clean(&path);
+    assert_check_clean(&path);
     let now = p.join("now.raw");
     qemu_img(
         p,
@@ -392,7 +374,7 @@ fn backing_file_name_changes_in_place() {
         let i = info(p);
         assert_eq!(i["backing-filename"], name);
         assert_eq!(i["backing-filename-format"].as_str(), fmt.map(|f| f.name()));
-        check_clean(&path);
+        assert_check_clean(&path);
         assert_contents(&path, &Model(expected.clone()));
     }
     // Removing it: unallocated clusters read as zeros again.
@@ -405,7 +387,7 @@ fn backing_file_name_changes_in_place() {
     let mut now = vec![0u8; 4 << 20];
     now[1 << 20..(1 << 20) + 65536].fill(2);
     now[..512].fill(3);
-    check_clean(&path);
+    assert_check_clean(&path);
     assert_contents(&path, &Model(now));
     // A backing file that does not exist is refused and nothing changes.
     let before = sha256_file(&path);
@@ -454,7 +436,7 @@ fn persistent_bitmaps_are_never_left_silently_stale() {
     );
     let h = qmpbackup::qcow2::header::Header::parse(&std::fs::read(&path).unwrap()).unwrap();
     assert_eq!(h.autoclear_features & (1 << 5), 0);
-    check_clean(&path);
+    assert_check_clean(&path);
 }
 
 #[test]
@@ -495,6 +477,6 @@ fn refcount_table_growth_is_consistent_after_every_flush() {
     drop(w);
     let h = qmpbackup::qcow2::header::Header::parse(&std::fs::read(&path).unwrap()).unwrap();
     assert!(h.refcount_table_clusters > 1, "the table should have grown");
-    check_clean(&path);
+    assert_check_clean(&path);
     assert_contents(&path, &model);
 }

@@ -95,6 +95,44 @@ pub fn qemu_io(dir: &Path, image: &str, cmds: &[String]) {
     );
 }
 
+/// `qemu-img check --output=json` on `image`, run in its directory (QEMU resolves relative
+/// data file names against the cwd): (exit code, corruptions, leaks).
+pub fn qemu_check(image: &Path) -> (i32, u64, u64) {
+    let out = Command::new("qemu-img")
+        .current_dir(image.parent().unwrap())
+        .args(["check", "--output=json"])
+        .arg(image.file_name().unwrap())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let count = |k: &str| v[k].as_u64().unwrap_or(0);
+    (
+        out.status.code().unwrap_or(-1),
+        count("corruptions"),
+        count("leaks"),
+    )
+}
+
+/// qemu-img finds nothing at all wrong with `image`.
+pub fn assert_check_clean(image: &Path) {
+    assert_eq!(
+        qemu_check(image),
+        (0, 0, 0),
+        "qemu-img check {}",
+        image.display()
+    );
+}
+
+/// After a crash: leaked clusters are allowed, corruption is not.
+pub fn assert_no_corruption(image: &Path) {
+    let (code, corruptions, _) = qemu_check(image);
+    assert!(
+        (code == 0 || code == 3) && corruptions == 0,
+        "qemu-img check {}: exit {code}, {corruptions} corruptions",
+        image.display()
+    );
+}
+
 /// SHA-256 of the guest-visible contents, read through our engine in 1 MiB steps.
 pub fn sha256_of(disk: &Disk) -> String {
     let mut h = Sha256::new();
