@@ -136,3 +136,30 @@ if [ -z "$filter" ] || [[ merge == *$filter* ]]; then
         "qemu-img convert -O qcow2 chain4/INC-1700002400-disk.qcow2 out.qcow2" 2>/dev/null
     rm -f ref.qcow2
 fi
+if [ -z "$filter" ] || [[ merge30 == *$filter* ]]; then
+    # A 30-deep chain: a 256 MiB FULL and 30 INCs of 16 MiB each (4 GiB virtual), linked.
+    if [ ! -d chain30 ]; then
+        mkdir -p chain30
+        truncate -s 4G full.raw
+        dd if=/dev/urandom of=full.raw bs=1M count=256 seek=100 conv=notrunc status=none
+        qemu-img convert -O qcow2 full.raw chain30/FULL-1700000000-disk.qcow2
+        rm -f full.raw
+        prev=FULL-1700000000-disk.qcow2
+        for i in $(seq 1 30); do
+            truncate -s 4G inc.raw
+            dd if=/dev/urandom of=inc.raw bs=1M count=16 seek=$((i * 120)) conv=notrunc status=none
+            name=INC-$((1700000000 + i * 600))-disk.qcow2
+            qemu-img convert -O qcow2 inc.raw "chain30/$name"
+            qemu-img rebase -u -b "$prev" -F qcow2 "chain30/$name"
+            prev=$name
+            rm -f inc.raw
+        done
+    fi
+    "$ours" merge --force --dir chain30 --targetfile ref.qcow2 2>/dev/null
+    compare "merge 30-deep vs cp" out.qcow2 \
+        "$ours merge --force --dir chain30 --targetfile out.qcow2" "cp ref.qcow2 out.qcow2" 2>/dev/null
+    compare "merge 30-deep vs qemu-img convert" out.qcow2 \
+        "$ours merge --force --dir chain30 --targetfile out.qcow2" \
+        "qemu-img convert -O qcow2 chain30/INC-1700018000-disk.qcow2 out.qcow2" 2>/dev/null
+    rm -f ref.qcow2
+fi
