@@ -111,55 +111,54 @@ if [ -z "$filter" ] || [[ convert-zstd == *$filter* ]]; then
     size_row "  output size (zstd)" ours.qcow2 theirs.qcow2
     rm -f ours.qcow2 theirs.qcow2
 fi
+# add_incs DIR COUNT MIB STEP_MIB: appends COUNT INCs of MIB MiB of random data each (the i-th
+# at i * STEP_MIB MiB), in qmpbackup's naming, linked to their predecessors (rebase -u) so that
+# qemu-img can read the same chain.
+add_incs() {
+    local dir=$1 count=$2 mib=$3 step=$4 prev=FULL-1700000000-disk.qcow2 i name
+    for i in $(seq 1 "$count"); do
+        truncate -s 4G inc.raw
+        dd if=/dev/urandom of=inc.raw bs=1M count="$mib" seek=$((i * step)) conv=notrunc status=none
+        name=INC-$((1700000000 + i * 600))-disk.qcow2
+        qemu-img convert -O qcow2 inc.raw "$dir/$name"
+        qemu-img rebase -u -b "$prev" -F qcow2 "$dir/$name"
+        prev=$name
+        rm -f inc.raw
+    done
+}
+
+# bench_merge LABEL DIR: merge of the chain in DIR against cp of its output and against
+# qemu-img convert of its newest file.
+bench_merge() {
+    local label=$1 dir=$2 top
+    top=$(ls "$dir" | sort | tail -n 1)
+    "$ours" merge --force --dir "$dir" --targetfile ref.qcow2 2>/dev/null
+    compare "merge $label vs cp" out.qcow2 \
+        "$ours merge --force --dir $dir --targetfile out.qcow2" "cp ref.qcow2 out.qcow2" 2>/dev/null
+    compare "merge $label vs qemu-img convert" out.qcow2 \
+        "$ours merge --force --dir $dir --targetfile out.qcow2" \
+        "qemu-img convert -O qcow2 $dir/$top out.qcow2" 2>/dev/null
+    rm -f ref.qcow2
+}
+
 if [ -z "$filter" ] || [[ merge == *$filter* ]]; then
-    # A 4-deep chain in the original's layout: the FULL above plus 4 INCs of 128 MiB each,
-    # linked (rebase -u) so that qemu-img can read the same chain.
+    # A 4-deep chain: the FULL above plus 4 INCs of 128 MiB each.
     if [ ! -d chain4 ]; then
         mkdir -p chain4
         cp img.qcow2 chain4/FULL-1700000000-disk.qcow2
-        prev=FULL-1700000000-disk.qcow2
-        for i in 1 2 3 4; do
-            truncate -s 4G inc.raw
-            dd if=/dev/urandom of=inc.raw bs=1M count=128 seek=$((i * 700)) conv=notrunc status=none
-            name=INC-$((1700000000 + i * 600))-disk.qcow2
-            qemu-img convert -O qcow2 inc.raw "chain4/$name"
-            qemu-img rebase -u -b "$prev" -F qcow2 "chain4/$name"
-            prev=$name
-            rm -f inc.raw
-        done
+        add_incs chain4 4 128 700
     fi
-    "$ours" merge --force --dir chain4 --targetfile ref.qcow2 2>/dev/null
-    compare "merge 4-deep vs cp" out.qcow2 \
-        "$ours merge --force --dir chain4 --targetfile out.qcow2" "cp ref.qcow2 out.qcow2" 2>/dev/null
-    compare "merge 4-deep vs qemu-img convert" out.qcow2 \
-        "$ours merge --force --dir chain4 --targetfile out.qcow2" \
-        "qemu-img convert -O qcow2 chain4/INC-1700002400-disk.qcow2 out.qcow2" 2>/dev/null
-    rm -f ref.qcow2
+    bench_merge 4-deep chain4
 fi
 if [ -z "$filter" ] || [[ merge30 == *$filter* ]]; then
-    # A 30-deep chain: a 256 MiB FULL and 30 INCs of 16 MiB each (4 GiB virtual), linked.
+    # A 30-deep chain: a 256 MiB FULL and 30 INCs of 16 MiB each (4 GiB virtual).
     if [ ! -d chain30 ]; then
         mkdir -p chain30
         truncate -s 4G full.raw
         dd if=/dev/urandom of=full.raw bs=1M count=256 seek=100 conv=notrunc status=none
         qemu-img convert -O qcow2 full.raw chain30/FULL-1700000000-disk.qcow2
         rm -f full.raw
-        prev=FULL-1700000000-disk.qcow2
-        for i in $(seq 1 30); do
-            truncate -s 4G inc.raw
-            dd if=/dev/urandom of=inc.raw bs=1M count=16 seek=$((i * 120)) conv=notrunc status=none
-            name=INC-$((1700000000 + i * 600))-disk.qcow2
-            qemu-img convert -O qcow2 inc.raw "chain30/$name"
-            qemu-img rebase -u -b "$prev" -F qcow2 "chain30/$name"
-            prev=$name
-            rm -f inc.raw
-        done
+        add_incs chain30 30 16 120
     fi
-    "$ours" merge --force --dir chain30 --targetfile ref.qcow2 2>/dev/null
-    compare "merge 30-deep vs cp" out.qcow2 \
-        "$ours merge --force --dir chain30 --targetfile out.qcow2" "cp ref.qcow2 out.qcow2" 2>/dev/null
-    compare "merge 30-deep vs qemu-img convert" out.qcow2 \
-        "$ours merge --force --dir chain30 --targetfile out.qcow2" \
-        "qemu-img convert -O qcow2 chain30/INC-1700018000-disk.qcow2 out.qcow2" 2>/dev/null
-    rm -f ref.qcow2
+    bench_merge 30-deep chain30
 fi
