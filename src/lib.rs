@@ -4,5 +4,7 @@
 //! Dependencies flow one way: the binaries (`src/bin`) call [`chain`] (restore-side commands
 //! on images and backup directories), which builds on [`qcow2`] (the format engine).
 
+pub mod backup;
 pub mod chain;
 pub mod qcow2;
+pub mod qmp;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 /// The kind of a backup file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     Full,
@@ -117,6 +117,23 @@ impl BackupDir {
     /// Reads `dir`. With `filter`, only files whose name contains it are considered (to pick
     /// one disk in a flat directory, as the original's `--filter`).
     pub fn scan(dir: &Path, filter: Option<&str>) -> Result<BackupDir, DirError> {
+        Self::scan_matching(dir, &|name| filter.is_none_or(|f| name.contains(f)))
+    }
+
+    /// Reads the files of the disk named `disk` (the part after `LEVEL-<epoch>-`) in `dir`,
+    /// which may hold other disks too (a flat directory).
+    pub fn scan_disk(dir: &Path, disk: &str) -> Result<BackupDir, DirError> {
+        Self::scan_matching(dir, &|name| {
+            let name = name.strip_suffix(".partial").unwrap_or(name);
+            match parse_name(name) {
+                Some((_, _, d)) => d == disk,
+                // A --no-timestamp file, or its `FULL-<disk>` / `COPY-<disk>` alias.
+                None => name == disk || name.split_once('-').is_some_and(|(_, d)| d == disk),
+            }
+        })
+    }
+
+    fn scan_matching(dir: &Path, wanted: &dyn Fn(&str) -> bool) -> Result<BackupDir, DirError> {
         let io = |e| DirError::Io(dir.to_path_buf(), e);
         let entries = std::fs::read_dir(dir).map_err(io)?;
         let mut files = Vec::new();
@@ -125,7 +142,7 @@ impl BackupDir {
         for entry in entries {
             let entry = entry.map_err(io)?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if is_side_file(&name) || filter.is_some_and(|f| !name.contains(f)) {
+            if is_side_file(&name) || !wanted(&name) {
                 continue;
             }
             let path = entry.path();

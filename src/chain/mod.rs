@@ -11,6 +11,7 @@ pub mod dir;
 pub mod error;
 pub mod info;
 pub mod list;
+pub mod manifest;
 pub mod map;
 pub mod merge;
 pub mod progress;

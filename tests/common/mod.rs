@@ -216,3 +216,4 @@ impl Lcg {
         self.next() % n
     }
 }
+pub mod qemu;

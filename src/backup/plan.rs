@@ -1,0 +1,270 @@
+//! Which level each disk gets: the decision `auto` makes and the checks `inc` needs.
+//!
+//! An incremental backup is only correct if the dirty bitmap has recorded every write since
+//! the chain's last backup. That is not the case when the bitmap is missing (new chain; QEMU
+//! restarted and the bitmap was not persistent, as for raw disks), inconsistent (QEMU was
+//! killed), disabled or busy (another job uses it), when the disk was resized, or when a
+//! partial file of another tool shows a run that may have cleared it. `auto` then takes a full
+//! backup of that disk and says why; `inc` refuses with the same reason. The original's
+//! `auto` looked only at the `uuid` file and failed on all of these.
+
+use super::device::Device;
+use super::layout::Level;
+
+/// The level asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requested {
+    Copy,
+    Full,
+    Inc,
+    Auto,
+}
+
+/// What is known about one disk's chain before the run.
+#[derive(Debug, Default)]
+pub struct ChainState {
+    /// The chain id in the target directory.
+    pub uuid: Option<String>,
+    /// `--monthly` started a new month.
+    pub new_month: bool,
+    /// Name and virtual size of the newest file of the current chain (FULL or INC).
+    pub last: Option<(String, u64)>,
+    /// Partial files an unknown run left (quarantined now).
+    pub foreign_partials: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub level: Level,
+    /// The chain bitmap as named on the disk now (for inc), or to be created.
+    pub bitmap: Option<String>,
+    /// The file an INC builds on.
+    pub parent: Option<String>,
+    /// Why `auto` chose a full backup.
+    pub reason: Option<String>,
+}
+
+/// The chain bitmap's name for chain `uuid`.
+pub fn bitmap_name(uuid: &str) -> String {
+    format!("qmpbackup-{uuid}")
+}
+
+/// The existing chain bitmap of `dev`: ours (`qmpbackup-<uuid>`), or the name an older
+/// version of the original used (`qmpbackup-<device>-<uuid>`).
+pub fn chain_bitmap<'a>(dev: &'a Device, uuid: &str) -> Option<&'a super::device::Bitmap> {
+    dev.bitmap(&bitmap_name(uuid)).or_else(|| {
+        dev.bitmaps
+            .iter()
+            .find(|b| b.name.starts_with("qmpbackup-") && b.name.ends_with(uuid))
+    })
+}
+
+/// Why an incremental backup of `dev` is not possible, or the bitmap and parent it uses.
+fn incremental(dev: &Device, st: &ChainState) -> Result<(String, String), String> {
+    let uuid = st
+        .uuid
+        .as_deref()
+        .ok_or("no chain in the target directory yet (no uuid file)")?;
+    if st.new_month {
+        return Err("a new month started (--monthly)".into());
+    }
+    if let Some(p) = st.foreign_partials.first() {
+        return Err(format!(
+            "partial backup {p} of an interrupted run by another tool: its bitmap may have been cleared"
+        ));
+    }
+    let (parent, size) = st
+        .last
+        .clone()
+        .ok_or("no FULL backup of this disk in the target directory")?;
+    let b = chain_bitmap(dev, uuid).ok_or_else(|| {
+        let why = if dev.is_raw() {
+            " (bitmaps of raw disks cannot be persistent: they vanish when QEMU restarts)"
+        } else {
+            ""
+        };
+        format!("dirty bitmap {} is missing{why}", bitmap_name(uuid))
+    })?;
+    if b.inconsistent {
+        return Err(format!(
+            "dirty bitmap {} is inconsistent (QEMU did not shut down cleanly)",
+            b.name
+        ));
+    }
+    if b.busy {
+        return Err(format!("dirty bitmap {} is in use by another job", b.name));
+    }
+    if !b.recording {
+        return Err(format!("dirty bitmap {} is disabled", b.name));
+    }
+    if size != dev.virtual_size {
+        return Err(format!(
+            "the disk was resized ({size} -> {} bytes) since {parent}",
+            dev.virtual_size
+        ));
+    }
+    Ok((b.name.clone(), parent))
+}
+
+pub fn decide(req: Requested, dev: &Device, st: &ChainState) -> Result<Decision, String> {
+    let full = |reason| Decision {
+        level: Level::Full,
+        bitmap: None,
+        parent: None,
+        reason,
+    };
+    match req {
+        Requested::Copy => Ok(Decision {
+            level: Level::Copy,
+            bitmap: None,
+            parent: None,
+            reason: None,
+        }),
+        Requested::Full => Ok(full(None)),
+        Requested::Inc | Requested::Auto => match incremental(dev, st) {
+            Ok((bitmap, parent)) => Ok(Decision {
+                level: Level::Inc,
+                bitmap: Some(bitmap),
+                parent: Some(parent),
+                reason: None,
+            }),
+            Err(why) if req == Requested::Auto => Ok(full(Some(why))),
+            Err(why) => Err(format!(
+                "{}: incremental backup impossible: {why}; take a full backup (--level full or auto)",
+                dev.name
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::device::Bitmap;
+
+    fn dev(bitmaps: Vec<Bitmap>) -> Device {
+        Device {
+            name: "disk0".into(),
+            node: "disk0".into(),
+            qdev: Some("vd0".into()),
+            format: "qcow2".into(),
+            filename: "/vm/d0.qcow2".into(),
+            virtual_size: 1 << 20,
+            cluster_size: Some(65536),
+            compat: None,
+            lazy_refcounts: false,
+            read_only: false,
+            bitmaps,
+            image: serde_json::Value::Null,
+        }
+    }
+
+    fn bm(inconsistent: bool, recording: bool) -> Bitmap {
+        Bitmap {
+            name: "qmpbackup-u1".into(),
+            recording,
+            persistent: true,
+            busy: false,
+            inconsistent,
+            count: 0,
+        }
+    }
+
+    #[test]
+    fn auto_falls_back_to_full_and_says_why() {
+        let good = ChainState {
+            uuid: Some("u1".into()),
+            last: Some(("FULL-1-d0.qcow2".into(), 1 << 20)),
+            ..Default::default()
+        };
+        let d = decide(Requested::Auto, &dev(vec![bm(false, true)]), &good).unwrap();
+        assert_eq!(
+            (d.level, d.parent.as_deref()),
+            (Level::Inc, Some("FULL-1-d0.qcow2"))
+        );
+        let cases: Vec<(Device, ChainState, &str)> = vec![
+            (
+                dev(vec![]),
+                ChainState {
+                    uuid: Some("u1".into()),
+                    last: good.last.clone(),
+                    ..Default::default()
+                },
+                "missing",
+            ),
+            (
+                dev(vec![bm(true, false)]),
+                ChainState {
+                    uuid: Some("u1".into()),
+                    last: good.last.clone(),
+                    ..Default::default()
+                },
+                "inconsistent",
+            ),
+            (
+                dev(vec![bm(false, false)]),
+                ChainState {
+                    uuid: Some("u1".into()),
+                    last: good.last.clone(),
+                    ..Default::default()
+                },
+                "disabled",
+            ),
+            (
+                dev(vec![bm(false, true)]),
+                ChainState {
+                    uuid: None,
+                    ..Default::default()
+                },
+                "no chain",
+            ),
+            (
+                dev(vec![bm(false, true)]),
+                ChainState {
+                    uuid: Some("u1".into()),
+                    ..Default::default()
+                },
+                "no FULL",
+            ),
+            (
+                dev(vec![bm(false, true)]),
+                ChainState {
+                    uuid: Some("u1".into()),
+                    last: Some(("F".into(), 5)),
+                    ..Default::default()
+                },
+                "resized",
+            ),
+            (
+                dev(vec![bm(false, true)]),
+                ChainState {
+                    uuid: Some("u1".into()),
+                    last: good.last.clone(),
+                    foreign_partials: vec!["INC-5-d.partial".into()],
+                    ..Default::default()
+                },
+                "another tool",
+            ),
+            (
+                dev(vec![bm(false, true)]),
+                ChainState {
+                    uuid: Some("u1".into()),
+                    last: good.last.clone(),
+                    new_month: true,
+                    ..Default::default()
+                },
+                "month",
+            ),
+        ];
+        for (d, st, why) in cases {
+            let auto = decide(Requested::Auto, &d, &st).unwrap();
+            assert_eq!(auto.level, Level::Full);
+            assert!(
+                auto.reason.as_deref().unwrap().contains(why),
+                "{auto:?} / {why}"
+            );
+            let inc = decide(Requested::Inc, &d, &st).unwrap_err();
+            assert!(inc.contains(why), "{inc}");
+        }
+    }
+}

@@ -1,0 +1,957 @@
+//! One backup run: the QMP dialogue from pre-flight to the renamed, checksummed files.
+//!
+//! Order of events, and why:
+//! 1. Everything that can fail without touching the VM happens first: device selection, the
+//!    level of each disk, target and fleece images (created natively), the run record.
+//! 2. Target, fleece and copy-before-write nodes are added; the guest's disks are untouched.
+//! 3. The snapshot point. If the VM runs it is stopped for this step only (a few
+//!    milliseconds). A new bitmap `N` starts recording, then every device is switched onto
+//!    its filter: the backup shows the disks as they were at the switch, all disks at one
+//!    instant. `N` started before the switch, so it holds every write after it (plus perhaps
+//!    a few from before, which the next incremental copies once more: harmless). The chain
+//!    bitmap `B` is not touched: it still holds every write since the previous backup.
+//! 4. The jobs read the snapshot (an incremental: through a copy of `B` made after the switch)
+//!    and are started in one transaction with grouped completion: one failure cancels all.
+//! 5. Only after every job succeeded, the graph is taken down, the files are synced and
+//!    renamed to their final names, their manifests written — and then, in one transaction,
+//!    `B` becomes `N`. A run that fails or is killed anywhere before leaves `B` as it was, so
+//!    the next incremental still covers everything (the original cleared `B` when the job
+//!    started and lost the delta of every failed incremental).
+
+use super::device::{parse_query_block, Device, Selection};
+use super::error::{BackupError, Result};
+use super::fleece;
+use super::job::{self, Progress};
+use super::layout::{self, Level, Target};
+use super::plan::{self, ChainState, Decision, Requested};
+use super::state::{DiskRecord, RunLock, RunRecord};
+use crate::chain::dir::BackupDir;
+use crate::chain::manifest::{self, Manifest};
+use crate::qcow2::create::{create_file, CreateOptions};
+use crate::qcow2::{Disk, Format, OpenOptions};
+use crate::qmp::{Address, Agent, FreezeState, Qmp};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Everything `qmpbackup backup` can be asked.
+pub struct Options {
+    pub level: Requested,
+    pub target: PathBuf,
+    pub selection: Selection,
+    pub monthly: bool,
+    pub subdirs: bool,
+    pub timestamp: bool,
+    pub symlink: bool,
+    pub quiesce: bool,
+    pub agent: Option<Address>,
+    pub pause: bool,
+    pub speed_limit: u64,
+    pub progress: Progress,
+    pub cbw_timeout: u64,
+    pub compress: bool,
+    pub uuid: Option<String>,
+    pub remove_delay: Duration,
+    pub aio: Option<String>,
+    pub fleece_dir: Option<PathBuf>,
+}
+
+/// What one disk's backup produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DiskOutcome {
+    pub device: String,
+    pub level: Level,
+    pub file: PathBuf,
+    pub size: u64,
+    /// Why `auto` took a full backup.
+    pub reason: Option<String>,
+}
+
+/// One disk in a run.
+struct Disk_ {
+    dev: Device,
+    name: String,
+    decision: Decision,
+    dir: PathBuf,
+    final_path: PathBuf,
+    target_format: &'static str,
+    rec: DiskRecord,
+    // Progress through the graph changes, for teardown.
+    target_added: bool,
+    fleece_added: bool,
+    cbw_added: bool,
+    switched: bool,
+    snap_added: bool,
+    next_added: bool,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Runs a backup over `qmp`. `interrupted` is set by the SIGINT/SIGTERM handler.
+pub fn run(qmp: &mut Qmp, opts: &Options, interrupted: &AtomicBool) -> Result<Vec<DiskOutcome>> {
+    let status = qmp.execute("query-status", json!({}))?;
+    let status = status["status"].as_str().unwrap_or("").to_string();
+    if !matches!(
+        status.as_str(),
+        "running" | "prelaunch" | "paused" | "suspended"
+    ) {
+        return Err(BackupError::Refused(format!(
+            "VM is in state '{status}': backups need it running, paused or prelaunch"
+        )));
+    }
+    tracing::info!("QEMU {} {}, VM {status}", qmp.version, qmp.package);
+    warn_tpm(qmp);
+    let devices = select(qmp, &opts.selection)?;
+
+    let epoch_now = now();
+    let month = opts.monthly.then(|| layout::month_of(epoch_now));
+    let target = Target::prepare(&opts.target, month.as_deref(), opts.subdirs)
+        .map_err(BackupError::io(&opts.target))?;
+    let mut lock = RunLock::acquire(&target.root).map_err(BackupError::io(&target.root))?;
+    let ours: Vec<PathBuf> = match lock.stale.take() {
+        Some(stale) => recover(qmp, &stale, &mut lock)?,
+        None => Vec::new(),
+    };
+
+    let existing_uuid = target.uuid().map_err(BackupError::io(target.uuid_path()))?;
+    let mut disks = Vec::new();
+    let mut refusals = Vec::new();
+    for (dev, name) in devices {
+        let dir = target.disk_dir(&name);
+        std::fs::create_dir_all(&dir).map_err(BackupError::io(&dir))?;
+        let state = chain_state(&dir, &name, &existing_uuid, target.new_month, &ours)?;
+        match plan::decide(opts.level, &dev, &state) {
+            Ok(decision) => {
+                if let Some(why) = &decision.reason {
+                    tracing::warn!("{}: taking a full backup: {why}", dev.name);
+                }
+                disks.push((dev, name, dir, decision));
+            }
+            Err(e) => refusals.push(e),
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(BackupError::Refused(refusals.join("\n")));
+    }
+
+    // The chain id: kept when a chain exists, else --uuid or a new one.
+    let chained = disks.iter().any(|d| d.3.level != Level::Copy);
+    let uuid = match (&existing_uuid, &opts.uuid) {
+        (Some(u), Some(asked)) if u != asked => {
+            tracing::warn!(
+                "--uuid {asked} ignored: {} already holds chain {u}",
+                target.root.display()
+            );
+            Some(u.clone())
+        }
+        (Some(u), _) => Some(u.clone()),
+        (None, asked) if chained => {
+            let u = match asked {
+                Some(a) => a.clone(),
+                None => layout::new_uuid().map_err(BackupError::io("/dev/urandom"))?,
+            };
+            target
+                .write_uuid(&u)
+                .map_err(BackupError::io(target.uuid_path()))?;
+            Some(u)
+        }
+        (None, _) => None,
+    };
+
+    let dirs: Vec<PathBuf> = disks.iter().map(|d| d.2.clone()).collect();
+    let epoch = unique_epoch(epoch_now, &dirs);
+    let tag = format!("{:04x}", (std::process::id() ^ epoch as u32) & 0xffff);
+    let fleece_dir = opts
+        .fleece_dir
+        .clone()
+        .unwrap_or_else(|| target.fleece_dir());
+    std::fs::create_dir_all(&fleece_dir).map_err(BackupError::io(&fleece_dir))?;
+
+    let mut run_disks = Vec::new();
+    for (i, (dev, name, dir, decision)) in disks.into_iter().enumerate() {
+        let (target_node, fleece_node, cbw_node, snap_node, job) =
+            fleece::names(&tag, i, &dev.name);
+        let timestamp = opts.timestamp || decision.level == Level::Inc;
+        let file = layout::file_name(decision.level, epoch, &name, timestamp);
+        let final_path = dir.join(&file);
+        let target_format = if dev.is_raw() && decision.level != Level::Inc {
+            "raw"
+        } else {
+            "qcow2"
+        };
+        let next_bitmap = match (&uuid, decision.level) {
+            (Some(u), Level::Full | Level::Inc) => Some(format!("{}-next", plan::bitmap_name(u))),
+            _ => None,
+        };
+        let rec = DiskRecord {
+            device: dev.name.clone(),
+            node: dev.node.clone(),
+            qdev: dev.qdev.clone(),
+            job,
+            target_node,
+            fleece_node: fleece_node.clone(),
+            cbw_node,
+            snap_node,
+            next_bitmap,
+            partial: dir.join(format!("{file}.partial")),
+            fleece: fleece_dir.join(format!("{fleece_node}.qcow2")),
+        };
+        run_disks.push(Disk_ {
+            dev,
+            name,
+            decision,
+            dir,
+            final_path,
+            target_format,
+            rec,
+            target_added: false,
+            fleece_added: false,
+            cbw_added: false,
+            switched: false,
+            snap_added: false,
+            next_added: false,
+        });
+    }
+    let mut r = Run {
+        qmp,
+        opts,
+        lock: &mut lock,
+        disks: run_disks,
+        uuid,
+        epoch,
+        was_running: status == "running",
+        paused_by_us: false,
+        stopped: false,
+        agent: None,
+        frozen: false,
+    };
+    let result = r.execute(interrupted);
+    let cleaned = r.teardown();
+    match result {
+        Ok(()) => {
+            cleaned?;
+            r.finish()
+        }
+        Err(e) => {
+            r.discard(cleaned.is_ok());
+            Err(e)
+        }
+    }
+}
+
+struct Run<'a> {
+    qmp: &'a mut Qmp,
+    opts: &'a Options,
+    lock: &'a mut RunLock,
+    disks: Vec<Disk_>,
+    uuid: Option<String>,
+    epoch: u64,
+    was_running: bool,
+    paused_by_us: bool,
+    stopped: bool,
+    agent: Option<Agent>,
+    frozen: bool,
+}
+
+impl Run<'_> {
+    /// Files, graph, snapshot point and jobs. On error the caller tears down.
+    fn execute(&mut self, interrupted: &AtomicBool) -> Result<()> {
+        let record = RunRecord {
+            pid: std::process::id(),
+            started: self.epoch,
+            disks: self.disks.iter().map(|d| d.rec.clone()).collect(),
+        };
+        self.lock
+            .record(&record)
+            .map_err(BackupError::io(".qmpbackup-run"))?;
+        for d in &self.disks {
+            create_target(d)?;
+            create_image(&d.rec.fleece, &fleece_options(&d.dev))?;
+        }
+        if self.opts.pause && self.was_running {
+            self.qmp.execute("stop", json!({}))?;
+            self.paused_by_us = true;
+        }
+        let aio = self.opts.aio.as_deref();
+        for i in 0..self.disks.len() {
+            let d = &self.disks[i];
+            let target =
+                fleece::image_node(&d.rec.target_node, &d.rec.partial, d.target_format, aio);
+            self.qmp.execute("blockdev-add", target)?;
+            self.disks[i].target_added = true;
+            let d = &self.disks[i];
+            let fl = fleece::image_node(&d.rec.fleece_node, &d.rec.fleece, "qcow2", None);
+            self.qmp.execute("blockdev-add", fl)?;
+            self.disks[i].fleece_added = true;
+            let cbw = fleece::cbw_node(&self.disks[i].rec, self.opts.cbw_timeout);
+            self.qmp.execute("blockdev-add", cbw)?;
+            self.disks[i].cbw_added = true;
+        }
+        check(interrupted)?;
+        self.quiesce();
+        if self.was_running && !self.paused_by_us {
+            self.qmp.execute("stop", json!({}))?;
+            self.stopped = true;
+        }
+        // The snapshot point: N starts, then every device moves onto its filter.
+        let adds: Vec<Value> = self
+            .disks
+            .iter()
+            .filter_map(|d| {
+                d.rec.next_bitmap.as_ref().map(|n| {
+                    json!({"type": "block-dirty-bitmap-add",
+                           "data": {"node": d.dev.node, "name": n, "persistent": false}})
+                })
+            })
+            .collect();
+        if !adds.is_empty() {
+            self.qmp.execute("transaction", json!({"actions": adds}))?;
+            for d in &mut self.disks {
+                d.next_added = d.rec.next_bitmap.is_some();
+            }
+        }
+        for i in 0..self.disks.len() {
+            let d = &self.disks[i];
+            let qdev = d.dev.qdev.as_deref().ok_or_else(|| {
+                BackupError::Refused(format!(
+                    "{}: QEMU reports no qdev path for the device",
+                    d.dev.name
+                ))
+            })?;
+            self.qmp
+                .execute("qom-set", fleece::switch(qdev, &d.rec.cbw_node))?;
+            self.disks[i].switched = true;
+        }
+        for i in 0..self.disks.len() {
+            self.qmp
+                .execute("blockdev-add", fleece::snap_node(&self.disks[i].rec))?;
+            self.disks[i].snap_added = true;
+        }
+        // Bitmap actions cannot share the grouped transaction of the jobs.
+        let mut bitmap_copies = Vec::new();
+        let mut actions = Vec::new();
+        for d in &self.disks {
+            let mut job = json!({
+                "job-id": d.rec.job, "device": d.rec.snap_node, "target": d.rec.target_node,
+                "sync": "full", "speed": self.opts.speed_limit,
+            });
+            if self.opts.compress && d.target_format == "qcow2" {
+                job["compress"] = json!(true);
+            }
+            if let (Level::Inc, Some(b)) = (d.decision.level, &d.decision.bitmap) {
+                // A backup job finds its bitmap only on its source node: copy B there.
+                let s = "qmpbackup-snap";
+                bitmap_copies.push(json!({"type": "block-dirty-bitmap-add",
+                    "data": {"node": d.rec.snap_node, "name": s, "persistent": false}}));
+                bitmap_copies.push(json!({"type": "block-dirty-bitmap-merge",
+                    "data": {"node": d.rec.snap_node, "target": s,
+                             "bitmaps": [{"node": d.dev.node, "name": b}]}}));
+                job["sync"] = json!("incremental");
+                job["bitmap"] = json!(s);
+            }
+            actions.push(json!({"type": "blockdev-backup", "data": job}));
+        }
+        if !bitmap_copies.is_empty() {
+            self.qmp
+                .execute("transaction", json!({ "actions": bitmap_copies }))?;
+        }
+        self.qmp.execute(
+            "transaction",
+            json!({"actions": actions, "properties": {"completion-mode": "grouped"}}),
+        )?;
+        self.resume();
+        let jobs: Vec<(String, String)> = self
+            .disks
+            .iter()
+            .map(|d| (d.rec.job.clone(), d.dev.name.clone()))
+            .collect();
+        job::wait(self.qmp, &jobs, &self.opts.progress, interrupted)
+    }
+
+    /// Freezes the guest's file systems for the snapshot point (--quiesce). An unreachable
+    /// agent only warns, as in the original.
+    fn quiesce(&mut self) {
+        if !self.opts.quiesce || self.opts.pause {
+            return;
+        }
+        let Some(addr) = &self.opts.agent else {
+            tracing::warn!("--quiesce needs --agent-socket: backing up without freezing");
+            return;
+        };
+        let attempt = || -> crate::qmp::Result<Agent> {
+            let mut agent = Agent::connect(addr, Duration::from_secs(5))?;
+            agent.ping()?;
+            if !agent.can_freeze()? {
+                return Err(crate::qmp::QmpError::Protocol {
+                    addr: addr.to_string(),
+                    problem: "the guest agent does not offer guest-fsfreeze-freeze".into(),
+                });
+            }
+            Ok(agent)
+        };
+        match attempt() {
+            Ok(mut agent) => {
+                let state = agent.status();
+                if state.as_ref().ok() == Some(&FreezeState::Frozen) {
+                    tracing::warn!("guest file systems are already frozen");
+                } else {
+                    match agent.freeze(Duration::from_secs(60)) {
+                        Ok(n) => {
+                            tracing::info!("froze {n} guest file systems");
+                            self.frozen = true;
+                        }
+                        Err(e) => {
+                            tracing::warn!("freezing the guest failed, backing up unfrozen: {e}")
+                        }
+                    }
+                }
+                self.agent = Some(agent);
+            }
+            Err(e) => tracing::warn!("guest agent not usable, backing up without freezing: {e}"),
+        }
+    }
+
+    /// Lets the VM run on once the snapshot point is behind us.
+    fn resume(&mut self) {
+        if self.stopped {
+            match self.qmp.execute("cont", json!({})) {
+                Ok(_) => self.stopped = false,
+                Err(e) => tracing::error!("could not resume the VM: {e}"),
+            }
+        }
+        if self.frozen {
+            if let Some(agent) = &mut self.agent {
+                match agent.thaw() {
+                    Ok(_) => self.frozen = false,
+                    Err(e) => tracing::error!("could not thaw the guest: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Removes every node the run added, in the order QEMU accepts, and resumes the VM.
+    /// Returns an error if something could not be removed.
+    fn teardown(&mut self) -> Result<()> {
+        self.resume();
+        if !self.opts.remove_delay.is_zero() {
+            std::thread::sleep(self.opts.remove_delay);
+        }
+        let mut failed = Vec::new();
+        let qmp = &mut *self.qmp;
+        let mut del = |node: &str| {
+            if let Err(e) = qmp.execute("blockdev-del", json!({"node-name": node})) {
+                failed.push(format!("blockdev-del {node}: {e}"));
+            }
+        };
+        for d in &mut self.disks {
+            if d.snap_added {
+                del(&d.rec.snap_node);
+                d.snap_added = false;
+            }
+        }
+        for d in &mut self.disks {
+            if d.switched {
+                let qdev = d.dev.qdev.clone().unwrap_or_default();
+                match self
+                    .qmp
+                    .execute("qom-set", fleece::switch(&qdev, &d.dev.node))
+                {
+                    Ok(_) => d.switched = false,
+                    Err(e) => failed.push(format!(
+                        "{}: switching back to {}: {e}",
+                        d.dev.name, d.dev.node
+                    )),
+                }
+            }
+        }
+        let qmp = &mut *self.qmp;
+        let mut del = |node: &str| match qmp.execute("blockdev-del", json!({"node-name": node})) {
+            Ok(_) => true,
+            Err(e) => {
+                failed.push(format!("blockdev-del {node}: {e}"));
+                false
+            }
+        };
+        for d in &mut self.disks {
+            if d.cbw_added && !d.switched && del(&d.rec.cbw_node) {
+                d.cbw_added = false;
+            }
+            if d.target_added && del(&d.rec.target_node) {
+                d.target_added = false;
+            }
+            if d.fleece_added && !d.cbw_added && del(&d.rec.fleece_node) {
+                d.fleece_added = false;
+            }
+        }
+        if self.paused_by_us {
+            match self.qmp.execute("cont", json!({})) {
+                Ok(_) => self.paused_by_us = false,
+                Err(e) => failed.push(format!("resuming the VM: {e}")),
+            }
+        }
+        for d in &self.disks {
+            let _ = std::fs::remove_file(&d.rec.fleece);
+        }
+        if let Some(dir) = self.disks.first().and_then(|d| d.rec.fleece.parent()) {
+            let _ = std::fs::remove_dir(dir);
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(BackupError::Failed(format!(
+                "the VM's block graph could not be fully restored (the next run retries): {}",
+                failed.join("; ")
+            )))
+        }
+    }
+
+    /// After success: durable files under their final names, manifests, then the bitmaps.
+    fn finish(&mut self) -> Result<Vec<DiskOutcome>> {
+        let mut outcomes = Vec::new();
+        for d in &self.disks {
+            let f = std::fs::File::open(&d.rec.partial).map_err(BackupError::io(&d.rec.partial))?;
+            f.sync_all().map_err(BackupError::io(&d.rec.partial))?;
+            std::fs::rename(&d.rec.partial, &d.final_path)
+                .map_err(BackupError::io(&d.final_path))?;
+            crate::qcow2::create::sync_parent(&d.final_path).map_err(BackupError::io(&d.dir))?;
+            let file_name = d
+                .final_path
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned();
+            if !self.opts.timestamp && d.decision.level != Level::Inc && self.opts.symlink {
+                layout::update_symlink(&d.dir, d.decision.level, &d.name, &file_name)
+                    .map_err(BackupError::io(&d.dir))?;
+            }
+            let (file_size, crc32) =
+                manifest::checksums(&d.final_path).map_err(BackupError::io(&d.final_path))?;
+            let m = Manifest {
+                manifest_version: manifest::MANIFEST_VERSION,
+                tool: format!("qmpbackup {}", env!("CARGO_PKG_VERSION")),
+                file: file_name,
+                level: d.decision.level,
+                epoch: self.epoch,
+                uuid: self
+                    .uuid
+                    .clone()
+                    .filter(|_| d.decision.level != Level::Copy),
+                bitmap: self
+                    .uuid
+                    .as_deref()
+                    .filter(|_| d.decision.level != Level::Copy)
+                    .map(plan::bitmap_name),
+                device: d.dev.name.clone(),
+                node: d.dev.node.clone(),
+                qdev: d.dev.qdev.clone(),
+                source_file: d.dev.filename.clone(),
+                qemu_version: self.qmp.version.to_string(),
+                format: d.target_format.to_string(),
+                virtual_size: d.dev.virtual_size,
+                cluster_size: (d.target_format == "qcow2").then(|| target_cluster_size(&d.dev)),
+                parent: d.decision.parent.clone(),
+                file_size,
+                extent_size: manifest::EXTENT_SIZE,
+                crc32,
+            };
+            let mpath = manifest::path_for(&d.final_path);
+            let dir = mpath.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
+            let bytes = serde_json::to_vec_pretty(&m)
+                .map_err(|e| BackupError::Io(mpath.clone(), e.into()))?;
+            layout::write_durably(&mpath, &bytes).map_err(BackupError::io(&mpath))?;
+            if d.decision.level == Level::Full {
+                let config = serde_json::to_vec_pretty(&d.dev.image).unwrap_or_default();
+                let cpath = d
+                    .dir
+                    .parent()
+                    .filter(|_| self.opts.subdirs)
+                    .unwrap_or(&d.dir)
+                    .join(format!("{}.config", d.name));
+                layout::write_durably(&cpath, &config).map_err(BackupError::io(&cpath))?;
+            }
+            outcomes.push(DiskOutcome {
+                device: d.dev.name.clone(),
+                level: d.decision.level,
+                file: d.final_path.clone(),
+                size: file_size,
+                reason: d.decision.reason.clone(),
+            });
+        }
+        self.rotate_bitmaps();
+        self.lock
+            .clear()
+            .map_err(BackupError::io(".qmpbackup-run"))?;
+        Ok(outcomes)
+    }
+
+    /// B := N for every chained disk, in one transaction. If it fails, B still covers every
+    /// write since the previous backup: the next incremental copies a little more.
+    fn rotate_bitmaps(&mut self) {
+        let mut actions = Vec::new();
+        for d in &self.disks {
+            let (Some(next), Some(uuid)) = (&d.rec.next_bitmap, &self.uuid) else {
+                continue;
+            };
+            let chain = d
+                .decision
+                .bitmap
+                .clone()
+                .or_else(|| plan::chain_bitmap(&d.dev, uuid).map(|b| b.name.clone()));
+            let node = &d.dev.node;
+            match chain {
+                Some(b) => actions.push(
+                    json!({"type": "block-dirty-bitmap-clear", "data": {"node": node, "name": b}}),
+                ),
+                None => {
+                    actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+                    "node": node, "name": plan::bitmap_name(uuid), "persistent": !d.dev.is_raw()}}))
+                }
+            }
+            let b = d
+                .decision
+                .bitmap
+                .clone()
+                .or_else(|| plan::chain_bitmap(&d.dev, uuid).map(|b| b.name.clone()))
+                .unwrap_or_else(|| plan::bitmap_name(uuid));
+            actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {"node": node, "target": b, "bitmaps": [next]}}));
+            actions.push(
+                json!({"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": next}}),
+            );
+        }
+        if actions.is_empty() {
+            return;
+        }
+        match self.qmp.execute("transaction", json!({"actions": actions})) {
+            Ok(_) => {
+                for d in &mut self.disks {
+                    d.next_added = false;
+                }
+            }
+            Err(e) => {
+                tracing::error!("the backups are complete, but the chain bitmaps could not be updated ({e}); the next incremental will copy more than needed");
+                self.remove_next_bitmaps();
+            }
+        }
+    }
+
+    fn remove_next_bitmaps(&mut self) {
+        for d in &mut self.disks {
+            if let (true, Some(n)) = (d.next_added, &d.rec.next_bitmap) {
+                match self.qmp.execute(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": d.dev.node, "name": n}),
+                ) {
+                    Ok(_) => d.next_added = false,
+                    Err(e) => tracing::warn!("{}: removing bitmap {n}: {e}", d.dev.name),
+                }
+            }
+        }
+    }
+
+    /// After a failure: nothing of this run stays (the chain bitmaps were never touched).
+    fn discard(&mut self, graph_clean: bool) {
+        self.remove_next_bitmaps();
+        for d in &self.disks {
+            if let Err(e) = std::fs::remove_file(&d.rec.partial) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("{}: {e}", d.rec.partial.display());
+                }
+            }
+        }
+        if graph_clean {
+            if let Err(e) = self.lock.clear() {
+                tracing::warn!("clearing the run record: {e}");
+            }
+        }
+    }
+}
+
+fn check(interrupted: &AtomicBool) -> Result<()> {
+    if interrupted.load(Ordering::SeqCst) {
+        Err(BackupError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+/// Warns about emulated TPMs: their state is not part of a disk backup.
+fn warn_tpm(qmp: &mut Qmp) {
+    if let Ok(tpms) = qmp.execute("query-tpm", json!({})) {
+        for t in tpms.as_array().into_iter().flatten() {
+            if t["options"]["type"] == "emulator" {
+                tracing::warn!(
+                    "TPM {} is emulated: its state (swtpm files) is not part of this backup",
+                    t["id"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
+}
+
+/// The selected devices with the names their backups get. Disks whose image files share a
+/// base name get the device name as prefix, so they never write into each other's files.
+pub fn select(qmp: &mut Qmp, selection: &Selection) -> Result<Vec<(Device, String)>> {
+    let reply = qmp.execute("query-block", json!({}))?;
+    let mut devices = Vec::new();
+    for d in parse_query_block(&reply) {
+        match d {
+            Ok(d) if selection.wants(&d) => devices.push(d),
+            Ok(d) => tracing::info!("{}: not selected", d.name),
+            Err(why) => tracing::warn!("skipping a device: {why}"),
+        }
+    }
+    if devices.is_empty() {
+        return Err(BackupError::Refused(
+            "VM has no devices suitable for backup (see --include, --exclude, --include-raw)"
+                .into(),
+        ));
+    }
+    let names: Vec<String> = devices.iter().map(Device::basename).collect();
+    Ok(devices
+        .into_iter()
+        .zip(names.iter())
+        .map(|(d, base)| {
+            let name = if names.iter().filter(|n| *n == base).count() > 1 {
+                let prefix: String = d
+                    .name
+                    .chars()
+                    .map(|c| if c == '/' || c == '#' { '_' } else { c })
+                    .collect();
+                tracing::warn!(
+                    "{}: image name {base} is not unique in this VM: backups named {prefix}-{base}",
+                    d.name
+                );
+                format!("{prefix}-{base}")
+            } else {
+                base.clone()
+            };
+            (d, name)
+        })
+        .collect())
+}
+
+/// Partial files are quarantined; the current chain's newest file gives the parent.
+fn chain_state(
+    dir: &Path,
+    name: &str,
+    uuid: &Option<String>,
+    new_month: bool,
+    ours: &[PathBuf],
+) -> Result<ChainState> {
+    let bd = BackupDir::scan_disk(dir, name).map_err(|e| BackupError::Refused(e.to_string()))?;
+    let mut foreign = Vec::new();
+    for p in &bd.partials {
+        let to = layout::quarantine(p).map_err(BackupError::io(p))?;
+        if ours.contains(p) {
+            tracing::warn!(
+                "removed partial file {} of our interrupted run",
+                p.display()
+            );
+            let _ = std::fs::remove_file(&to);
+        } else {
+            tracing::warn!(
+                "partial file {} of an interrupted run set aside as {}",
+                p.display(),
+                to.display()
+            );
+            foreign.push(
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    let last = match bd.chain() {
+        Ok(chain) => {
+            let f = chain.files.last().expect("a chain has a FULL");
+            let size = Disk::open_with(
+                &f.path,
+                &OpenOptions {
+                    no_backing: true,
+                    ..Default::default()
+                },
+            )
+            .map(|d| d.size())
+            .map_err(|e| {
+                BackupError::Refused(format!("the chain's newest file is unreadable: {e}"))
+            })?;
+            Some((f.name.clone(), size))
+        }
+        Err(_) => None,
+    };
+    Ok(ChainState {
+        uuid: uuid.clone(),
+        new_month,
+        last,
+        foreign_partials: foreign,
+    })
+}
+
+/// An epoch later than every backup in `dirs`: two runs in one second get distinct names
+/// (the original overwrote the first).
+fn unique_epoch(now: u64, dirs: &[PathBuf]) -> u64 {
+    let newest = layout::newest_epoch(dirs);
+    if newest < now {
+        return now;
+    }
+    if newest - now <= 2 {
+        std::thread::sleep(Duration::from_millis(1000 * (newest - now + 1)));
+        let t = self::now();
+        if t > newest {
+            return t;
+        }
+    }
+    tracing::warn!(
+        "backups dated in the future (epoch {newest}): is the clock right? naming this one {}",
+        newest + 1
+    );
+    newest + 1
+}
+
+fn target_cluster_size(dev: &Device) -> u64 {
+    dev.cluster_size
+        .filter(|c| c.is_power_of_two() && (512..=2 << 20).contains(c))
+        .unwrap_or(65536)
+}
+
+fn fleece_options(dev: &Device) -> CreateOptions {
+    CreateOptions {
+        size: dev.virtual_size,
+        cluster_size: target_cluster_size(dev),
+        ..Default::default()
+    }
+}
+
+fn create_image(path: &Path, opts: &CreateOptions) -> Result<()> {
+    create_file(path, opts, true)?;
+    Ok(())
+}
+
+/// The `.partial` target: qcow2 with the source's compat, cluster size and lazy refcounts;
+/// an INC names its predecessor as backing file, so the chain describes itself. A raw
+/// source's FULL or COPY is a sparse raw file.
+fn create_target(d: &Disk_) -> Result<()> {
+    if d.target_format == "raw" {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&d.rec.partial)
+            .map_err(BackupError::io(&d.rec.partial))?;
+        f.set_len(d.dev.virtual_size)
+            .map_err(BackupError::io(&d.rec.partial))?;
+        return Ok(());
+    }
+    let backing = match &d.decision.parent {
+        Some(parent) => {
+            let fmt = Disk::open_with(
+                &d.dir.join(parent),
+                &OpenOptions {
+                    no_backing: true,
+                    ..Default::default()
+                },
+            )?
+            .format();
+            Some((
+                parent.clone(),
+                Some(if fmt == Format::Raw {
+                    Format::Raw
+                } else {
+                    Format::Qcow2
+                }),
+            ))
+        }
+        None => None,
+    };
+    let opts = CreateOptions {
+        size: d.dev.virtual_size,
+        cluster_size: target_cluster_size(&d.dev),
+        version: if d.dev.compat.as_deref() == Some("0.10") {
+            2
+        } else {
+            3
+        },
+        lazy_refcounts: d.dev.lazy_refcounts && d.dev.compat.as_deref() != Some("0.10"),
+        backing,
+        ..Default::default()
+    };
+    create_image(&d.rec.partial, &opts)
+}
+
+/// Cleans up after a run that was killed: its jobs, nodes and temporary bitmaps in QEMU (if
+/// this is the same QEMU), its fleece files. Returns its partial files, which the caller
+/// removes (they are ours: the chain bitmap was never touched).
+fn recover(qmp: &mut Qmp, stale: &RunRecord, lock: &mut RunLock) -> Result<Vec<PathBuf>> {
+    tracing::warn!(
+        "cleaning up after an interrupted run (pid {}, started {})",
+        stale.pid,
+        stale.started
+    );
+    let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true}))?;
+    let has = |n: &str| {
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["node-name"] == n)
+    };
+    let jobs = qmp.execute("query-block-jobs", json!({}))?;
+    for d in &stale.disks {
+        if jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|j| j["device"] == d.job.as_str())
+        {
+            let _ = qmp.execute("block-job-cancel", json!({"device": d.job, "force": true}));
+            for _ in 0..100 {
+                let j = qmp.execute("query-block-jobs", json!({}))?;
+                if !j
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|x| x["device"] == d.job.as_str())
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let mut step = |cmd: &str, args: Value| {
+            if let Err(e) = qmp.execute(cmd, args) {
+                tracing::warn!("recovery: {cmd}: {e}");
+            }
+        };
+        if has(&d.snap_node) {
+            step("blockdev-del", json!({"node-name": d.snap_node}));
+        }
+        if has(&d.cbw_node) {
+            if let Some(q) = &d.qdev {
+                step("qom-set", fleece::switch(q, &d.node));
+            }
+            step("blockdev-del", json!({"node-name": d.cbw_node}));
+        }
+        for n in [&d.target_node, &d.fleece_node] {
+            if has(n) {
+                step("blockdev-del", json!({"node-name": n}));
+            }
+        }
+        if let Some(n) = &d.next_bitmap {
+            if has(&d.node) {
+                let _ = qmp.execute(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": d.node, "name": n}),
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&d.fleece);
+    }
+    lock.clear().map_err(BackupError::io(".qmpbackup-run"))?;
+    Ok(stale.disks.iter().map(|d| d.partial.clone()).collect())
+}

@@ -1,0 +1,392 @@
+//! `qmpbackup`: live backups of a QEMU VM's disks over QMP. A drop-in replacement for the
+//! original Python tool: same subcommands, options and directory layout.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use qmpbackup::backup::device::Selection;
+use qmpbackup::backup::job::Progress;
+use qmpbackup::backup::plan::Requested;
+use qmpbackup::backup::run::{self, Options};
+use qmpbackup::backup::{admin, BackupError};
+use qmpbackup::qmp::{Address, Qmp};
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+const AFTER_HELP: &str = "\
+Examples:
+  qmpbackup --socket /run/vm1.qmp backup --level full --target /backup/vm1
+  qmpbackup --socket /run/vm1.qmp backup --level auto --monthly --target /backup/vm1
+  qmpbackup --socket tcp:[::1]:4444 backup -l inc -t /backup/vm1 --exclude pflash0
+  qmpbackup --socket /run/vm1.qmp info --show bitmaps
+  qmpbackup --socket /run/vm1.qmp cleanup --remove-bitmap --uuid <chain id>
+
+Give qmpbackup a QMP socket of its own: QEMU serves one client per socket.
+
+Exit codes:
+  0    success
+  1    the backup (or command) failed; nothing of the failed run is kept and the chain's
+       dirty bitmaps are unchanged, so the next run continues the chain
+  2    invalid command line
+  130  interrupted by SIGINT/SIGTERM (jobs cancelled, everything cleaned up)";
+
+#[derive(Parser)]
+#[command(name = "qmpbackup", version, about = "Full, incremental and copy backups of running QEMU VMs over QMP", after_help = AFTER_HELP)]
+struct Cli {
+    /// QMP socket: a unix socket path, or tcp:HOST:PORT (IPv6: tcp:[::1]:4444).
+    #[arg(long)]
+    socket: String,
+    /// Guest-agent socket (unix path or tcp:HOST:PORT), used by `backup --quiesce`.
+    #[arg(long)]
+    agent_socket: Option<String>,
+    /// Log debug details, including the QMP traffic.
+    #[arg(long)]
+    debug: bool,
+    /// Also append the log to this file.
+    #[arg(short = 'L', long)]
+    logfile: Option<PathBuf>,
+    /// Also log to the local syslog.
+    #[arg(long)]
+    syslog: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Level {
+    Copy,
+    Full,
+    Inc,
+    Auto,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Show {
+    Blockdev,
+    Bitmaps,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Aio {
+    Threads,
+    #[value(name = "io_uring")]
+    IoUring,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Back up the VM's disks.
+    Backup(BackupArgs),
+    /// Remove the dirty bitmaps of backup chains from the VM's disks.
+    Cleanup {
+        /// Remove every qmpbackup bitmap (required, as in the original).
+        #[arg(long, visible_alias = "remove-bitmaps", required = true)]
+        remove_bitmap: bool,
+        /// Only the bitmaps of this chain id.
+        #[arg(long)]
+        uuid: Option<String>,
+    },
+    /// Show the VM's block devices or their dirty bitmaps.
+    Info {
+        #[arg(long, value_enum)]
+        show: Show,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// copy: standalone full copy outside any chain; full: start a chain; inc: changes since the
+    /// chain's last backup; auto: inc where possible, else full (and says why).
+    #[arg(short, long, value_enum)]
+    level: Level,
+    /// Target directory (created if missing).
+    #[arg(short, long)]
+    target: PathBuf,
+    /// Comma-separated devices or node names to leave out.
+    #[arg(short, long, value_delimiter = ',', conflicts_with = "include")]
+    exclude: Vec<String>,
+    /// Comma-separated devices or node names to back up (only these).
+    #[arg(short, long, value_delimiter = ',')]
+    include: Vec<String>,
+    /// Write into TARGET/YYYY-MM; with auto, a new month starts a new chain.
+    #[arg(long)]
+    monthly: bool,
+    /// Put all disks' files directly into the target directory.
+    #[arg(long)]
+    no_subdir: bool,
+    /// copy/full: name the file after the disk only (plus a FULL-/COPY-<disk> symlink).
+    #[arg(long)]
+    no_timestamp: bool,
+    /// With --no-timestamp: no symlink.
+    #[arg(long)]
+    no_symlink: bool,
+    /// Freeze the guest's file systems through the guest agent at the snapshot point.
+    #[arg(long)]
+    quiesce: bool,
+    /// Pause a running VM for the whole backup (a VM that is not running stays as it is).
+    #[arg(long)]
+    pause: bool,
+    /// Bytes per second per backup job (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    speed_limit: u64,
+    /// Seconds between progress log lines (without a terminal).
+    #[arg(long, default_value_t = 20)]
+    progress_interval: u64,
+    /// Seconds a guest write may wait for the fleecing copy before the snapshot is broken
+    /// (the backup then fails, the guest write succeeds).
+    #[arg(long, default_value_t = 45)]
+    cbw_timeout: u64,
+    /// Compress the backup (qcow2 targets).
+    #[arg(long)]
+    compress: bool,
+    /// Include raw-format disks (pflash is always included).
+    #[arg(long)]
+    include_raw: bool,
+    /// Chain id for a new chain (ignored, with a warning, when the target has one).
+    #[arg(long)]
+    uuid: Option<String>,
+    /// Seconds to wait before the temporary nodes are removed.
+    #[arg(long, default_value_t = 0)]
+    remove_delay: u64,
+    /// aio mode of the target's file node.
+    #[arg(long, value_enum, default_value = "threads")]
+    blockdev_aio: Aio,
+    /// Accepted for compatibility; the original's option changed nothing either.
+    #[arg(long, hide = true)]
+    blockdev_disable_cache: bool,
+    /// Directory for the temporary fleecing images (default: TARGET/.fleece).
+    #[arg(long)]
+    fleece_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = logging::init(cli.debug, cli.logfile.as_deref(), cli.syslog) {
+        eprintln!("qmpbackup: {e:#}");
+        return ExitCode::from(1);
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            let interrupted = e
+                .downcast_ref::<BackupError>()
+                .is_some_and(|b| matches!(b, BackupError::Interrupted));
+            ExitCode::from(if interrupted { 130 } else { 1 })
+        }
+    }
+}
+
+fn connect(socket: &str) -> Result<Qmp> {
+    let addr = Address::parse(socket)?;
+    Ok(Qmp::connect(&addr, Duration::from_secs(60))?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&interrupted)).context("signal handler")?;
+    }
+    let mut qmp = connect(&cli.socket)?;
+    match cli.command {
+        Command::Backup(a) => {
+            let opts = Options {
+                level: match a.level {
+                    Level::Copy => Requested::Copy,
+                    Level::Full => Requested::Full,
+                    Level::Inc => Requested::Inc,
+                    Level::Auto => Requested::Auto,
+                },
+                target: a.target,
+                selection: Selection {
+                    include: a.include,
+                    exclude: a.exclude,
+                    include_raw: a.include_raw,
+                },
+                monthly: a.monthly,
+                subdirs: !a.no_subdir,
+                timestamp: !a.no_timestamp,
+                symlink: !a.no_symlink,
+                quiesce: a.quiesce,
+                agent: cli
+                    .agent_socket
+                    .as_deref()
+                    .map(Address::parse)
+                    .transpose()?,
+                pause: a.pause,
+                speed_limit: a.speed_limit,
+                progress: Progress {
+                    bars: std::io::stderr().is_terminal(),
+                    interval: Duration::from_secs(a.progress_interval.max(1)),
+                },
+                cbw_timeout: a.cbw_timeout,
+                compress: a.compress,
+                uuid: a.uuid,
+                remove_delay: Duration::from_secs(a.remove_delay),
+                aio: Some(match a.blockdev_aio {
+                    Aio::Threads => "threads".into(),
+                    Aio::IoUring => "io_uring".into(),
+                }),
+                fleece_dir: a.fleece_dir,
+            };
+            let done = run::run(&mut qmp, &opts, &interrupted)?;
+            let mut out = std::io::stdout().lock();
+            for d in done {
+                writeln!(
+                    out,
+                    "{:<5} {:<16} {} ({} bytes)",
+                    d.level.name().to_uppercase(),
+                    d.device,
+                    d.file.display(),
+                    d.size
+                )?;
+            }
+        }
+        Command::Cleanup { uuid, .. } => {
+            for (dev, bitmap) in admin::remove_bitmaps(&mut qmp, uuid.as_deref())? {
+                println!("{dev}: removed bitmap {bitmap}");
+            }
+        }
+        Command::Info { show, json } => {
+            let devices = admin::devices(&mut qmp)?;
+            let mut out = std::io::stdout().lock();
+            match (show, json) {
+                (Show::Blockdev, true) => {
+                    let all: Vec<_> = devices.into_iter().map(|(_, r)| r).collect();
+                    writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+                }
+                (Show::Bitmaps, true) => {
+                    let all: serde_json::Map<String, serde_json::Value> = devices
+                        .into_iter()
+                        .map(|(d, r)| (d.name, r["inserted"]["dirty-bitmaps"].clone()))
+                        .collect();
+                    writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+                }
+                (Show::Blockdev, false) => {
+                    for (d, _) in devices {
+                        writeln!(
+                            out,
+                            "{}: node {}, {} {}, {} bytes{}{}",
+                            d.name,
+                            d.node,
+                            d.format,
+                            d.filename,
+                            d.virtual_size,
+                            d.qdev.map(|q| format!(", qdev {q}")).unwrap_or_default(),
+                            if d.read_only { ", read-only" } else { "" }
+                        )?;
+                    }
+                }
+                (Show::Bitmaps, false) => {
+                    for (d, _) in devices {
+                        if d.bitmaps.is_empty() {
+                            writeln!(out, "{}: no bitmaps", d.name)?;
+                        }
+                        for b in d.bitmaps {
+                            let mut flags =
+                                vec![if b.recording { "recording" } else { "disabled" }];
+                            if b.persistent {
+                                flags.push("persistent");
+                            }
+                            if b.busy {
+                                flags.push("busy");
+                            }
+                            if b.inconsistent {
+                                flags.push("inconsistent");
+                            }
+                            writeln!(
+                                out,
+                                "{}: {} ({}, {} dirty bytes)",
+                                d.name,
+                                b.name,
+                                flags.join(", "),
+                                b.count
+                            )?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+mod logging {
+    //! Log to stderr, and optionally to a file (appended) and the local syslog.
+
+    use anyhow::{Context, Result};
+    use std::io::Write;
+    use std::os::unix::net::UnixDatagram;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone)]
+    struct Tee {
+        file: Option<Arc<Mutex<std::fs::File>>>,
+        syslog: Option<Arc<UnixDatagram>>,
+    }
+
+    impl Write for Tee {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            std::io::stderr().write_all(buf)?;
+            if let Some(f) = &self.file {
+                if let Ok(mut f) = f.lock() {
+                    let _ = f.write_all(buf);
+                }
+            }
+            if let Some(s) = &self.syslog {
+                // user.info; the message without its trailing newline.
+                let text = String::from_utf8_lossy(buf);
+                let msg = format!("<14>qmpbackup[{}]: {}", std::process::id(), text.trim_end());
+                let _ = s.send(msg.as_bytes());
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            std::io::stderr().flush()
+        }
+    }
+
+    pub fn init(debug: bool, logfile: Option<&Path>, syslog: bool) -> Result<()> {
+        let file = match logfile {
+            Some(p) => {
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+                }
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("log file {}", p.display()))?;
+                Some(Arc::new(Mutex::new(f)))
+            }
+            None => None,
+        };
+        let syslog = if syslog {
+            let s = UnixDatagram::unbound().context("syslog socket")?;
+            s.connect("/dev/log")
+                .context("connecting to syslog at /dev/log")?;
+            Some(Arc::new(s))
+        } else {
+            None
+        };
+        let tee = Tee { file, syslog };
+        let level = if debug { "debug" } else { "info" };
+        tracing_subscriber::fmt()
+            .with_writer(move || tee.clone())
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("QMPBACKUP_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+            )
+            .with_target(false)
+            .with_ansi(false)
+            .init();
+        Ok(())
+    }
+}

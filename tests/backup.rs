@@ -1,0 +1,220 @@
+//! qmpbackup against a real QEMU 10 (prelaunch and running, no guest OS): every backup is
+//! restored with qmprestore and compared with qemu-img against the disk as it was at the
+//! backup instant.
+
+mod common;
+
+use common::qemu::{assert_same, backup_ok, have_qemu, Vm};
+use std::path::Path;
+use std::process::Command;
+
+const MIB: u64 = 1 << 20;
+
+/// One disk of the test VM: how QEMU attaches it and how the test reaches it.
+struct Disk {
+    /// Device name in the backup layout (the image's base name).
+    file: &'static str,
+    fmt: &'static str,
+    /// How qemu-io reaches the device: `-d <qdev>` or a legacy drive name.
+    io: &'static str,
+}
+
+const D0: Disk = Disk {
+    file: "d0.qcow2",
+    fmt: "qcow2",
+    io: "-d vd0/virtio-backend",
+};
+const S0: Disk = Disk {
+    file: "s0.qcow2",
+    fmt: "qcow2",
+    io: "-d sd0",
+};
+const L0: Disk = Disk {
+    file: "l0.qcow2",
+    fmt: "qcow2",
+    io: "drive-l",
+};
+const R0: Disk = Disk {
+    file: "r0.raw",
+    fmt: "raw",
+    io: "-d vd2/virtio-backend",
+};
+const DF: Disk = Disk {
+    file: "df.qcow2",
+    fmt: "qcow2",
+    io: "-d vd3/virtio-backend",
+};
+const VARS: Disk = Disk {
+    file: "vars.fd",
+    fmt: "raw",
+    io: "pflash1",
+};
+
+fn qemu_img(dir: &Path, args: &[&str]) {
+    common::run(Command::new("qemu-img").args(args).current_dir(dir));
+}
+
+/// Creates the images and starts a VM with: a -blockdev qcow2 on virtio-blk, one on scsi-hd,
+/// a legacy -drive, a raw disk, a qcow2 with a raw data file, and pflash code + vars.
+fn vm_all(dir: &Path) -> Vm {
+    for f in ["d0.qcow2", "s0.qcow2", "l0.qcow2"] {
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", f, "64M"]);
+    }
+    qemu_img(dir, &["create", "-q", "-f", "raw", "r0.raw", "64M"]);
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=df.raw,data_file_raw=on",
+            "df.qcow2",
+            "64M",
+        ],
+    );
+    for f in ["code.fd", "vars.fd"] {
+        std::fs::File::create(dir.join(f))
+            .unwrap()
+            .set_len(64 << 10)
+            .unwrap();
+    }
+    Vm::start(dir, &all_args(dir))
+}
+
+fn all_args(dir: &Path) -> Vec<String> {
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    [
+        "-drive".into(),
+        format!("if=pflash,format=raw,file={},readonly=on", p("code.fd")),
+        "-drive".into(),
+        format!("if=pflash,format=raw,file={}", p("vars.fd")),
+        "-blockdev".into(),
+        format!("driver=file,filename={},node-name=file0", p("d0.qcow2")),
+        "-blockdev".into(),
+        "driver=qcow2,file=file0,node-name=disk0".into(),
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0,id=vd0".into(),
+        "-blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=disks,file.driver=file,file.filename={}",
+            p("s0.qcow2")
+        ),
+        "-device".into(),
+        "virtio-scsi-pci,id=scsi0".into(),
+        "-device".into(),
+        "scsi-hd,drive=disks,bus=scsi0.0,id=sd0".into(),
+        "-drive".into(),
+        format!(
+            "if=none,id=drive-l,file={},format=qcow2,node-name=diskl",
+            p("l0.qcow2")
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=drive-l,id=vd1".into(),
+        "-blockdev".into(),
+        format!(
+            "driver=raw,node-name=diskr,file.driver=file,file.filename={}",
+            p("r0.raw")
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=diskr,id=vd2".into(),
+        "-blockdev".into(),
+        format!(
+            "driver=qcow2,node-name=diskd,file.driver=file,file.filename={}",
+            p("df.qcow2")
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=diskd,id=vd3".into(),
+    ]
+    .to_vec()
+}
+
+/// Captures every disk's current contents as `<file>.<tag>.raw`.
+fn capture(vm: &mut Vm, disks: &[&Disk], tag: &str) {
+    for d in disks {
+        let out = vm.dir.join(format!("{}.{tag}.raw", d.file));
+        vm.capture(d.io, d.file, d.fmt, &out);
+    }
+}
+
+fn restore_merge(disk_dir: &Path, until: Option<&str>, out: &Path) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmprestore"));
+    cmd.args(["merge", "--force", "--dir"])
+        .arg(disk_dir)
+        .arg("--targetfile")
+        .arg(out);
+    if let Some(u) = until {
+        cmd.args(["--until", u]);
+    }
+    common::run(&mut cmd);
+}
+
+/// The backup files of a disk directory, oldest first.
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("FULL-") || n.starts_with("INC-") || n.starts_with("COPY-"))
+        .collect();
+    v.sort_by_key(|n| n.split('-').nth(1).and_then(|e| e.parse::<u64>().ok()));
+    v
+}
+
+/// Full, writes, inc, writes, inc on six kinds of disk; every restore point of every disk
+/// restores to exactly the disk at that backup.
+#[test]
+fn full_inc_inc_restores_every_point_of_every_disk() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let mut vm = vm_all(dir);
+    let disks = [&D0, &S0, &L0, &R0, &DF, &VARS];
+    for (i, d) in disks.iter().enumerate() {
+        vm.write(d.io, 0x10 + i as u8, 0, 64 << 10);
+        if d.file != "vars.fd" {
+            vm.write(d.io, 0x20 + i as u8, 60 * MIB, MIB);
+        }
+    }
+    let target = dir.join("backup");
+    let tgt = target.to_str().unwrap();
+    backup_ok(
+        &vm.socket(),
+        &["backup", "-l", "full", "-t", tgt, "--include-raw"],
+    );
+    capture(&mut vm, &disks, "0");
+    for (i, d) in disks.iter().enumerate() {
+        vm.write(d.io, 0x30 + i as u8, 4096, 8192);
+        vm.io(d.io, "write -z 60M 64k");
+    }
+    backup_ok(
+        &vm.socket(),
+        &["backup", "-l", "inc", "-t", tgt, "--include-raw"],
+    );
+    capture(&mut vm, &disks, "1");
+    for (i, d) in disks.iter().enumerate() {
+        vm.write(d.io, 0x40 + i as u8, 32 << 10, 64 << 10);
+    }
+    backup_ok(
+        &vm.socket(),
+        &["backup", "-l", "inc", "-t", tgt, "--include-raw"],
+    );
+    capture(&mut vm, &disks, "2");
+
+    for d in &disks {
+        let dd = target.join(d.file);
+        let names = files(&dd);
+        assert_eq!(names.len(), 3, "{}: {names:?}", d.file);
+        for (i, name) in names.iter().enumerate() {
+            let out = dir.join(format!("{}.restored{i}", d.file));
+            restore_merge(&dd, Some(name), &out);
+            assert_same(&out, &dir.join(format!("{}.{i}.raw", d.file)));
+        }
+    }
+    assert!(target.join("uuid").exists());
+    assert!(!target.join(".fleece").exists(), "fleece files removed");
+    vm.quit();
+}

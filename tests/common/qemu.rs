@@ -1,0 +1,176 @@
+//! A real QEMU 10 for backup tests, with no guest OS: started with `-S` (prelaunch), disks
+//! written through HMP `qemu-io` on a second QMP socket (the tool under test gets the first;
+//! a QMP socket serves one client at a time).
+
+use qmpbackup::qmp::{Address, Qmp};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Vm {
+    pub dir: PathBuf,
+    pub args: Vec<String>,
+    child: Option<Child>,
+    pub qmp: Qmp,
+}
+
+/// Whether qemu-system-x86_64 is available (CI=true: it must be).
+pub fn have_qemu() -> bool {
+    super::have("qemu-system-x86_64") && super::have("qemu-img")
+}
+
+impl Vm {
+    /// Starts QEMU in `dir` with the sockets `qmp.sock` (for the tool) and `qmp2.sock` (ours).
+    pub fn start(dir: &Path, args: &[String]) -> Vm {
+        let _ = std::fs::remove_file(dir.join("qmp.sock"));
+        let _ = std::fs::remove_file(dir.join("qmp2.sock"));
+        let out = std::fs::File::create(dir.join("qemu.out")).unwrap();
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-S", "-nodefaults", "-display", "none", "-machine", "q35"])
+            .args(["-accel", "kvm", "-accel", "tcg", "-m", "128"])
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join("qmp.sock").display()
+            ))
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join("qmp2.sock").display()
+            ))
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        let child = cmd.spawn().expect("qemu-system-x86_64 starts");
+        let addr = Address::Unix(dir.join("qmp2.sock"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let qmp = loop {
+            match Qmp::connect(&addr, Duration::from_secs(10)) {
+                Ok(q) => break q,
+                Err(e) if Instant::now() > deadline => panic!(
+                    "QEMU did not come up: {e}\n{}",
+                    std::fs::read_to_string(dir.join("qemu.out")).unwrap_or_default()
+                ),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        Vm {
+            dir: dir.to_path_buf(),
+            args: args.to_vec(),
+            child: Some(child),
+            qmp,
+        }
+    }
+
+    pub fn socket(&self) -> String {
+        self.dir.join("qmp.sock").to_string_lossy().into_owned()
+    }
+
+    pub fn exec(&mut self, cmd: &str, args: Value) -> Value {
+        self.qmp
+            .execute(cmd, args)
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+    }
+
+    /// Runs a qemu-io command through a device's block backend (where guest I/O enters);
+    /// `dev` is `-d <qdev path>` or a legacy drive name such as `drive-l` or `pflash1`.
+    pub fn io(&mut self, dev: &str, command: &str) {
+        let line = format!("qemu-io {dev} \"{command}\"");
+        let r = self.exec("human-monitor-command", json!({ "command-line": line }));
+        assert_eq!(r, json!(""), "{line}");
+    }
+
+    pub fn write(&mut self, dev: &str, pattern: u8, offset: u64, len: u64) {
+        self.io(dev, &format!("write -P 0x{pattern:02x} {offset} {len}"));
+    }
+
+    pub fn status(&mut self) -> String {
+        self.exec("query-status", json!({}))["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// The guest-visible bytes of `image` now, rendered by qemu-img into `out` (raw).
+    pub fn capture(&mut self, dev: &str, image: &str, fmt: &str, out: &Path) {
+        self.io(dev, "flush");
+        super::run(
+            Command::new("qemu-img")
+                .args(["convert", "-U", "-f", fmt, "-O", "raw", image])
+                .arg(out)
+                .current_dir(&self.dir),
+        );
+    }
+
+    /// Shuts QEMU down cleanly (persistent bitmaps are written).
+    pub fn quit(mut self) {
+        let _ = self.qmp.execute("quit", json!({}));
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills QEMU with SIGKILL (persistent bitmaps stay flagged in-use).
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `qmpbackup --socket <socket> <args>` and returns its output.
+pub fn qmpbackup(socket: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Like [`qmpbackup`], panicking with the log unless it succeeded; returns stderr (the log).
+pub fn backup_ok(socket: &str, args: &[&str]) -> String {
+    let o = qmpbackup(socket, args);
+    let log = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success(),
+        "qmpbackup {args:?} failed ({}):\n{log}",
+        o.status
+    );
+    log
+}
+
+/// Runs `qemu-img compare` and asserts the images are identical.
+pub fn assert_same(a: &Path, b: &Path) {
+    let o = Command::new("qemu-img")
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{} vs {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
