@@ -218,3 +218,71 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
     assert!(!target.join(".fleece").exists(), "fleece files removed");
     vm.quit();
 }
+
+/// A VM with one qcow2 disk (`d0.qcow2` on virtio-blk `vd0`, node `disk0`).
+fn vm_one(dir: &Path) -> Vm {
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "d0.qcow2", "64M"]);
+    Vm::start(dir, &one_args(dir))
+}
+
+fn one_args(dir: &Path) -> Vec<String> {
+    all_args(dir)[4..10].to_vec()
+}
+
+/// Guest writes injected right before and right after the fleecing switch (through a QMP
+/// proxy that acts between the tool's commands): each lands in exactly one backup, the one
+/// its time says. The original lost the write after the switch of a full backup (neither in
+/// the snapshot nor in the new bitmap), and of an incremental backup (dirty bit cleared with
+/// the old data backed up) or failed with EACCES (clean cluster outside the filter's bitmap).
+#[test]
+fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().to_path_buf();
+    let mut vm = vm_one(&dir);
+    vm.write(D0.io, 0x11, 0, 4 * MIB);
+    let mut helper = vm.third();
+    let (mut run, mut after_switch) = (0, false);
+    let d = dir.clone();
+    let _proxy = common::qemu::proxy(dir.join("proxy.sock"), dir.join("qmp.sock"), move |line| {
+        let mut w = |p: u8, off: u64| common::qemu::hmp_io(&mut helper, D0.io, &format!("write -P 0x{p:02x} {off} 64k"));
+        if after_switch {
+            after_switch = false;
+            match run {
+                1 => w(0x62, MIB),
+                2 => {
+                    w(0x64, MIB); // dirty since the last backup
+                    w(0x65, 3 * MIB); // clean
+                }
+                _ => {}
+            }
+        }
+        if line.contains("\"qom-set\"") && line.contains("-cbw") {
+            match run {
+                0 => w(0x61, 0),
+                1 => w(0x63, 2 * MIB),
+                _ => {}
+            }
+            common::qemu::hmp_io(&mut helper, D0.io, "flush");
+            common::run(Command::new("qemu-img").args(["convert", "-U", "-O", "raw", "d0.qcow2"]).arg(format!("exp{run}.raw")).current_dir(&d));
+            run += 1;
+            after_switch = true;
+        }
+    });
+    let sock = dir.join("proxy.sock").to_string_lossy().into_owned();
+    let target = dir.join("backup");
+    let tgt = target.to_str().unwrap();
+    for level in ["full", "inc", "inc"] {
+        backup_ok(&sock, &["backup", "-l", level, "-t", tgt]);
+    }
+    let dd = target.join("d0.qcow2");
+    let names = files(&dd);
+    assert_eq!(names.len(), 3);
+    for (i, name) in names.iter().enumerate() {
+        let out = dir.join(format!("restored{i}.qcow2"));
+        restore_merge(&dd, Some(name), &out);
+        assert_same(&out, &dir.join(format!("exp{i}.raw")));
+    }
+}

@@ -25,6 +25,7 @@ impl Vm {
     pub fn start(dir: &Path, args: &[String]) -> Vm {
         let _ = std::fs::remove_file(dir.join("qmp.sock"));
         let _ = std::fs::remove_file(dir.join("qmp2.sock"));
+        let _ = std::fs::remove_file(dir.join("qmp3.sock"));
         let out = std::fs::File::create(dir.join("qemu.out")).unwrap();
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-S", "-nodefaults", "-display", "none", "-machine", "q35"])
@@ -39,18 +40,23 @@ impl Vm {
                 "unix:{},server=on,wait=off",
                 dir.join("qmp2.sock").display()
             ))
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.join("qmp3.sock").display()
+            ))
             .args(args)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
-        let child = cmd.spawn().expect("qemu-system-x86_64 starts");
+        let mut child = cmd.spawn().expect("qemu-system-x86_64 starts");
         let addr = Address::Unix(dir.join("qmp2.sock"));
         let deadline = Instant::now() + Duration::from_secs(20);
         let qmp = loop {
             match Qmp::connect(&addr, Duration::from_secs(10)) {
                 Ok(q) => break q,
-                Err(e) if Instant::now() > deadline => panic!(
+                Err(e) if Instant::now() > deadline || child.try_wait().unwrap().is_some() => panic!(
                     "QEMU did not come up: {e}\n{}",
                     std::fs::read_to_string(dir.join("qemu.out")).unwrap_or_default()
                 ),
@@ -75,16 +81,19 @@ impl Vm {
             .unwrap_or_else(|e| panic!("{cmd}: {e}"))
     }
 
+    /// A third QMP connection (for a helper thread such as a proxy hook).
+    pub fn third(&self) -> Qmp {
+        Qmp::connect(&Address::Unix(self.dir.join("qmp3.sock")), Duration::from_secs(10)).unwrap()
+    }
+
     /// Runs a qemu-io command through a device's block backend (where guest I/O enters);
     /// `dev` is `-d <qdev path>` or a legacy drive name such as `drive-l` or `pflash1`.
     pub fn io(&mut self, dev: &str, command: &str) {
-        let line = format!("qemu-io {dev} \"{command}\"");
-        let r = self.exec("human-monitor-command", json!({ "command-line": line }));
-        assert_eq!(r, json!(""), "{line}");
+        hmp_io(&mut self.qmp, dev, command)
     }
 
     pub fn write(&mut self, dev: &str, pattern: u8, offset: u64, len: u64) {
-        self.io(dev, &format!("write -P 0x{pattern:02x} {offset} {len}"));
+        hmp_io(&mut self.qmp, dev, &format!("write -P 0x{pattern:02x} {offset} {len}"));
     }
 
     pub fn status(&mut self) -> String {
@@ -124,6 +133,50 @@ impl Vm {
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
+}
+
+/// HMP `qemu-io` over any QMP connection; HMP reports errors as a non-empty string.
+pub fn hmp_io(qmp: &mut Qmp, dev: &str, command: &str) {
+    let line = format!("qemu-io {dev} \"{command}\"");
+    let r = qmp
+        .execute("human-monitor-command", json!({ "command-line": line }))
+        .unwrap_or_else(|e| panic!("{line}: {e}"));
+    assert_eq!(r, json!(""), "{line}");
+}
+
+/// A QMP proxy between the tool and QEMU: serves `listen`, forwards to `upstream`, and calls
+/// `hook` with every line the tool sends before forwarding it, so a test can act at an exact
+/// point of the tool's dialogue (e.g. write to a disk right after the fleecing switch).
+pub fn proxy(
+    listen: PathBuf,
+    upstream: PathBuf,
+    mut hook: impl FnMut(&str) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let _ = std::fs::remove_file(&listen);
+    let listener = UnixListener::bind(&listen).unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let server = UnixStream::connect(&upstream).unwrap();
+            let (mut to_client, mut from_server) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let down = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_server, &mut to_client);
+                let _ = to_client.shutdown(std::net::Shutdown::Both);
+            });
+            let mut to_server = server;
+            for line in BufReader::new(client).lines() {
+                let Ok(line) = line else { break };
+                hook(&line);
+                if to_server.write_all(format!("{line}\n").as_bytes()).is_err() {
+                    break;
+                }
+            }
+            let _ = to_server.shutdown(std::net::Shutdown::Both);
+            let _ = down.join();
+        }
+    })
 }
 
 impl Drop for Vm {
