@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::qemu::{assert_same, backup_ok, have_qemu, Vm};
+use common::qemu::{assert_same, backup_ok, have_qemu, qmpbackup, Vm};
+use serde_json::json;
 use std::path::Path;
 use std::process::Command;
 
@@ -285,4 +286,168 @@ fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
         restore_merge(&dd, Some(name), &out);
         assert_same(&out, &dir.join(format!("exp{i}.raw")));
     }
+}
+
+fn json_of(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+/// Waits until QEMU runs a job of ours, then returns its id.
+fn wait_for_job(vm: &mut Vm) -> String {
+    for _ in 0..200 {
+        let jobs = vm.exec("query-block-jobs", json!({}));
+        if let Some(id) = jobs.as_array().unwrap().iter().find_map(|j| j["device"].as_str()) {
+            return id.to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("no backup job started");
+}
+
+/// No node, job or temporary bitmap of ours is left in QEMU.
+fn assert_graph_clean(vm: &mut Vm) {
+    let nodes = vm.exec("query-named-block-nodes", json!({"flat": true}));
+    for n in nodes.as_array().unwrap() {
+        let name = n["node-name"].as_str().unwrap_or("");
+        assert!(!name.starts_with("qmpbackup-"), "leftover node {name}");
+    }
+    assert_eq!(vm.exec("query-block-jobs", json!({})), json!([]));
+    for d in vm.exec("query-block", json!({})).as_array().unwrap() {
+        for b in d["inserted"]["dirty-bitmaps"].as_array().into_iter().flatten() {
+            assert!(!b["name"].as_str().unwrap().ends_with("-next"), "leftover {b}");
+        }
+    }
+}
+
+fn partials(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".partial")).collect())
+        .unwrap_or_default()
+}
+
+/// An incremental whose job is cancelled by someone else, or interrupted by SIGTERM, fails
+/// (the original took a foreign cancel for success and had cleared the bitmap when the job
+/// started); nothing of it stays, and the next incremental still holds the whole delta.
+#[test]
+fn a_failed_or_interrupted_incremental_keeps_its_delta() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let mut vm = vm_one(dir);
+    vm.write(D0.io, 0x11, 0, 2 * MIB);
+    let target = dir.join("backup");
+    let tgt = target.to_str().unwrap();
+    backup_ok(&vm.socket(), &["backup", "-l", "full", "-t", tgt]);
+    vm.write(D0.io, 0x22, 8 * MIB, 8 * MIB);
+    capture(&mut vm, &[&D0], "exp");
+    let dd = target.join("d0.qcow2");
+
+    // Cancelled from outside.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args(["--socket", &vm.socket(), "backup", "-l", "inc", "-t", tgt, "--speed-limit", "1048576"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let job = wait_for_job(&mut vm);
+    vm.exec("block-job-cancel", json!({"device": job, "force": true}));
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("cancelled by someone else"), "{log}");
+    assert!(partials(&dd).is_empty());
+    assert_eq!(files(&dd).len(), 1);
+    assert_graph_clean(&mut vm);
+
+    // Interrupted by SIGTERM.
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args(["--socket", &vm.socket(), "backup", "-l", "inc", "-t", tgt, "--speed-limit", "1048576"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_job(&mut vm);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(partials(&dd).is_empty());
+    assert_eq!(files(&dd).len(), 1);
+    assert_graph_clean(&mut vm);
+
+    backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+    let names = files(&dd);
+    assert_eq!(names.len(), 2);
+    restore_merge(&dd, None, &dir.join("restored.qcow2"));
+    assert_same(&dir.join("restored.qcow2"), &dir.join("d0.qcow2.exp.raw"));
+    assert_graph_clean(&mut vm);
+}
+
+/// `auto` in an empty directory takes a full; then incrementals; after QEMU was killed (the
+/// persistent bitmap is left inconsistent) it falls back to a full and says why. Also: QEMU
+/// killed in the middle of a backup.
+#[test]
+fn auto_starts_chains_and_recovers_after_qemu_crashes() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let mut vm = vm_one(dir);
+    let target = dir.join("backup");
+    let tgt = target.to_str().unwrap();
+    let dd = target.join("d0.qcow2");
+    vm.write(D0.io, 0x11, 0, MIB);
+    let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
+    assert!(log.contains("no chain in the target directory yet"), "{log}");
+    vm.write(D0.io, 0x12, MIB, MIB);
+    backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
+    let names = files(&dd);
+    assert!(names[0].starts_with("FULL-") && names[1].starts_with("INC-"), "{names:?}");
+
+    // A clean restart keeps the persistent bitmap: the chain continues.
+    let args = vm.args.clone();
+    vm.quit();
+    let mut vm = Vm::start(dir, &args);
+    vm.write(D0.io, 0x15, 5 * MIB, MIB);
+    let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
+    assert!(!log.contains("taking a full backup"), "{log}");
+    assert!(files(&dd)[2].starts_with("INC-"));
+
+    // QEMU dies; the restarted one finds the stored bitmap inconsistent.
+    vm.write(D0.io, 0x13, 2 * MIB, MIB);
+    vm.io(D0.io, "flush");
+    vm.kill();
+    let mut vm = Vm::start(dir, &args);
+    let o = qmpbackup(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+    assert_eq!(o.status.code(), Some(1));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("inconsistent"), "{log}");
+    let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
+    assert!(log.contains("inconsistent"), "{log}");
+    let names = files(&dd);
+    assert!(names[3].starts_with("FULL-"), "{names:?}");
+    capture(&mut vm, &[&D0], "a");
+    restore_merge(&dd, None, &dir.join("r.qcow2"));
+    assert_same(&dir.join("r.qcow2"), &dir.join("d0.qcow2.a.raw"));
+
+    // QEMU killed during a backup: the run fails; the next auto (new QEMU) takes a full.
+    vm.write(D0.io, 0x14, 3 * MIB, 8 * MIB);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args(["--socket", &vm.socket(), "backup", "-l", "auto", "-t", tgt, "--speed-limit", "1048576"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_job(&mut vm);
+    let args = vm.args.clone();
+    vm.kill();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut vm = Vm::start(dir, &args);
+    let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
+    assert!(log.contains("taking a full backup"), "{log}");
+    assert!(partials(&dd).is_empty());
+    capture(&mut vm, &[&D0], "b");
+    restore_merge(&dd, None, &dir.join("r2.qcow2"));
+    assert_same(&dir.join("r2.qcow2"), &dir.join("d0.qcow2.b.raw"));
+    assert_graph_clean(&mut vm);
 }
