@@ -6,7 +6,8 @@ mod common;
 
 use common::qemu::{assert_same, backup_ok, have_qemu, qmpbackup, Vm};
 use serde_json::json;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::process::Command;
 
 const MIB: u64 = 1 << 20;
@@ -450,4 +451,259 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
     restore_merge(&dd, None, &dir.join("r2.qcow2"));
     assert_same(&dir.join("r2.qcow2"), &dir.join("d0.qcow2.b.raw"));
     assert_graph_clean(&mut vm);
+}
+
+/// copy (outside the chain: no uuid, no bitmap), --monthly, --compress, --no-subdir,
+/// --no-timestamp twice (the symlink is replaced; the original failed), include/exclude, and
+/// the manifest beside each file.
+#[test]
+fn copy_monthly_compress_flat_and_selection() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let mut vm = vm_all(dir);
+    vm.write(D0.io, 0x31, 0, 2 * MIB);
+    vm.write(S0.io, 0x32, MIB, MIB);
+    capture(&mut vm, &[&D0, &S0], "c");
+
+    let copy = dir.join("copy");
+    backup_ok(&vm.socket(), &["backup", "-l", "copy", "-t", copy.to_str().unwrap(), "-i", "disk0,disks"]);
+    assert!(!copy.join("uuid").exists(), "copy starts no chain");
+    let mut dirs: Vec<String> = std::fs::read_dir(&copy).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
+    dirs.sort();
+    assert_eq!(dirs, ["d0.qcow2", "s0.qcow2"]);
+    let c = files(&copy.join("d0.qcow2"));
+    assert!(c[0].starts_with("COPY-"));
+    assert_same(&copy.join("d0.qcow2").join(&c[0]), &dir.join("d0.qcow2.c.raw"));
+    let bitmaps = json_of(&qmpbackup(&vm.socket(), &["info", "--show", "bitmaps", "--json"]));
+    assert!(bitmaps.as_object().unwrap().values().all(|v| v.as_array().is_none_or(|a| a.is_empty())), "{bitmaps}");
+
+    // Monthly + compressed, excluding everything but d0 and s0.
+    let m = dir.join("monthly");
+    backup_ok(&vm.socket(), &["backup", "-l", "auto", "--monthly", "--compress", "-t", m.to_str().unwrap(), "-e", "pflash0,pflash1,diskl,diskd"]);
+    let months: Vec<_> = std::fs::read_dir(&m).unwrap().flatten().collect();
+    assert_eq!(months.len(), 1);
+    let month = months[0].file_name().to_string_lossy().into_owned();
+    assert!(month.len() == 7 && month.as_bytes()[4] == b'-', "{month}");
+    let md = months[0].path().join("d0.qcow2");
+    let f = files(&md);
+    let map = common::run(Command::new("qemu-img").args(["map", "--output=json"]).arg(md.join(&f[0])));
+    assert!(map.contains("\"compressed\": true"), "{map}");
+    assert_same(&md.join(&f[0]), &dir.join("d0.qcow2.c.raw"));
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(md.join(".manifest").join(format!("{}.json", f[0]))).unwrap()).unwrap();
+    assert_eq!(manifest["level"], "full");
+    assert_eq!(manifest["device"], "disk0");
+    assert_eq!(manifest["virtual_size"], 64 * MIB);
+    assert_eq!(manifest["uuid"].as_str().unwrap(), std::fs::read_to_string(months[0].path().join("uuid")).unwrap());
+    assert!(months[0].path().join("d0.qcow2.config").exists());
+
+    // Flat, no timestamp, twice.
+    let flat = dir.join("flat");
+    for _ in 0..2 {
+        backup_ok(&vm.socket(), &["backup", "-l", "full", "--no-subdir", "--no-timestamp", "-t", flat.to_str().unwrap(), "-i", "disk0"]);
+    }
+    assert_eq!(std::fs::read_link(flat.join("FULL-d0.qcow2")).unwrap(), Path::new("d0.qcow2"));
+    assert_same(&flat.join("d0.qcow2"), &dir.join("d0.qcow2.c.raw"));
+
+    // include and exclude together are refused by the command line.
+    let o = qmpbackup(&vm.socket(), &["backup", "-l", "full", "-t", "x", "-i", "disk0", "-e", "disks"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+/// Node names up to QEMU's 31 characters, a TCP socket over IPv4 and IPv6, and a target
+/// that cannot be written.
+#[test]
+fn long_node_names_tcp_sockets_and_unwritable_targets() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "long.qcow2", "16M"]);
+    let node = "drive-virtio-disk0-long-name-31";
+    assert_eq!(node.len(), 31);
+    let port4 = free_port("127.0.0.1:0");
+    let port6 = free_port("[::1]:0");
+    let mut vm = Vm::start(
+        dir,
+        &[
+            "-blockdev".into(),
+            format!("driver=qcow2,node-name={node},file.driver=file,file.filename={}", dir.join("long.qcow2").display()),
+            "-device".into(),
+            format!("virtio-blk-pci,drive={node},id=vd0"),
+            "-qmp".into(),
+            format!("tcp:127.0.0.1:{port4},server=on,wait=off"),
+            "-chardev".into(),
+            format!("socket,id=qmp6,host=::1,port={port6},server=on,wait=off,ipv6=on"),
+            "-mon".into(),
+            "chardev=qmp6,mode=control".into(),
+        ],
+    );
+    vm.write("-d vd0/virtio-backend", 0x44, 0, MIB);
+    let target = dir.join("b");
+    let tgt = target.to_str().unwrap();
+    backup_ok(&format!("tcp:127.0.0.1:{port4}"), &["backup", "-l", "full", "-t", tgt]);
+    vm.write("-d vd0/virtio-backend", 0x45, MIB, MIB);
+    backup_ok(&format!("tcp:[::1]:{port6}"), &["backup", "-l", "inc", "-t", tgt]);
+    vm.io("-d vd0/virtio-backend", "flush");
+    common::run(Command::new("qemu-img").args(["convert", "-U", "-O", "raw", "long.qcow2", "long.raw"]).current_dir(dir));
+    restore_merge(&target.join("long.qcow2"), None, &dir.join("r.qcow2"));
+    assert_same(&dir.join("r.qcow2"), &dir.join("long.raw"));
+
+    // A target below a regular file cannot be created: clear error, VM untouched.
+    std::fs::write(dir.join("file"), b"").unwrap();
+    let o = qmpbackup(&vm.socket(), &["backup", "-l", "full", "-t", dir.join("file/sub").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("file/sub") && log.contains("Not a directory"), "{log}");
+    assert_graph_clean(&mut vm);
+}
+
+fn free_port(bind: &str) -> u16 {
+    std::net::TcpListener::bind(bind).unwrap().local_addr().unwrap().port()
+}
+
+/// A guest agent for tests: answers sync, ping, info and the freeze commands, logs freezes
+/// and thaws into `log`, and starts every connection with a stale reply that a client
+/// without `guest-sync-delimited` would take for an answer.
+fn fake_agent(path: PathBuf, log: Arc<Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Write};
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut out = conn.try_clone().unwrap();
+            out.write_all(b"{\"return\": 424242}\n").unwrap();
+            let mut frozen = false;
+            let mut reader = BufReader::new(conn);
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                let text: Vec<u8> = line.drain(..).filter(|&b| b != 0xff).collect();
+                let Ok(req) = serde_json::from_slice::<serde_json::Value>(&text) else { continue };
+                let reply = match req["execute"].as_str().unwrap_or("") {
+                    "guest-sync-delimited" => {
+                        out.write_all(&[0xff]).unwrap();
+                        json!({"return": req["arguments"]["id"]})
+                    }
+                    "guest-ping" => json!({"return": {}}),
+                    "guest-info" => json!({"return": {"version": "10.0", "supported_commands": [
+                        {"name": "guest-fsfreeze-freeze", "enabled": true},
+                        {"name": "guest-fsfreeze-thaw", "enabled": true}]}}),
+                    "guest-fsfreeze-status" => json!({"return": if frozen { "frozen" } else { "thawed" }}),
+                    "guest-fsfreeze-freeze" => {
+                        frozen = true;
+                        log.lock().unwrap().push("freeze".into());
+                        json!({"return": 2})
+                    }
+                    "guest-fsfreeze-thaw" => {
+                        frozen = false;
+                        log.lock().unwrap().push("thaw".into());
+                        json!({"return": 2})
+                    }
+                    other => json!({"error": {"class": "CommandNotFound", "desc": other}}),
+                };
+                out.write_all(format!("{reply}\n").as_bytes()).unwrap();
+            }
+        }
+    });
+}
+
+/// A running VM is stopped only around the snapshot point and runs on; --pause keeps it
+/// paused for the whole backup; a prelaunch or paused VM stays as it was, --pause or not
+/// (the original started it). --quiesce freezes the guest before the switch and thaws it
+/// after, through guest-sync-delimited.
+#[test]
+fn vm_state_pause_and_quiesce() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().to_path_buf();
+    let mut vm = vm_one(&dir);
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    fake_agent(dir.join("qga.sock"), log.clone());
+    let mut helper = vm.third();
+    let l = log.clone();
+    let _proxy = common::qemu::proxy(dir.join("proxy.sock"), dir.join("qmp.sock"), move |line| {
+        if line.contains("\"qom-set\"") && line.contains("-cbw") {
+            let st = helper.execute("query-status", json!({})).unwrap();
+            l.lock().unwrap().push(format!("switch:{}", st["status"].as_str().unwrap()));
+        }
+        if line.contains("\"blockdev-backup\"") {
+            let st = helper.execute("query-status", json!({})).unwrap();
+            l.lock().unwrap().push(format!("jobs:{}", st["status"].as_str().unwrap()));
+        }
+    });
+    let sock = dir.join("proxy.sock").to_string_lossy().into_owned();
+    let tgt = dir.join("b").to_string_lossy().into_owned();
+    let agent = dir.join("qga.sock").to_string_lossy().into_owned();
+    let mut case = |vm: &mut Vm, extra: &[&str]| -> Vec<String> {
+        log.lock().unwrap().clear();
+        let mut args = vec!["--agent-socket", &agent, "backup", "-l", "auto", "-t", &tgt];
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_qmpbackup")).arg("--socket").arg(&sock).args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut events = log.lock().unwrap().clone();
+        events.push(format!("after:{}", vm.status()));
+        events
+    };
+    assert_eq!(case(&mut vm, &[]), ["switch:prelaunch", "jobs:prelaunch", "after:prelaunch"]);
+    assert_eq!(case(&mut vm, &["--pause"]), ["switch:prelaunch", "jobs:prelaunch", "after:prelaunch"]);
+    assert_eq!(case(&mut vm, &["--quiesce"]), ["freeze", "switch:prelaunch", "jobs:prelaunch", "thaw", "after:prelaunch"]);
+    vm.exec("cont", json!({}));
+    assert_eq!(case(&mut vm, &[]), ["switch:paused", "jobs:paused", "after:running"]);
+    assert_eq!(case(&mut vm, &["--quiesce"]), ["freeze", "switch:paused", "jobs:paused", "thaw", "after:running"]);
+    assert_eq!(case(&mut vm, &["--pause", "--quiesce"]), ["switch:paused", "jobs:paused", "after:running"]);
+    vm.exec("stop", json!({}));
+    assert_eq!(case(&mut vm, &["--pause"]), ["switch:paused", "jobs:paused", "after:paused"]);
+    let dd = dir.join("b").join("d0.qcow2");
+    assert_eq!(files(&dd).len(), 7);
+}
+
+/// info and cleanup; a chain started by the original (FULL without manifest, bitmap named as
+/// its versions 0.56-0.62 did) continues with our incrementals.
+#[test]
+fn info_cleanup_and_continuing_the_originals_chain() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let mut vm = vm_one(dir);
+    vm.write(D0.io, 0x51, 0, MIB);
+    // The original's FULL of this state, and its bitmap.
+    let target = dir.join("b");
+    let dd = target.join("d0.qcow2");
+    std::fs::create_dir_all(&dd).unwrap();
+    std::fs::write(target.join("uuid"), "0f0e0d0c-orig").unwrap();
+    vm.exec("block-dirty-bitmap-add", json!({"node": "disk0", "name": "qmpbackup-disk0-0f0e0d0c-orig", "persistent": true}));
+    vm.io(D0.io, "flush");
+    common::run(Command::new("qemu-img").args(["convert", "-U", "-O", "qcow2", "d0.qcow2"]).arg(dd.join("FULL-1000000000-d0.qcow2")).current_dir(dir));
+    vm.write(D0.io, 0x52, 4 * MIB, MIB);
+    let tgt = target.to_str().unwrap();
+    backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+    capture(&mut vm, &[&D0], "x");
+    restore_merge(&dd, None, &dir.join("r.qcow2"));
+    assert_same(&dir.join("r.qcow2"), &dir.join("d0.qcow2.x.raw"));
+    let names = files(&dd);
+    let info = common::run(Command::new("qemu-img").args(["info", "--output=json"]).arg(dd.join(&names[1])));
+    assert!(info.contains("\"backing-filename\": \"FULL-1000000000-d0.qcow2\""), "{info}");
+
+    let bitmaps = json_of(&qmpbackup(&vm.socket(), &["info", "--show", "bitmaps", "--json"]));
+    assert_eq!(bitmaps["disk0"][0]["name"], "qmpbackup-disk0-0f0e0d0c-orig");
+    let human = common::succeeded(qmpbackup(&vm.socket(), &["info", "--show", "blockdev"]));
+    assert!(human.contains("disk0: node disk0, qcow2"), "{human}");
+    let blockdev = json_of(&qmpbackup(&vm.socket(), &["info", "--show", "blockdev", "--json"]));
+    assert_eq!(blockdev[0]["inserted"]["node-name"], "disk0");
+
+    let none = common::succeeded(qmpbackup(&vm.socket(), &["cleanup", "--remove-bitmaps", "--uuid", "other"]));
+    assert!(none.is_empty(), "{none}");
+    let removed = common::succeeded(qmpbackup(&vm.socket(), &["cleanup", "--remove-bitmap", "--uuid", "0f0e0d0c-orig"]));
+    assert!(removed.contains("removed bitmap qmpbackup-disk0-0f0e0d0c-orig"), "{removed}");
+    let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
+    assert!(log.contains("is missing"), "{log}");
+    assert_eq!(qmpbackup(&vm.socket(), &["cleanup"]).status.code(), Some(2), "--remove-bitmap is required");
 }
