@@ -7,8 +7,8 @@ mod common;
 use common::qemu::{assert_same, backup_ok, have_qemu, qmpbackup, Vm};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 const MIB: u64 = 1 << 20;
 
@@ -219,6 +219,45 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
     assert!(target.join("uuid").exists());
     assert!(!target.join(".fleece").exists(), "fleece files removed");
     vm.quit();
+
+    // The chains verify, manifests included; a flipped byte is found with file and offset.
+    let verify = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+            .args(["verify", "--recursive", "--json", "--dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let o = verify(&target);
+    let report = json_of(&o);
+    assert_eq!(o.status.code(), Some(0), "{report}");
+    assert_eq!(
+        report["dirs"].as_array().unwrap().len(),
+        7,
+        "six disks and the read-only pflash code"
+    );
+    let dd = target.join("d0.qcow2");
+    let inc = dd.join(&files(&dd)[1]);
+    let len = std::fs::metadata(&inc).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&inc).unwrap();
+    use std::os::unix::fs::FileExt;
+    let at = len - 100;
+    let mut b = [0u8];
+    std::fs::File::open(&inc)
+        .unwrap()
+        .read_exact_at(&mut b, at)
+        .unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    let o = verify(&dd);
+    let report = json_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{report}");
+    let problems = report["dirs"][0]["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["file"] == files(&dd)[1].as_str() && p["offset"] == 0),
+        "{report}"
+    );
 }
 
 /// A VM with one qcow2 disk (`d0.qcow2` on virtio-blk `vd0`, node `disk0`).
@@ -249,7 +288,9 @@ fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
     let (mut run, mut after_switch) = (0, false);
     let d = dir.clone();
     let _proxy = common::qemu::proxy(dir.join("proxy.sock"), dir.join("qmp.sock"), move |line| {
-        let mut w = |p: u8, off: u64| common::qemu::hmp_io(&mut helper, D0.io, &format!("write -P 0x{p:02x} {off} 64k"));
+        let mut w = |p: u8, off: u64| {
+            common::qemu::hmp_io(&mut helper, D0.io, &format!("write -P 0x{p:02x} {off} 64k"))
+        };
         if after_switch {
             after_switch = false;
             match run {
@@ -268,7 +309,12 @@ fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
                 _ => {}
             }
             common::qemu::hmp_io(&mut helper, D0.io, "flush");
-            common::run(Command::new("qemu-img").args(["convert", "-U", "-O", "raw", "d0.qcow2"]).arg(format!("exp{run}.raw")).current_dir(&d));
+            common::run(
+                Command::new("qemu-img")
+                    .args(["convert", "-U", "-O", "raw", "d0.qcow2"])
+                    .arg(format!("exp{run}.raw"))
+                    .current_dir(&d),
+            );
             run += 1;
             after_switch = true;
         }
@@ -290,14 +336,20 @@ fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
 }
 
 fn json_of(o: &std::process::Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
 }
 
 /// Waits until QEMU runs a job of ours, then returns its id.
 fn wait_for_job(vm: &mut Vm) -> String {
     for _ in 0..200 {
         let jobs = vm.exec("query-block-jobs", json!({}));
-        if let Some(id) = jobs.as_array().unwrap().iter().find_map(|j| j["device"].as_str()) {
+        if let Some(id) = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|j| j["device"].as_str())
+        {
             return id.to_string();
         }
         std::thread::sleep(std::time::Duration::from_millis(25));
@@ -314,15 +366,27 @@ fn assert_graph_clean(vm: &mut Vm) {
     }
     assert_eq!(vm.exec("query-block-jobs", json!({})), json!([]));
     for d in vm.exec("query-block", json!({})).as_array().unwrap() {
-        for b in d["inserted"]["dirty-bitmaps"].as_array().into_iter().flatten() {
-            assert!(!b["name"].as_str().unwrap().ends_with("-next"), "leftover {b}");
+        for b in d["inserted"]["dirty-bitmaps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            assert!(
+                !b["name"].as_str().unwrap().ends_with("-next"),
+                "leftover {b}"
+            );
         }
     }
 }
 
 fn partials(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
-        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".partial")).collect())
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".partial"))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -347,7 +411,17 @@ fn a_failed_or_interrupted_incremental_keeps_its_delta() {
 
     // Cancelled from outside.
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args(["--socket", &vm.socket(), "backup", "-l", "inc", "-t", tgt, "--speed-limit", "1048576"])
+        .args([
+            "--socket",
+            &vm.socket(),
+            "backup",
+            "-l",
+            "inc",
+            "-t",
+            tgt,
+            "--speed-limit",
+            "1048576",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -363,14 +437,29 @@ fn a_failed_or_interrupted_incremental_keeps_its_delta() {
 
     // Interrupted by SIGTERM.
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args(["--socket", &vm.socket(), "backup", "-l", "inc", "-t", tgt, "--speed-limit", "1048576"])
+        .args([
+            "--socket",
+            &vm.socket(),
+            "backup",
+            "-l",
+            "inc",
+            "-t",
+            tgt,
+            "--speed-limit",
+            "1048576",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     wait_for_job(&mut vm);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(partials(&dd).is_empty());
     assert_eq!(files(&dd).len(), 1);
     assert_graph_clean(&mut vm);
@@ -399,11 +488,17 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
     let dd = target.join("d0.qcow2");
     vm.write(D0.io, 0x11, 0, MIB);
     let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
-    assert!(log.contains("no chain in the target directory yet"), "{log}");
+    assert!(
+        log.contains("no chain in the target directory yet"),
+        "{log}"
+    );
     vm.write(D0.io, 0x12, MIB, MIB);
     backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
     let names = files(&dd);
-    assert!(names[0].starts_with("FULL-") && names[1].starts_with("INC-"), "{names:?}");
+    assert!(
+        names[0].starts_with("FULL-") && names[1].starts_with("INC-"),
+        "{names:?}"
+    );
 
     // A clean restart keeps the persistent bitmap: the chain continues.
     let args = vm.args.clone();
@@ -434,7 +529,17 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
     // QEMU killed during a backup: the run fails; the next auto (new QEMU) takes a full.
     vm.write(D0.io, 0x14, 3 * MIB, 8 * MIB);
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args(["--socket", &vm.socket(), "backup", "-l", "auto", "-t", tgt, "--speed-limit", "1048576"])
+        .args([
+            "--socket",
+            &vm.socket(),
+            "backup",
+            "-l",
+            "auto",
+            "-t",
+            tgt,
+            "--speed-limit",
+            "1048576",
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -442,7 +547,12 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
     let args = vm.args.clone();
     vm.kill();
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut vm = Vm::start(dir, &args);
     let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
     assert!(log.contains("taking a full backup"), "{log}");
@@ -469,46 +579,119 @@ fn copy_monthly_compress_flat_and_selection() {
     capture(&mut vm, &[&D0, &S0], "c");
 
     let copy = dir.join("copy");
-    backup_ok(&vm.socket(), &["backup", "-l", "copy", "-t", copy.to_str().unwrap(), "-i", "disk0,disks"]);
+    backup_ok(
+        &vm.socket(),
+        &[
+            "backup",
+            "-l",
+            "copy",
+            "-t",
+            copy.to_str().unwrap(),
+            "-i",
+            "disk0,disks",
+        ],
+    );
     assert!(!copy.join("uuid").exists(), "copy starts no chain");
-    let mut dirs: Vec<String> = std::fs::read_dir(&copy).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
+    let mut dirs: Vec<String> = std::fs::read_dir(&copy)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
     dirs.sort();
     assert_eq!(dirs, ["d0.qcow2", "s0.qcow2"]);
     let c = files(&copy.join("d0.qcow2"));
     assert!(c[0].starts_with("COPY-"));
-    assert_same(&copy.join("d0.qcow2").join(&c[0]), &dir.join("d0.qcow2.c.raw"));
-    let bitmaps = json_of(&qmpbackup(&vm.socket(), &["info", "--show", "bitmaps", "--json"]));
-    assert!(bitmaps.as_object().unwrap().values().all(|v| v.as_array().is_none_or(|a| a.is_empty())), "{bitmaps}");
+    assert_same(
+        &copy.join("d0.qcow2").join(&c[0]),
+        &dir.join("d0.qcow2.c.raw"),
+    );
+    let bitmaps = json_of(&qmpbackup(
+        &vm.socket(),
+        &["info", "--show", "bitmaps", "--json"],
+    ));
+    assert!(
+        bitmaps
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|v| v.as_array().is_none_or(|a| a.is_empty())),
+        "{bitmaps}"
+    );
 
     // Monthly + compressed, excluding everything but d0 and s0.
     let m = dir.join("monthly");
-    backup_ok(&vm.socket(), &["backup", "-l", "auto", "--monthly", "--compress", "-t", m.to_str().unwrap(), "-e", "pflash0,pflash1,diskl,diskd"]);
+    backup_ok(
+        &vm.socket(),
+        &[
+            "backup",
+            "-l",
+            "auto",
+            "--monthly",
+            "--compress",
+            "-t",
+            m.to_str().unwrap(),
+            "-e",
+            "pflash0,pflash1,diskl,diskd",
+        ],
+    );
     let months: Vec<_> = std::fs::read_dir(&m).unwrap().flatten().collect();
     assert_eq!(months.len(), 1);
     let month = months[0].file_name().to_string_lossy().into_owned();
     assert!(month.len() == 7 && month.as_bytes()[4] == b'-', "{month}");
     let md = months[0].path().join("d0.qcow2");
     let f = files(&md);
-    let map = common::run(Command::new("qemu-img").args(["map", "--output=json"]).arg(md.join(&f[0])));
+    let map = common::run(
+        Command::new("qemu-img")
+            .args(["map", "--output=json"])
+            .arg(md.join(&f[0])),
+    );
     assert!(map.contains("\"compressed\": true"), "{map}");
     assert_same(&md.join(&f[0]), &dir.join("d0.qcow2.c.raw"));
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(md.join(".manifest").join(format!("{}.json", f[0]))).unwrap()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(md.join(".manifest").join(format!("{}.json", f[0]))).unwrap(),
+    )
+    .unwrap();
     assert_eq!(manifest["level"], "full");
     assert_eq!(manifest["device"], "disk0");
     assert_eq!(manifest["virtual_size"], 64 * MIB);
-    assert_eq!(manifest["uuid"].as_str().unwrap(), std::fs::read_to_string(months[0].path().join("uuid")).unwrap());
+    assert_eq!(
+        manifest["uuid"].as_str().unwrap(),
+        std::fs::read_to_string(months[0].path().join("uuid")).unwrap()
+    );
     assert!(months[0].path().join("d0.qcow2.config").exists());
 
     // Flat, no timestamp, twice.
     let flat = dir.join("flat");
     for _ in 0..2 {
-        backup_ok(&vm.socket(), &["backup", "-l", "full", "--no-subdir", "--no-timestamp", "-t", flat.to_str().unwrap(), "-i", "disk0"]);
+        backup_ok(
+            &vm.socket(),
+            &[
+                "backup",
+                "-l",
+                "full",
+                "--no-subdir",
+                "--no-timestamp",
+                "-t",
+                flat.to_str().unwrap(),
+                "-i",
+                "disk0",
+            ],
+        );
     }
-    assert_eq!(std::fs::read_link(flat.join("FULL-d0.qcow2")).unwrap(), Path::new("d0.qcow2"));
+    assert_eq!(
+        std::fs::read_link(flat.join("FULL-d0.qcow2")).unwrap(),
+        Path::new("d0.qcow2")
+    );
     assert_same(&flat.join("d0.qcow2"), &dir.join("d0.qcow2.c.raw"));
 
     // include and exclude together are refused by the command line.
-    let o = qmpbackup(&vm.socket(), &["backup", "-l", "full", "-t", "x", "-i", "disk0", "-e", "disks"]);
+    let o = qmpbackup(
+        &vm.socket(),
+        &[
+            "backup", "-l", "full", "-t", "x", "-i", "disk0", "-e", "disks",
+        ],
+    );
     assert_eq!(o.status.code(), Some(2));
 }
 
@@ -530,7 +713,10 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
         dir,
         &[
             "-blockdev".into(),
-            format!("driver=qcow2,node-name={node},file.driver=file,file.filename={}", dir.join("long.qcow2").display()),
+            format!(
+                "driver=qcow2,node-name={node},file.driver=file,file.filename={}",
+                dir.join("long.qcow2").display()
+            ),
             "-device".into(),
             format!("virtio-blk-pci,drive={node},id=vd0"),
             "-qmp".into(),
@@ -544,25 +730,51 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
     vm.write("-d vd0/virtio-backend", 0x44, 0, MIB);
     let target = dir.join("b");
     let tgt = target.to_str().unwrap();
-    backup_ok(&format!("tcp:127.0.0.1:{port4}"), &["backup", "-l", "full", "-t", tgt]);
+    backup_ok(
+        &format!("tcp:127.0.0.1:{port4}"),
+        &["backup", "-l", "full", "-t", tgt],
+    );
     vm.write("-d vd0/virtio-backend", 0x45, MIB, MIB);
-    backup_ok(&format!("tcp:[::1]:{port6}"), &["backup", "-l", "inc", "-t", tgt]);
+    backup_ok(
+        &format!("tcp:[::1]:{port6}"),
+        &["backup", "-l", "inc", "-t", tgt],
+    );
     vm.io("-d vd0/virtio-backend", "flush");
-    common::run(Command::new("qemu-img").args(["convert", "-U", "-O", "raw", "long.qcow2", "long.raw"]).current_dir(dir));
+    common::run(
+        Command::new("qemu-img")
+            .args(["convert", "-U", "-O", "raw", "long.qcow2", "long.raw"])
+            .current_dir(dir),
+    );
     restore_merge(&target.join("long.qcow2"), None, &dir.join("r.qcow2"));
     assert_same(&dir.join("r.qcow2"), &dir.join("long.raw"));
 
     // A target below a regular file cannot be created: clear error, VM untouched.
     std::fs::write(dir.join("file"), b"").unwrap();
-    let o = qmpbackup(&vm.socket(), &["backup", "-l", "full", "-t", dir.join("file/sub").to_str().unwrap()]);
+    let o = qmpbackup(
+        &vm.socket(),
+        &[
+            "backup",
+            "-l",
+            "full",
+            "-t",
+            dir.join("file/sub").to_str().unwrap(),
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     let log = String::from_utf8_lossy(&o.stderr);
-    assert!(log.contains("file/sub") && log.contains("Not a directory"), "{log}");
+    assert!(
+        log.contains("file/sub") && log.contains("Not a directory"),
+        "{log}"
+    );
     assert_graph_clean(&mut vm);
 }
 
 fn free_port(bind: &str) -> u16 {
-    std::net::TcpListener::bind(bind).unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind(bind)
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A guest agent for tests: answers sync, ping, info and the freeze commands, logs freezes
@@ -582,7 +794,9 @@ fn fake_agent(path: PathBuf, log: Arc<Mutex<Vec<String>>>) {
             let mut line = Vec::new();
             while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
                 let text: Vec<u8> = line.drain(..).filter(|&b| b != 0xff).collect();
-                let Ok(req) = serde_json::from_slice::<serde_json::Value>(&text) else { continue };
+                let Ok(req) = serde_json::from_slice::<serde_json::Value>(&text) else {
+                    continue;
+                };
                 let reply = match req["execute"].as_str().unwrap_or("") {
                     "guest-sync-delimited" => {
                         out.write_all(&[0xff]).unwrap();
@@ -592,7 +806,9 @@ fn fake_agent(path: PathBuf, log: Arc<Mutex<Vec<String>>>) {
                     "guest-info" => json!({"return": {"version": "10.0", "supported_commands": [
                         {"name": "guest-fsfreeze-freeze", "enabled": true},
                         {"name": "guest-fsfreeze-thaw", "enabled": true}]}}),
-                    "guest-fsfreeze-status" => json!({"return": if frozen { "frozen" } else { "thawed" }}),
+                    "guest-fsfreeze-status" => {
+                        json!({"return": if frozen { "frozen" } else { "thawed" }})
+                    }
                     "guest-fsfreeze-freeze" => {
                         frozen = true;
                         log.lock().unwrap().push("freeze".into());
@@ -630,11 +846,15 @@ fn vm_state_pause_and_quiesce() {
     let _proxy = common::qemu::proxy(dir.join("proxy.sock"), dir.join("qmp.sock"), move |line| {
         if line.contains("\"qom-set\"") && line.contains("-cbw") {
             let st = helper.execute("query-status", json!({})).unwrap();
-            l.lock().unwrap().push(format!("switch:{}", st["status"].as_str().unwrap()));
+            l.lock()
+                .unwrap()
+                .push(format!("switch:{}", st["status"].as_str().unwrap()));
         }
         if line.contains("\"blockdev-backup\"") {
             let st = helper.execute("query-status", json!({})).unwrap();
-            l.lock().unwrap().push(format!("jobs:{}", st["status"].as_str().unwrap()));
+            l.lock()
+                .unwrap()
+                .push(format!("jobs:{}", st["status"].as_str().unwrap()));
         }
     });
     let sock = dir.join("proxy.sock").to_string_lossy().into_owned();
@@ -644,21 +864,59 @@ fn vm_state_pause_and_quiesce() {
         log.lock().unwrap().clear();
         let mut args = vec!["--agent-socket", &agent, "backup", "-l", "auto", "-t", &tgt];
         args.extend_from_slice(extra);
-        let o = Command::new(env!("CARGO_BIN_EXE_qmpbackup")).arg("--socket").arg(&sock).args(&args).output().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(&args)
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let mut events = log.lock().unwrap().clone();
         events.push(format!("after:{}", vm.status()));
         events
     };
-    assert_eq!(case(&mut vm, &[]), ["switch:prelaunch", "jobs:prelaunch", "after:prelaunch"]);
-    assert_eq!(case(&mut vm, &["--pause"]), ["switch:prelaunch", "jobs:prelaunch", "after:prelaunch"]);
-    assert_eq!(case(&mut vm, &["--quiesce"]), ["freeze", "switch:prelaunch", "jobs:prelaunch", "thaw", "after:prelaunch"]);
+    assert_eq!(
+        case(&mut vm, &[]),
+        ["switch:prelaunch", "jobs:prelaunch", "after:prelaunch"]
+    );
+    assert_eq!(
+        case(&mut vm, &["--pause"]),
+        ["switch:prelaunch", "jobs:prelaunch", "after:prelaunch"]
+    );
+    assert_eq!(
+        case(&mut vm, &["--quiesce"]),
+        [
+            "freeze",
+            "switch:prelaunch",
+            "jobs:prelaunch",
+            "thaw",
+            "after:prelaunch"
+        ]
+    );
     vm.exec("cont", json!({}));
-    assert_eq!(case(&mut vm, &[]), ["switch:paused", "jobs:paused", "after:running"]);
-    assert_eq!(case(&mut vm, &["--quiesce"]), ["freeze", "switch:paused", "jobs:paused", "thaw", "after:running"]);
-    assert_eq!(case(&mut vm, &["--pause", "--quiesce"]), ["switch:paused", "jobs:paused", "after:running"]);
+    assert_eq!(
+        case(&mut vm, &[]),
+        ["switch:paused", "jobs:paused", "after:running"]
+    );
+    assert_eq!(
+        case(&mut vm, &["--quiesce"]),
+        [
+            "freeze",
+            "switch:paused",
+            "jobs:paused",
+            "thaw",
+            "after:running"
+        ]
+    );
+    assert_eq!(
+        case(&mut vm, &["--pause", "--quiesce"]),
+        ["switch:paused", "jobs:paused", "after:running"]
+    );
     vm.exec("stop", json!({}));
-    assert_eq!(case(&mut vm, &["--pause"]), ["switch:paused", "jobs:paused", "after:paused"]);
+    assert_eq!(
+        case(&mut vm, &["--pause"]),
+        ["switch:paused", "jobs:paused", "after:paused"]
+    );
     let dd = dir.join("b").join("d0.qcow2");
     assert_eq!(files(&dd).len(), 7);
 }
@@ -679,9 +937,17 @@ fn info_cleanup_and_continuing_the_originals_chain() {
     let dd = target.join("d0.qcow2");
     std::fs::create_dir_all(&dd).unwrap();
     std::fs::write(target.join("uuid"), "0f0e0d0c-orig").unwrap();
-    vm.exec("block-dirty-bitmap-add", json!({"node": "disk0", "name": "qmpbackup-disk0-0f0e0d0c-orig", "persistent": true}));
+    vm.exec(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk0", "name": "qmpbackup-disk0-0f0e0d0c-orig", "persistent": true}),
+    );
     vm.io(D0.io, "flush");
-    common::run(Command::new("qemu-img").args(["convert", "-U", "-O", "qcow2", "d0.qcow2"]).arg(dd.join("FULL-1000000000-d0.qcow2")).current_dir(dir));
+    common::run(
+        Command::new("qemu-img")
+            .args(["convert", "-U", "-O", "qcow2", "d0.qcow2"])
+            .arg(dd.join("FULL-1000000000-d0.qcow2"))
+            .current_dir(dir),
+    );
     vm.write(D0.io, 0x52, 4 * MIB, MIB);
     let tgt = target.to_str().unwrap();
     backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
@@ -689,21 +955,47 @@ fn info_cleanup_and_continuing_the_originals_chain() {
     restore_merge(&dd, None, &dir.join("r.qcow2"));
     assert_same(&dir.join("r.qcow2"), &dir.join("d0.qcow2.x.raw"));
     let names = files(&dd);
-    let info = common::run(Command::new("qemu-img").args(["info", "--output=json"]).arg(dd.join(&names[1])));
-    assert!(info.contains("\"backing-filename\": \"FULL-1000000000-d0.qcow2\""), "{info}");
+    let info = common::run(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(dd.join(&names[1])),
+    );
+    assert!(
+        info.contains("\"backing-filename\": \"FULL-1000000000-d0.qcow2\""),
+        "{info}"
+    );
 
-    let bitmaps = json_of(&qmpbackup(&vm.socket(), &["info", "--show", "bitmaps", "--json"]));
+    let bitmaps = json_of(&qmpbackup(
+        &vm.socket(),
+        &["info", "--show", "bitmaps", "--json"],
+    ));
     assert_eq!(bitmaps["disk0"][0]["name"], "qmpbackup-disk0-0f0e0d0c-orig");
     let human = common::succeeded(qmpbackup(&vm.socket(), &["info", "--show", "blockdev"]));
     assert!(human.contains("disk0: node disk0, qcow2"), "{human}");
-    let blockdev = json_of(&qmpbackup(&vm.socket(), &["info", "--show", "blockdev", "--json"]));
+    let blockdev = json_of(&qmpbackup(
+        &vm.socket(),
+        &["info", "--show", "blockdev", "--json"],
+    ));
     assert_eq!(blockdev[0]["inserted"]["node-name"], "disk0");
 
-    let none = common::succeeded(qmpbackup(&vm.socket(), &["cleanup", "--remove-bitmaps", "--uuid", "other"]));
+    let none = common::succeeded(qmpbackup(
+        &vm.socket(),
+        &["cleanup", "--remove-bitmaps", "--uuid", "other"],
+    ));
     assert!(none.is_empty(), "{none}");
-    let removed = common::succeeded(qmpbackup(&vm.socket(), &["cleanup", "--remove-bitmap", "--uuid", "0f0e0d0c-orig"]));
-    assert!(removed.contains("removed bitmap qmpbackup-disk0-0f0e0d0c-orig"), "{removed}");
+    let removed = common::succeeded(qmpbackup(
+        &vm.socket(),
+        &["cleanup", "--remove-bitmap", "--uuid", "0f0e0d0c-orig"],
+    ));
+    assert!(
+        removed.contains("removed bitmap qmpbackup-disk0-0f0e0d0c-orig"),
+        "{removed}"
+    );
     let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
     assert!(log.contains("is missing"), "{log}");
-    assert_eq!(qmpbackup(&vm.socket(), &["cleanup"]).status.code(), Some(2), "--remove-bitmap is required");
+    assert_eq!(
+        qmpbackup(&vm.socket(), &["cleanup"]).status.code(),
+        Some(2),
+        "--remove-bitmap is required"
+    );
 }

@@ -670,7 +670,11 @@ fn run(command: Command) -> Result<ExitCode> {
                         d.bytes_read
                     )?;
                     for p in &d.problems {
-                        writeln!(out, "  problem: {}: {}", p.file, p.problem)?;
+                        let at = p
+                            .offset
+                            .map(|o| format!(" (offset {o})"))
+                            .unwrap_or_default();
+                        writeln!(out, "  problem: {}: {}{at}", p.file, p.problem)?;
                     }
                     for n in &d.notes {
                         writeln!(out, "  note: {n}")?;

@@ -4,11 +4,14 @@
 //! opens and passes the consistency check, backing links (where present) name the
 //! predecessor, virtual sizes agree (growth is reported as a resize), the chain id agrees with
 //! the source's bitmap names where the `.config` tells them, and every stored cluster of every
-//! file is read (compressed ones decompressed), so bit rot anywhere is found. Files are
-//! verified in parallel.
+//! file is read (compressed ones decompressed), so bit rot anywhere is found. Where qmpbackup
+//! wrote a manifest, the file must match it: per-extent checksums (the offset of a damaged
+//! extent is reported), level, time, chain id, predecessor and size. Files are verified in
+//! parallel.
 
-use super::dir::BackupDir;
+use super::dir::{BackupDir, BackupFile};
 use super::error::Result;
+use super::manifest::{self, Manifest};
 use crate::qcow2::{check, Disk, OpenOptions};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -18,6 +21,9 @@ use std::path::{Path, PathBuf};
 pub struct Problem {
     pub file: String,
     pub problem: String,
+    /// Byte offset in the file, where the problem has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -69,7 +75,8 @@ fn find_backup_dirs(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<
         let entry = entry.map_err(io)?;
         let ft = entry.file_type().map_err(io)?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if ft.is_dir() && depth < 8 {
+        // Dot-directories hold side files (manifests, quarantined partials), not backups.
+        if ft.is_dir() && depth < 8 && !name.starts_with('.') {
             subdirs.push(entry.path());
         } else if ft.is_file()
             && super::dir::parse_name(name.trim_end_matches(".partial")).is_some()
@@ -101,6 +108,7 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
         r.problems.push(Problem {
             file: file.to_string(),
             problem: p,
+            offset: None,
         })
     };
     let bd = match BackupDir::scan(dir, filter) {
@@ -148,7 +156,9 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
         .map(|f| verify_file(&f.path))
         .collect();
     let mut prev: Option<(u64, String)> = None;
-    for (f, res) in chain.files.iter().zip(results) {
+    for (i, (f, res)) in chain.files.iter().zip(results).enumerate() {
+        let parent = i.checked_sub(1).map(|p| chain.files[p].name.as_str());
+        check_manifest(f, parent, bd.uuid.as_deref(), &mut r);
         r.bytes_read += res.bytes;
         for p in res.problems {
             problem(&mut r, &f.name, p);
@@ -185,6 +195,65 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
     check_uuid(dir, &bd, &mut r);
     r.restorable = r.problems.is_empty();
     r
+}
+
+/// Compares `f` with its manifest (when qmpbackup wrote one): checksums per extent, and the
+/// facts the manifest records against what the directory says.
+fn check_manifest(f: &BackupFile, parent: Option<&str>, uuid: Option<&str>, r: &mut DirReport) {
+    let path = manifest::path_for(&f.path);
+    if !path.exists() {
+        return;
+    }
+    let mut push = |problem: String, offset: Option<u64>| {
+        r.problems.push(Problem {
+            file: f.name.clone(),
+            problem,
+            offset,
+        })
+    };
+    let m = match Manifest::read(&path) {
+        Ok(m) => m,
+        Err(e) => return push(e, None),
+    };
+    if m.file != f.name {
+        push(format!("its manifest describes {}", m.file), None);
+    }
+    if m.level != f.level || (f.named_epoch && m.epoch != f.epoch) {
+        push(
+            format!(
+                "manifest says {} at {}, the name says {} at {}",
+                m.level.name(),
+                m.epoch,
+                f.level.name(),
+                f.epoch
+            ),
+            None,
+        );
+    }
+    if let (Some(mu), Some(u)) = (&m.uuid, uuid) {
+        if mu != u {
+            push(
+                format!("manifest chain id {mu}, directory chain id {u}"),
+                None,
+            );
+        }
+    }
+    if let (Some(mp), Some(p)) = (&m.parent, parent) {
+        if mp != p {
+            push(
+                format!("manifest names {mp} as predecessor, the chain has {p}"),
+                None,
+            );
+        }
+    }
+    match m.check(&f.path) {
+        Ok(found) => {
+            for (offset, p) in found {
+                push(p, Some(offset));
+            }
+        }
+        Err(e) => push(format!("reading for the manifest check: {e}"), None),
+    }
 }
 
 /// What verifying one backup file found.
@@ -273,10 +342,11 @@ fn check_uuid(dir: &Path, bd: &BackupDir, r: &mut DirReport) {
         .iter()
         .filter(|n| n.starts_with("qmpbackup-"))
         .collect();
-    let want = format!("qmpbackup-{uuid}");
-    if !ours.is_empty() && !ours.iter().any(|n| **n == want) {
+    // Older versions of the original named the bitmap qmpbackup-<device>-<uuid>.
+    if !ours.is_empty() && !ours.iter().any(|n| n.ends_with(uuid.as_str())) {
         r.problems.push(Problem {
             file: "uuid".into(),
+            offset: None,
             problem: format!(
                 "chain id {uuid} matches none of the source's backup bitmaps ({})",
                 ours.iter().map(|s| **s).collect::<Vec<_>>().join(", ")

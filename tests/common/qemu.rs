@@ -56,10 +56,12 @@ impl Vm {
         let qmp = loop {
             match Qmp::connect(&addr, Duration::from_secs(10)) {
                 Ok(q) => break q,
-                Err(e) if Instant::now() > deadline || child.try_wait().unwrap().is_some() => panic!(
-                    "QEMU did not come up: {e}\n{}",
-                    std::fs::read_to_string(dir.join("qemu.out")).unwrap_or_default()
-                ),
+                Err(e) if Instant::now() > deadline || child.try_wait().unwrap().is_some() => {
+                    panic!(
+                        "QEMU did not come up: {e}\n{}",
+                        std::fs::read_to_string(dir.join("qemu.out")).unwrap_or_default()
+                    )
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         };
@@ -83,7 +85,11 @@ impl Vm {
 
     /// A third QMP connection (for a helper thread such as a proxy hook).
     pub fn third(&self) -> Qmp {
-        Qmp::connect(&Address::Unix(self.dir.join("qmp3.sock")), Duration::from_secs(10)).unwrap()
+        Qmp::connect(
+            &Address::Unix(self.dir.join("qmp3.sock")),
+            Duration::from_secs(10),
+        )
+        .unwrap()
     }
 
     /// Runs a qemu-io command through a device's block backend (where guest I/O enters);
@@ -93,7 +99,11 @@ impl Vm {
     }
 
     pub fn write(&mut self, dev: &str, pattern: u8, offset: u64, len: u64) {
-        hmp_io(&mut self.qmp, dev, &format!("write -P 0x{pattern:02x} {offset} {len}"));
+        hmp_io(
+            &mut self.qmp,
+            dev,
+            &format!("write -P 0x{pattern:02x} {offset} {len}"),
+        );
     }
 
     pub fn status(&mut self) -> String {
@@ -160,7 +170,8 @@ pub fn proxy(
         for client in listener.incoming() {
             let Ok(client) = client else { return };
             let server = UnixStream::connect(&upstream).unwrap();
-            let (mut to_client, mut from_server) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut to_client, mut from_server) =
+                (client.try_clone().unwrap(), server.try_clone().unwrap());
             let down = std::thread::spawn(move || {
                 let _ = std::io::copy(&mut from_server, &mut to_client);
                 let _ = to_client.shutdown(std::net::Shutdown::Both);
