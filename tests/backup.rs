@@ -860,7 +860,7 @@ fn vm_state_pause_and_quiesce() {
     let sock = dir.join("proxy.sock").to_string_lossy().into_owned();
     let tgt = dir.join("b").to_string_lossy().into_owned();
     let agent = dir.join("qga.sock").to_string_lossy().into_owned();
-    let mut case = |vm: &mut Vm, extra: &[&str]| -> Vec<String> {
+    let case = |vm: &mut Vm, extra: &[&str]| -> Vec<String> {
         log.lock().unwrap().clear();
         let mut args = vec!["--agent-socket", &agent, "backup", "-l", "auto", "-t", &tgt];
         args.extend_from_slice(extra);
@@ -998,4 +998,250 @@ fn info_cleanup_and_continuing_the_originals_chain() {
         Some(2),
         "--remove-bitmap is required"
     );
+}
+
+/// Stale partial files: one of another tool's interrupted run (its bitmap may have been
+/// cleared) is set aside and `auto` starts a new full chain, `inc` refuses; one of our own
+/// run killed with SIGKILL (QEMU still holding its nodes and job) is cleaned up — job, nodes,
+/// temporary bitmap, files — and the chain continues. The original's stale partial blocked
+/// every later incremental, even after a new full.
+#[test]
+fn stale_partials_and_a_killed_run_are_recovered() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let mut vm = vm_one(dir);
+    let target = dir.join("b");
+    let tgt = target.to_str().unwrap();
+    let dd = target.join("d0.qcow2");
+    vm.write(D0.io, 0x61, 0, MIB);
+    backup_ok(&vm.socket(), &["backup", "-l", "full", "-t", tgt]);
+    // Older than the chain's FULL: harmless, set aside.
+    std::fs::write(dd.join("INC-1000000001-d0.qcow2.partial"), b"old").unwrap();
+    vm.write(D0.io, 0x60, 2 * MIB, MIB);
+    backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+    assert!(dd
+        .join(".quarantine/INC-1000000001-d0.qcow2.partial")
+        .exists());
+    // Newer: the chain's bitmap may have been cleared by the tool that left it.
+    let full_epoch: u64 = files(&dd)[0].split('-').nth(1).unwrap().parse().unwrap();
+    let planted = format!("INC-{}-d0.qcow2.partial", full_epoch + 1);
+    std::fs::write(dd.join(&planted), b"left by another tool").unwrap();
+    let o = qmpbackup(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another tool"));
+    let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
+    assert!(
+        log.contains("another tool") && log.contains("taking a full backup"),
+        "{log}"
+    );
+    assert!(dd.join(".quarantine").join(&planted).exists());
+    vm.write(D0.io, 0x62, MIB, MIB);
+    backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+
+    // Our own run, killed while its job runs.
+    vm.write(D0.io, 0x63, 4 * MIB, 8 * MIB);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args([
+            "--socket",
+            &vm.socket(),
+            "backup",
+            "-l",
+            "inc",
+            "-t",
+            tgt,
+            "--speed-limit",
+            "1048576",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_job(&mut vm);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(partials(&dd).len(), 1);
+    let log = backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+    assert!(log.contains("interrupted run"), "{log}");
+    assert!(partials(&dd).is_empty());
+    assert_graph_clean(&mut vm);
+    capture(&mut vm, &[&D0], "k");
+    restore_merge(&dd, None, &dir.join("r.qcow2"));
+    assert_same(&dir.join("r.qcow2"), &dir.join("d0.qcow2.k.raw"));
+    let names = files(&dd);
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("FULL-")).count(),
+        2,
+        "{names:?}"
+    );
+    let epochs: Vec<u64> = names
+        .iter()
+        .map(|n| n.split('-').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        epochs.windows(2).all(|w| w[0] < w[1]),
+        "runs within one second get distinct names: {names:?}"
+    );
+}
+
+/// Two disks: cancelling one job fails the whole run and QEMU cancels the other (grouped
+/// completion); a foreign job that finishes during our backup does not end our wait early
+/// (the original counted every job's events); SIGTERM with a foreign job running ends
+/// promptly. Disks with equal base names and names no job id may contain get distinct files.
+#[test]
+fn jobs_are_grouped_and_foreign_jobs_ignored() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    std::fs::create_dir_all(dir.join("a")).unwrap();
+    std::fs::create_dir_all(dir.join("b")).unwrap();
+    for f in [
+        "a/1 disk+x.qcow2",
+        "b/1 disk+x.qcow2",
+        "other.qcow2",
+        "scratch.qcow2",
+    ] {
+        qemu_img(dir, &["create", "-q", "-f", "qcow2", f, "64M"]);
+    }
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let mut vm = Vm::start(
+        dir,
+        &[
+            "-drive".into(),
+            format!(
+                "if=none,id=da,file={},format=qcow2,node-name=na",
+                p("a/1 disk+x.qcow2")
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=da,id=vda".into(),
+            "-drive".into(),
+            format!(
+                "if=none,id=db,file={},format=qcow2,node-name=nb",
+                p("b/1 disk+x.qcow2")
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=db,id=vdb".into(),
+            "-blockdev".into(),
+            format!(
+                "driver=qcow2,node-name=other,file.driver=file,file.filename={}",
+                p("other.qcow2")
+            ),
+            "-blockdev".into(),
+            format!(
+                "driver=qcow2,node-name=scratch,file.driver=file,file.filename={}",
+                p("scratch.qcow2")
+            ),
+        ],
+    );
+    vm.write("da", 0x71, 0, 8 * MIB);
+    vm.write("db", 0x72, 0, 8 * MIB);
+    let target = dir.join("t");
+    let tgt = target.to_str().unwrap();
+    let sock = vm.socket();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+            .args([
+                "--socket",
+                &sock,
+                "backup",
+                "-l",
+                "full",
+                "-t",
+                tgt,
+                "-i",
+                "da,db",
+                "--speed-limit",
+                "2097152",
+            ])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let child = spawn();
+    let job = wait_for_job(&mut vm);
+    vm.exec("block-job-cancel", json!({"device": job, "force": true}));
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("da") && log.contains("db"),
+        "both jobs ended as failures: {log}"
+    );
+    assert_graph_clean(&mut vm);
+    assert!(
+        !target.join("da-1 disk+x.qcow2").exists()
+            || files(&target.join("da-1 disk+x.qcow2")).is_empty()
+    );
+
+    // A foreign job completes while ours run.
+    vm.write("-d vda/virtio-backend", 0x73, 0, 64 << 10);
+    let child = spawn();
+    wait_for_job(&mut vm);
+    vm.exec(
+        "blockdev-backup",
+        json!({"job-id": "foreign", "device": "other", "target": "scratch", "sync": "full"}),
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (node_dir, dev, file) in [
+        ("da-1 disk+x.qcow2", "da", "a/1 disk+x.qcow2"),
+        ("db-1 disk+x.qcow2", "db", "b/1 disk+x.qcow2"),
+    ] {
+        let exp = dir.join(format!("{dev}.raw"));
+        vm.capture(dev, file, "qcow2", &exp);
+        restore_merge(
+            &target.join(node_dir),
+            None,
+            &dir.join(format!("{dev}.restored")),
+        );
+        assert_same(&dir.join(format!("{dev}.restored")), &exp);
+    }
+
+    // SIGTERM while a foreign job runs: ours are cancelled, the foreign one is left alone.
+    vm.exec("blockdev-backup", json!({"job-id": "foreign2", "device": "other", "target": "scratch", "sync": "full", "speed": 1024}));
+    vm.write("da", 0x74, 0, 8 * MIB);
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args([
+            "--socket",
+            &vm.socket(),
+            "backup",
+            "-l",
+            "inc",
+            "-t",
+            tgt,
+            "-i",
+            "da,db",
+            "--speed-limit",
+            "1048576",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        let jobs = vm.exec("query-block-jobs", json!({}));
+        if jobs.as_array().unwrap().len() >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let started = std::time::Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed().as_secs() < 10);
+    let jobs = vm.exec("query-block-jobs", json!({}));
+    assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
+    assert_eq!(jobs[0]["device"], "foreign2");
 }

@@ -106,7 +106,6 @@ pub fn run(qmp: &mut Qmp, opts: &Options, interrupted: &AtomicBool) -> Result<Ve
     }
     tracing::info!("QEMU {} {}, VM {status}", qmp.version, qmp.package);
     warn_tpm(qmp);
-    let devices = select(qmp, &opts.selection)?;
 
     let epoch_now = now();
     let month = opts.monthly.then(|| layout::month_of(epoch_now));
@@ -117,6 +116,8 @@ pub fn run(qmp: &mut Qmp, opts: &Options, interrupted: &AtomicBool) -> Result<Ve
         Some(stale) => recover(qmp, &stale, &mut lock)?,
         None => Vec::new(),
     };
+    // Only now: a killed run's filters are gone and the devices show their own nodes.
+    let devices = select(qmp, &opts.selection)?;
 
     let existing_uuid = target.uuid().map_err(BackupError::io(target.uuid_path()))?;
     let mut disks = Vec::new();
@@ -701,6 +702,13 @@ pub fn select(qmp: &mut Qmp, selection: &Selection) -> Result<Vec<(Device, Strin
     let mut devices = Vec::new();
     for d in parse_query_block(&reply) {
         match d {
+            Ok(d) if d.node.starts_with("qmpbackup-") => {
+                return Err(BackupError::Refused(format!(
+                    "{}: still routed through node {} of an interrupted qmpbackup run into another \
+                     target directory; run a backup into that directory once to clean it up",
+                    d.name, d.node
+                )))
+            }
             Ok(d) if selection.wants(&d) => devices.push(d),
             Ok(d) => tracing::info!("{}: not selected", d.name),
             Err(why) => tracing::warn!("skipping a device: {why}"),
@@ -745,7 +753,6 @@ fn chain_state(
     ours: &[PathBuf],
 ) -> Result<ChainState> {
     let bd = BackupDir::scan_disk(dir, name).map_err(|e| BackupError::Refused(e.to_string()))?;
-    let mut foreign = Vec::new();
     for p in &bd.partials {
         let to = layout::quarantine(p).map_err(BackupError::io(p))?;
         if ours.contains(p) {
@@ -760,14 +767,20 @@ fn chain_state(
                 p.display(),
                 to.display()
             );
-            foreign.push(
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            );
         }
     }
+    // Partial files of another tool's run after the current chain's FULL mean the chain
+    // bitmap cannot be trusted (the original clears it when a job starts) until a new FULL,
+    // also after an `inc` refused because of them. Older ones predate the chain: harmless.
+    let full_epoch = bd.chain().ok().map(|c| c.files[0].epoch);
+    let foreign = quarantined(dir)
+        .into_iter()
+        .filter(|name| {
+            let epoch =
+                crate::chain::dir::parse_name(name.trim_end_matches(".partial")).map(|p| p.1);
+            full_epoch.is_some_and(|f| epoch.is_none_or(|e| e > f))
+        })
+        .collect();
     let last = match bd.chain() {
         Ok(chain) => {
             let f = chain.files.last().expect("a chain has a FULL");
@@ -792,6 +805,18 @@ fn chain_state(
         last,
         foreign_partials: foreign,
     })
+}
+
+/// Names of the partial files set aside in `dir`'s quarantine (all from other tools: our own
+/// are removed).
+fn quarantined(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join(".quarantine"))
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// An epoch later than every backup in `dirs`: two runs in one second get distinct names
