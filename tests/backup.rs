@@ -1245,3 +1245,225 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
     assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
     assert_eq!(jobs[0]["device"], "foreign2");
 }
+
+/// Raw disks, pflash and qcow2 v2: bitmaps can only be non-persistent, so after a QEMU restart `auto`
+/// takes a full of exactly those disks (and says why) while qcow2 disks continue with
+/// incrementals; `--compress` works for raw disks on every level (their INCs are qcow2). Each
+/// disk's target gets its own source's options (the original accumulated them across disks).
+/// The log names QEMU's version in the right order. Fleece images live in the target, never
+/// next to the VM's disks.
+#[test]
+fn raw_disks_after_restart_compress_and_per_disk_options() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096,compat=0.10",
+            "d0.qcow2",
+            "64M",
+        ],
+    );
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=131072,lazy_refcounts=on",
+            "s0.qcow2",
+            "64M",
+        ],
+    );
+    qemu_img(dir, &["create", "-q", "-f", "raw", "r0.raw", "64M"]);
+    for f in ["code.fd", "vars.fd"] {
+        std::fs::File::create(dir.join(f))
+            .unwrap()
+            .set_len(64 << 10)
+            .unwrap();
+    }
+    let all = all_args(dir);
+    let args: Vec<String> = all[..16].iter().chain(&all[20..24]).cloned().collect();
+    let mut vm = Vm::start(dir, &args);
+    let before: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let disks = [&D0, &S0, &R0, &VARS];
+    for (i, d) in disks.iter().enumerate() {
+        vm.write(d.io, 0x80 + i as u8, 0, 32 << 10);
+    }
+    let target = dir.join("b");
+    let tgt = target.to_str().unwrap();
+    let log = backup_ok(
+        &vm.socket(),
+        &[
+            "backup",
+            "-l",
+            "auto",
+            "-t",
+            tgt,
+            "--include-raw",
+            "--compress",
+        ],
+    );
+    let version = common::run(Command::new("qemu-img").arg("--version"));
+    let version = version.split_whitespace().nth(2).unwrap();
+    assert!(log.contains(&format!("QEMU {version} ")), "{log}");
+    let info = |f: &Path| -> serde_json::Value {
+        serde_json::from_str(&common::run(
+            Command::new("qemu-img")
+                .args(["info", "--output=json"])
+                .arg(f),
+        ))
+        .unwrap()
+    };
+    let full = |d: &str| target.join(d).join(&files(&target.join(d))[0]);
+    let i0 = info(&full("d0.qcow2"));
+    assert_eq!(
+        (
+            i0["cluster-size"].as_u64(),
+            i0["format-specific"]["data"]["compat"].as_str()
+        ),
+        (Some(4096), Some("0.10"))
+    );
+    let i1 = info(&full("s0.qcow2"));
+    assert_eq!(
+        (
+            i1["cluster-size"].as_u64(),
+            i1["format-specific"]["data"]["lazy-refcounts"].as_bool()
+        ),
+        (Some(131072), Some(true))
+    );
+    assert_eq!(info(&full("r0.raw"))["format"], "raw");
+    for (i, d) in disks.iter().enumerate() {
+        vm.write(d.io, 0x90 + i as u8, 8 << 10, 64 << 10);
+    }
+    backup_ok(
+        &vm.socket(),
+        &[
+            "backup",
+            "-l",
+            "inc",
+            "-t",
+            tgt,
+            "--include-raw",
+            "--compress",
+        ],
+    );
+    let inc_r0 = target
+        .join("r0.raw")
+        .join(&files(&target.join("r0.raw"))[1]);
+    assert_eq!(info(&inc_r0)["format"], "qcow2");
+    let after: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        before.len() + 1,
+        after.len(),
+        "only the target directory was added next to the disks"
+    );
+
+    // Restart: the qcow2 bitmaps persist, the raw ones are gone.
+    let args = vm.args.clone();
+    vm.quit();
+    let mut vm = Vm::start(dir, &args);
+    for (i, d) in disks.iter().enumerate() {
+        vm.write(d.io, 0xa0 + i as u8, 128 << 10, 64 << 10);
+    }
+    let log = backup_ok(
+        &vm.socket(),
+        &[
+            "backup",
+            "-l",
+            "auto",
+            "-t",
+            tgt,
+            "--include-raw",
+            "--compress",
+        ],
+    );
+    assert!(log.contains("cannot be persistent"), "{log}");
+    // d0 is qcow2 v2 (compat 0.10): no persistent bitmaps either.
+    for (d, level) in [
+        ("d0.qcow2", "FULL-"),
+        ("s0.qcow2", "INC-"),
+        ("r0.raw", "FULL-"),
+        ("vars.fd", "FULL-"),
+        ("code.fd", "FULL-"),
+    ] {
+        let names = files(&target.join(d));
+        assert!(names.last().unwrap().starts_with(level), "{d}: {names:?}");
+    }
+    capture(&mut vm, &disks, "z");
+    for d in disks {
+        let out = dir.join(format!("{}.restored", d.file));
+        restore_merge(&target.join(d.file), None, &out);
+        assert_same(&out, &dir.join(format!("{}.z.raw", d.file)));
+    }
+}
+
+/// A guest agent that never answers the freeze: the backup goes on unfrozen after the
+/// timeout, and the thaw is sent anyway (the original could leave the guest frozen).
+#[test]
+fn a_freeze_that_times_out_is_thawed() {
+    use qmpbackup::qmp::{Address, Agent};
+    use std::io::{BufRead, BufReader, Write};
+    let t = tempfile::tempdir().unwrap();
+    let path = t.path().join("qga.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let l = log.clone();
+    std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut out = conn.try_clone().unwrap();
+        let mut reader = BufReader::new(conn);
+        let mut line = Vec::new();
+        while reader.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+            let text: Vec<u8> = line.drain(..).filter(|&b| b != 0xff).collect();
+            let req: serde_json::Value = serde_json::from_slice(&text).unwrap();
+            let cmd = req["execute"].as_str().unwrap().to_string();
+            l.lock().unwrap().push(cmd.clone());
+            let reply = match cmd.as_str() {
+                "guest-sync-delimited" => {
+                    out.write_all(&[0xff]).unwrap();
+                    json!({"return": req["arguments"]["id"]})
+                }
+                "guest-fsfreeze-freeze" => continue, // hangs
+                _ => json!({"return": 0}),
+            };
+            out.write_all(format!("{reply}\n").as_bytes()).unwrap();
+        }
+    });
+    let mut agent =
+        Agent::connect(&Address::Unix(path), std::time::Duration::from_secs(2)).unwrap();
+    let started = std::time::Instant::now();
+    let err = agent
+        .freeze(std::time::Duration::from_millis(300))
+        .unwrap_err();
+    assert!(err.to_string().contains("guest-fsfreeze-freeze"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    let calls = log.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        [
+            "guest-sync-delimited",
+            "guest-fsfreeze-freeze",
+            "guest-sync-delimited",
+            "guest-fsfreeze-thaw"
+        ]
+    );
+}

@@ -57,6 +57,12 @@ impl Device {
         self.format == "raw"
     }
 
+    /// Whether QEMU can store dirty bitmaps in the image: qcow2 version 3 only. Others get
+    /// bitmaps that vanish when QEMU restarts.
+    pub fn can_persist_bitmaps(&self) -> bool {
+        self.format == "qcow2" && self.compat.as_deref() != Some("0.10")
+    }
+
     /// The file name the backups of this disk are named after.
     pub fn basename(&self) -> String {
         let base = self.filename.rsplit('/').next().unwrap_or("");

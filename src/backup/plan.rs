@@ -78,8 +78,8 @@ fn incremental(dev: &Device, st: &ChainState) -> Result<(String, String), String
         .clone()
         .ok_or("no FULL backup of this disk in the target directory")?;
     let b = chain_bitmap(dev, uuid).ok_or_else(|| {
-        let why = if dev.is_raw() {
-            " (bitmaps of raw disks cannot be persistent: they vanish when QEMU restarts)"
+        let why = if !dev.can_persist_bitmaps() {
+            " (this disk's bitmaps cannot be persistent, as it is not a qcow2 v3 image: they vanish when QEMU restarts)"
         } else {
             ""
         };

@@ -594,51 +594,46 @@ impl Run<'_> {
     /// B := N for every chained disk, in one transaction. If it fails, B still covers every
     /// write since the previous backup: the next incremental copies a little more.
     fn rotate_bitmaps(&mut self) {
-        let mut actions = Vec::new();
-        for d in &self.disks {
-            let (Some(next), Some(uuid)) = (&d.rec.next_bitmap, &self.uuid) else {
+        let Some(uuid) = self.uuid.clone() else {
+            return;
+        };
+        for d in &mut self.disks {
+            let Some(next) = &d.rec.next_bitmap else {
                 continue;
             };
-            let chain = d
-                .decision
-                .bitmap
-                .clone()
-                .or_else(|| plan::chain_bitmap(&d.dev, uuid).map(|b| b.name.clone()));
             let node = &d.dev.node;
-            match chain {
-                Some(b) => actions.push(
-                    json!({"type": "block-dirty-bitmap-clear", "data": {"node": node, "name": b}}),
-                ),
-                None => {
-                    actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
-                    "node": node, "name": plan::bitmap_name(uuid), "persistent": !d.dev.is_raw()}}))
-                }
-            }
-            let b = d
+            let existing = d
                 .decision
                 .bitmap
                 .clone()
-                .or_else(|| plan::chain_bitmap(&d.dev, uuid).map(|b| b.name.clone()))
-                .unwrap_or_else(|| plan::bitmap_name(uuid));
-            actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {"node": node, "target": b, "bitmaps": [next]}}));
-            actions.push(
-                json!({"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": next}}),
-            );
-        }
-        if actions.is_empty() {
-            return;
-        }
-        match self.qmp.execute("transaction", json!({"actions": actions})) {
-            Ok(_) => {
-                for d in &mut self.disks {
-                    d.next_added = false;
+                .or_else(|| plan::chain_bitmap(&d.dev, &uuid).map(|b| b.name.clone()));
+            let first = match &existing {
+                Some(b) => {
+                    json!({"type": "block-dirty-bitmap-clear", "data": {"node": node, "name": b}})
                 }
-            }
-            Err(e) => {
-                tracing::error!("the backups are complete, but the chain bitmaps could not be updated ({e}); the next incremental will copy more than needed");
-                self.remove_next_bitmaps();
+                None => json!({"type": "block-dirty-bitmap-add", "data": {
+                    "node": node, "name": plan::bitmap_name(&uuid),
+                    "persistent": d.dev.can_persist_bitmaps()}}),
+            };
+            let chain = existing.unwrap_or_else(|| plan::bitmap_name(&uuid));
+            let actions = json!([
+                first,
+                {"type": "block-dirty-bitmap-merge", "data": {"node": node, "target": chain, "bitmaps": [next]}},
+                {"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": next}},
+            ]);
+            match self
+                .qmp
+                .execute("transaction", json!({ "actions": actions }))
+            {
+                Ok(_) => d.next_added = false,
+                Err(e) => tracing::error!(
+                    "{}: the backup is complete, but its chain bitmap could not be updated ({e}); \
+                     the next incremental copies more than needed, or auto takes a full",
+                    d.dev.name
+                ),
             }
         }
+        self.remove_next_bitmaps();
     }
 
     fn remove_next_bitmaps(&mut self) {
