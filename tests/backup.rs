@@ -308,6 +308,8 @@ fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
                 1 => w(0x63, 2 * MIB),
                 _ => {}
             }
+            let fleece: Vec<_> = std::fs::read_dir(d.join("backup/.fleece")).unwrap().collect();
+            assert_eq!(fleece.len(), 1, "the fleece image is in the target, not next to the disk");
             common::qemu::hmp_io(&mut helper, D0.io, "flush");
             common::run(
                 Command::new("qemu-img")
@@ -426,6 +428,8 @@ fn a_failed_or_interrupted_incremental_keeps_its_delta() {
         .spawn()
         .unwrap();
     let job = wait_for_job(&mut vm);
+    let jobs = vm.exec("query-block-jobs", json!({}));
+    assert_eq!(jobs[0]["speed"], 1048576, "--speed-limit reaches the job");
     vm.exec("block-job-cancel", json!({"device": job, "force": true}));
     let out = child.wait_with_output().unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
@@ -747,6 +751,15 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
     );
     restore_merge(&target.join("long.qcow2"), None, &dir.join("r.qcow2"));
     assert_same(&dir.join("r.qcow2"), &dir.join("long.raw"));
+
+    // A socket that already serves a client (ours, qmp2) never greets: a clear timeout.
+    let busy = dir.join("qmp2.sock").to_string_lossy().into_owned();
+    let o = Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args(["--socket", &busy, "--connect-timeout", "1", "info", "--show", "blockdev"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("another client"), "{}", String::from_utf8_lossy(&o.stderr));
 
     // A target below a regular file cannot be created: clear error, VM untouched.
     std::fs::write(dir.join("file"), b"").unwrap();

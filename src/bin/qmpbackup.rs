@@ -51,6 +51,10 @@ struct Cli {
     /// Also log to the local syslog.
     #[arg(long)]
     syslog: bool,
+    /// Seconds to wait for QEMU's greeting (a socket that already serves another client
+    /// accepts the connection but never greets).
+    #[arg(long, default_value_t = 10)]
+    connect_timeout: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -183,9 +187,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn connect(socket: &str) -> Result<Qmp> {
+fn connect(socket: &str, greeting: Duration) -> Result<Qmp> {
     let addr = Address::parse(socket)?;
-    Ok(Qmp::connect(&addr, Duration::from_secs(60))?)
+    let mut qmp = Qmp::connect(&addr, greeting)?;
+    // Commands such as blockdev-add on slow storage may take a while.
+    qmp.timeout = Duration::from_secs(300);
+    Ok(qmp)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -193,7 +200,7 @@ fn run(cli: Cli) -> Result<()> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&interrupted)).context("signal handler")?;
     }
-    let mut qmp = connect(&cli.socket)?;
+    let mut qmp = connect(&cli.socket, Duration::from_secs(cli.connect_timeout.max(1)))?;
     match cli.command {
         Command::Backup(a) => {
             let opts = Options {
