@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Times qmprestore against qemu-img on the same inputs, side by side in one run, and prints
+# Times qmprestore against qemu-img (and qmpbackup against cp) on the same inputs, side by
+# side in one run, and prints
 # the median wall time of each (runs alternate, after one warm-up run each), their ratio (ours / qemu-img; below 1.0 means we are faster)
 # and peak RSS. Every timing includes a final `sync` of what the command wrote.
 #
@@ -17,6 +18,7 @@ for tool in qemu-img /usr/bin/time; do
 done
 cargo build --release --quiet
 ours=$PWD/target/release/qmprestore
+backup=$PWD/target/release/qmpbackup
 work=${BENCH_DIR:-$(mktemp -d /var/tmp/qmpbench.XXXXXX)}
 [ -n "${BENCH_DIR:-}" ] || trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -38,7 +40,7 @@ fi
 # "seconds peak_rss_kib" to the file named by $log.
 timed() {
     local out=$1; shift
-    rm -f "$out"; sync
+    rm -rf "$out"; sync
     /usr/bin/time -f '%e %M' -o time.txt sh -c '"$@" >/dev/null && sync' sh "$@"
     cat time.txt >> "$log"
 }
@@ -58,7 +60,7 @@ compare() {
         log=ours.log timed "$out" $ours_cmd
         log=theirs.log timed "$out" $theirs_cmd
     done
-    rm -f "$out"
+    rm -rf "$out"
     row "$label" "$(median ours.log)" "$(median theirs.log)"
 }
 
@@ -161,4 +163,21 @@ if [ -z "$filter" ] || [[ merge30 == *$filter* ]]; then
         add_incs chain30 30 16 120
     fi
     bench_merge 30-deep chain30
+fi
+if [ -z "$filter" ] || [[ backup == *$filter* ]]; then
+    # A full backup of the image above from a prelaunch QEMU (fleecing, job, manifest), against
+    # cp of the same disk file.
+    if command -v qemu-system-x86_64 >/dev/null; then
+        rm -f qmp.sock
+        qemu-system-x86_64 -S -nodefaults -display none -machine q35 -accel kvm -accel tcg -m 128 \
+            -qmp "unix:$work/qmp.sock,server=on,wait=off" \
+            -blockdev "driver=qcow2,node-name=disk0,file.driver=file,file.filename=$work/img.qcow2" \
+            -device virtio-blk-pci,drive=disk0,id=vd0 -daemonize -pidfile "$work/qemu.pid"
+        compare "backup full (${data_mib} MiB) vs cp" bk \
+            "$backup --socket $work/qmp.sock backup -l full --uuid bench -t $work/bk" \
+            "cp img.qcow2 bk" 2>/dev/null
+        kill "$(cat qemu.pid)"
+    else
+        echo "backup: skipped (no qemu-system-x86_64; scripts/install-qemu-system installs it)"
+    fi
 fi
