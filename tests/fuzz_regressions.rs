@@ -36,3 +36,13 @@ fn fuzz_seeds_open() {
         }
     }
 }
+
+#[test]
+fn qmp_fuzz_findings_stay_fixed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/qmp_message");
+    let mut valid = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        valid += qmpbackup::backup::fuzz::qmp_lines(&std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    assert!(valid >= 4, "the corpus samples parse");
+}

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod device;
 pub mod error;
 pub mod fleece;
+pub mod fuzz;
 pub mod job;
 pub mod layout;
 pub mod plan;
