@@ -181,3 +181,41 @@ if [ -z "$filter" ] || [[ backup == *$filter* ]]; then
         echo "backup: skipped (no qemu-system-x86_64; scripts/install-qemu-system installs it)"
     fi
 fi
+if [ -z "$filter" ] || [[ commit == *$filter* ]]; then
+    # commit of the 4-deep chain into its FULL, against the original's sequence per INC:
+    # qemu-img rebase -u onto the FULL, qemu-img commit, delete the INC. Each run works on a
+    # fresh copy of the chain (copying is not timed).
+    [ -d chain4 ] || { echo "commit: run the merge benchmark first (it builds chain4)"; exit 2; }
+    cat > orig-commit.sh <<'SH'
+#!/bin/sh
+set -e
+cd "$1"
+full=$(ls FULL-* | head -n 1)
+for inc in $(ls INC-* | sort); do
+    qemu-img rebase -q -u -f qcow2 -F qcow2 -b "$full" "$inc"
+    qemu-img commit -q -f qcow2 "$inc"
+    rm -f "$inc"
+done
+SH
+    chmod +x orig-commit.sh
+    : > ours.log; : > theirs.log
+    for i in $(seq 0 "$reps"); do
+        for who in ours theirs; do
+            rm -rf c; cp -a chain4 c; sync
+            if [ "$who" = ours ]; then cmd="$ours commit --dir c"; else cmd="./orig-commit.sh c"; fi
+            /usr/bin/time -f '%e %M' -o time.txt sh -c "$cmd >/dev/null 2>&1 && sync"
+            [ "$i" = 0 ] || cat time.txt >> "$who.log"   # run 0 warms up
+        done
+    done
+    rm -rf c
+    row "commit 4-deep vs qemu-img sequence" "$(median ours.log)" "$(median theirs.log)"
+fi
+if [ -z "$filter" ] || [[ verify == *$filter* ]]; then
+    # verify of the 4-deep chain (every stored cluster read, every file checked) against cat
+    # of the same files, both from the page cache after a warm-up; ratio < 1.25 meets
+    # "verify >= 0.8x cat's throughput".
+    [ -d chain4 ] || { echo "verify: run the merge benchmark first (it builds chain4)"; exit 2; }
+    printf '#!/bin/sh\ncat chain4/* >/dev/null\n' > cat-chain4.sh
+    chmod +x cat-chain4.sh
+    compare "verify 4-deep vs cat" none "$ours verify --dir chain4" ./cat-chain4.sh
+fi

@@ -140,6 +140,10 @@ fn capture(vm: &mut Vm, disks: &[&Disk], tag: &str) {
     }
 }
 
+fn restore(args: &[&str]) -> String {
+    common::run(Command::new(env!("CARGO_BIN_EXE_qmprestore")).args(args))
+}
+
 fn restore_merge(disk_dir: &Path, until: Option<&str>, out: &Path) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmprestore"));
     cmd.args(["merge", "--force", "--dir"])
@@ -219,6 +223,52 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
     assert!(target.join("uuid").exists());
     assert!(!target.join(".fleece").exists(), "fleece files removed");
     vm.quit();
+
+    // rebase, commit and snapshotrebase of a copy of each qcow2 chain (the raw ones have a raw
+    // FULL: merge restores those).
+    for d in [&D0, &S0, &L0, &DF] {
+        let expect = |i: usize| dir.join(format!("{}.{i}.raw", d.file));
+        let names = files(&target.join(d.file));
+        let copy = |tag: &str| -> PathBuf {
+            let c = dir.join(format!("{}.{tag}", d.file));
+            std::fs::create_dir_all(&c).unwrap();
+            for n in &names {
+                std::fs::copy(target.join(d.file).join(n), c.join(n)).unwrap();
+            }
+            c
+        };
+        for (i, name) in names.iter().enumerate().skip(1) {
+            let c = copy(&format!("rebase{i}"));
+            restore(&["rebase", "--until", name, "--dir", c.to_str().unwrap()]);
+            assert_same(&c.join("image"), &expect(i));
+        }
+        let c = copy("commit");
+        restore(&["commit", "--dir", c.to_str().unwrap()]);
+        assert_same(&c.join(&names[0]), &expect(2));
+        common::assert_check_clean(&c.join(&names[0]));
+        let c = copy("snaprebase");
+        restore(&["snapshotrebase", "--dir", c.to_str().unwrap()]);
+        let full = c.join(&names[0]);
+        common::assert_check_clean(&full);
+        let epoch = |n: &str| n.split('-').nth(1).unwrap().parse::<u64>().unwrap();
+        let snaps = [
+            "FULL-BACKUP".to_string(),
+            qmpbackup::chain::snapshot_rebase::snapshot_name(epoch(&names[1])),
+            qmpbackup::chain::snapshot_rebase::snapshot_name(epoch(&names[2])),
+        ];
+        for (i, snap) in snaps.iter().enumerate() {
+            let out = dir.join(format!("{}.snap{i}.raw", d.file));
+            common::run(
+                Command::new("qemu-img")
+                    .args(["convert", "-O", "raw", "-l"])
+                    .arg(format!("snapshot.name={snap}"))
+                    .arg(&full)
+                    .arg(&out),
+            );
+            assert_same(&out, &expect(i));
+        }
+        assert_same(&full, &expect(2));
+    }
 
     // The chains verify, manifests included; a flipped byte is found with file and offset.
     let verify = |dir: &Path| {
@@ -308,8 +358,14 @@ fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
                 1 => w(0x63, 2 * MIB),
                 _ => {}
             }
-            let fleece: Vec<_> = std::fs::read_dir(d.join("backup/.fleece")).unwrap().collect();
-            assert_eq!(fleece.len(), 1, "the fleece image is in the target, not next to the disk");
+            let fleece: Vec<_> = std::fs::read_dir(d.join("backup/.fleece"))
+                .unwrap()
+                .collect();
+            assert_eq!(
+                fleece.len(),
+                1,
+                "the fleece image is in the target, not next to the disk"
+            );
             common::qemu::hmp_io(&mut helper, D0.io, "flush");
             common::run(
                 Command::new("qemu-img")
@@ -755,11 +811,23 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
     // A socket that already serves a client (ours, qmp2) never greets: a clear timeout.
     let busy = dir.join("qmp2.sock").to_string_lossy().into_owned();
     let o = Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args(["--socket", &busy, "--connect-timeout", "1", "info", "--show", "blockdev"])
+        .args([
+            "--socket",
+            &busy,
+            "--connect-timeout",
+            "1",
+            "info",
+            "--show",
+            "blockdev",
+        ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("another client"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("another client"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // A target below a regular file cannot be created: clear error, VM untouched.
     std::fs::write(dir.join("file"), b"").unwrap();
@@ -925,13 +993,23 @@ fn vm_state_pause_and_quiesce() {
         case(&mut vm, &["--pause", "--quiesce"]),
         ["switch:paused", "jobs:paused", "after:running"]
     );
+    // Data written while the VM runs is backed up and restores exactly.
+    vm.write(D0.io, 0x5a, 3 * MIB, 2 * MIB);
+    assert_eq!(
+        case(&mut vm, &[]),
+        ["switch:paused", "jobs:paused", "after:running"]
+    );
+    capture(&mut vm, &[&D0], "run");
     vm.exec("stop", json!({}));
     assert_eq!(
         case(&mut vm, &["--pause"]),
         ["switch:paused", "jobs:paused", "after:paused"]
     );
     let dd = dir.join("b").join("d0.qcow2");
-    assert_eq!(files(&dd).len(), 7);
+    let names = files(&dd);
+    assert_eq!(names.len(), 8);
+    restore_merge(&dd, Some(&names[6]), &dir.join("r.qcow2"));
+    assert_same(&dir.join("r.qcow2"), &dir.join("d0.qcow2.run.raw"));
 }
 
 /// info and cleanup; a chain started by the original (FULL without manifest, bitmap named as

@@ -709,6 +709,17 @@ pub fn select(qmp: &mut Qmp, selection: &Selection) -> Result<Vec<(Device, Strin
             Err(why) => tracing::warn!("skipping a device: {why}"),
         }
     }
+    for name in selection.include.iter().chain(&selection.exclude) {
+        let known = parse_query_block(&reply)
+            .into_iter()
+            .flatten()
+            .any(|d| d.name == *name || d.node == *name);
+        if !known {
+            tracing::warn!(
+                "--include/--exclude names {name}, which is no device or node of this VM"
+            );
+        }
+    }
     if devices.is_empty() {
         return Err(BackupError::Refused(
             "VM has no devices suitable for backup (see --include, --exclude, --include-raw)"
