@@ -589,3 +589,56 @@ fn verify_finds_bit_rot_with_file_and_offset() {
         Some(2)
     );
 }
+
+/// A disk that grew between backups: commit grows the FULL, snapshotrebase keeps each backup
+/// at its own size, and both equal the disk at each point.
+#[test]
+fn commit_and_snapshotrebase_across_a_resize() {
+    if !have("qemu-img") {
+        return;
+    }
+    for linked in [false, true] {
+        let b = build(4, linked, "", Some(2));
+        let d = b.dir.to_str().unwrap();
+        let copy = b.dir.parent().unwrap().join("copy");
+        std::fs::create_dir(&copy).unwrap();
+        for n in &b.names {
+            std::fs::copy(b.dir.join(n), copy.join(n)).unwrap();
+        }
+        succeeded(qmprestore(&["commit", "--dir", copy.to_str().unwrap()]));
+        let full = copy.join(&b.names[0]);
+        assert_check_clean(&full);
+        assert_same(&full, b.expected.last().unwrap());
+        assert_eq!(
+            qmpbackup::qcow2::Disk::open(&full).unwrap().size(),
+            12 << 20
+        );
+
+        succeeded(qmprestore(&["snapshotrebase", "--dir", d]));
+        let full = b.dir.join(&b.names[0]);
+        assert_check_clean(&full);
+        // qemu-img renders a snapshot at the image's current size (zeros beyond the size it
+        // was taken at); reverting to it restores that size.
+        for k in 1..=4u64 {
+            let snap = qmpbackup::chain::snapshot_rebase::snapshot_name(1_700_000_000 + k * 600);
+            let got = render(&b.dir, &b.names[0], Some(&snap));
+            let want = std::fs::read(&b.expected[k as usize]).unwrap();
+            assert_eq!(got.len(), 12 << 20);
+            assert!(got[..want.len()] == want[..], "snapshot {snap}");
+            assert!(got[want.len()..].iter().all(|&x| x == 0), "snapshot {snap}");
+        }
+        let reverted = b.dir.parent().unwrap().join("reverted.qcow2");
+        std::fs::copy(&full, &reverted).unwrap();
+        let snap1 = qmpbackup::chain::snapshot_rebase::snapshot_name(1_700_000_600);
+        qemu_img(
+            &b.dir,
+            &["snapshot", "-a", &snap1, reverted.to_str().unwrap()],
+        );
+        assert_same(&reverted, &b.expected[1]);
+        assert_eq!(
+            qmpbackup::qcow2::Disk::open(&reverted).unwrap().size(),
+            8 << 20
+        );
+        assert_same(&full, b.expected.last().unwrap());
+    }
+}

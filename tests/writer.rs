@@ -480,3 +480,74 @@ fn refcount_table_growth_is_consistent_after_every_flush() {
     assert_check_clean(&path);
     assert_contents(&path, &model);
 }
+
+/// Growing the virtual size, with and without a larger L1 table, with an internal snapshot
+/// (which keeps its own size): qemu-img check is clean and the image equals one qemu-img
+/// resized and wrote the same way.
+#[test]
+fn growing_the_virtual_size_matches_qemu_img_resize() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    for (cluster, from, to) in [(512u64, 1u64 << 20, 5u64 << 20), (65536, 8 << 20, 12 << 20)] {
+        for f in ["ours.qcow2", "theirs.qcow2"] {
+            let _ = std::fs::remove_file(dir.join(f));
+            qemu_img(
+                dir,
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    &format!("cluster_size={cluster}"),
+                    f,
+                    &from.to_string(),
+                ],
+            );
+            qemu_io(
+                dir,
+                f,
+                &[
+                    format!("write -P 0x31 0 {}", from / 2),
+                    format!("write -P 0x32 {} 4096", from - 4096),
+                ],
+            );
+            qemu_img(dir, &["snapshot", "-c", "before", f]);
+        }
+        let mut w = Writer::open(&dir.join("ours.qcow2")).unwrap();
+        w.grow(to).unwrap();
+        w.write_at(&vec![0x33; 8192], to - 8192).unwrap();
+        w.write_at(&vec![0x34; 4096], from).unwrap();
+        w.finish().unwrap();
+        qemu_img(dir, &["resize", "-q", "theirs.qcow2", &to.to_string()]);
+        qemu_io(
+            dir,
+            "theirs.qcow2",
+            &[
+                format!("write -P 0x33 {} 8192", to - 8192),
+                format!("write -P 0x34 {from} 4096"),
+            ],
+        );
+        assert_check_clean(&dir.join("ours.qcow2"));
+        let info = qemu_img(dir, &["info", "--output=json", "ours.qcow2"]);
+        assert!(info.contains(&format!("\"virtual-size\": {to}")), "{info}");
+        assert_eq!(
+            render(dir, "ours.qcow2", None),
+            render(dir, "theirs.qcow2", None)
+        );
+        assert_eq!(
+            render(dir, "ours.qcow2", Some("before")),
+            render(dir, "theirs.qcow2", Some("before"))
+        );
+        assert!(
+            Writer::open(&dir.join("ours.qcow2"))
+                .unwrap()
+                .grow(from)
+                .is_err(),
+            "no shrinking"
+        );
+    }
+}

@@ -59,13 +59,7 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
             full.display()
         )));
     }
-    if disk.size() != full_image.size() {
-        return Err(ChainError::Refused(format!(
-            "the disk was resized between backups ({} -> {} bytes): use merge, which writes a new image",
-            full_image.size(),
-            disk.size()
-        )));
-    }
+    refuse_shrunk(&disk)?;
     let relink = match &next {
         Some(n) => crate::qcow2::Disk::open_with(
             n,
@@ -85,6 +79,8 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
         return Ok(report);
     }
     let mut w = Writer::open(&full)?;
+    // A disk that grew between backups: the FULL grows first (a re-run finds it grown).
+    w.grow(disk.size())?;
     fold(&disk, &ranges, &mut w, &Throttle::new(opts.rate_limit))?;
     drop(disk);
     w.finish()?;
@@ -101,6 +97,28 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
     }
     crate::qcow2::create::sync_parent(&full).map_err(|e| ErrorKind::Io(e).at(dir))?;
     Ok(report)
+}
+
+/// Refuses chains in which the disk shrank: folding would have to cut the FULL, and an image
+/// that shrinks loses data a later restore point might still show.
+pub fn refuse_shrunk(disk: &Disk) -> Result<()> {
+    let mut sizes = disk
+        .chain()
+        .map(|i| (i.size(), i.path().to_path_buf()))
+        .collect::<Vec<_>>();
+    sizes.reverse();
+    for w in sizes.windows(2) {
+        if w[1].0 < w[0].0 {
+            return Err(ChainError::Refused(format!(
+                "the disk shrank between backups ({} bytes in {}, {} in {}): use merge, which writes a new image",
+                w[0].0,
+                w[0].1.display(),
+                w[1].0,
+                w[1].1.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The ranges of a stacked chain whose newest version lies above the bottom image (the FULL):

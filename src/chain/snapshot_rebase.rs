@@ -5,7 +5,7 @@
 //! a re-run after an interruption continues where it stopped: folding the same INC again
 //! writes the same data, and an existing snapshot of that name is kept.
 
-use super::commit::{fold, is_linked, link_to, newer_than_full};
+use super::commit::{fold, is_linked, link_to, newer_than_full, refuse_shrunk};
 use super::error::{ChainError, Result};
 use super::info::local_time;
 use super::merge::{open_chain, restore_chain};
@@ -44,11 +44,7 @@ pub fn snapshot_rebase(
             full.display()
         )));
     }
-    if disk.chain().any(|i| i.size() != disk.size()) {
-        return Err(ChainError::Refused(
-            "the disk was resized between backups: use merge, which writes a new image".into(),
-        ));
-    }
+    refuse_shrunk(&disk)?;
     drop(disk);
     let mut plan: Vec<(String, Option<PathBuf>)> = vec![(FULL_SNAPSHOT.to_string(), None)];
     plan.extend(
@@ -81,6 +77,7 @@ pub fn snapshot_rebase(
         let pair = Disk::stack(&[full.clone(), f.path.clone()])?;
         let ranges = newer_than_full(&pair)?;
         let mut w = Writer::open(&full)?;
+        w.grow(pair.size())?;
         fold(&pair, &ranges, &mut w, &throttle)?;
         drop(pair);
         w.flush()?;

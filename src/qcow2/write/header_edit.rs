@@ -1,4 +1,5 @@
-//! Header edits in place: the backing file name and format (`qemu-img rebase -u`).
+//! Header edits in place: the backing file name and format (`qemu-img rebase -u`), and
+//! growing the virtual size (`qemu-img resize`), for chains whose disk grew between backups.
 //!
 //! The header cluster is rebuilt whole (header, every extension kept, the new name after
 //! them) and written with one write at offset 0; the header and its extensions live in the
@@ -8,6 +9,8 @@ use super::Writer;
 use crate::qcow2::create::header_cluster;
 use crate::qcow2::error::{ErrorKind, Result};
 use crate::qcow2::fault::pwrite;
+use crate::qcow2::header::MAX_L1_BYTES;
+use crate::qcow2::l1::L1Entry;
 use crate::qcow2::Format;
 
 impl Writer {
@@ -60,5 +63,60 @@ impl Writer {
         self.ext = ext;
         self.backing = new_backing;
         Ok(())
+    }
+
+    /// Grows the virtual size to `size`. When the L1 table must grow, a larger copy is written
+    /// to new clusters first and made durable; the header then switches to it (size, L1
+    /// offset and length) in one sector-sized write; the old table is released last. A crash
+    /// leaves either the old or the new size, at worst with leaked clusters.
+    pub fn grow(&mut self, size: u64) -> Result<()> {
+        if size < self.header.size {
+            return Err(self.at(ErrorKind::Unsupported(format!(
+                "shrinking from {} to {size} bytes is not supported",
+                self.header.size
+            ))));
+        }
+        if size == self.header.size {
+            return Ok(());
+        }
+        self.prepare()?;
+        self.flush()?;
+        let mut h = self.header.clone();
+        h.size = size;
+        let needed = h.l1_entries_needed(size);
+        if needed * 8 > MAX_L1_BYTES {
+            return Err(self.at(ErrorKind::Unsupported(format!(
+                "{size} bytes need an L1 table larger than QEMU's limit of {MAX_L1_BYTES} bytes"
+            ))));
+        }
+        let old = (h.l1_table_offset, h.l1_size as u64);
+        if needed > old.1 {
+            let clusters = (needed * 8).div_ceil(self.cs);
+            let offset = self
+                .refs
+                .alloc(&self.file, clusters)
+                .map_err(|k| self.at(k))?;
+            // The new table's refcounts (and a relocated refcount table) become durable.
+            self.flush()?;
+            let mut table = vec![0u8; (clusters * self.cs) as usize];
+            for (i, e) in self.l1.iter().enumerate() {
+                table[i * 8..i * 8 + 8].copy_from_slice(&e.0.to_be_bytes());
+            }
+            pwrite(&self.file, &table, offset).map_err(|e| self.at(e.into()))?;
+            self.sync()?;
+            h.l1_table_offset = offset;
+            h.l1_size = needed as u32;
+            h.refcount_table_offset = self.header.refcount_table_offset;
+            h.refcount_table_clusters = self.header.refcount_table_clusters;
+            self.l1.resize(needed as usize, L1Entry(0));
+            if old.0 != 0 && old.1 > 0 {
+                self.frees
+                    .push((old.0 / self.cs, (old.1 * 8).div_ceil(self.cs)));
+            }
+        }
+        self.header = h;
+        self.write_header()?;
+        self.sync()?;
+        self.flush()
     }
 }
