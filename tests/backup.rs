@@ -639,9 +639,10 @@ fn copy_monthly_compress_flat_and_selection() {
     capture(&mut vm, &[&D0, &S0], "c");
 
     let copy = dir.join("copy");
-    backup_ok(
-        &vm.socket(),
-        &[
+    let logfile = dir.join("logs/sub/qmpbackup.log");
+    let o = Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args(["--socket", &vm.socket(), "-L", logfile.to_str().unwrap()])
+        .args([
             "backup",
             "-l",
             "copy",
@@ -649,7 +650,15 @@ fn copy_monthly_compress_flat_and_selection() {
             copy.to_str().unwrap(),
             "-i",
             "disk0,disks",
-        ],
+        ])
+        .args(["--remove-delay", "1", "--blockdev-aio", "threads"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let logged = std::fs::read_to_string(&logfile).unwrap();
+    assert!(
+        logged.contains("QEMU 10.") && logged.contains("prelaunch"),
+        "{logged}"
     );
     assert!(!copy.join("uuid").exists(), "copy starts no chain");
     let mut dirs: Vec<String> = std::fs::read_dir(&copy)
