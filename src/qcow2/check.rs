@@ -20,7 +20,7 @@ use super::refcount;
 use super::storage::read_exact;
 use crate::qcow2::fault::pwrite;
 use serde::Serialize;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::Path;
 
 /// What to repair.
@@ -410,11 +410,7 @@ fn apply_repairs(
     copied: &[(u64, u64)],
 ) -> Result<(u64, u64)> {
     let at = |k: ErrorKind| k.at(path);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| at(e.into()))?;
+    let file = super::lock::open_for_write(path).map_err(at)?;
     let mut refs = Refcounts::load(&file, h).map_err(at)?;
     let mut fixed_corruptions = 0;
     if mode == Repair::All {

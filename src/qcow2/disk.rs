@@ -438,6 +438,7 @@ impl Disk {
 /// Opens one file of a chain, refusing one already seen (a loop).
 fn open_image(path: &Path, format: Option<Format>, seen: &mut Vec<PathBuf>) -> Result<Image> {
     let file = File::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
+    super::lock::warn_if_written(&file, path);
     let canonical = std::fs::canonicalize(path).map_err(|e| ErrorKind::Io(e).at(path))?;
     if let Some(first) = seen.iter().position(|p| *p == canonical) {
         let cycle: Vec<String> = seen[first..]

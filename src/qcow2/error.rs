@@ -27,6 +27,9 @@ pub enum ErrorKind {
     /// The caller asked for something the image does not have (e.g. a snapshot name).
     #[error("{0}")]
     NotFound(String),
+    /// Another process (a running QEMU) holds the image's write lock.
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl ErrorKind {

@@ -25,6 +25,7 @@ pub mod header;
 pub mod image;
 pub mod l1;
 pub mod l2;
+pub mod lock;
 pub mod mapping;
 pub mod raw;
 pub mod refcount;

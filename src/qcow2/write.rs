@@ -35,7 +35,7 @@ use super::mapping::{self, Status};
 use super::storage::{read_exact, read_zero_padded, Storage};
 use crate::qcow2::fault::{copy_range, pwrite};
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{File, OpenOptions as FileOpen};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// Dirty L2 tables kept before a flush is forced (bounds memory on huge writes).
@@ -94,19 +94,11 @@ impl Writer {
             super::check::repair(path, super::check::Repair::All)?;
             return Writer::open(path);
         }
-        let file = FileOpen::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| at(e.into()))?;
+        let file = super::lock::open_for_write(path).map_err(at)?;
         let data = match reader.data_file() {
             Some(d) => Some((
                 d.path.clone(),
-                FileOpen::new()
-                    .read(true)
-                    .write(true)
-                    .open(&d.path)
-                    .map_err(|e| ErrorKind::Io(e).at(&d.path))?,
+                super::lock::open_for_write(&d.path).map_err(|k| k.at(&d.path))?,
             )),
             None => None,
         };
