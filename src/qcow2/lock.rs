@@ -56,11 +56,25 @@ pub fn lock_for_write(file: &File) -> Result<(), String> {
     let busy = |what: &str| {
         format!("the image is in use ({what}): a running QEMU may have it open; stop the VM or work on a copy")
     };
-    if has_writer(file).map_err(|e| e.to_string())? {
-        return Err(busy("another process holds write permission"));
-    }
-    if taken(file, libc::F_WRLCK, SHARED_BASE + WRITE).map_err(|e| e.to_string())? {
-        return Err(busy("another process does not share write permission"));
+    // A lock can be held for a moment by a process that was just forked from one holding it
+    // (until it execs); a QEMU holds it for good. Look a few times before refusing.
+    let mut attempts = 0;
+    loop {
+        let conflict = if has_writer(file).map_err(|e| e.to_string())? {
+            Some("another process holds write permission")
+        } else if taken(file, libc::F_WRLCK, SHARED_BASE + WRITE).map_err(|e| e.to_string())? {
+            Some("another process does not share write permission")
+        } else {
+            None
+        };
+        match conflict {
+            None => break,
+            Some(why) if attempts == 10 => return Err(busy(why)),
+            Some(_) => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
     }
     for byte in [
         PERM_BASE + WRITE,
