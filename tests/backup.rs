@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::qemu::{assert_same, backup_ok, have_qemu, qmpbackup, Vm};
+use common::assert_same;
+use common::qemu::{backup_ok, have_qemu, qmpbackup, Vm};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -81,22 +81,26 @@ pub fn merge(dir: &Path, target_file: &Path, opts: &MergeOptions) -> Result<Vec<
             target_file.display()
         )));
     }
+    // A file target is written under a temporary name and renamed when complete, so an
+    // interrupted merge never leaves a half-written image under the target's name, and a
+    // re-run (which replaces the leftover) needs no --force.
+    let staging = (!is_device).then(|| staging_name(target_file));
+    if let Some(tmp) = &staging {
+        let _ = std::fs::remove_file(tmp);
+    }
+    let out_path = staging.as_deref().unwrap_or(target_file);
     let copts = ConvertOptions {
         snapshot: None,
         progress: opts.progress,
         rate_limit: opts.rate_limit,
     };
     match opts.target {
-        Target::Raw => convert::disk_to_raw(&disk, target_file, &copts)?,
+        Target::Raw => convert::disk_to_raw(&disk, out_path, &copts)?,
         Target::Qcow2 => {
             if is_device {
                 return Err(ChainError::Refused(
                     "a qcow2 merge needs a file target, not a block device".into(),
                 ));
-            }
-            if exists {
-                std::fs::remove_file(target_file)
-                    .map_err(|e| crate::qcow2::ErrorKind::Io(e).at(target_file))?;
             }
             let base = disk
                 .chain()
@@ -107,8 +111,19 @@ pub fn merge(dir: &Path, target_file: &Path, opts: &MergeOptions) -> Result<Vec<
                 compression_type: opts.compress.unwrap_or(CompressionType::Zlib),
                 compress: opts.compress.is_some(),
             };
-            convert::disk_to_qcow2(&disk, target_file, &copts, &out)?
+            convert::disk_to_qcow2(&disk, out_path, &copts, &out)?
         }
     }
+    if let Some(tmp) = &staging {
+        let at = |e| crate::qcow2::ErrorKind::Io(e).at(target_file);
+        std::fs::rename(tmp, target_file).map_err(at)?;
+        crate::qcow2::create::sync_parent(target_file).map_err(at)?;
+    }
     Ok(chain.paths())
+}
+
+/// `.<name>.merging` beside `target`: where a merge writes before the rename.
+pub fn staging_name(target: &Path) -> PathBuf {
+    let name = target.file_name().unwrap_or_default().to_string_lossy();
+    target.with_file_name(format!(".{name}.merging"))
 }

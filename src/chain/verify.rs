@@ -167,7 +167,16 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
             .extend(res.notes.into_iter().map(|n| format!("{}: {n}", f.name)));
         if let Some((size, backing)) = res.shape {
             if let (Some((_, pname)), Some(b)) = (&prev, &backing) {
-                if b != pname {
+                let earlier = chain.files[..i].iter().any(|e| e.name == *b);
+                if b != pname && earlier {
+                    // What an interrupted commit or snapshotrebase leaves: the next INC was
+                    // relinked to the FULL that already holds its predecessor's data, which is
+                    // deleted next. Restores stack the directory's files in order.
+                    r.notes.push(format!(
+                        "{}: backing file is {b}, not its predecessor {pname} (an interrupted commit or snapshotrebase)",
+                        f.name
+                    ));
+                } else if b != pname {
                     problem(
                         &mut r,
                         &f.name,
@@ -286,7 +295,16 @@ fn verify_file(path: &Path) -> FileResult {
     if disk.qcow2().is_some() {
         match check::check(path) {
             Ok(c) => {
-                if c.corruptions > 0 {
+                let dirty = disk.qcow2().is_some_and(|q| q.header().dirty());
+                if dirty && c.corruptions == c.refcount_corruptions {
+                    // An interrupted write or snapshot operation under the dirty bit: the
+                    // mapping is intact, and the next writable open (ours or QEMU's)
+                    // rebuilds the refcounts.
+                    res.notes.push(format!(
+                        "dirty bit set (an interrupted write): {} refcount inconsistencies, repaired on the next writable open",
+                        c.corruptions + c.leaks
+                    ));
+                } else if c.corruptions > 0 {
                     let first: Vec<&str> = c.messages.iter().take(3).map(String::as_str).collect();
                     res.problems.push(format!(
                         "{} corruptions ({})",

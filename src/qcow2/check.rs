@@ -55,6 +55,11 @@ pub struct CheckReport {
     /// One line per problem found, QEMU's wording where it has one.
     #[serde(skip)]
     pub messages: Vec<String>,
+    /// The corruptions that only concern refcounts or COPIED flags (included in
+    /// `corruptions`): what rebuilding the refcounts from the mapping repairs, as QEMU does on
+    /// opening an image with the dirty bit set.
+    #[serde(skip)]
+    pub refcount_corruptions: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -101,6 +106,11 @@ impl Walk<'_> {
     fn corrupt(&mut self, msg: String) {
         self.report.corruptions += 1;
         self.report.messages.push(format!("ERROR {msg}"));
+    }
+
+    fn corrupt_refcount(&mut self, msg: String) {
+        self.report.refcount_corruptions += 1;
+        self.corrupt(msg);
     }
 
     /// Counts one reference on every cluster of `[off, off + len)`.
@@ -326,7 +336,7 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     for (c, &s) in stored.iter().enumerate() {
         let r = w.refs[c] as u64;
         if s < r {
-            w.corrupt(format!("cluster {c} refcount={s} reference={r}"));
+            w.corrupt_refcount(format!("cluster {c} refcount={s} reference={r}"));
             too_low.push((c as u64, r));
         } else if s > r {
             w.report.leaks += 1;
@@ -370,7 +380,7 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
         let copied = word & l1::COPIED != 0;
         let stored_single = implicit || stored.get(c as usize) == Some(&1);
         if stored_single != copied {
-            w.corrupt(format!("OFLAG_COPIED: entry at {off:#x} is {word:#018x}"));
+            w.corrupt_refcount(format!("OFLAG_COPIED: entry at {off:#x} is {word:#018x}"));
         }
         let counted_single = implicit || w.refs.get(c as usize) == Some(&1);
         if counted_single != copied {

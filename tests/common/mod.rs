@@ -216,4 +216,23 @@ impl Lcg {
         self.next() % n
     }
 }
+pub mod chains;
 pub mod qemu;
+
+/// Runs `qemu-img compare` (with -U: the images may be in use) and asserts they are identical.
+pub fn assert_same(a: &Path, b: &Path) {
+    let o = Command::new("qemu-img")
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{} vs {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -220,21 +220,3 @@ pub fn backup_ok(socket: &str, args: &[&str]) -> String {
     );
     log
 }
-
-/// Runs `qemu-img compare` and asserts the images are identical.
-pub fn assert_same(a: &Path, b: &Path) {
-    let o = Command::new("qemu-img")
-        .args(["compare", "-U"])
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "{} vs {}: {}{}",
-        a.display(),
-        b.display(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
