@@ -365,6 +365,10 @@ Example:
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.debug);
+    // A write past the file size limit (ulimit -f) must fail with EFBIG, which we report and
+    // clean up after, instead of killing the process with SIGXFSZ halfway through.
+    // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let _ = cli.skip_check;
     match run(cli.command) {
         Ok(code) => code,
