@@ -536,3 +536,55 @@ fn commit_and_snapshotrebase_across_a_resize() {
         assert_same(&full, b.expected.last().unwrap());
     }
 }
+
+/// Backing file names that lead out of the backup directory (`..`, absolute, or a symlink to
+/// elsewhere) are refused by every chain command, naming the file, unless
+/// --allow-outside-backing; nothing is changed.
+#[test]
+fn backing_names_outside_the_backup_directory_are_refused() {
+    if !have("qemu-img") {
+        return;
+    }
+    let b = build(2, true, "", None);
+    let root = b.dir.parent().unwrap().to_path_buf();
+    qemu_img(
+        &root,
+        &["create", "-q", "-f", "qcow2", "outside.qcow2", "8M"],
+    );
+    std::os::unix::fs::symlink(root.join("outside.qcow2"), b.dir.join("link.qcow2")).unwrap();
+    let inc = &b.names[2];
+    let absolute = root.join("outside.qcow2").to_string_lossy().into_owned();
+    for name in ["../outside.qcow2", absolute.as_str(), "link.qcow2"] {
+        qemu_img(&b.dir, &["rebase", "-u", "-F", "qcow2", "-b", name, inc]);
+        let d = b.dir.to_str().unwrap();
+        let before = sums(&b.dir);
+        let out = root.join("m.qcow2");
+        for args in [
+            vec!["merge", "--dir", d, "--targetfile", out.to_str().unwrap()],
+            vec!["commit", "--dir", d],
+            vec!["snapshotrebase", "--dir", d],
+            vec!["rebase", "--dir", d],
+        ] {
+            let o = qmprestore(&args);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{name} {args:?}: {err}");
+            assert!(
+                err.contains(inc.as_str()) && err.contains("outside the backup directory"),
+                "{err}"
+            );
+            assert_eq!(sums(&b.dir), before, "{args:?} changed something");
+        }
+        let v = qmprestore(&["verify", "--dir", d]);
+        assert_eq!(v.status.code(), Some(1), "verify reports the foreign link");
+        succeeded(qmprestore(&[
+            "merge",
+            "--allow-outside-backing",
+            "--dir",
+            d,
+            "--targetfile",
+            out.to_str().unwrap(),
+        ]));
+        assert_same(&out, b.expected.last().unwrap());
+        std::fs::remove_file(&out).unwrap();
+    }
+}

@@ -17,7 +17,10 @@ fn limited(limit: u64, args: &[&str]) -> Output {
     // SAFETY: setrlimit is async-signal-safe; it runs in the child between fork and exec.
     unsafe {
         c.pre_exec(move || {
-            let r = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
             if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -28,7 +31,11 @@ fn limited(limit: u64, args: &[&str]) -> Output {
 }
 
 fn sums(dir: &Path) -> Vec<String> {
-    let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).collect();
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     names.sort();
     names.iter().map(|p| sha256_file(p)).collect()
 }
@@ -44,16 +51,41 @@ fn file_size_limits_give_clear_errors_and_leave_nothing_behind() {
     let before = sums(&b.dir);
     for format in ["qcow2", "raw"] {
         let out = root.join(format!("merged.{format}"));
-        let o = limited(1 << 20, &["merge", "--format", format, "--dir", d, "--targetfile", out.to_str().unwrap()]);
+        let o = limited(
+            1 << 20,
+            &[
+                "merge",
+                "--format",
+                format,
+                "--dir",
+                d,
+                "--targetfile",
+                out.to_str().unwrap(),
+            ],
+        );
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{format}: {err}");
         assert!(err.contains("File too large"), "{format}: {err}");
-        let left: Vec<_> = std::fs::read_dir(root).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains("merged")).collect();
+        let left: Vec<_> = std::fs::read_dir(root)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().contains("merged"))
+            .collect();
         assert!(left.is_empty(), "{format}: partial output left: {left:?}");
         assert_eq!(sums(&b.dir), before, "{format}: a backup file changed");
     }
     let conv = root.join("conv.raw");
-    let o = limited(1 << 20, &["convert", "-O", "raw", b.dir.join(&b.names[0]).to_str().unwrap(), conv.to_str().unwrap()]);
+    let o = limited(
+        1 << 20,
+        &[
+            "convert",
+            "-O",
+            "raw",
+            b.dir.join(&b.names[0]).to_str().unwrap(),
+            conv.to_str().unwrap(),
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(!conv.exists());
 
@@ -65,9 +97,21 @@ fn file_size_limits_give_clear_errors_and_leave_nothing_behind() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("File too large"), "{err}");
-    assert_eq!(std::fs::read_dir(&b.dir).unwrap().count(), b.names.len(), "no INC was removed");
-    let v = Command::new(env!("CARGO_BIN_EXE_qmprestore")).args(["verify", "--dir", d]).output().unwrap();
-    assert_eq!(v.status.code(), Some(0), "{}", String::from_utf8_lossy(&v.stdout));
+    assert_eq!(
+        std::fs::read_dir(&b.dir).unwrap().count(),
+        b.names.len(),
+        "no INC was removed"
+    );
+    let v = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(["verify", "--dir", d])
+        .output()
+        .unwrap();
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
     run(Command::new(env!("CARGO_BIN_EXE_qmprestore")).args(["commit", "--dir", d]));
     assert_same(&full, b.expected.last().unwrap());
     assert_no_corruption(&full);

@@ -45,6 +45,20 @@ struct ChainArgs {
     /// Limit restore throughput to this many bytes per second.
     #[arg(long, value_parser = parse_size_arg)]
     rate_limit: Option<u64>,
+    /// Follow backing file names that lead out of the backup directory (absolute or with
+    /// `..`); refused by default.
+    #[arg(long)]
+    allow_outside_backing: bool,
+}
+
+impl ChainArgs {
+    fn select(&self) -> merge::ChainSelect {
+        merge::ChainSelect {
+            until: self.until.clone(),
+            filter: self.filter.clone(),
+            allow_outside_backing: self.allow_outside_backing,
+        }
+    }
 }
 
 #[derive(Parser)]
@@ -562,8 +576,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 &chain.dir,
                 &targetfile,
                 &MergeOptions {
-                    until: chain.until,
-                    filter: chain.filter,
+                    select: chain.select(),
                     target: match format {
                         MergeFormat::Qcow2 => merge::Target::Qcow2,
                         MergeFormat::Raw => merge::Target::Raw,
@@ -582,8 +595,7 @@ fn run(command: Command) -> Result<ExitCode> {
             let r = commit::commit(
                 &chain.dir,
                 &CommitOptions {
-                    until: chain.until,
-                    filter: chain.filter,
+                    select: chain.select(),
                     dry_run,
                     rate_limit: chain.rate_limit,
                 },
@@ -612,8 +624,7 @@ fn run(command: Command) -> Result<ExitCode> {
             let plan = snapshot_rebase::snapshot_rebase(
                 &chain.dir,
                 &SnapshotRebaseOptions {
-                    until: chain.until,
-                    filter: chain.filter,
+                    select: chain.select(),
                     dry_run,
                     rate_limit: chain.rate_limit,
                 },
@@ -634,8 +645,7 @@ fn run(command: Command) -> Result<ExitCode> {
             let changes = rebase::rebase(
                 &chain.dir,
                 &RebaseOptions {
-                    until: chain.until,
-                    filter: chain.filter,
+                    select: chain.select(),
                     dry_run,
                     force,
                 },

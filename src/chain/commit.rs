@@ -17,8 +17,7 @@ use crate::qcow2::{Disk, ErrorKind, Extent, Format};
 use std::path::{Path, PathBuf};
 
 pub struct CommitOptions {
-    pub until: Option<String>,
-    pub filter: Option<String>,
+    pub select: super::merge::ChainSelect,
     pub dry_run: bool,
     pub rate_limit: Option<u64>,
 }
@@ -34,7 +33,7 @@ pub struct CommitReport {
 }
 
 pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
-    let (bd, chain) = restore_chain(dir, opts.filter.as_deref(), opts.until.as_deref())?;
+    let (bd, chain) = restore_chain(dir, &opts.select)?;
     let full_chain = bd.chain()?;
     let full = chain.files[0].path.clone();
     let folded: Vec<PathBuf> = chain.files[1..].iter().map(|f| f.path.clone()).collect();

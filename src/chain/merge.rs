@@ -22,8 +22,7 @@ pub enum Target {
 
 #[derive(Debug, Clone)]
 pub struct MergeOptions {
-    pub until: Option<String>,
-    pub filter: Option<String>,
+    pub select: ChainSelect,
     pub target: Target,
     pub compress: Option<CompressionType>,
     /// Replace an existing target file.
@@ -33,19 +32,72 @@ pub struct MergeOptions {
     pub rate_limit: Option<u64>,
 }
 
-/// The backup files a restore of `dir` uses, up to `until`.
-pub fn restore_chain(
-    dir: &Path,
-    filter: Option<&str>,
-    until: Option<&str>,
-) -> Result<(BackupDir, Chain)> {
-    let bd = BackupDir::scan(dir, filter)?;
+/// Which files of a backup directory a chain command works on, and what it may follow.
+#[derive(Debug, Clone, Default)]
+pub struct ChainSelect {
+    /// Restore point (see [`Chain::until`]).
+    pub until: Option<String>,
+    /// Only files whose name contains this.
+    pub filter: Option<String>,
+    /// Accept backing file names that lead out of the backup directory.
+    pub allow_outside_backing: bool,
+}
+
+/// The backup files a restore of `dir` uses, up to the restore point. Backing file names that
+/// lead out of the directory (absolute, or through `..`) are refused unless allowed: a
+/// hostile or misplaced backup must not make a restore read (or a commit copy) files from
+/// elsewhere on the host.
+pub fn restore_chain(dir: &Path, select: &ChainSelect) -> Result<(BackupDir, Chain)> {
+    let bd = BackupDir::scan(dir, select.filter.as_deref())?;
     bd.refuse_partials()?;
     let mut chain = bd.chain()?;
-    if let Some(u) = until {
+    if let Some(u) = &select.until {
         chain = chain.until(u, dir)?;
     }
+    if !select.allow_outside_backing {
+        for f in &chain.files {
+            refuse_outside_backing(&f.path)?;
+        }
+    }
     Ok((bd, chain))
+}
+
+/// Refuses `file` if its backing file name is absolute or climbs out of its directory.
+pub fn refuse_outside_backing(file: &Path) -> Result<()> {
+    let opts = crate::qcow2::OpenOptions {
+        no_backing: true,
+        ..Default::default()
+    };
+    let disk = Disk::open_with(file, &opts)?;
+    let Some(name) = disk.qcow2().and_then(|q| q.backing_name()) else {
+        return Ok(());
+    };
+    let name = Path::new(name);
+    let climbs = name.is_absolute()
+        || name.components().any(|c| {
+            !matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        });
+    // A name inside the directory may still be a symlink that leads out of it.
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let leaves = match (
+        std::fs::canonicalize(dir.join(name)),
+        std::fs::canonicalize(dir),
+    ) {
+        (Ok(target), Ok(dir)) => !target.starts_with(dir),
+        _ => false,
+    };
+    let escapes = climbs || leaves;
+    if escapes {
+        return Err(ChainError::Refused(format!(
+            "{}: backing file {} lies outside the backup directory; pass --allow-outside-backing if that is intended",
+            file.display(),
+            name.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Opens the chain as one disk, refusing raw INCs: a raw file cannot tell "unchanged" from
@@ -68,7 +120,7 @@ pub fn open_chain(chain: &Chain) -> Result<Disk> {
 
 /// Merges the chain in `dir` into `target_file`; returns the files merged, oldest first.
 pub fn merge(dir: &Path, target_file: &Path, opts: &MergeOptions) -> Result<Vec<PathBuf>> {
-    let (_, chain) = restore_chain(dir, opts.filter.as_deref(), opts.until.as_deref())?;
+    let (_, chain) = restore_chain(dir, &opts.select)?;
     let disk = open_chain(&chain)?;
     convert::refuse_chain_member(&disk, target_file)?;
     let exists = std::fs::symlink_metadata(target_file).is_ok();

@@ -13,8 +13,7 @@ use crate::qcow2::Format;
 use std::path::{Path, PathBuf};
 
 pub struct RebaseOptions {
-    pub until: Option<String>,
-    pub filter: Option<String>,
+    pub select: super::merge::ChainSelect,
     pub dry_run: bool,
     /// Replace an existing `image` symlink.
     pub force: bool,
@@ -54,7 +53,7 @@ impl std::fmt::Display for Change {
 
 /// Rebases the chain in `dir`; returns the changes (made, or planned with `dry_run`).
 pub fn rebase(dir: &Path, opts: &RebaseOptions) -> Result<Vec<Change>> {
-    let (_, chain) = restore_chain(dir, opts.filter.as_deref(), opts.until.as_deref())?;
+    let (_, chain) = restore_chain(dir, &opts.select)?;
     // Validates every file (and refuses raw INCs) before anything changes.
     let disk = open_chain(&chain)?;
     let formats: Vec<Format> = disk.chain().map(|i| i.format()).rev().collect();

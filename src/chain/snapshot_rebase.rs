@@ -17,8 +17,7 @@ use std::path::{Path, PathBuf};
 pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
 
 pub struct SnapshotRebaseOptions {
-    pub until: Option<String>,
-    pub filter: Option<String>,
+    pub select: super::merge::ChainSelect,
     pub dry_run: bool,
     pub rate_limit: Option<u64>,
 }
@@ -33,7 +32,7 @@ pub fn snapshot_rebase(
     dir: &Path,
     opts: &SnapshotRebaseOptions,
 ) -> Result<Vec<(String, Option<PathBuf>)>> {
-    let (bd, chain) = restore_chain(dir, opts.filter.as_deref(), opts.until.as_deref())?;
+    let (bd, chain) = restore_chain(dir, &opts.select)?;
     let all = bd.chain()?;
     // Validates every file (and refuses raw INCs) before anything changes.
     let disk = open_chain(&chain)?;
