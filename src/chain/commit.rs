@@ -145,6 +145,12 @@ pub fn fold(disk: &Disk, ranges: &[Extent], w: &mut Writer, throttle: &Throttle)
             throttle.pace(e.length);
             continue;
         }
+        // Uncompressed data stored in a file: copied inside the kernel.
+        if let (true, Some(host), Some(src)) = (e.data, e.offset, disk.data_file_of(e.depth)) {
+            w.copy_from(src, host, e.start, e.length)?;
+            throttle.pace(e.length);
+            continue;
+        }
         let mut pos = e.start;
         while pos < e.start + e.length {
             let n = STEP.min(e.start + e.length - pos);

@@ -426,8 +426,8 @@ impl Writer {
     }
 
     /// Writes `len` bytes of `src` (from `src_off`) at guest offset `guest`, copying inside the
-    /// kernel where the target clusters are unallocated (a fresh image: convert, merge) and
-    /// through memory otherwise.
+    /// kernel where the target clusters are unallocated (a fresh image: convert, merge) or ours
+    /// alone (commit into a FULL), and through memory otherwise.
     pub fn copy_from(&mut self, src: &File, src_off: u64, guest: u64, len: u64) -> Result<()> {
         self.check_range(guest, len)?;
         self.prepare()?;
@@ -446,6 +446,15 @@ impl Writer {
                     .map_err(|e| ErrorKind::Io(e).at(path))?;
                 self.map_run(table, at / cs, host, n);
                 done += n * cs;
+            } else if let Some((host, n)) = self.owned_run(at / cs, whole)? {
+                // Clusters that are ours alone are overwritten in place, also in the kernel.
+                let (path, dst) = match &self.data {
+                    Some((p, f)) => (p.as_path(), f),
+                    None => (self.path.as_path(), &self.file),
+                };
+                copy_range(src, src_off + done, dst, host, n * cs)
+                    .map_err(|e| ErrorKind::Io(e).at(path))?;
+                done += n * cs;
             } else {
                 let n = (len - done).min(cs - at % cs);
                 let mut buf = vec![0u8; n as usize];
@@ -456,6 +465,30 @@ impl Writer {
             self.maybe_flush()?;
         }
         Ok(())
+    }
+
+    /// Up to `max` whole clusters from `gc` that can be overwritten in place (allocated, not
+    /// zero-flagged, ours alone) and lie back to back on the host: (first host offset, count).
+    fn owned_run(&mut self, gc: u64, max: u64) -> Result<Option<(u64, u64)>> {
+        if self.fmt.extended {
+            return Ok(None);
+        }
+        let mut first = 0;
+        let mut n = 0;
+        while n < max {
+            let (_, e) = self.entry(gc + n)?;
+            if e.word & l2::ZERO != 0 || !self.owned(&e)? {
+                break;
+            }
+            let host = e.host_offset();
+            if n == 0 {
+                first = host;
+            } else if host != first + n * self.cs {
+                break;
+            }
+            n += 1;
+        }
+        Ok((n > 0).then_some((first, n)))
     }
 
     /// The fast path for filling unallocated space (a fresh image, a convert, a merge): a run
