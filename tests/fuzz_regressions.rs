@@ -46,3 +46,21 @@ fn qmp_fuzz_findings_stay_fixed() {
     }
     assert!(valid >= 4, "the corpus samples parse");
 }
+
+#[test]
+fn check_and_dir_names_fuzz_inputs_stay_fixed() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root.join("check_image")).unwrap() {
+        checked +=
+            qmpbackup::qcow2::fuzz::check_bytes(&std::fs::read(entry.unwrap().path()).unwrap())
+                as usize;
+    }
+    assert!(checked > 0, "the seed image is checked");
+    let mut created = 0;
+    for entry in std::fs::read_dir(root.join("dir_names")).unwrap() {
+        created +=
+            qmpbackup::chain::fuzz::dir_names(&std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    assert!(created >= 10, "the seed names become files");
+}

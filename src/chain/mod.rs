@@ -9,6 +9,7 @@ pub mod convert;
 pub mod create_opts;
 pub mod dir;
 pub mod error;
+pub mod fuzz;
 pub mod info;
 pub mod list;
 pub mod manifest;

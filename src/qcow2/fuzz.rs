@@ -40,3 +40,20 @@ fn snapshot_view(mut d: Disk, id: &str) -> super::Result<u64> {
     d.select_snapshot(id)?;
     d.read_stored(READ_BUDGET)
 }
+
+/// The body of the `check_image` fuzz target: `data` written to a scratch file (in `/dev/shm`
+/// where there is one) and checked as `qmprestore check` does. Returns whether it was checked.
+pub fn check_bytes(data: &[u8]) -> bool {
+    let dir = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let path = dir.join(format!("qmpbackup-fuzz-check-{}.img", std::process::id()));
+    if std::fs::write(&path, data).is_err() {
+        return false;
+    }
+    let checked = super::check::check(&path).is_ok();
+    let _ = std::fs::remove_file(&path);
+    checked
+}

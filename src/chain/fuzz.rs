@@ -1,0 +1,47 @@
+//! The body of the `dir_names` fuzz target: backup directories are untrusted too (copied
+//! around, renamed by hand, planted). Each input line becomes a file name in a scratch
+//! directory, which is then read as a backup directory: scanned, for one disk, as a chain, and
+//! cut at restore points named by other lines.
+
+use super::dir::BackupDir;
+
+/// Creates the files named by `data`'s lines (at most 64) and reads the directory. Returns how
+/// many files were created.
+pub fn dir_names(data: &[u8]) -> usize {
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!("qmpbackup-fuzz-dir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    if std::fs::create_dir(&dir).is_err() {
+        return 0;
+    }
+    let names: Vec<String> = String::from_utf8_lossy(data)
+        .lines()
+        .take(64)
+        .map(|l| l.replace(['/', '\0'], "_"))
+        .filter(|l| !l.is_empty() && l.len() < 200 && l != "." && l != "..")
+        .collect();
+    let mut created = 0;
+    for n in &names {
+        if std::fs::write(dir.join(n), b"").is_ok() {
+            created += 1;
+        }
+    }
+    if let Ok(bd) = BackupDir::scan(&dir, None) {
+        let _ = bd.refuse_partials();
+        if let Ok(chain) = bd.chain() {
+            for n in names.iter().take(4) {
+                let _ = chain.until(n, &dir);
+            }
+        }
+    }
+    for n in names.iter().take(4) {
+        let _ = BackupDir::scan_disk(&dir, n);
+        let _ = BackupDir::scan(&dir, Some(n));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    created
+}
