@@ -588,3 +588,35 @@ fn backing_names_outside_the_backup_directory_are_refused() {
         std::fs::remove_file(&out).unwrap();
     }
 }
+
+/// A backup file that is a symbolic link (here to a file outside the directory) is refused by
+/// every chain command, naming it.
+#[test]
+fn symlinked_backup_files_are_refused() {
+    if !have("qemu-img") {
+        return;
+    }
+    let b = build(1, true, "", None);
+    let root = b.dir.parent().unwrap();
+    let inc = b.dir.join(&b.names[1]);
+    std::fs::rename(&inc, root.join("elsewhere.qcow2")).unwrap();
+    std::os::unix::fs::symlink(root.join("elsewhere.qcow2"), &inc).unwrap();
+    let d = b.dir.to_str().unwrap();
+    let out = root.join("m.qcow2");
+    for args in [
+        vec!["merge", "--dir", d, "--targetfile", out.to_str().unwrap()],
+        vec!["commit", "--dir", d],
+        vec!["snapshotrebase", "--dir", d],
+        vec!["rebase", "--dir", d],
+        vec!["list", "--dir", d],
+    ] {
+        let o = qmprestore(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(&b.names[1]) && err.contains("symbolic link"),
+            "{err}"
+        );
+    }
+    assert_eq!(qmprestore(&["verify", "--dir", d]).status.code(), Some(1));
+}

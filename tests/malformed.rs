@@ -290,6 +290,43 @@ fn table_and_cluster_problems() {
             "zstd",
         ),
         (
+            "data-on-l1",
+            "v3.qcow2",
+            Box::new(|b, h| {
+                let e = l2_entry_offset(b, h, 0);
+                set_u64(b, e, (1 << 63) | h.l1_table_offset);
+            }),
+            "overlaps the L1 table",
+        ),
+        (
+            "data-on-refcount-table",
+            "v3.qcow2",
+            Box::new(|b, h| {
+                let e = l2_entry_offset(b, h, 0);
+                set_u64(b, e, (1 << 63) | h.refcount_table_offset);
+            }),
+            "overlaps the refcount table",
+        ),
+        (
+            "data-on-l2",
+            "v3.qcow2",
+            Box::new(|b, h| {
+                let l2 = BigEndian::read_u64(&b[h.l1_table_offset as usize..]) & ((1 << 56) - 512);
+                let e = l2_entry_offset(b, h, 0);
+                set_u64(b, e, (1 << 63) | l2);
+            }),
+            "overlaps an L2 table",
+        ),
+        (
+            "compressed-on-header",
+            "zlib.qcow2",
+            Box::new(|b, h| {
+                let e = l2_entry_offset(b, h, 0);
+                set_u64(b, e, (1 << 62) | 0x100);
+            }),
+            "overlaps the header",
+        ),
+        (
             "subcluster-both",
             "extl2.qcow2",
             Box::new(|b, h| {

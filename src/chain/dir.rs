@@ -148,8 +148,20 @@ impl BackupDir {
             let path = entry.path();
             let link = std::fs::symlink_metadata(&path).map_err(io)?;
             if link.file_type().is_symlink() {
+                let target = std::fs::read_link(&path).map_err(io)?;
+                if parse_name(name.trim_end_matches(".partial")).is_some() {
+                    // Neither tool makes a timestamped backup a link: one that is may lead
+                    // anywhere on the host.
+                    return Err(layout(
+                        dir,
+                        format!(
+                            "{name} is a symbolic link (to {}): backup files must be regular files in the backup directory",
+                            target.display()
+                        ),
+                    ));
+                }
                 // `FULL-<name>` -> `<name>` made by --no-timestamp: an alias, not a backup.
-                aliases.push((name, std::fs::read_link(&path).map_err(io)?));
+                aliases.push((name, target));
                 continue;
             }
             if !link.is_file() {

@@ -51,6 +51,7 @@ pub struct Qcow2 {
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<Bitmap>,
     cache: L2Cache,
+    metadata: super::overlap::Metadata,
 }
 
 impl Qcow2 {
@@ -175,7 +176,9 @@ impl Qcow2 {
             }
             _ => Vec::new(),
         };
+        let metadata = super::overlap::Metadata::new(&header, &l1, &snapshots);
         Ok(Qcow2 {
+            metadata,
             path: path.to_path_buf(),
             file,
             file_len,
@@ -319,7 +322,21 @@ impl Qcow2 {
             ))
             .at(path));
         }
+        if self.data_file.is_none() {
+            self.refuse_overlap("data", host, buf.len() as u64)?;
+        }
         read_zero_padded(storage, buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+    }
+
+    /// Refuses guest data at `[host, host + len)` of the image file if metadata lives there.
+    fn refuse_overlap(&self, what: &str, host: u64, len: u64) -> Result<()> {
+        match self.metadata.overlap(host, len) {
+            Some(structure) => Err(corrupt(format!(
+                "{what} cluster at host offset {host:#x} overlaps {structure}"
+            ))
+            .at(&self.path)),
+            None => Ok(()),
+        }
     }
 
     /// Decompresses one compressed cluster into `out` (one cluster long).
@@ -332,6 +349,7 @@ impl Qcow2 {
             .at(&self.path));
         }
         let len = d.max_len.min(self.file_len - d.offset) as usize;
+        self.refuse_overlap("compressed", d.offset, len as u64)?;
         let mut input = vec![0u8; len];
         read_exact(&*self.file, &mut input, d.offset, "compressed cluster")
             .map_err(|e| ErrorKind::Io(e).at(&self.path))?;

@@ -27,6 +27,7 @@ pub mod l1;
 pub mod l2;
 pub mod lock;
 pub mod mapping;
+pub mod overlap;
 pub mod raw;
 pub mod refcount;
 pub mod snapshot;
