@@ -22,49 +22,25 @@ struct Disk {
     io: &'static str,
 }
 
-const D0: Disk = Disk {
-    file: "d0.qcow2",
-    fmt: "qcow2",
-    io: "-d vd0/virtio-backend",
-};
-const S0: Disk = Disk {
-    file: "s0.qcow2",
-    fmt: "qcow2",
-    io: "-d sd0",
-};
-const L0: Disk = Disk {
-    file: "l0.qcow2",
-    fmt: "qcow2",
-    io: "drive-l",
-};
-const R0: Disk = Disk {
-    file: "r0.raw",
-    fmt: "raw",
-    io: "-d vd2/virtio-backend",
-};
-const DF: Disk = Disk {
-    file: "df.qcow2",
-    fmt: "qcow2",
-    io: "-d vd3/virtio-backend",
-};
-const VARS: Disk = Disk {
-    file: "vars.fd",
-    fmt: "raw",
-    io: "pflash1",
-};
-
-fn qemu_img(dir: &Path, args: &[&str]) {
-    common::run(Command::new("qemu-img").args(args).current_dir(dir));
+const fn disk(file: &'static str, fmt: &'static str, io: &'static str) -> Disk {
+    Disk { file, fmt, io }
 }
+
+const D0: Disk = disk("d0.qcow2", "qcow2", "-d vd0/virtio-backend");
+const S0: Disk = disk("s0.qcow2", "qcow2", "-d sd0");
+const L0: Disk = disk("l0.qcow2", "qcow2", "drive-l");
+const R0: Disk = disk("r0.raw", "raw", "-d vd2/virtio-backend");
+const DF: Disk = disk("df.qcow2", "qcow2", "-d vd3/virtio-backend");
+const VARS: Disk = disk("vars.fd", "raw", "pflash1");
 
 /// Creates the images and starts a VM with: a -blockdev qcow2 on virtio-blk, one on scsi-hd,
 /// a legacy -drive, a raw disk, a qcow2 with a raw data file, and pflash code + vars.
 fn vm_all(dir: &Path) -> Vm {
     for f in ["d0.qcow2", "s0.qcow2", "l0.qcow2"] {
-        qemu_img(dir, &["create", "-q", "-f", "qcow2", f, "64M"]);
+        common::qemu_img(dir, &["create", "-q", "-f", "qcow2", f, "64M"]);
     }
-    qemu_img(dir, &["create", "-q", "-f", "raw", "r0.raw", "64M"]);
-    qemu_img(
+    common::qemu_img(dir, &["create", "-q", "-f", "raw", "r0.raw", "64M"]);
+    common::qemu_img(
         dir,
         &[
             "create",
@@ -313,7 +289,7 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
 
 /// A VM with one qcow2 disk (`d0.qcow2` on virtio-blk `vd0`, node `disk0`).
 fn vm_one(dir: &Path) -> Vm {
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "d0.qcow2", "64M"]);
+    common::qemu_img(dir, &["create", "-q", "-f", "qcow2", "d0.qcow2", "64M"]);
     Vm::start(dir, &one_args(dir))
 }
 
@@ -774,7 +750,7 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
     }
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "long.qcow2", "16M"]);
+    common::qemu_img(dir, &["create", "-q", "-f", "qcow2", "long.qcow2", "16M"]);
     let node = "drive-virtio-disk0-long-name-31";
     assert_eq!(node.len(), 31);
     let port4 = free_port("127.0.0.1:0");
@@ -1205,7 +1181,7 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
         "other.qcow2",
         "scratch.qcow2",
     ] {
-        qemu_img(dir, &["create", "-q", "-f", "qcow2", f, "64M"]);
+        common::qemu_img(dir, &["create", "-q", "-f", "qcow2", f, "64M"]);
     }
     let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
     let mut vm = Vm::start(
@@ -1360,7 +1336,7 @@ fn raw_disks_after_restart_compress_and_per_disk_options() {
     }
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
-    qemu_img(
+    common::qemu_img(
         dir,
         &[
             "create",
@@ -1373,7 +1349,7 @@ fn raw_disks_after_restart_compress_and_per_disk_options() {
             "64M",
         ],
     );
-    qemu_img(
+    common::qemu_img(
         dir,
         &[
             "create",
@@ -1386,7 +1362,7 @@ fn raw_disks_after_restart_compress_and_per_disk_options() {
             "64M",
         ],
     );
-    qemu_img(dir, &["create", "-q", "-f", "raw", "r0.raw", "64M"]);
+    common::qemu_img(dir, &["create", "-q", "-f", "raw", "r0.raw", "64M"]);
     for f in ["code.fd", "vars.fd"] {
         std::fs::File::create(dir.join(f))
             .unwrap()

@@ -537,6 +537,16 @@ fn commit_and_snapshotrebase_across_a_resize() {
     }
 }
 
+/// The command lines of the restore commands on directory `d` (merge into `out`).
+fn chain_commands<'a>(d: &'a str, out: &'a str) -> Vec<Vec<&'a str>> {
+    vec![
+        vec!["merge", "--dir", d, "--targetfile", out],
+        vec!["commit", "--dir", d],
+        vec!["snapshotrebase", "--dir", d],
+        vec!["rebase", "--dir", d],
+    ]
+}
+
 /// Backing file names that lead out of the backup directory (`..`, absolute, or a symlink to
 /// elsewhere) are refused by every chain command, naming the file, unless
 /// --allow-outside-backing; nothing is changed.
@@ -559,12 +569,7 @@ fn backing_names_outside_the_backup_directory_are_refused() {
         let d = b.dir.to_str().unwrap();
         let before = sums(&b.dir);
         let out = root.join("m.qcow2");
-        for args in [
-            vec!["merge", "--dir", d, "--targetfile", out.to_str().unwrap()],
-            vec!["commit", "--dir", d],
-            vec!["snapshotrebase", "--dir", d],
-            vec!["rebase", "--dir", d],
-        ] {
+        for args in chain_commands(d, out.to_str().unwrap()) {
             let o = qmprestore(&args);
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(o.status.code(), Some(1), "{name} {args:?}: {err}");
@@ -603,13 +608,9 @@ fn symlinked_backup_files_are_refused() {
     std::os::unix::fs::symlink(root.join("elsewhere.qcow2"), &inc).unwrap();
     let d = b.dir.to_str().unwrap();
     let out = root.join("m.qcow2");
-    for args in [
-        vec!["merge", "--dir", d, "--targetfile", out.to_str().unwrap()],
-        vec!["commit", "--dir", d],
-        vec!["snapshotrebase", "--dir", d],
-        vec!["rebase", "--dir", d],
-        vec!["list", "--dir", d],
-    ] {
+    let mut commands = chain_commands(d, out.to_str().unwrap());
+    commands.push(vec!["list", "--dir", d]);
+    for args in commands {
         let o = qmprestore(&args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
