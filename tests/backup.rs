@@ -121,6 +121,13 @@ fn restore(args: &[&str]) -> String {
     common::run(Command::new(env!("CARGO_BIN_EXE_qmprestore")).args(args))
 }
 
+/// Merges the chain in `disk_dir` (up to `until`) and asserts it equals `expected`.
+fn assert_restores(disk_dir: &Path, until: Option<&str>, expected: &Path) {
+    let out = expected.with_extension("restored.qcow2");
+    restore_merge(disk_dir, until, &out);
+    assert_same(&out, expected);
+}
+
 fn restore_merge(disk_dir: &Path, until: Option<&str>, out: &Path) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmprestore"));
     cmd.args(["merge", "--force", "--dir"])
@@ -192,9 +199,7 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
         let names = files(&dd);
         assert_eq!(names.len(), 3, "{}: {names:?}", d.file);
         for (i, name) in names.iter().enumerate() {
-            let out = dir.join(format!("{}.restored{i}", d.file));
-            restore_merge(&dd, Some(name), &out);
-            assert_same(&out, &dir.join(format!("{}.{i}.raw", d.file)));
+            assert_restores(&dd, Some(name), &dir.join(format!("{}.{i}.raw", d.file)));
         }
     }
     assert!(target.join("uuid").exists());
@@ -364,9 +369,7 @@ fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
     let names = files(&dd);
     assert_eq!(names.len(), 3);
     for (i, name) in names.iter().enumerate() {
-        let out = dir.join(format!("restored{i}.qcow2"));
-        restore_merge(&dd, Some(name), &out);
-        assert_same(&out, &dir.join(format!("exp{i}.raw")));
+        assert_restores(&dd, Some(name), &dir.join(format!("exp{i}.raw")));
     }
 }
 
@@ -504,8 +507,7 @@ fn a_failed_or_interrupted_incremental_keeps_its_delta() {
     backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
     let names = files(&dd);
     assert_eq!(names.len(), 2);
-    restore_merge(&dd, None, &dir.join("restored.qcow2"));
-    assert_same(&dir.join("restored.qcow2"), &dir.join("d0.qcow2.exp.raw"));
+    assert_restores(&dd, None, &dir.join("d0.qcow2.exp.raw"));
     assert_graph_clean(&mut vm);
 }
 
@@ -560,8 +562,7 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
     let names = files(&dd);
     assert!(names[3].starts_with("FULL-"), "{names:?}");
     capture(&mut vm, &[&D0], "a");
-    restore_merge(&dd, None, &dir.join("r.qcow2"));
-    assert_same(&dir.join("r.qcow2"), &dir.join("d0.qcow2.a.raw"));
+    assert_restores(&dd, None, &dir.join("d0.qcow2.a.raw"));
 
     // QEMU killed during a backup: the run fails; the next auto (new QEMU) takes a full.
     vm.write(D0.io, 0x14, 3 * MIB, 8 * MIB);
@@ -595,8 +596,7 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
     assert!(log.contains("taking a full backup"), "{log}");
     assert!(partials(&dd).is_empty());
     capture(&mut vm, &[&D0], "b");
-    restore_merge(&dd, None, &dir.join("r2.qcow2"));
-    assert_same(&dir.join("r2.qcow2"), &dir.join("d0.qcow2.b.raw"));
+    assert_restores(&dd, None, &dir.join("d0.qcow2.b.raw"));
     assert_graph_clean(&mut vm);
 }
 
@@ -791,8 +791,7 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
             .args(["convert", "-U", "-O", "raw", "long.qcow2", "long.raw"])
             .current_dir(dir),
     );
-    restore_merge(&target.join("long.qcow2"), None, &dir.join("r.qcow2"));
-    assert_same(&dir.join("r.qcow2"), &dir.join("long.raw"));
+    assert_restores(&target.join("long.qcow2"), None, &dir.join("long.raw"));
 
     // A socket that already serves a client (ours, qmp2) never greets: a clear timeout.
     let busy = dir.join("qmp2.sock").to_string_lossy().into_owned();
@@ -994,8 +993,7 @@ fn vm_state_pause_and_quiesce() {
     let dd = dir.join("b").join("d0.qcow2");
     let names = files(&dd);
     assert_eq!(names.len(), 8);
-    restore_merge(&dd, Some(&names[6]), &dir.join("r.qcow2"));
-    assert_same(&dir.join("r.qcow2"), &dir.join("d0.qcow2.run.raw"));
+    assert_restores(&dd, Some(&names[6]), &dir.join("d0.qcow2.run.raw"));
 }
 
 /// info and cleanup; a chain started by the original (FULL without manifest, bitmap named as
@@ -1029,8 +1027,7 @@ fn info_cleanup_and_continuing_the_originals_chain() {
     let tgt = target.to_str().unwrap();
     backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
     capture(&mut vm, &[&D0], "x");
-    restore_merge(&dd, None, &dir.join("r.qcow2"));
-    assert_same(&dir.join("r.qcow2"), &dir.join("d0.qcow2.x.raw"));
+    assert_restores(&dd, None, &dir.join("d0.qcow2.x.raw"));
     let names = files(&dd);
     let info = common::run(
         Command::new("qemu-img")
@@ -1144,8 +1141,7 @@ fn stale_partials_and_a_killed_run_are_recovered() {
     assert!(partials(&dd).is_empty());
     assert_graph_clean(&mut vm);
     capture(&mut vm, &[&D0], "k");
-    restore_merge(&dd, None, &dir.join("r.qcow2"));
-    assert_same(&dir.join("r.qcow2"), &dir.join("d0.qcow2.k.raw"));
+    assert_restores(&dd, None, &dir.join("d0.qcow2.k.raw"));
     let names = files(&dd);
     assert_eq!(
         names.iter().filter(|n| n.starts_with("FULL-")).count(),
@@ -1487,9 +1483,11 @@ fn raw_disks_after_restart_compress_and_per_disk_options() {
     }
     capture(&mut vm, &disks, "z");
     for d in disks {
-        let out = dir.join(format!("{}.restored", d.file));
-        restore_merge(&target.join(d.file), None, &out);
-        assert_same(&out, &dir.join(format!("{}.z.raw", d.file)));
+        assert_restores(
+            &target.join(d.file),
+            None,
+            &dir.join(format!("{}.z.raw", d.file)),
+        );
     }
 }
 
