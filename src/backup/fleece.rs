@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn names_fit_qemu_limits() {
-        let (t, f, c, s, j) = names("ab12", 999, "drive-virtio-disk0 (very long):x");
+        let (t, f, c, s, j) = names("ab12f", 999, "drive-virtio-disk0 (very long):x");
         for n in [&t, &f, &c, &s] {
             assert!(n.len() <= 31, "{n}");
             assert!(n.starts_with(|c: char| c.is_ascii_alphabetic()));

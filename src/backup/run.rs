@@ -166,7 +166,7 @@ pub fn run(qmp: &mut Qmp, opts: &Options, interrupted: &AtomicBool) -> Result<Ve
 
     let dirs: Vec<PathBuf> = disks.iter().map(|d| d.2.clone()).collect();
     let epoch = unique_epoch(epoch_now, &dirs);
-    let tag = format!("{:04x}", (std::process::id() ^ epoch as u32) & 0xffff);
+    let tag = run_tag(qmp)?;
     let fleece_dir = opts
         .fleece_dir
         .clone()
@@ -361,6 +361,8 @@ impl Run<'_> {
             self.qmp
                 .execute("transaction", json!({ "actions": bitmap_copies }))?;
         }
+        // Events of earlier jobs (a killed run's, cancelled during recovery) are not ours.
+        self.qmp.drop_events()?;
         self.qmp.execute(
             "transaction",
             json!({"actions": actions, "properties": {"completion-mode": "grouped"}}),
@@ -673,6 +675,34 @@ fn check(interrupted: &AtomicBool) -> Result<()> {
         Err(BackupError::Interrupted)
     } else {
         Ok(())
+    }
+}
+
+/// A random tag for this run's node names and job ids that no node or job in QEMU uses yet:
+/// a killed run's leftovers (or its late events) must never be taken for ours.
+fn run_tag(qmp: &mut Qmp) -> Result<String> {
+    let nodes = qmp.execute("query-named-block-nodes", json!({"flat": true}))?;
+    let jobs = qmp.execute("query-block-jobs", json!({}))?;
+    let taken = |tag: &str| {
+        let node = format!("qmpbackup-{tag}");
+        let job = format!("qmpbackup.{tag}");
+        nodes.as_array().into_iter().flatten().any(|n| {
+            n["node-name"]
+                .as_str()
+                .is_some_and(|x| x.starts_with(&node))
+        }) || jobs
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|j| j["device"].as_str().is_some_and(|x| x.starts_with(&job)))
+    };
+    loop {
+        let random = layout::new_uuid().map_err(BackupError::io("/dev/urandom"))?;
+        // Five hex digits keep the longest name (qmpbackup-<tag><index>-fleece) within 31.
+        let tag = random[..5].to_string();
+        if !taken(&tag) {
+            return Ok(tag);
+        }
     }
 }
 

@@ -110,6 +110,14 @@ impl Qmp {
         }
     }
 
+    /// Forgets every event QEMU sent before now (a round trip makes sure they have all been
+    /// read): what follows is about commands sent after this call.
+    pub fn drop_events(&mut self) -> Result<()> {
+        self.execute("query-status", json!({}))?;
+        self.events.clear();
+        Ok(())
+    }
+
     /// The next event: a queued one, or one read within `wait`. `None` when none arrived.
     pub fn next_event(&mut self, wait: Duration) -> Result<Option<Event>> {
         if let Some(e) = self.events.pop_front() {
