@@ -725,7 +725,11 @@ fn warn_tpm(qmp: &mut Qmp) {
 pub fn select(qmp: &mut Qmp, selection: &Selection) -> Result<Vec<(Device, String)>> {
     let reply = qmp.execute("query-block", json!({}))?;
     let mut devices = Vec::new();
+    let mut known = Vec::new();
     for d in parse_query_block(&reply) {
+        if let Ok(d) = &d {
+            known.push((d.name.clone(), d.node.clone()));
+        }
         match d {
             Ok(d) if d.node.starts_with("qmpbackup-") => {
                 return Err(BackupError::Refused(format!(
@@ -740,11 +744,7 @@ pub fn select(qmp: &mut Qmp, selection: &Selection) -> Result<Vec<(Device, Strin
         }
     }
     for name in selection.include.iter().chain(&selection.exclude) {
-        let known = parse_query_block(&reply)
-            .into_iter()
-            .flatten()
-            .any(|d| d.name == *name || d.node == *name);
-        if !known {
+        if !known.iter().any(|(n, node)| n == name || node == name) {
             tracing::warn!(
                 "--include/--exclude names {name}, which is no device or node of this VM"
             );
@@ -808,7 +808,8 @@ fn chain_state(
     // Partial files of another tool's run after the current chain's FULL mean the chain
     // bitmap cannot be trusted (the original clears it when a job starts) until a new FULL,
     // also after an `inc` refused because of them. Older ones predate the chain: harmless.
-    let full_epoch = bd.chain().ok().map(|c| c.files[0].epoch);
+    let chain = bd.chain().ok();
+    let full_epoch = chain.as_ref().map(|c| c.files[0].epoch);
     let foreign = quarantined(dir)
         .into_iter()
         .filter(|name| {
@@ -817,8 +818,8 @@ fn chain_state(
             full_epoch.is_some_and(|f| epoch.is_none_or(|e| e > f))
         })
         .collect();
-    let last = match bd.chain() {
-        Ok(chain) => {
+    let last = match chain {
+        Some(chain) => {
             let f = chain.files.last().expect("a chain has a FULL");
             let size = Disk::open_with(
                 &f.path,
@@ -833,7 +834,7 @@ fn chain_state(
             })?;
             Some((f.name.clone(), size))
         }
-        Err(_) => None,
+        None => None,
     };
     Ok(ChainState {
         uuid: uuid.clone(),
