@@ -84,12 +84,15 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
     drop(disk);
     w.finish()?;
     if let Some(n) = &relink {
-        let name = full
-            .file_name()
-            .expect("a file")
-            .to_string_lossy()
-            .into_owned();
-        Writer::open(n)?.set_backing(Some((&name, Some(Format::Qcow2))))?;
+        link_to(n, &full)?;
+    }
+    // The folded INCs go oldest first (a newer one left over only repeats what the FULL
+    // holds). Linked ones are pointed at the FULL before any is deleted, so an interruption
+    // never leaves an INC naming a deleted predecessor.
+    for f in &folded {
+        if is_linked(f)? {
+            link_to(f, &full)?;
+        }
     }
     for f in &folded {
         std::fs::remove_file(f).map_err(|e| ErrorKind::Io(e).at(f))?;
