@@ -95,6 +95,7 @@ impl Writer {
             return Writer::open(path);
         }
         let file = super::lock::open_for_write(path).map_err(at)?;
+        refuse_corruptions(path)?;
         let data = match reader.data_file() {
             Some(d) => Some((
                 d.path.clone(),
@@ -883,6 +884,35 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Refuses to write an image whose metadata `check` finds corrupt. The writer trusts the
+/// refcounts: a refcount block placed on the L1 table or an L2 table, or a cluster referenced
+/// twice with refcount 1, would turn the next allocation or in-place write into damage to
+/// other structures (QEMU catches some of this with overlap checks at write time; checking
+/// first, metadata only, catches all of it before anything is touched). Leaked clusters are
+/// harmless and allowed: an interrupted write leaves them.
+fn refuse_corruptions(path: &Path) -> Result<()> {
+    let report = super::check::check(path)?;
+    if report.corruptions == 0 && report.check_errors == 0 {
+        return Ok(());
+    }
+    let first = report
+        .messages
+        .iter()
+        .find(|m| m.starts_with("ERROR"))
+        .map(|m| format!(" (first: {})", m.trim_start_matches("ERROR ")))
+        .unwrap_or_default();
+    let errors = match report.check_errors {
+        0 => String::new(),
+        n => format!(" and {n} unreadable structure(s)"),
+    };
+    Err(ErrorKind::Unsupported(format!(
+        "refusing to write: check finds {} corruption(s){errors}{first}; \
+         repair a copy with `qmprestore check --repair all`",
+        report.corruptions
+    ))
+    .at(path))
 }
 
 /// Opens the backing chain of the image at `path` read-only (for copy-on-write reads).
