@@ -484,6 +484,131 @@ fn verify_finds_bit_rot_with_file_and_offset() {
     );
 }
 
+/// Writes a manifest for each backup file, as qmpbackup does.
+fn write_manifests(dir: &Path, names: &[String]) {
+    use qmpbackup::chain::manifest::{self, Manifest};
+    std::fs::create_dir_all(dir.join(".manifest")).unwrap();
+    for (i, n) in names.iter().enumerate() {
+        let f = dir.join(n);
+        let (file_size, crc32) = manifest::checksums(&f).unwrap();
+        let level = if i == 0 { "full" } else { "inc" };
+        let m = Manifest {
+            manifest_version: manifest::MANIFEST_VERSION,
+            tool: "test".into(),
+            file: n.clone(),
+            level: serde_json::from_value(Value::from(level)).unwrap(),
+            epoch: n.split('-').nth(1).unwrap().parse().unwrap(),
+            uuid: Some("test-chain".into()),
+            bitmap: None,
+            device: "disk".into(),
+            node: "disk".into(),
+            qdev: None,
+            source_file: "live.qcow2".into(),
+            qemu_version: "10.0.2".into(),
+            format: "qcow2".into(),
+            virtual_size: 8 << 20,
+            cluster_size: Some(65536),
+            parent: i.checked_sub(1).map(|p| names[p].clone()),
+            file_size,
+            extent_size: manifest::EXTENT_SIZE,
+            crc32,
+        };
+        std::fs::write(
+            manifest::path_for(&f),
+            serde_json::to_vec_pretty(&m).unwrap(),
+        )
+        .unwrap();
+    }
+}
+
+fn manifests(dir: &Path) -> Vec<String> {
+    let mut m: Vec<String> = std::fs::read_dir(dir.join(".manifest"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    m.sort();
+    m
+}
+
+/// Verify with manifests reads each file once (the checksums prove every byte); the restore
+/// commands drop the manifests of the files they change or delete, so a chain they changed
+/// still verifies, while a flipped byte in an untouched file is still caught.
+#[test]
+fn manifests_are_read_once_and_dropped_for_changed_files() {
+    if !have("qemu-img") {
+        return;
+    }
+    let b = build(3, false, "", None);
+    let d = b.dir.to_str().unwrap();
+    write_manifests(&b.dir, &b.names);
+    let total: u64 = b
+        .names
+        .iter()
+        .map(|n| std::fs::metadata(b.dir.join(n)).unwrap().len())
+        .sum();
+    let o = qmprestore(&["verify", "--dir", d, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{v}");
+    assert_eq!(v["dirs"][0]["bytes_read"].as_u64().unwrap(), total);
+
+    // The original's layout: rebase writes a backing file name into every INC.
+    let o = qmprestore(&["rebase", "--until", &b.names[2], "--dir", d]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        manifests(&b.dir),
+        vec![
+            format!("{}.json", b.names[0]),
+            format!("{}.json", b.names[3])
+        ]
+    );
+    let o = qmprestore(&["verify", "--dir", d]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // Running it again changes nothing.
+    let before = sums(&b.dir);
+    let o = qmprestore(&["rebase", "--force", "--until", &b.names[2], "--dir", d]);
+    assert!(o.status.success());
+    assert_eq!(sums(&b.dir), before);
+
+    // Bit rot in the last INC, which still has its manifest: found by the checksums.
+    let last = b.dir.join(&b.names[3]);
+    let len = std::fs::metadata(&last).unwrap().len();
+    let mut bytes = std::fs::read(&last).unwrap();
+    bytes[len as usize - 1] ^= 1;
+    std::fs::write(&last, &bytes).unwrap();
+    let o = qmprestore(&["verify", "--dir", d, "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{v}");
+    assert!(
+        v["dirs"][0]["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["file"] == b.names[3].as_str()
+                && p["problem"].as_str().unwrap().contains("checksum")),
+        "{v}"
+    );
+    bytes[len as usize - 1] ^= 1;
+    std::fs::write(&last, &bytes).unwrap();
+
+    // commit changes the FULL and deletes the folded INCs: their manifests go with them.
+    let o = qmprestore(&["commit", "--until", &b.names[2], "--dir", d]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(manifests(&b.dir), vec![format!("{}.json", b.names[3])]);
+    let o = qmprestore(&["verify", "--dir", d]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_same(&b.dir.join(&b.names[0]), &b.expected[2]);
+}
+
 /// A disk that grew between backups: commit grows the FULL, snapshotrebase keeps each backup
 /// at its own size, and both equal the disk at each point.
 #[test]

@@ -10,6 +10,7 @@
 //! simply overwritten with the same data by the INCs that are left, newest last.
 
 use super::error::{ChainError, Result};
+use super::manifest;
 use super::merge::{open_chain, restore_chain};
 use super::throttle::Throttle;
 use crate::qcow2::write::Writer;
@@ -77,6 +78,7 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
     if opts.dry_run {
         return Ok(report);
     }
+    forget_manifest(&full)?;
     let mut w = Writer::open(&full)?;
     // A disk that grew between backups: the FULL grows first (a re-run finds it grown).
     w.grow(disk.size())?;
@@ -95,7 +97,7 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
         }
     }
     for f in &folded {
-        std::fs::remove_file(f).map_err(|e| ErrorKind::Io(e).at(f))?;
+        remove_backup(f)?;
     }
     crate::qcow2::create::sync_parent(&full).map_err(|e| ErrorKind::Io(e).at(dir))?;
     Ok(report)
@@ -167,8 +169,8 @@ pub fn fold(disk: &Disk, ranges: &[Extent], w: &mut Writer, throttle: &Throttle)
     Ok(())
 }
 
-/// Whether a backup file names a backing file (the linked layout).
-pub fn is_linked(path: &Path) -> Result<bool> {
+/// The backing file name and format a backup file's header names, if any.
+pub fn backing_of(path: &Path) -> Result<Option<(String, Option<String>)>> {
     let d = Disk::open_with(
         path,
         &crate::qcow2::OpenOptions {
@@ -176,16 +178,46 @@ pub fn is_linked(path: &Path) -> Result<bool> {
             ..Default::default()
         },
     )?;
-    Ok(d.qcow2().and_then(|q| q.backing_name()).is_some())
+    Ok(d.qcow2().and_then(|q| {
+        q.backing_name().map(|n| {
+            (
+                n.to_string_lossy().into_owned(),
+                q.backing_format().map(str::to_string),
+            )
+        })
+    }))
+}
+
+/// Whether a backup file names a backing file (the linked layout).
+pub fn is_linked(path: &Path) -> Result<bool> {
+    Ok(backing_of(path)?.is_some())
+}
+
+/// Sets `file`'s backing file name and format in place, unless the header already says so
+/// (a backup file is never touched without need; its manifest goes first when it is).
+pub fn set_backing(file: &Path, backing: &str, format: Format) -> Result<bool> {
+    if backing_of(file)? == Some((backing.to_string(), Some(format.name().to_string()))) {
+        return Ok(false);
+    }
+    forget_manifest(file)?;
+    Writer::open(file)?.set_backing(Some((backing, Some(format))))?;
+    Ok(true)
 }
 
 /// Points `inc`'s backing file at `full` (same directory, so by name).
 pub fn link_to(inc: &Path, full: &Path) -> Result<()> {
-    let name = full
-        .file_name()
-        .expect("a file")
-        .to_string_lossy()
-        .into_owned();
-    Writer::open(inc)?.set_backing(Some((&name, Some(Format::Qcow2))))?;
+    let name = full.file_name().expect("a file").to_string_lossy();
+    set_backing(inc, &name, Format::Qcow2)?;
     Ok(())
+}
+
+/// [`manifest::forget`] with the error naming the file.
+pub fn forget_manifest(file: &Path) -> Result<()> {
+    manifest::forget(file).map_err(|e| ErrorKind::Io(e).at(manifest::path_for(file)).into())
+}
+
+/// Deletes a folded backup file, its manifest first (so no manifest outlives its file).
+pub fn remove_backup(file: &Path) -> Result<()> {
+    forget_manifest(file)?;
+    std::fs::remove_file(file).map_err(|e| ErrorKind::Io(e).at(file).into())
 }

@@ -52,6 +52,19 @@ pub fn path_for(file: &Path) -> PathBuf {
     dir.join(".manifest").join(format!("{name}.json"))
 }
 
+/// Removes the manifest of `file`, durably, before a restore command changes the file in
+/// place (or after it deletes it): the manifest describes the file as the backup wrote it, so
+/// left behind it would make `verify` report the intended change as damage. Done before the
+/// change, a crash in between leaves a file that is simply verified without a manifest.
+pub fn forget(file: &Path) -> io::Result<()> {
+    let path = path_for(file);
+    match std::fs::remove_file(&path) {
+        Ok(()) => crate::qcow2::create::sync_parent(&path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The CRC-32 of every extent of `file` and its size; extents are read in parallel.
 pub fn checksums(file: &Path) -> io::Result<(u64, Vec<String>)> {
     let f = std::fs::File::open(file)?;

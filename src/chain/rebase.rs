@@ -6,9 +6,9 @@
 //! replaced atomically last, so an interrupted rebase leaves a chain that restores as before
 //! and a re-run completes it.
 
+use super::commit::{backing_of, set_backing};
 use super::error::{ChainError, Result};
 use super::merge::{open_chain, restore_chain};
-use crate::qcow2::write::Writer;
 use crate::qcow2::Format;
 use std::path::{Path, PathBuf};
 
@@ -66,11 +66,14 @@ pub fn rebase(dir: &Path, opts: &RebaseOptions) -> Result<Vec<Change>> {
     }
     let mut changes = Vec::new();
     for (i, pair) in chain.files.windows(2).enumerate() {
-        changes.push(Change::Backing {
-            file: pair[1].path.clone(),
-            backing: pair[0].name.clone(),
-            format: formats[i],
-        });
+        let wanted = (pair[0].name.clone(), Some(formats[i].name().to_string()));
+        if backing_of(&pair[1].path)? != Some(wanted) {
+            changes.push(Change::Backing {
+                file: pair[1].path.clone(),
+                backing: pair[0].name.clone(),
+                format: formats[i],
+            });
+        }
     }
     let top = chain.files.last().expect("a chain has a FULL").name.clone();
     changes.push(Change::Link {
@@ -87,8 +90,7 @@ pub fn rebase(dir: &Path, opts: &RebaseOptions) -> Result<Vec<Change>> {
                 backing,
                 format,
             } => {
-                let mut w = Writer::open(file)?;
-                w.set_backing(Some((backing, Some(*format))))?;
+                set_backing(file, backing, *format)?;
             }
             Change::Link { link, target } => {
                 let tmp = link.with_file_name(".image.tmp");

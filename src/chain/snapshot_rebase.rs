@@ -5,7 +5,9 @@
 //! a re-run after an interruption continues where it stopped: folding the same INC again
 //! writes the same data, and an existing snapshot of that name is kept.
 
-use super::commit::{fold, is_linked, link_to, newer_than_full, refuse_shrunk};
+use super::commit::{
+    fold, forget_manifest, is_linked, link_to, newer_than_full, refuse_shrunk, remove_backup,
+};
 use super::error::{ChainError, Result};
 use super::info::local_time;
 use super::merge::{open_chain, restore_chain};
@@ -66,6 +68,7 @@ pub fn snapshot_rebase(
         Ok(d.qcow2()
             .is_some_and(|q| q.snapshots().iter().any(|s| s.name == name)))
     };
+    forget_manifest(&full)?;
     if !has(FULL_SNAPSHOT)? {
         let mut w = Writer::open(&full)?;
         w.create_snapshot(FULL_SNAPSHOT)?;
@@ -89,7 +92,7 @@ pub fn snapshot_rebase(
                 link_to(&next.path, &full)?;
             }
         }
-        std::fs::remove_file(&f.path).map_err(|e| ErrorKind::Io(e).at(&f.path))?;
+        remove_backup(&f.path)?;
         crate::qcow2::create::sync_parent(&full).map_err(|e| ErrorKind::Io(e).at(dir))?;
     }
     Ok(plan)

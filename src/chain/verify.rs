@@ -9,7 +9,7 @@
 //! extent is reported), level, time, chain id, predecessor and size. Files are verified in
 //! parallel.
 
-use super::dir::{BackupDir, BackupFile};
+use super::dir::{BackupDir, BackupFile, Level};
 use super::error::Result;
 use super::manifest::{self, Manifest};
 use crate::qcow2::{check, Disk, OpenOptions};
@@ -150,15 +150,13 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
         }
     }
     // Per file, in parallel: structure, consistency, every stored byte.
-    let results: Vec<FileResult> = chain
-        .files
-        .par_iter()
-        .map(|f| verify_file(&f.path))
-        .collect();
+    let results: Vec<FileResult> = chain.files.par_iter().map(verify_file).collect();
     let mut prev: Option<(u64, String)> = None;
     for (i, (f, res)) in chain.files.iter().zip(results).enumerate() {
-        let parent = i.checked_sub(1).map(|p| chain.files[p].name.as_str());
-        check_manifest(f, parent, bd.uuid.as_deref(), &mut r);
+        let parent = i.checked_sub(1).map(|p| &chain.files[p]);
+        if let Some(m) = &res.manifest {
+            check_manifest(f, m, parent, bd.uuid.as_deref(), &mut r);
+        }
         r.bytes_read += res.bytes;
         for p in res.problems {
             problem(&mut r, &f.name, p);
@@ -206,13 +204,46 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
     r
 }
 
-/// Compares `f` with its manifest (when qmpbackup wrote one): checksums per extent, and the
-/// facts the manifest records against what the directory says.
-fn check_manifest(f: &BackupFile, parent: Option<&str>, uuid: Option<&str>, r: &mut DirReport) {
-    let path = manifest::path_for(&f.path);
-    if !path.exists() {
-        return;
+/// A file's manifest and what comparing the file with its checksums found.
+struct ManifestCheck {
+    manifest: Result<Manifest, String>,
+    /// (offset, problem) for each mismatch, or why the file could not be read.
+    found: Result<Vec<(u64, String)>, String>,
+}
+
+impl ManifestCheck {
+    /// Reads `file`'s manifest (when qmpbackup wrote one) and compares the file's checksums.
+    fn of(file: &Path) -> Option<ManifestCheck> {
+        let path = manifest::path_for(file);
+        if !path.exists() {
+            return None;
+        }
+        let manifest = Manifest::read(&path);
+        let found = match &manifest {
+            Ok(m) => m
+                .check(file)
+                .map_err(|e| format!("reading for the manifest check: {e}")),
+            Err(_) => Ok(Vec::new()),
+        };
+        Some(ManifestCheck { manifest, found })
     }
+
+    /// Every byte of the file was read and matches what the backup wrote.
+    fn matches(&self) -> bool {
+        self.manifest.is_ok() && self.found.as_ref().is_ok_and(|f| f.is_empty())
+    }
+}
+
+/// Reports what the manifest check of `f` found, and compares the facts the manifest records
+/// with what the directory says.
+fn check_manifest(
+    f: &BackupFile,
+    mc: &ManifestCheck,
+    parent: Option<&BackupFile>,
+    uuid: Option<&str>,
+    r: &mut DirReport,
+) {
+    let mut notes = Vec::new();
     let mut push = |problem: String, offset: Option<u64>| {
         r.problems.push(Problem {
             file: f.name.clone(),
@@ -220,9 +251,9 @@ fn check_manifest(f: &BackupFile, parent: Option<&str>, uuid: Option<&str>, r: &
             offset,
         })
     };
-    let m = match Manifest::read(&path) {
+    let m = match &mc.manifest {
         Ok(m) => m,
-        Err(e) => return push(e, None),
+        Err(e) => return push(e.clone(), None),
     };
     if m.file != f.name {
         push(format!("its manifest describes {}", m.file), None);
@@ -248,21 +279,35 @@ fn check_manifest(f: &BackupFile, parent: Option<&str>, uuid: Option<&str>, r: &
         }
     }
     if let (Some(mp), Some(p)) = (&m.parent, parent) {
-        if mp != p {
+        // commit and snapshotrebase fold the predecessors into the FULL, delete them, and drop
+        // the FULL's manifest (it changed in place): what follows then builds on the FULL.
+        let folded = p.level == Level::Full
+            && !f.path.with_file_name(mp).exists()
+            && !manifest::path_for(&p.path).exists();
+        if folded {
+            notes.push(format!(
+                "{}: predecessor {mp} was folded into {}",
+                f.name, p.name
+            ));
+        } else if *mp != p.name {
             push(
-                format!("manifest names {mp} as predecessor, the chain has {p}"),
+                format!(
+                    "manifest names {mp} as predecessor, the chain has {}",
+                    p.name
+                ),
                 None,
             );
         }
     }
-    match m.check(&f.path) {
+    match &mc.found {
         Ok(found) => {
             for (offset, p) in found {
-                push(p, Some(offset));
+                push(p.clone(), Some(*offset));
             }
         }
-        Err(e) => push(format!("reading for the manifest check: {e}"), None),
+        Err(e) => push(e.clone(), None),
     }
+    r.notes.extend(notes);
 }
 
 /// What verifying one backup file found.
@@ -272,14 +317,20 @@ struct FileResult {
     notes: Vec<String>,
     /// Virtual size and backing file name, when the file opened.
     shape: Option<(u64, Option<String>)>,
+    manifest: Option<ManifestCheck>,
 }
 
-fn verify_file(path: &Path) -> FileResult {
+/// Opens and checks one backup file and reads every stored byte: through its manifest's
+/// checksums when it has one (a file that matches needs no second read: each byte is what the
+/// backup wrote), else cluster by cluster, decompressing.
+fn verify_file(f: &BackupFile) -> FileResult {
+    let path = f.path.as_path();
     let mut res = FileResult {
         bytes: 0,
         problems: Vec::new(),
         notes: Vec::new(),
         shape: None,
+        manifest: ManifestCheck::of(path),
     };
     let opts = OpenOptions {
         no_backing: true,
@@ -322,9 +373,14 @@ fn verify_file(path: &Path) -> FileResult {
             Err(e) => res.problems.push(e.to_string()),
         }
     }
-    match disk.read_stored(u64::MAX) {
-        Ok(b) => res.bytes = b,
-        Err(e) => res.problems.push(e.to_string()),
+    match &res.manifest {
+        Some(m) if m.matches() => {
+            res.bytes = m.manifest.as_ref().map_or(0, |m| m.file_size);
+        }
+        _ => match disk.read_stored(u64::MAX) {
+            Ok(b) => res.bytes = b,
+            Err(e) => res.problems.push(e.to_string()),
+        },
     }
     let backing = disk
         .qcow2()
