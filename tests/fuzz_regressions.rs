@@ -64,3 +64,20 @@ fn check_and_dir_names_fuzz_inputs_stay_fixed() {
     }
     assert!(created >= 10, "the seed names become files");
 }
+
+#[test]
+fn guest_agent_fuzz_inputs_stay_fixed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/guest_agent");
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    // A well-behaved agent answers all six steps; one with stale replies, refusals and a
+    // frozen guest gets through the sync and is refused where it refuses.
+    assert_eq!(
+        qmpbackup::qmp::fuzz::agent_stream(&read("corpus-conversation")),
+        6
+    );
+    let n = qmpbackup::qmp::fuzz::agent_stream(&read("corpus-stale-and-errors"));
+    assert!((1..6).contains(&n), "{n}");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        qmpbackup::qmp::fuzz::agent_stream(&std::fs::read(entry.unwrap().path()).unwrap());
+    }
+}

@@ -36,11 +36,16 @@ impl Agent {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
+        Agent::over(conn, timeout, seed ^ u64::from(std::process::id()))
+    }
+
+    /// Synchronises over an open connection; sync ids count up from `seed`.
+    pub(super) fn over(conn: Conn, timeout: Duration, seed: u64) -> Result<Agent> {
         let mut agent = Agent {
             conn,
             timeout,
             // Positive and below 2^31: qemu-ga reads the id as an int.
-            sync_id: (seed ^ u64::from(std::process::id())) % 1_000_000_007,
+            sync_id: seed % 1_000_000_007,
             in_sync: false,
         };
         agent.sync()?;

@@ -10,6 +10,7 @@ mod addr;
 mod agent;
 mod client;
 mod error;
+pub mod fuzz;
 mod message;
 mod stream;
 

@@ -92,6 +92,19 @@ impl Conn {
                 Socket::Tcp(found.ok_or_else(|| io_err(last))?)
             }
         };
+        Conn::over(socket, name, timeout)
+    }
+
+    /// A connection over one end of a socket pair (the fuzz target feeds the other end).
+    pub fn over_unix(stream: UnixStream, name: &str, timeout: Duration) -> Result<Conn> {
+        Conn::over(Socket::Unix(stream), name.to_string(), timeout)
+    }
+
+    fn over(socket: Socket, name: String, timeout: Duration) -> Result<Conn> {
+        let io_err = |source| QmpError::Io {
+            addr: name.clone(),
+            source,
+        };
         socket.set_write_timeout(timeout).map_err(io_err)?;
         let writer = socket.try_clone().map_err(io_err)?;
         Ok(Conn {
