@@ -300,6 +300,11 @@ impl Refcounts {
         Ok(true)
     }
 
+    /// Whether [`Refcounts::write_back`] has anything to write.
+    pub fn is_dirty(&self) -> bool {
+        self.table_dirty || self.pending_move.is_some() || self.blocks.values().any(|b| b.dirty)
+    }
+
     /// Writes dirty refcount blocks and, when it moved, the new refcount table. Returns the
     /// table relocation the header must now point to, if any (after the caller has flushed).
     pub fn write_back(&mut self, file: &File) -> Result<Option<TableMove>, ErrorKind> {

@@ -70,6 +70,9 @@ pub struct Writer {
     snapshots: Vec<super::snapshot::Snapshot>,
     ext: super::ext::Extensions,
     ordered: bool,
+    /// Guest data written since the last flush made it durable (in place, it changes no
+    /// metadata, so only this says a flush has work to do).
+    data_written: std::cell::Cell<bool>,
 }
 
 impl Writer {
@@ -133,6 +136,7 @@ impl Writer {
             snapshots: reader.snapshots().to_vec(),
             ext: reader.extensions().clone(),
             ordered: true,
+            data_written: std::cell::Cell::new(false),
         })
     }
 
@@ -192,7 +196,9 @@ impl Writer {
         if changed {
             self.write_header()?;
         }
-        self.sync()?;
+        if changed || self.bitmaps.as_ref().is_some_and(|(_, b)| !b.is_empty()) {
+            self.sync()?;
+        }
         self.prepared = true;
         Ok(())
     }
@@ -393,11 +399,17 @@ impl Writer {
     }
 
     fn write_host(&self, buf: &[u8], host: u64) -> Result<()> {
-        let (path, f) = match &self.data {
+        let (path, f) = self.data_target();
+        pwrite(f, buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+    }
+
+    /// Where guest data goes (the external data file, if any), flagged as about to change.
+    fn data_target(&self) -> (&Path, &File) {
+        self.data_written.set(true);
+        match &self.data {
             Some((p, f)) => (p.as_path(), f),
             None => (self.path.as_path(), &self.file),
-        };
-        pwrite(f, buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+        }
     }
 
     /// Writes `buf` at guest offset `offset`.
@@ -439,20 +451,14 @@ impl Writer {
             let whole = if at % cs == 0 { (len - done) / cs } else { 0 };
             if let Some((table, n)) = self.fresh_run(at / cs, whole)? {
                 let host = self.alloc_run(at / cs, n)?;
-                let (path, dst) = match &self.data {
-                    Some((p, f)) => (p.as_path(), f),
-                    None => (self.path.as_path(), &self.file),
-                };
+                let (path, dst) = self.data_target();
                 copy_range(src, src_off + done, dst, host, n * cs)
                     .map_err(|e| ErrorKind::Io(e).at(path))?;
                 self.map_run(table, at / cs, host, n);
                 done += n * cs;
             } else if let Some((host, n)) = self.owned_run(at / cs, whole)? {
                 // Clusters that are ours alone are overwritten in place, also in the kernel.
-                let (path, dst) = match &self.data {
-                    Some((p, f)) => (p.as_path(), f),
-                    None => (self.path.as_path(), &self.file),
-                };
+                let (path, dst) = self.data_target();
                 copy_range(src, src_off + done, dst, host, n * cs)
                     .map_err(|e| ErrorKind::Io(e).at(path))?;
                 done += n * cs;
@@ -743,6 +749,7 @@ impl Writer {
                 Compressed::Plain(data) => self.write_in_cluster(*gc, 0, data)?,
                 Compressed::Stream(bytes) => {
                     let off = self.place_compressed(bytes.len() as u64)?;
+                    self.data_written.set(true);
                     pwrite(&self.file, bytes, off).map_err(|e| self.at(e.into()))?;
                     let (table, e) = self.entry(*gc)?;
                     self.release(&e);
@@ -825,12 +832,22 @@ impl Writer {
         // Clusters are released below; a half-filled compressed cluster might be among them
         // and then be reused for something else, so never append to it after a flush.
         self.compress_pos = None;
+        let idle = !self.data_written.get()
+            && !self.refs.is_dirty()
+            && self.l1_dirty.is_empty()
+            && self.frees.is_empty()
+            && self.l2.values().all(|s| !s.dirty);
+        if idle {
+            // Every sync costs a device cache flush even when nothing changed.
+            return Ok(());
+        }
         if let (Some((p, f)), true) = (&self.data, self.ordered) {
             f.sync_data().map_err(|e| ErrorKind::Io(e).at(p))?;
         }
         // 1-2: data and refcount increments.
         let moved = self.refs.write_back(&self.file).map_err(|k| self.at(k))?;
         self.sync()?;
+        self.data_written.set(false);
         // 3: a relocated refcount table goes live; the old one is released below.
         if let Some(m) = moved {
             self.header.refcount_table_offset = m.new_offset;
@@ -852,10 +869,12 @@ impl Writer {
             let bytes = self.l2[off].table.to_bytes();
             pwrite(&self.file, &bytes, *off).map_err(|e| self.at(e.into()))?;
         }
+        if !dirty.is_empty() {
+            self.sync()?;
+        }
         for off in dirty {
             self.l2.get_mut(&off).expect("listed").dirty = false;
         }
-        self.sync()?;
         // 5: L1 entries.
         if !self.l1_dirty.is_empty() {
             let dirty = std::mem::take(&mut self.l1_dirty);
