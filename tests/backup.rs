@@ -223,44 +223,35 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
             }
             c
         };
-        let manifests = |c: &Path| -> Vec<String> {
-            let mut m: Vec<String> = std::fs::read_dir(c.join(".manifest"))
-                .unwrap()
-                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect();
-            m.sort();
-            m
-        };
-        let verifies = |c: &Path| {
-            let o = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
-                .args(["verify", "--dir"])
-                .arg(c)
-                .output()
-                .unwrap();
-            assert_eq!(
-                o.status.code(),
-                Some(0),
-                "{}",
-                String::from_utf8_lossy(&o.stdout)
-            );
-        };
         for (i, name) in names.iter().enumerate().skip(1) {
             let c = copy(&format!("rebase{i}"));
             restore(&["rebase", "--until", name, "--dir", c.to_str().unwrap()]);
             assert_same(&c.join("image"), &expect(i));
-            assert_eq!(manifests(&c).len(), 3, "already linked: nothing changed");
-            verifies(&c);
+            assert_eq!(
+                common::manifest_names(&c).len(),
+                3,
+                "already linked: nothing changed"
+            );
+            common::assert_verifies(&c);
         }
         let c = copy("commit");
         restore(&["commit", "--dir", c.to_str().unwrap()]);
         assert_same(&c.join(&names[0]), &expect(2));
         common::assert_check_clean(&c.join(&names[0]));
-        assert!(manifests(&c).is_empty(), "{:?}", manifests(&c));
-        verifies(&c);
+        assert!(
+            common::manifest_names(&c).is_empty(),
+            "{:?}",
+            common::manifest_names(&c)
+        );
+        common::assert_verifies(&c);
         let c = copy("snaprebase");
         restore(&["snapshotrebase", "--dir", c.to_str().unwrap()]);
-        assert!(manifests(&c).is_empty(), "{:?}", manifests(&c));
-        verifies(&c);
+        assert!(
+            common::manifest_names(&c).is_empty(),
+            "{:?}",
+            common::manifest_names(&c)
+        );
+        common::assert_verifies(&c);
         let full = c.join(&names[0]);
         common::assert_check_clean(&full);
         let epoch = |n: &str| n.split('-').nth(1).unwrap().parse::<u64>().unwrap();

@@ -195,16 +195,7 @@ fn exercise(full: Full) {
         b.names.len(),
         "no INC was removed"
     );
-    let v = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
-        .args(["verify", "--dir", d])
-        .output()
-        .unwrap();
-    assert_eq!(
-        v.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&v.stdout)
-    );
+    assert_verifies(&dir);
     if let Some(fs) = &tmpfs {
         fs.resize(64 << 20);
     }

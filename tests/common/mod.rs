@@ -236,3 +236,28 @@ pub fn assert_same(a: &Path, b: &Path) {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// The names in `dir`'s `.manifest/` (qmpbackup's per-file manifests), sorted.
+pub fn manifest_names(dir: &Path) -> Vec<String> {
+    let mut m: Vec<String> = std::fs::read_dir(dir.join(".manifest"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    m.sort();
+    m
+}
+
+/// Asserts that `qmprestore verify` finds the chain in `dir` restorable.
+pub fn assert_verifies(dir: &Path) {
+    let o = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(["verify", "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
