@@ -693,3 +693,68 @@ fn every_sector_cut_of_every_fixture_fails_cleanly() {
         }
     }
 }
+
+/// A file may claim any length: a sparse one costs nothing. Checking (which every writing
+/// command does first) counts references per host cluster, within a bound: a 60 GiB sparse
+/// tail is checked in bounded memory, a 1 TiB one of 512-byte clusters is refused cleanly.
+#[test]
+fn sparse_files_of_absurd_length_are_checked_within_bounds() {
+    let d = tempfile::tempdir().unwrap();
+    for (len, refused) in [(60u64 << 30, false), (1 << 40, true)] {
+        let img = d.path().join(format!("sparse-{len}.qcow2"));
+        std::fs::copy(fixtures().join("cs512.qcow2"), &img).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        let out = limited_as(
+            Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+                .arg("check")
+                .arg(&img),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if refused {
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert!(stderr.contains("a check can count"), "{stderr}");
+            let err = qmpbackup::qcow2::write::Writer::open(&img)
+                .err()
+                .expect("refused for writing");
+            assert!(err.to_string().contains("a check can count"), "{err}");
+        } else {
+            assert_eq!(out.status.code(), Some(0), "{stderr}");
+        }
+        // Reading needs no per-cluster state: it works either way.
+        outcome(&img).unwrap();
+    }
+}
+
+/// A refcount block claiming every cluster of a long file: each is a leak, but the report
+/// keeps at most `MAX_MESSAGES` lines and counts the rest.
+#[test]
+fn a_flood_of_leaks_is_counted_not_listed() {
+    use qmpbackup::qcow2::check::{check, MAX_MESSAGES};
+    let d = tempfile::tempdir().unwrap();
+    let img = patched(d.path(), "rc1.qcow2", "flood.qcow2", |b, h| {
+        // One-bit refcounts: the first block covers cs * 8 clusters.
+        let block = BigEndian::read_u64(&b[h.refcount_table_offset as usize..]) as usize;
+        let cs = h.cluster_size() as usize;
+        b[block..block + cs].fill(0xff);
+    });
+    let cs = 16384;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len((MAX_MESSAGES as u64 + 5000) * cs)
+        .unwrap();
+    let r = check(&img).unwrap();
+    assert!(r.leaks > MAX_MESSAGES as u64, "{}", r.leaks);
+    assert_eq!(r.messages.len(), MAX_MESSAGES + 1);
+    assert!(r
+        .messages
+        .last()
+        .unwrap()
+        .contains("more messages not shown"));
+}

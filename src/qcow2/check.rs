@@ -8,7 +8,11 @@
 //! use), one above it a leak (wasted space). COPIED flags must be set exactly where the
 //! refcount is 1, and no offset may be unaligned or lie past the end of the file.
 //!
-//! Memory: one counter per host cluster of the file (4 bytes), plus one L2 table at a time.
+//! Memory: one counter per host cluster of the file (2 bytes, as QEMU), plus one L2 or refcount
+//! block at a time; stored refcounts are compared block by block, not collected. A file may
+//! claim any length (a sparse file costs nothing to make), so files of more than
+//! [`MAX_CLUSTERS`] clusters are refused, and messages beyond [`MAX_MESSAGES`] are counted, not
+//! kept.
 
 use super::alloc::Refcounts;
 use super::error::{ErrorKind, Result};
@@ -20,8 +24,15 @@ use super::refcount;
 use super::storage::read_exact;
 use crate::qcow2::fault::pwrite;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
+
+/// Most host clusters a file may span to be checked: 256 MiB of counters; 8 TiB of file with
+/// 64 KiB clusters.
+pub const MAX_CLUSTERS: u64 = 1 << 27;
+/// Messages kept in a report; the rest are counted in a last line.
+pub const MAX_MESSAGES: usize = 10_000;
 
 /// What to repair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,19 +104,40 @@ enum Copied {
     },
 }
 
+impl Copied {
+    /// The host cluster whose refcount the flag must agree with.
+    fn cluster(&self, cs: u64) -> u64 {
+        match self {
+            Copied::L1 { entry, .. } => entry.l2_offset() / cs,
+            Copied::L2 { cluster, .. } => *cluster,
+        }
+    }
+}
+
 struct Walk<'a> {
     q: &'a Qcow2,
     file: &'a File,
     cs: u64,
-    refs: Vec<u32>,
+    /// References counted per host cluster (saturating).
+    refs: Vec<u16>,
     report: CheckReport,
     copied: Vec<Copied>,
+    /// Messages not kept (beyond [`MAX_MESSAGES`]).
+    dropped: u64,
 }
 
 impl Walk<'_> {
+    fn message(&mut self, msg: String) {
+        if self.report.messages.len() < MAX_MESSAGES {
+            self.report.messages.push(msg);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
     fn corrupt(&mut self, msg: String) {
         self.report.corruptions += 1;
-        self.report.messages.push(format!("ERROR {msg}"));
+        self.message(format!("ERROR {msg}"));
     }
 
     fn corrupt_refcount(&mut self, msg: String) {
@@ -246,6 +278,12 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     let cs = h.cluster_size();
     let file_len = q.file_len();
     let nb = file_len.div_ceil(cs);
+    if nb > MAX_CLUSTERS {
+        return Err(at(ErrorKind::Unsupported(format!(
+            "the file is {file_len} bytes long: {nb} clusters, more than the {MAX_CLUSTERS} \
+             a check can count"
+        ))));
+    }
     let mut w = Walk {
         q: &q,
         file: &file,
@@ -258,6 +296,7 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
             ..Default::default()
         },
         copied: Vec::new(),
+        dropped: 0,
     };
     w.reference(0, cs, "header");
     let active = l1::read_table(&file, h.l1_table_offset, h.l1_size).map_err(at)?;
@@ -316,34 +355,51 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
         order: h.refcount_order,
     };
     let per_block = fmt.block_entries();
-    let mut stored = vec![0u64; nb as usize];
-    for (t, &b) in rt.iter().enumerate() {
-        let first = t as u64 * per_block;
-        if b == 0 || b >= file_len || first >= nb {
-            continue;
-        }
-        let mut block = vec![0u8; cs as usize];
-        if read_exact(&file, &mut block, b, "refcount block").is_err() {
-            w.report.check_errors += 1;
-            continue;
-        }
-        for i in 0..per_block.min(nb - first) {
-            stored[(first + i) as usize] = refcount::get(&block, i, fmt.order);
-        }
-    }
+    // Stored refcounts are kept only where COPIED flags need them.
+    let wanted: std::collections::HashSet<u64> = w.copied.iter().map(|c| c.cluster(cs)).collect();
+    let mut stored: HashMap<u64, u64> = HashMap::new();
     let mut too_low = Vec::new();
     let mut too_high = Vec::new();
-    for (c, &s) in stored.iter().enumerate() {
-        let r = w.refs[c] as u64;
-        if s < r {
-            w.corrupt_refcount(format!("cluster {c} refcount={s} reference={r}"));
-            too_low.push((c as u64, r));
-        } else if s > r {
-            w.report.leaks += 1;
-            w.report
-                .messages
-                .push(format!("Leaked cluster {c} refcount={s} reference={r}"));
-            too_high.push((c as u64, r));
+    let mut highest = None;
+    let mut block = vec![0u8; cs as usize];
+    for t in 0..nb.div_ceil(per_block) {
+        let first = t * per_block;
+        let have = match rt.get(t as usize) {
+            Some(&b) if b != 0 && b < file_len => {
+                let ok = read_exact(&file, &mut block, b, "refcount block").is_ok();
+                if !ok {
+                    w.report.check_errors += 1;
+                }
+                ok
+            }
+            _ => false,
+        };
+        for c in first..(first + per_block).min(nb) {
+            let s = if have {
+                refcount::get(&block, c - first, fmt.order)
+            } else {
+                0
+            };
+            let r = w.refs[c as usize] as u64;
+            if s == 0 && r == 0 {
+                continue;
+            }
+            highest = Some(c);
+            if wanted.contains(&c) {
+                stored.insert(c, s);
+            }
+            if s < r {
+                w.corrupt_refcount(format!("cluster {c} refcount={s} reference={r}"));
+                if repair.is_some() {
+                    too_low.push((c, r));
+                }
+            } else if s > r {
+                w.report.leaks += 1;
+                w.message(format!("Leaked cluster {c} refcount={s} reference={r}"));
+                if repair.is_some() {
+                    too_high.push((c, r));
+                }
+            }
         }
     }
     // COPIED must say "refcount is 1": reported against the stored refcounts, repaired
@@ -358,7 +414,7 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
             Copied::L1 { index, entry } => (
                 h.l1_table_offset + index as u64 * 8,
                 entry.0,
-                entry.l2_offset() / cs,
+                c.cluster(cs),
                 false,
             ),
             Copied::L2 {
@@ -378,7 +434,7 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     for &(off, word, c, implicit) in &flags {
         // L1 and L2 entries keep COPIED in the same bit.
         let copied = word & l1::COPIED != 0;
-        let stored_single = implicit || stored.get(c as usize) == Some(&1);
+        let stored_single = implicit || stored.get(&c) == Some(&1);
         if stored_single != copied {
             w.corrupt_refcount(format!("OFLAG_COPIED: entry at {off:#x} is {word:#018x}"));
         }
@@ -388,10 +444,13 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
         }
     }
     // QEMU: the end of the last cluster in use.
-    let highest = (0..nb as usize)
-        .rev()
-        .find(|&c| stored[c] > 0 || w.refs[c] > 0);
-    w.report.image_end_offset = highest.map_or(0, |c| (c as u64 + 1) * cs);
+    w.report.image_end_offset = highest.map_or(0, |c| (c + 1) * cs);
+    if w.dropped > 0 {
+        let n = w.dropped;
+        w.report
+            .messages
+            .push(format!("({n} more messages not shown)"));
+    }
     let mut report = w.report;
     if let Some(mode) = repair {
         if h.corrupt() && mode == Repair::Leaks {
