@@ -151,7 +151,7 @@ impl Walk<'_> {
             return;
         }
         let first = off / self.cs;
-        let last = (off + len - 1) / self.cs;
+        let last = off.saturating_add(len - 1) / self.cs;
         for c in first..=last {
             match self.refs.get_mut(c as usize) {
                 Some(r) => *r = r.saturating_add(1),

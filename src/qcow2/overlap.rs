@@ -19,34 +19,33 @@ pub struct Metadata {
 impl Metadata {
     pub fn new(h: &Header, l1: &[L1Entry], snapshots: &[Snapshot]) -> Metadata {
         let cs = h.cluster_size();
-        let mut r = vec![(0, cs, "the header")];
+        // Offsets come from the file: a snapshot's L1 offset is not validated on open (it is
+        // only read when the snapshot is), so ends saturate instead of overflowing.
+        let range = |start: u64, len: u64, what| (start, start.saturating_add(len), what);
+        let mut r = vec![range(0, cs, "the header")];
         if h.l1_size > 0 {
-            r.push((
+            r.push(range(
                 h.l1_table_offset,
-                h.l1_table_offset + h.l1_size as u64 * 8,
+                h.l1_size as u64 * 8,
                 "the L1 table",
             ));
         }
         if h.refcount_table_clusters > 0 {
-            let end = h.refcount_table_offset + h.refcount_table_clusters as u64 * cs;
-            r.push((h.refcount_table_offset, end, "the refcount table"));
+            let len = h.refcount_table_clusters as u64 * cs;
+            r.push(range(h.refcount_table_offset, len, "the refcount table"));
         }
         if h.nb_snapshots > 0 {
-            r.push((
-                h.snapshots_offset,
-                h.snapshots_offset + cs,
-                "the snapshot table",
-            ));
+            r.push(range(h.snapshots_offset, cs, "the snapshot table"));
         }
         for s in snapshots.iter().filter(|s| s.l1_size > 0) {
-            let end = s.l1_table_offset + s.l1_size as u64 * 8;
-            r.push((s.l1_table_offset, end, "a snapshot's L1 table"));
+            let len = s.l1_size as u64 * 8;
+            r.push(range(s.l1_table_offset, len, "a snapshot's L1 table"));
         }
         r.extend(
             l1.iter()
                 .map(|e| e.l2_offset())
                 .filter(|&o| o != 0)
-                .map(|o| (o, o + cs, "an L2 table")),
+                .map(|o| range(o, cs, "an L2 table")),
         );
         r.sort_unstable();
         let mut merged: Vec<(u64, u64, &'static str)> = Vec::with_capacity(r.len());
