@@ -8,12 +8,8 @@ use super::dir::BackupDir;
 /// Creates the files named by `data`'s lines (at most 64) and reads the directory. Returns how
 /// many files were created.
 pub fn dir_names(data: &[u8]) -> usize {
-    let base = if std::path::Path::new("/dev/shm").is_dir() {
-        std::path::PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let dir = base.join(format!("qmpbackup-fuzz-dir-{}", std::process::id()));
+    let dir = crate::qcow2::fuzz::scratch_dir()
+        .join(format!("qmpbackup-fuzz-dir-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     if std::fs::create_dir(&dir).is_err() {
         return 0;

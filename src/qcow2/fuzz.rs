@@ -41,15 +41,21 @@ fn snapshot_view(mut d: Disk, id: &str) -> super::Result<u64> {
     d.read_stored(READ_BUDGET)
 }
 
+/// Where fuzz targets put their scratch files: `/dev/shm` where there is one (millions of
+/// executions should not wear a disk), else the temporary directory.
+pub fn scratch_dir() -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 /// The body of the `check_image` fuzz target: `data` written to a scratch file (in `/dev/shm`
 /// where there is one) and checked as `qmprestore check` does. Returns whether it was checked.
 pub fn check_bytes(data: &[u8]) -> bool {
-    let dir = if std::path::Path::new("/dev/shm").is_dir() {
-        std::path::PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let path = dir.join(format!("qmpbackup-fuzz-check-{}.img", std::process::id()));
+    let path = scratch_dir().join(format!("qmpbackup-fuzz-check-{}.img", std::process::id()));
     if std::fs::write(&path, data).is_err() {
         return false;
     }
