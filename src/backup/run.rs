@@ -28,7 +28,7 @@ use super::state::{DiskRecord, RunLock, RunRecord};
 use crate::chain::dir::BackupDir;
 use crate::chain::manifest::{self, Manifest};
 use crate::qcow2::create::{create_file, CreateOptions};
-use crate::qcow2::{Disk, Format, OpenOptions};
+use crate::qcow2::{Disk, Format};
 use crate::qmp::{Address, Agent, FreezeState, Qmp};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -821,15 +821,7 @@ fn chain_state(
     let last = match chain {
         Some(chain) => {
             let f = chain.files.last().expect("a chain has a FULL");
-            let size = Disk::open_with(
-                &f.path,
-                &OpenOptions {
-                    no_backing: true,
-                    ..Default::default()
-                },
-            )
-            .map(|d| d.size())
-            .map_err(|e| {
+            let size = Disk::open_alone(&f.path).map(|d| d.size()).map_err(|e| {
                 BackupError::Refused(format!("the chain's newest file is unreadable: {e}"))
             })?;
             Some((f.name.clone(), size))
@@ -912,14 +904,7 @@ fn create_target(d: &Disk_) -> Result<()> {
     }
     let backing = match &d.decision.parent {
         Some(parent) => {
-            let fmt = Disk::open_with(
-                &d.dir.join(parent),
-                &OpenOptions {
-                    no_backing: true,
-                    ..Default::default()
-                },
-            )?
-            .format();
+            let fmt = Disk::open_alone(&d.dir.join(parent))?.format();
             Some((
                 parent.clone(),
                 Some(if fmt == Format::Raw {

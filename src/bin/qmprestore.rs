@@ -540,13 +540,7 @@ fn run(command: Command) -> Result<ExitCode> {
             file,
         } => {
             if list {
-                let disk = Disk::open_with(
-                    &file,
-                    &OpenOptions {
-                        no_backing: true,
-                        ..Default::default()
-                    },
-                )?;
+                let disk = Disk::open_alone(&file)?;
                 if let Some(q) = disk.qcow2() {
                     if !q.snapshots().is_empty() {
                         write!(out, "{}", info::snapshot_table(&info::snapshots(q)))?;

@@ -13,9 +13,11 @@ use super::error::{ChainError, Result};
 use super::manifest;
 use super::merge::{open_chain, restore_chain};
 use super::throttle::Throttle;
+use crate::qcow2::pagecache::forget_cached;
 use crate::qcow2::write::Writer;
 use crate::qcow2::{Disk, ErrorKind, Extent, Format};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
 
 pub struct CommitOptions {
     pub select: super::merge::ChainSelect,
@@ -61,15 +63,9 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
     }
     refuse_shrunk(&disk)?;
     let relink = match &next {
-        Some(n) => crate::qcow2::Disk::open_with(
-            n,
-            &crate::qcow2::OpenOptions {
-                no_backing: true,
-                ..Default::default()
-            },
-        )?
-        .qcow2()
-        .and_then(|q| q.backing_name().map(|_| n.clone())),
+        Some(n) => Disk::open_alone(n)?
+            .qcow2()
+            .and_then(|q| q.backing_name().map(|_| n.clone())),
         None => None,
     };
     report.relinked = relink.clone();
@@ -82,25 +78,68 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
     let mut w = Writer::open(&full)?;
     // A disk that grew between backups: the FULL grows first (a re-run finds it grown).
     w.grow(disk.size())?;
-    fold(&disk, &ranges, &mut w, &Throttle::new(opts.rate_limit))?;
     drop(disk);
-    w.finish()?;
-    if let Some(n) = &relink {
-        link_to(n, &full)?;
-    }
-    // The folded INCs go oldest first (a newer one left over only repeats what the FULL
-    // holds). Linked ones are pointed at the FULL before any is deleted, so an interruption
-    // never leaves an INC naming a deleted predecessor.
-    for f in &folded {
-        if is_linked(f)? {
-            link_to(f, &full)?;
+    let throttle = Throttle::new(opts.rate_limit);
+    // What of each INC survives (is not superseded by a newer one) goes into the FULL, oldest
+    // INC first; once that is durable the INC is no longer needed: its successor, if linked, is
+    // pointed at the FULL, and it is deleted while the next one is folded. An interruption
+    // leaves the newest INCs and a FULL holding everything older: re-running converges.
+    delete_behind(dir, |deleter| {
+        let release = |i: usize| -> Result<bool> {
+            if let Some(succ) = folded.get(i + 1).or(next.as_ref()) {
+                if is_linked(succ)? {
+                    link_to(succ, &full)?;
+                }
+            }
+            Ok(deleter.send(folded[i].clone()).is_ok())
+        };
+        let last = folded.len() - 1;
+        for (i, f) in folded.iter().enumerate() {
+            // Layers count from the top: the newest INC is 0.
+            let depth = (last - i) as u32;
+            let own: Vec<Extent> = ranges
+                .iter()
+                .filter(|e| e.depth == depth)
+                .map(|e| Extent { depth: 0, ..*e })
+                .collect();
+            fold(&Disk::open_alone(f)?, &own, &mut w, &throttle)?;
+            if i < last {
+                w.flush()?;
+                if !release(i)? {
+                    return Ok(());
+                }
+            }
         }
-    }
-    for f in &folded {
-        remove_backup(f)?;
-    }
-    crate::qcow2::create::sync_parent(&full).map_err(|e| ErrorKind::Io(e).at(dir))?;
+        w.finish()?;
+        release(last)?;
+        Ok(())
+    })?;
     Ok(report)
+}
+
+/// Runs `work` with a channel of folded backup files to delete: a thread of its own deletes
+/// them in the order sent, each durably (directory synced) before the next, so an
+/// interruption leaves only the newest, whatever the file system. Deleting is slow where the
+/// file system discards the freed blocks (~30 ms per 128 MiB here) and overlaps with the
+/// folding that goes on meanwhile. A failed send means the deletion failed: `work` should
+/// stop; the deletion's error is returned after `work`'s own.
+pub fn delete_behind<T>(dir: &Path, work: impl FnOnce(&Sender<PathBuf>) -> Result<T>) -> Result<T> {
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+        let deleter = s.spawn(move || -> Result<()> {
+            for f in rx {
+                remove_backup(&f)?;
+                crate::qcow2::create::sync_parent(&f).map_err(|e| ErrorKind::Io(e).at(dir))?;
+            }
+            Ok(())
+        });
+        let done = work(&tx);
+        drop(tx);
+        let deleted = deleter.join().expect("the deleter does not panic");
+        let value = done?;
+        deleted?;
+        Ok(value)
+    })
 }
 
 /// Refuses chains in which the disk shrank: folding would have to cut the FULL, and an image
@@ -140,7 +179,11 @@ pub fn newer_than_full(disk: &Disk) -> Result<Vec<Extent>> {
 }
 
 /// Writes `ranges` of `disk` into the FULL open in `w`: data read from the INCs, zeroed
-/// ranges as zero clusters.
+/// ranges as zero clusters. The INCs are deleted after a fold, so what is copied out of them
+/// leaves the page cache step by step ([`forget_cached`]), and the FULL is written back while
+/// the copy goes on ([`Writer::write_behind`]): memory use stays flat, and the flush before the
+/// deletions finds little left (commit of 4×128 MiB here: 2.0 s of copying and 0.3 s of flush
+/// → 0.35 s in all).
 pub fn fold(disk: &Disk, ranges: &[Extent], w: &mut Writer, throttle: &Throttle) -> Result<()> {
     const STEP: u64 = 4 << 20;
     let mut buf = vec![0u8; STEP as usize];
@@ -150,20 +193,29 @@ pub fn fold(disk: &Disk, ranges: &[Extent], w: &mut Writer, throttle: &Throttle)
             throttle.pace(e.length);
             continue;
         }
-        // Uncompressed data stored in a file: copied inside the kernel.
-        if let (true, Some(host), Some(src)) = (e.data, e.offset, disk.data_file_of(e.depth)) {
-            w.copy_from(src, host, e.start, e.length)?;
-            throttle.pace(e.length);
-            continue;
-        }
-        let mut pos = e.start;
-        while pos < e.start + e.length {
-            let n = STEP.min(e.start + e.length - pos);
-            let b = &mut buf[..n as usize];
-            disk.read_at(b, pos)?;
-            w.write_at(b, pos)?;
+        // Uncompressed data stored in a file is copied inside the kernel; anything else
+        // (compressed, past the end of its file) goes through `buf`.
+        let src = match (e.data, e.offset) {
+            (true, Some(host)) => disk.data_file_of(e.depth).map(|f| (f, host)),
+            _ => None,
+        };
+        let mut done = 0;
+        while done < e.length {
+            let n = STEP.min(e.length - done);
+            match src {
+                Some((f, host)) => {
+                    w.copy_from(f, host + done, e.start + done, n)?;
+                    forget_cached(f, host + done, n);
+                }
+                None => {
+                    let b = &mut buf[..n as usize];
+                    disk.read_at(b, e.start + done)?;
+                    w.write_at(b, e.start + done)?;
+                }
+            }
+            w.write_behind();
             throttle.pace(n);
-            pos += n;
+            done += n;
         }
     }
     Ok(())
@@ -171,13 +223,7 @@ pub fn fold(disk: &Disk, ranges: &[Extent], w: &mut Writer, throttle: &Throttle)
 
 /// The backing file name and format a backup file's header names, if any.
 pub fn backing_of(path: &Path) -> Result<Option<(String, Option<String>)>> {
-    let d = Disk::open_with(
-        path,
-        &crate::qcow2::OpenOptions {
-            no_backing: true,
-            ..Default::default()
-        },
-    )?;
+    let d = Disk::open_alone(path)?;
     Ok(d.qcow2().and_then(|q| {
         q.backing_name().map(|n| {
             (

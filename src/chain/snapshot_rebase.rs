@@ -6,14 +6,14 @@
 //! writes the same data, and an existing snapshot of that name is kept.
 
 use super::commit::{
-    fold, forget_manifest, is_linked, link_to, newer_than_full, refuse_shrunk, remove_backup,
+    delete_behind, fold, forget_manifest, is_linked, link_to, newer_than_full, refuse_shrunk,
 };
 use super::error::{ChainError, Result};
 use super::info::local_time;
 use super::merge::{open_chain, restore_chain};
 use super::throttle::Throttle;
 use crate::qcow2::write::Writer;
-use crate::qcow2::{Disk, ErrorKind, Format};
+use crate::qcow2::{Disk, Format};
 use std::path::{Path, PathBuf};
 
 pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
@@ -58,13 +58,7 @@ pub fn snapshot_rebase(
     }
     let throttle = Throttle::new(opts.rate_limit);
     let has = |name: &str| -> Result<bool> {
-        let d = Disk::open_with(
-            &full,
-            &crate::qcow2::OpenOptions {
-                no_backing: true,
-                ..Default::default()
-            },
-        )?;
+        let d = Disk::open_alone(&full)?;
         Ok(d.qcow2()
             .is_some_and(|q| q.snapshots().iter().any(|s| s.name == name)))
     };
@@ -74,26 +68,30 @@ pub fn snapshot_rebase(
         w.create_snapshot(FULL_SNAPSHOT)?;
         w.finish()?;
     }
-    for (i, f) in chain.files.iter().enumerate().skip(1) {
-        let name = snapshot_name(f.epoch);
-        let pair = Disk::stack(&[full.clone(), f.path.clone()])?;
-        let ranges = newer_than_full(&pair)?;
-        let mut w = Writer::open(&full)?;
-        w.grow(pair.size())?;
-        fold(&pair, &ranges, &mut w, &throttle)?;
-        drop(pair);
-        w.flush()?;
-        if !has(&name)? {
-            w.create_snapshot(&name)?;
-        }
-        w.finish()?;
-        if let Some(next) = all.files.get(i + 1) {
-            if is_linked(&next.path)? {
-                link_to(&next.path, &full)?;
+    delete_behind(dir, |deleter| {
+        for (i, f) in chain.files.iter().enumerate().skip(1) {
+            let name = snapshot_name(f.epoch);
+            let pair = Disk::stack(&[full.clone(), f.path.clone()])?;
+            let ranges = newer_than_full(&pair)?;
+            let mut w = Writer::open(&full)?;
+            w.grow(pair.size())?;
+            fold(&pair, &ranges, &mut w, &throttle)?;
+            drop(pair);
+            w.flush()?;
+            if !has(&name)? {
+                w.create_snapshot(&name)?;
+            }
+            w.finish()?;
+            if let Some(next) = all.files.get(i + 1) {
+                if is_linked(&next.path)? {
+                    link_to(&next.path, &full)?;
+                }
+            }
+            if deleter.send(f.path.clone()).is_err() {
+                break;
             }
         }
-        remove_backup(&f.path)?;
-        crate::qcow2::create::sync_parent(&full).map_err(|e| ErrorKind::Io(e).at(dir))?;
-    }
+        Ok(())
+    })?;
     Ok(plan)
 }

@@ -159,6 +159,18 @@ impl Disk {
         Disk::open_with(path, &OpenOptions::default())
     }
 
+    /// Opens one file alone (format probed), ignoring any backing file it names: its header,
+    /// tables and own clusters.
+    pub fn open_alone(path: &Path) -> Result<Disk> {
+        Disk::open_with(
+            path,
+            &OpenOptions {
+                no_backing: true,
+                ..Default::default()
+            },
+        )
+    }
+
     pub fn open_with(path: &Path, opts: &OpenOptions) -> Result<Disk> {
         let mut images: Vec<Image> = Vec::new();
         let mut seen: Vec<PathBuf> = Vec::new();

@@ -28,6 +28,7 @@ pub mod l2;
 pub mod lock;
 pub mod mapping;
 pub mod overlap;
+pub mod pagecache;
 pub mod raw;
 pub mod refcount;
 pub mod snapshot;

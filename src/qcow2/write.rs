@@ -34,6 +34,7 @@ use super::l2::{self, CompressedDescriptor, L2Entry, L2Format, L2Table};
 use super::mapping::{self, Status};
 use super::storage::{read_exact, read_zero_padded, Storage};
 use crate::qcow2::fault::{copy_range, pwrite};
+use crate::qcow2::pagecache;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -401,6 +402,17 @@ impl Writer {
     fn write_host(&self, buf: &[u8], host: u64) -> Result<()> {
         let (path, f) = self.data_target();
         pwrite(f, buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+    }
+
+    /// Starts writing back the guest data written so far without waiting for it
+    /// ([`pagecache::start_writeback`]): a long copy then overlaps the disk's work with its
+    /// own, and the flush that ends it finds little left to do. Durability still comes only
+    /// from the flushes.
+    pub fn write_behind(&self) {
+        match &self.data {
+            Some((_, f)) => pagecache::start_writeback(f),
+            None => pagecache::start_writeback(&self.file),
+        }
     }
 
     /// Where guest data goes (the external data file, if any), flagged as about to change.
