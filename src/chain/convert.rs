@@ -155,7 +155,9 @@ fn write_qcow2(disk: &Disk, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
                 start = end;
             }
         });
-        // Consecutive in-kernel copies from one contiguous source range become one call.
+        // Consecutive in-kernel copies from one contiguous source range become one call (of
+        // at most MAX_COPY bytes, so the page cache behind it is dropped as it goes).
+        const MAX_COPY: u64 = 32 << 20;
         let mut pending: Option<(u32, u64, u64, u64)> = None;
         let copy = |w: &mut Writer, run: Option<(u32, u64, u64, u64)>| -> Result<()> {
             if let Some((depth, host, start, len)) = run {
@@ -163,6 +165,7 @@ fn write_qcow2(disk: &Disk, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
                     .data_file_of(depth)
                     .expect("copy only planned for files");
                 w.copy_from(src, host, start, len)?;
+                w.write_behind_dropping();
                 bar.inc(len);
                 throttle.pace(len);
             }
@@ -173,7 +176,10 @@ fn write_qcow2(disk: &Disk, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
                 if let Some((depth, host)) = p.copy {
                     match &mut pending {
                         Some((d, h, s, l))
-                            if *d == depth && *h + *l == host && *s + *l == p.start =>
+                            if *d == depth
+                                && *h + *l == host
+                                && *s + *l == p.start
+                                && *l < MAX_COPY =>
                         {
                             *l += p.len
                         }
@@ -192,6 +198,7 @@ fn write_qcow2(disk: &Disk, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output
                 throttle.pace(p.len);
                 pool.put(p.data);
             }
+            w.write_behind_dropping();
         }
         copy(&mut w, pending.take())
     })?;

@@ -1,14 +1,15 @@
-//! Page-cache advice for long copies between files.
+//! Page-cache advice for long copies.
 //!
-//! A fold copies hundreds of MiB out of INCs that are deleted right after, into a FULL that
-//! must be flushed before they are. Left to itself the kernel keeps every copied page of both
-//! in memory and writes nothing until the flush: the copy takes fresh memory for each page it
-//! writes (on a virtual machine whose free memory the host has reclaimed, a host page fault
-//! per page: 8× slower appends measured here), and then the flush waits for all of it at once.
-//! Two hints fix both: forget the source pages once copied, so the destination's pages are the
-//! ones just released, and start writing the destination back while the copy goes on, so the
-//! disk works in parallel with it. Both are advice: an error changes nothing, and durability
-//! still comes only from the writer's flushes.
+//! Left to itself the kernel keeps every page a copy touches in memory and writes nothing back
+//! until the final flush. For a restore tool that is wrong twice over: the copy takes fresh
+//! memory for each page it writes (on a virtual machine whose free memory the host has
+//! reclaimed, a host page fault per page: 512 MiB took 0.6–2.5 s to touch here, 0.02 s the
+//! second time) and evicts whatever the host had cached, and then the flush waits for all the
+//! data at once. Three hints fix it: forget source pages once copied when the source is about
+//! to be deleted (commit's INCs), start writing the destination back while the copy goes on,
+//! and for a file filled front to back (convert, merge) drop what has been written back, so
+//! its cache stays a bounded window whose pages are reused. All are advice: an error changes
+//! nothing, and durability still comes only from the writer's flushes.
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
@@ -31,5 +32,46 @@ pub fn start_writeback(file: &File) {
     // SAFETY: an open descriptor we borrow; offset 0 and length 0 mean the whole file.
     unsafe {
         libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+/// Keeps the page cache that a file filled front to back occupies bounded: everything up to
+/// [`DropBehind::WINDOW`] before its end is written back and dropped, the rest is being
+/// written back. A restore of hundreds of GiB then neither evicts the host's cache nor
+/// leaves all its data for the final flush, and its own pages are reused instead of fresh
+/// memory taken for each.
+#[derive(Debug, Default)]
+pub struct DropBehind {
+    /// Pages below this offset have been written back and dropped.
+    below: u64,
+}
+
+impl DropBehind {
+    pub const WINDOW: u64 = 64 << 20;
+
+    /// Called with the file's current end after writing to it.
+    pub fn advance(&mut self, file: &File, end: u64) {
+        start_writeback(file);
+        if end < self.below + 2 * Self::WINDOW {
+            return;
+        }
+        let upto = end - Self::WINDOW;
+        let (Ok(from), Ok(len)) = (i64::try_from(self.below), i64::try_from(upto - self.below))
+        else {
+            return;
+        };
+        // SAFETY: an open descriptor we borrow; the range is ours.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                from,
+                len,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            );
+        }
+        forget_cached(file, self.below, upto - self.below);
+        self.below = upto;
     }
 }

@@ -74,6 +74,7 @@ pub struct Writer {
     /// Guest data written since the last flush made it durable (in place, it changes no
     /// metadata, so only this says a flush has work to do).
     data_written: std::cell::Cell<bool>,
+    drop_behind: pagecache::DropBehind,
 }
 
 impl Writer {
@@ -138,6 +139,7 @@ impl Writer {
             ext: reader.extensions().clone(),
             ordered: true,
             data_written: std::cell::Cell::new(false),
+            drop_behind: Default::default(),
         })
     }
 
@@ -412,6 +414,18 @@ impl Writer {
         match &self.data {
             Some((_, f)) => pagecache::start_writeback(f),
             None => pagecache::start_writeback(&self.file),
+        }
+    }
+
+    /// For an image filled front to back (convert, merge): [`Writer::write_behind`], and the
+    /// data written long enough ago leaves the page cache ([`pagecache::DropBehind`]).
+    pub fn write_behind_dropping(&mut self) {
+        let f = match &self.data {
+            Some((_, f)) => f,
+            None => &self.file,
+        };
+        if let Ok(m) = f.metadata() {
+            self.drop_behind.advance(f, m.len());
         }
     }
 
