@@ -15,6 +15,7 @@ use super::throttle::Throttle;
 use crate::qcow2::create::{create_file, CreateOptions};
 use crate::qcow2::fault::pwrite;
 use crate::qcow2::header::CompressionType;
+use crate::qcow2::pagecache;
 use crate::qcow2::write::{compress_cluster, Compressed, Writer};
 use crate::qcow2::{Disk, Error, ErrorKind, OpenOptions, Result};
 use rayon::prelude::*;
@@ -335,8 +336,8 @@ fn write_raw(disk: &Disk, out: &File, dst: &Path, opts: &ConvertOptions) -> Resu
     let throttle = Throttle::new(opts.rate_limit);
     let chunks: Vec<u64> = (0..size.div_ceil(CHUNK)).map(|i| i * CHUNK).collect();
     chunks.par_iter().try_for_each_init(
-        || vec![0u8; CHUNK as usize],
-        |buf, &start| -> Result<()> {
+        || (vec![0u8; CHUNK as usize], None),
+        |(buf, behind), &start| -> Result<()> {
             let len = CHUNK.min(size - start);
             let mut extents = Vec::new();
             disk.for_each_extent(start, len, |e| {
@@ -354,6 +355,13 @@ fn write_raw(disk: &Disk, out: &File, dst: &Path, opts: &ConvertOptions) -> Resu
                     disk.read_at(slice, e.start)?;
                 }
                 write_nonzero(out, slice, e.start, sparse).map_err(at)?;
+            }
+            // This chunk starts going to disk, and this worker's previous one leaves the page
+            // cache once written: the output's cache stays two chunks per worker (see
+            // `pagecache`), however large the disk.
+            pagecache::start_writeback(out, start, len);
+            if let Some((s, l)) = behind.replace((start, len)) {
+                pagecache::drop_written(out, s, l);
             }
             bar.inc(len);
             throttle.pace(len);

@@ -26,20 +26,38 @@ pub fn forget_cached(file: &File, offset: u64, len: u64) {
     }
 }
 
-/// Starts writing back every dirty page of `file` that is not being written already, without
-/// waiting for any (`sync_file_range(SYNC_FILE_RANGE_WRITE)` over the whole file).
-pub fn start_writeback(file: &File) {
-    // SAFETY: an open descriptor we borrow; offset 0 and length 0 mean the whole file.
+/// Starts writing back the dirty pages of `len` bytes of `file` from `offset` (0: to the end)
+/// that are not being written already, without waiting for any.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    sync_range(file, offset, len, libc::SYNC_FILE_RANGE_WRITE);
+}
+
+/// Writes back `len` bytes of `file` from `offset`, waits for them, and drops their pages.
+pub fn drop_written(file: &File, offset: u64, len: u64) {
+    sync_range(
+        file,
+        offset,
+        len,
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+    );
+    forget_cached(file, offset, len);
+}
+
+fn sync_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: an open descriptor we borrow; the call does not touch memory of ours.
     unsafe {
-        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+        libc::sync_file_range(file.as_raw_fd(), offset, len, flags);
     }
 }
 
 /// Keeps the page cache that a file filled front to back occupies bounded: everything up to
 /// [`DropBehind::WINDOW`] before its end is written back and dropped, the rest is being
-/// written back. A restore of hundreds of GiB then neither evicts the host's cache nor
-/// leaves all its data for the final flush, and its own pages are reused instead of fresh
-/// memory taken for each.
+/// written back.
 #[derive(Debug, Default)]
 pub struct DropBehind {
     /// Pages below this offset have been written back and dropped.
@@ -51,27 +69,11 @@ impl DropBehind {
 
     /// Called with the file's current end after writing to it.
     pub fn advance(&mut self, file: &File, end: u64) {
-        start_writeback(file);
-        if end < self.below + 2 * Self::WINDOW {
-            return;
+        start_writeback(file, self.below, 0);
+        if end >= self.below + 2 * Self::WINDOW {
+            let upto = end - Self::WINDOW;
+            drop_written(file, self.below, upto - self.below);
+            self.below = upto;
         }
-        let upto = end - Self::WINDOW;
-        let (Ok(from), Ok(len)) = (i64::try_from(self.below), i64::try_from(upto - self.below))
-        else {
-            return;
-        };
-        // SAFETY: an open descriptor we borrow; the range is ours.
-        unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                from,
-                len,
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            );
-        }
-        forget_cached(file, self.below, upto - self.below);
-        self.below = upto;
     }
 }

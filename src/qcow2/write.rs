@@ -412,8 +412,8 @@ impl Writer {
     /// from the flushes.
     pub fn write_behind(&self) {
         match &self.data {
-            Some((_, f)) => pagecache::start_writeback(f),
-            None => pagecache::start_writeback(&self.file),
+            Some((_, f)) => pagecache::start_writeback(f, 0, 0),
+            None => pagecache::start_writeback(&self.file, 0, 0),
         }
     }
 
