@@ -17,6 +17,19 @@ fn qmprestore(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `qmprestore merge --format raw` of the chain in `dir` to `target` (a file or a device).
+fn merge_raw(dir: &Path, target: &str) -> String {
+    succeeded(qmprestore(&[
+        "merge",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--format",
+        "raw",
+        "--targetfile",
+        target,
+    ]))
+}
+
 fn sums(dir: &Path) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
         .unwrap()
@@ -54,15 +67,7 @@ fn merge_every_restore_point_in_both_layouts() {
         }
         // Raw and compressed outputs, and --until by prefix and by time.
         let raw = out.join("m.raw");
-        succeeded(qmprestore(&[
-            "merge",
-            "--dir",
-            b.dir.to_str().unwrap(),
-            "--format",
-            "raw",
-            "--targetfile",
-            raw.to_str().unwrap(),
-        ]));
+        merge_raw(&b.dir, raw.to_str().unwrap());
         assert_eq!(sha256_file(&raw), sha256_file(b.expected.last().unwrap()));
         let z = out.join("z.qcow2");
         succeeded(qmprestore(&[
@@ -778,15 +783,7 @@ fn merge_restores_straight_onto_a_block_device() {
     let Some(dev) = LoopDevice::attach(&backing) else {
         return;
     };
-    succeeded(qmprestore(&[
-        "merge",
-        "--dir",
-        b.dir.to_str().unwrap(),
-        "--format",
-        "raw",
-        "--targetfile",
-        &dev.dev,
-    ]));
+    merge_raw(&b.dir, &dev.dev);
     // A qcow2 merge needs a file.
     let o = qmprestore(&[
         "merge",
