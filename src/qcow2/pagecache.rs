@@ -11,6 +11,7 @@
 //! its cache stays a bounded window whose pages are reused. All are advice: an error changes
 //! nothing, and durability still comes only from the writer's flushes.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
 
@@ -61,19 +62,20 @@ fn sync_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) {
 #[derive(Debug, Default)]
 pub struct DropBehind {
     /// Pages below this offset have been written back and dropped.
-    below: u64,
+    below: Cell<u64>,
 }
 
 impl DropBehind {
     pub const WINDOW: u64 = 64 << 20;
 
     /// Called with the file's current end after writing to it.
-    pub fn advance(&mut self, file: &File, end: u64) {
-        start_writeback(file, self.below, 0);
-        if end >= self.below + 2 * Self::WINDOW {
+    pub fn advance(&self, file: &File, end: u64) {
+        let below = self.below.get();
+        start_writeback(file, below, 0);
+        if end >= below + 2 * Self::WINDOW {
             let upto = end - Self::WINDOW;
-            drop_written(file, self.below, upto - self.below);
-            self.below = upto;
+            drop_written(file, below, upto - below);
+            self.below.set(upto);
         }
     }
 }

@@ -411,31 +411,30 @@ impl Writer {
     /// own, and the flush that ends it finds little left to do. Durability still comes only
     /// from the flushes.
     pub fn write_behind(&self) {
-        match &self.data {
-            Some((_, f)) => pagecache::start_writeback(f, 0, 0),
-            None => pagecache::start_writeback(&self.file, 0, 0),
-        }
+        pagecache::start_writeback(self.data_file().1, 0, 0);
     }
 
     /// For an image filled front to back (convert, merge): [`Writer::write_behind`], and the
     /// data written long enough ago leaves the page cache ([`pagecache::DropBehind`]).
-    pub fn write_behind_dropping(&mut self) {
-        let f = match &self.data {
-            Some((_, f)) => f,
-            None => &self.file,
-        };
+    pub fn write_behind_dropping(&self) {
+        let f = self.data_file().1;
         if let Ok(m) = f.metadata() {
             self.drop_behind.advance(f, m.len());
         }
     }
 
-    /// Where guest data goes (the external data file, if any), flagged as about to change.
-    fn data_target(&self) -> (&Path, &File) {
-        self.data_written.set(true);
+    /// Where guest data goes: the external data file, if any, else the image.
+    fn data_file(&self) -> (&Path, &File) {
         match &self.data {
             Some((p, f)) => (p.as_path(), f),
             None => (self.path.as_path(), &self.file),
         }
+    }
+
+    /// [`Writer::data_file`], flagged as about to change.
+    fn data_target(&self) -> (&Path, &File) {
+        self.data_written.set(true);
+        self.data_file()
     }
 
     /// Writes `buf` at guest offset `offset`.
