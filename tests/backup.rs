@@ -803,9 +803,20 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
         &["backup", "-l", "full", "-t", tgt],
     );
     vm.write("-d vd0/virtio-backend", 0x45, MIB, MIB);
-    backup_ok(
-        &format!("tcp:[::1]:{port6}"),
-        &["backup", "-l", "inc", "-t", tgt],
+    // A relative target, from a working directory that is not QEMU's: QEMU must be given
+    // absolute file names (it resolves relative ones against its own directory).
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args(["--socket", &format!("tcp:[::1]:{port6}")])
+        .args(["backup", "-l", "inc", "-t", "../b"])
+        .current_dir(&elsewhere)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "relative target: {}",
+        String::from_utf8_lossy(&o.stderr)
     );
     vm.io("-d vd0/virtio-backend", "flush");
     common::run(

@@ -36,6 +36,8 @@ impl Target {
         };
         let new_month = monthly.is_some() && !root.exists();
         std::fs::create_dir_all(&root)?;
+        // QEMU opens the files we name relative to its own working directory, not ours.
+        let root = std::path::absolute(&root)?;
         Ok(Target {
             root,
             new_month,
