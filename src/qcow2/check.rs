@@ -479,7 +479,7 @@ fn apply_repairs(
     copied: &[(u64, u64)],
 ) -> Result<(u64, u64)> {
     let at = |k: ErrorKind| k.at(path);
-    let file = super::lock::open_for_write(path).map_err(at)?;
+    let (file, _ours) = super::lock::open_for_write(path).map_err(at)?;
     let mut refs = Refcounts::load(&file, h).map_err(at)?;
     let mut fixed_corruptions = 0;
     if mode == Repair::All {

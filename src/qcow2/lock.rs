@@ -13,7 +13,9 @@ use super::error::ErrorKind;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 const PERM_BASE: i64 = 100;
 const SHARED_BASE: i64 = 200;
@@ -87,16 +89,57 @@ pub fn lock_for_write(file: &File) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens `path` read-write with QEMU's write locks held (see [`lock_for_write`]).
-pub fn open_for_write(path: &Path) -> Result<File, ErrorKind> {
+/// Files (device, inode) this process holds QEMU's write locks on. A lock probe cannot tell
+/// whose lock it sees (open-file-description locks report no process), so this is how a read
+/// of an image this very process is writing (commit relinking an INC onto the FULL it folds
+/// into) knows the writer is not a running QEMU.
+static OURS: Mutex<Vec<(u64, u64)>> = Mutex::new(Vec::new());
+
+fn ours() -> std::sync::MutexGuard<'static, Vec<(u64, u64)>> {
+    OURS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn id_of(file: &File) -> io::Result<(u64, u64)> {
+    let m = file.metadata()?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// Whether this process holds the write locks on `file` (through another descriptor).
+fn held_here(file: &File) -> bool {
+    id_of(file).is_ok_and(|id| ours().contains(&id))
+}
+
+/// This process's registration of a file it holds write locks on, for as long as the file is
+/// open: keep it beside the file and drop it with it.
+#[must_use = "the registration ends when this is dropped"]
+pub struct Ours((u64, u64));
+
+impl Drop for Ours {
+    fn drop(&mut self) {
+        let mut v = ours();
+        if let Some(i) = v.iter().position(|&x| x == self.0) {
+            v.swap_remove(i);
+        }
+    }
+}
+
+/// Opens `path` read-write with QEMU's write locks held (see [`lock_for_write`]) until the
+/// file is closed.
+pub fn open_for_write(path: &Path) -> Result<(File, Ours), ErrorKind> {
     let file = File::options().read(true).write(true).open(path)?;
     lock_for_write(&file).map_err(ErrorKind::InUse)?;
-    Ok(file)
+    let id = id_of(&file)?;
+    ours().push(id);
+    Ok((file, Ours(id)))
 }
 
 /// Warns when a running QEMU writes the image we are about to read: what we read may change
-/// underneath (reading it is still allowed, as `qemu-img -U` allows it).
+/// underneath (reading it is still allowed, as `qemu-img -U` allows it). An image this
+/// process itself is writing is no surprise and gets no warning.
 pub fn warn_if_written(file: &File, path: &Path) {
+    if held_here(file) {
+        return;
+    }
     if has_writer(file).unwrap_or(false) {
         tracing::warn!(
             "{}: in use by a running QEMU (it holds the write lock): its contents may change while being read",
@@ -128,5 +171,17 @@ mod tests {
         assert!(lock_for_write(&b).unwrap_err().contains("in use"));
         drop(a);
         lock_for_write(&b).unwrap();
+    }
+
+    #[test]
+    fn our_own_write_locks_are_known_as_ours() {
+        let t = tempfile::NamedTempFile::new().unwrap();
+        let reader = File::open(t.path()).unwrap();
+        assert!(!held_here(&reader));
+        let (file, mine) = open_for_write(t.path()).unwrap();
+        assert!(held_here(&reader) && has_writer(&reader).unwrap());
+        drop(mine);
+        drop(file);
+        assert!(!held_here(&reader) && !has_writer(&reader).unwrap());
     }
 }

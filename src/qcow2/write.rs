@@ -31,6 +31,7 @@ use super::header::{self, CompressionType, Header};
 use super::image::Qcow2;
 use super::l1::{self, L1Entry};
 use super::l2::{self, CompressedDescriptor, L2Entry, L2Format, L2Table};
+use super::lock::Ours;
 use super::mapping::{self, Status};
 use super::storage::{read_exact, read_zero_padded, Storage};
 use crate::qcow2::fault::{copy_range, pwrite};
@@ -52,6 +53,8 @@ pub struct Writer {
     path: PathBuf,
     file: File,
     data: Option<(PathBuf, File)>,
+    /// The write-lock registrations of `file` and `data`.
+    _ours: Vec<Ours>,
     header: Header,
     fmt: L2Format,
     cs: u64,
@@ -99,13 +102,15 @@ impl Writer {
             super::check::repair(path, super::check::Repair::All)?;
             return Writer::open(path);
         }
-        let file = super::lock::open_for_write(path).map_err(at)?;
+        let (file, mine) = super::lock::open_for_write(path).map_err(at)?;
+        let mut ours = vec![mine];
         refuse_corruptions(path)?;
         let data = match reader.data_file() {
-            Some(d) => Some((
-                d.path.clone(),
-                super::lock::open_for_write(&d.path).map_err(|k| k.at(&d.path))?,
-            )),
+            Some(d) => {
+                let (f, mine) = super::lock::open_for_write(&d.path).map_err(|k| k.at(&d.path))?;
+                ours.push(mine);
+                Some((d.path.clone(), f))
+            }
             None => None,
         };
         let backing = match reader.backing_name() {
@@ -123,6 +128,7 @@ impl Writer {
             path: path.to_path_buf(),
             file,
             data,
+            _ours: ours,
             fmt: L2Format::of(&h),
             cs: h.cluster_size(),
             header: h,
@@ -281,10 +287,8 @@ impl Writer {
             let (st, n) = self.status(off, max)?;
             let dst = &mut buf[pos..pos + n as usize];
             match st {
-                Status::Data { host } => {
-                    let f = self.data.as_ref().map_or(&self.file, |(_, f)| f);
-                    read_zero_padded(f, dst, host).map_err(|e| self.at(e.into()))?
-                }
+                Status::Data { host } => read_zero_padded(self.data_file().1, dst, host)
+                    .map_err(|e| self.at(e.into()))?,
                 Status::Zero { .. } => dst.fill(0),
                 Status::Unallocated { .. } => match &self.backing {
                     Some(b) => b.read_at(dst, off)?,
