@@ -211,3 +211,53 @@ fn help_has_examples_and_exit_codes() {
         assert!(h.contains("Example"), "{cmd} --help has no example");
     }
 }
+
+/// `cmd` (a shell command line) run under a pseudo-terminal by util-linux `script`: what the
+/// terminal showed.
+fn on_a_terminal(cmd: &str) -> String {
+    let o = Command::new("script")
+        .args(["-qec", cmd, "/dev/null"])
+        .output()
+        .expect("script (util-linux) runs commands on a pseudo-terminal");
+    assert!(o.status.success(), "{cmd}: {o:?}");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A copy of the bundled sample chain in a new temporary directory.
+fn sample_copy() -> (tempfile::TempDir, String) {
+    let t = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(sample_chain().join("disk.qcow2")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, t.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let d = t.path().display().to_string();
+    (t, d)
+}
+
+#[test]
+fn progress_bars_show_on_a_terminal_only() {
+    let bin = env!("CARGO_BIN_EXE_qmprestore");
+    let (_t, d) = sample_copy();
+    let o = tempfile::tempdir().unwrap();
+    let out = o.path().join("m.qcow2").display().to_string();
+    let shown = on_a_terminal(&format!("{bin} merge -p --dir {d} --targetfile {out}"));
+    assert!(
+        shown.contains("convert [") && shown.contains("MiB"),
+        "{shown:?}"
+    );
+    let shown = on_a_terminal(&format!("{bin} commit -p --dir {d}"));
+    assert!(
+        shown.contains("commit [") && shown.contains("folded"),
+        "{shown:?}"
+    );
+    let (_t, d) = sample_copy();
+    let shown = on_a_terminal(&format!("{bin} snapshotrebase -p --dir {d}"));
+    assert!(shown.contains("snapshotrebase ["), "{shown:?}");
+    // Piped: no bar, even when asked for. Nor a warning that the FULL, which commit itself
+    // holds the write lock on while relinking the INCs, is in use by a running QEMU.
+    let (_t, d) = sample_copy();
+    let o = qmprestore(&["commit", "-p", "--dir", &d]);
+    stdout(&o);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(!log.contains('[') && !log.contains("running QEMU"), "{log}");
+}

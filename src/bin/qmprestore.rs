@@ -158,6 +158,7 @@ The chain is the latest FULL and the INCs after it, in the order of the epochs i
         /// Replace an existing target file.
         #[arg(long)]
         force: bool,
+        /// Show a progress bar (on a terminal).
         #[arg(short = 'p', long)]
         progress: bool,
     },
@@ -174,6 +175,9 @@ it again. INCs after the restore point stay valid (the next one is re-linked to 
         /// Print what would be folded and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Show a progress bar (on a terminal).
+        #[arg(short = 'p', long)]
+        progress: bool,
     },
     /// Fold each INC into the FULL and keep every backup as an internal snapshot.
     #[command(
@@ -188,8 +192,12 @@ The FULL gets the snapshot FULL-BACKUP, then one snapshot per INC named after it
     SnapshotRebase {
         #[command(flatten)]
         chain: ChainArgs,
+        /// Print the snapshots that would be made and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Show a progress bar (on a terminal).
+        #[arg(short = 'p', long)]
+        progress: bool,
     },
     /// Link every INC to its predecessor in place and point `image` at the restore point.
     #[command(after_help = "Example:
@@ -585,13 +593,18 @@ fn run(command: Command) -> Result<ExitCode> {
                 eprintln!("merged {}", f.display());
             }
         }
-        Command::Commit { chain, dry_run } => {
+        Command::Commit {
+            chain,
+            dry_run,
+            progress,
+        } => {
             let r = commit::commit(
                 &chain.dir,
                 &CommitOptions {
                     select: chain.select(),
                     dry_run,
                     rate_limit: chain.rate_limit,
+                    progress,
                 },
             )?;
             let verb = if dry_run { "would fold" } else { "folded" };
@@ -614,13 +627,18 @@ fn run(command: Command) -> Result<ExitCode> {
                 if dry_run { "to write" } else { "written" }
             )?;
         }
-        Command::SnapshotRebase { chain, dry_run } => {
+        Command::SnapshotRebase {
+            chain,
+            dry_run,
+            progress,
+        } => {
             let plan = snapshot_rebase::snapshot_rebase(
                 &chain.dir,
                 &SnapshotRebaseOptions {
                     select: chain.select(),
                     dry_run,
                     rate_limit: chain.rate_limit,
+                    progress,
                 },
             )?;
             for (snap, inc) in plan {

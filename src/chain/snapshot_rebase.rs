@@ -22,6 +22,8 @@ pub struct SnapshotRebaseOptions {
     pub select: super::merge::ChainSelect,
     pub dry_run: bool,
     pub rate_limit: Option<u64>,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
 }
 
 /// Snapshot name for a backup taken at `epoch`.
@@ -57,6 +59,8 @@ pub fn snapshot_rebase(
         return Ok(plan);
     }
     let throttle = Throttle::new(opts.rate_limit);
+    // Its length grows as each INC's ranges are known.
+    let bar = super::progress::bytes(0, "snapshotrebase", opts.progress);
     let has = |name: &str| -> Result<bool> {
         let d = Disk::open_alone(&full)?;
         Ok(d.qcow2()
@@ -73,9 +77,10 @@ pub fn snapshot_rebase(
             let name = snapshot_name(f.epoch);
             let pair = Disk::stack(&[full.clone(), f.path.clone()])?;
             let ranges = newer_than_full(&pair)?;
+            bar.inc_length(ranges.iter().map(|e| e.length).sum());
             let mut w = Writer::open(&full)?;
             w.grow(pair.size())?;
-            fold(&pair, &ranges, &mut w, &throttle)?;
+            fold(&pair, &ranges, &mut w, &throttle, &bar)?;
             drop(pair);
             w.flush()?;
             if !has(&name)? {
@@ -93,5 +98,6 @@ pub fn snapshot_rebase(
         }
         Ok(())
     })?;
+    bar.finish_and_clear();
     Ok(plan)
 }
