@@ -798,9 +798,29 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
     vm.write("-d vd0/virtio-backend", 0x44, 0, MIB);
     let target = dir.join("b");
     let tgt = target.to_str().unwrap();
-    backup_ok(
+    // Direct I/O for the target (the original's --blockdev-disable-cache did nothing): the
+    // target node asks QEMU for cache.direct, the fleece node does not.
+    let log = backup_ok(
         &format!("tcp:127.0.0.1:{port4}"),
-        &["backup", "-l", "full", "-t", tgt],
+        &[
+            "--debug",
+            "backup",
+            "-l",
+            "full",
+            "--blockdev-disable-cache",
+            "-t",
+            tgt,
+        ],
+    );
+    let adds: Vec<&str> = log.lines().filter(|l| l.contains("blockdev-add")).collect();
+    let direct = |kind: &str| {
+        adds.iter()
+            .filter(|l| l.contains(kind))
+            .all(|l| l.contains(r#""cache":{"direct":true}"#))
+    };
+    assert!(
+        adds.iter().any(|l| l.contains(".partial")) && direct(".partial") && !direct("fleece"),
+        "{adds:#?}"
     );
     vm.write("-d vd0/virtio-backend", 0x45, MIB, MIB);
     // A relative target, from a working directory that is not QEMU's: QEMU must be given

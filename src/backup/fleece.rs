@@ -42,13 +42,25 @@ pub fn names(tag: &str, index: usize, device: &str) -> (String, String, String, 
     )
 }
 
+/// How QEMU opens a backup target's file.
+#[derive(Debug, Clone, Default)]
+pub struct FileIo {
+    /// `aio` of the file node (threads, io_uring); QEMU's default when absent.
+    pub aio: Option<String>,
+    /// Direct I/O (`cache.direct`): the data bypasses the host's page cache.
+    pub direct: bool,
+}
+
 /// `blockdev-add` arguments for an image file opened without its backing chain.
-pub fn image_node(node: &str, path: &Path, format: &str, aio: Option<&str>) -> Value {
+pub fn image_node(node: &str, path: &Path, format: &str, io: &FileIo) -> Value {
     let mut file = json!({"driver": "file", "filename": path.to_string_lossy()});
-    if let Some(aio) = aio {
+    if let Some(aio) = &io.aio {
         file["aio"] = json!(aio);
     }
     let mut v = json!({"driver": format, "node-name": node, "file": file});
+    if io.direct {
+        v["cache"] = json!({"direct": true});
+    }
     if format == "qcow2" {
         v["backing"] = Value::Null;
         v["discard"] = json!("unmap");

@@ -53,7 +53,8 @@ pub struct Options {
     pub compress: bool,
     pub uuid: Option<String>,
     pub remove_delay: Duration,
-    pub aio: Option<String>,
+    /// How QEMU opens the backup targets.
+    pub target_io: fleece::FileIo,
     pub fleece_dir: Option<PathBuf>,
 }
 
@@ -278,15 +279,23 @@ impl Run<'_> {
             self.qmp.execute("stop", json!({}))?;
             self.paused_by_us = true;
         }
-        let aio = self.opts.aio.as_deref();
         for i in 0..self.disks.len() {
             let d = &self.disks[i];
-            let target =
-                fleece::image_node(&d.rec.target_node, &d.rec.partial, d.target_format, aio);
+            let target = fleece::image_node(
+                &d.rec.target_node,
+                &d.rec.partial,
+                d.target_format,
+                &self.opts.target_io,
+            );
             self.qmp.execute("blockdev-add", target)?;
             self.disks[i].target_added = true;
             let d = &self.disks[i];
-            let fl = fleece::image_node(&d.rec.fleece_node, &d.rec.fleece, "qcow2", None);
+            let fl = fleece::image_node(
+                &d.rec.fleece_node,
+                &d.rec.fleece,
+                "qcow2",
+                &Default::default(),
+            );
             self.qmp.execute("blockdev-add", fl)?;
             self.disks[i].fleece_added = true;
             let cbw = fleece::cbw_node(&self.disks[i].rec, self.opts.cbw_timeout);

@@ -4,6 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use qmpbackup::backup::device::Selection;
+use qmpbackup::backup::fleece::FileIo;
 use qmpbackup::backup::job::Progress;
 use qmpbackup::backup::plan::Requested;
 use qmpbackup::backup::run::{self, Options};
@@ -161,8 +162,10 @@ struct BackupArgs {
     /// aio mode of the target's file node.
     #[arg(long, value_enum, default_value = "threads")]
     blockdev_aio: Aio,
-    /// Accepted for compatibility; the original's option changed nothing either.
-    #[arg(long, hide = true)]
+    /// Write the backup with direct I/O (QEMU's cache.direct): nightly backups then do not
+    /// push what the host had cached out of its page cache. The target's file system must
+    /// support O_DIRECT. (The original's option of this name changed nothing.)
+    #[arg(long)]
     blockdev_disable_cache: bool,
     /// Directory for the temporary fleecing images (default: TARGET/.fleece).
     #[arg(long)]
@@ -236,10 +239,13 @@ fn run(cli: Cli) -> Result<()> {
                 compress: a.compress,
                 uuid: a.uuid,
                 remove_delay: Duration::from_secs(a.remove_delay),
-                aio: Some(match a.blockdev_aio {
-                    Aio::Threads => "threads".into(),
-                    Aio::IoUring => "io_uring".into(),
-                }),
+                target_io: FileIo {
+                    aio: Some(match a.blockdev_aio {
+                        Aio::Threads => "threads".into(),
+                        Aio::IoUring => "io_uring".into(),
+                    }),
+                    direct: a.blockdev_disable_cache,
+                },
                 fleece_dir: a.fleece_dir,
             };
             let done = run::run(&mut qmp, &opts, &interrupted)?;
