@@ -176,6 +176,9 @@ if [ -z "$filter" ] || [[ backup == *$filter* ]]; then
         compare "backup full (${data_mib} MiB) vs cp" bk \
             "$backup --socket $work/qmp.sock backup -l full --uuid bench -t $work/bk" \
             "cp img.qcow2 bk" 2>/dev/null
+        compare "  same, --blockdev-disable-cache" bk \
+            "$backup --socket $work/qmp.sock backup -l full --blockdev-disable-cache --uuid bench -t $work/bk" \
+            "cp img.qcow2 bk" 2>/dev/null
         kill "$(cat qemu.pid)"
     else
         echo "backup: skipped (no qemu-system-x86_64; scripts/install-qemu-system installs it)"
