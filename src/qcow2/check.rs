@@ -262,17 +262,21 @@ impl Walk<'_> {
 
 /// Checks an image; `Err` only when it cannot be checked at all (unreadable header).
 pub fn check(path: &Path) -> Result<CheckReport> {
-    run(path, None)
+    check_open(&Qcow2::open(path)?, path)
+}
+
+/// [`check`] of the image at `path`, already open as `q`.
+pub fn check_open(q: &Qcow2, path: &Path) -> Result<CheckReport> {
+    run(q, path, None)
 }
 
 /// Checks and repairs an image in place; the report counts what was found and fixed.
 pub fn repair(path: &Path, mode: Repair) -> Result<CheckReport> {
-    run(path, Some(mode))
+    run(&Qcow2::open(path)?, path, Some(mode))
 }
 
-fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
+fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     let at = |k: ErrorKind| k.at(path);
-    let q = Qcow2::open(path)?;
     let file = File::open(path).map_err(|e| at(e.into()))?;
     let h = q.header().clone();
     let cs = h.cluster_size();
@@ -285,7 +289,7 @@ fn run(path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
         ))));
     }
     let mut w = Walk {
-        q: &q,
+        q,
         file: &file,
         cs,
         refs: vec![0; nb as usize],

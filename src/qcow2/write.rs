@@ -104,7 +104,7 @@ impl Writer {
         }
         let (file, mine) = super::lock::open_for_write(path).map_err(at)?;
         let mut ours = vec![mine];
-        refuse_corruptions(path)?;
+        refuse_corruptions(&reader, path)?;
         let data = match reader.data_file() {
             Some(d) => {
                 let (f, mine) = super::lock::open_for_write(&d.path).map_err(|k| k.at(&d.path))?;
@@ -940,8 +940,8 @@ impl Writer {
 /// other structures (QEMU catches some of this with overlap checks at write time; checking
 /// first, metadata only, catches all of it before anything is touched). Leaked clusters are
 /// harmless and allowed: an interrupted write leaves them.
-fn refuse_corruptions(path: &Path) -> Result<()> {
-    let report = super::check::check(path)?;
+fn refuse_corruptions(reader: &Qcow2, path: &Path) -> Result<()> {
+    let report = super::check::check_open(reader, path)?;
     if report.corruptions == 0 && report.check_errors == 0 {
         return Ok(());
     }
