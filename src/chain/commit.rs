@@ -65,13 +65,10 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
         )));
     }
     refuse_shrunk(&disk)?;
-    let relink = match &next {
-        Some(n) => Disk::open_alone(n)?
-            .qcow2()
-            .and_then(|q| q.backing_name().map(|_| n.clone())),
-        None => None,
+    report.relinked = match &next {
+        Some(n) if is_linked(n)? => Some(n.clone()),
+        _ => None,
     };
-    report.relinked = relink.clone();
     let ranges = newer_than_full(&disk)?;
     report.bytes = ranges.iter().map(|e| e.length).sum();
     if opts.dry_run {
