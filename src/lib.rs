@@ -6,5 +6,6 @@
 
 pub mod backup;
 pub mod chain;
+pub mod cli;
 pub mod qcow2;
 pub mod qmp;

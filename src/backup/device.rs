@@ -192,16 +192,34 @@ pub struct Selection {
 }
 
 impl Selection {
-    /// Whether `d` is selected; `include`/`exclude` match the device or the node name.
     pub fn wants(&self, d: &Device) -> bool {
+        self.left_out(d).is_none()
+    }
+
+    /// Why `d` is not backed up, in the original's log words (a raw disk's reason is worth a
+    /// warning: it is data left out by default), or `None` when it is.
+    pub fn left_out(&self, d: &Device) -> Option<(tracing::Level, String)> {
         let named = |list: &[String]| list.iter().any(|n| *n == d.name || *n == d.node);
+        let what = format!("[{}:{}]", d.name, d.filename);
         if !self.include.is_empty() && !named(&self.include) {
-            return false;
+            return Some((
+                tracing::Level::INFO,
+                format!("Device not in included disk list, ignoring: {what}"),
+            ));
         }
         if named(&self.exclude) {
-            return false;
+            return Some((
+                tracing::Level::INFO,
+                format!("Excluding device from backup: {what}"),
+            ));
         }
-        !d.is_raw() || self.include_raw || d.is_pflash() || named(&self.include)
+        if d.is_raw() && !self.include_raw && !d.is_pflash() && !named(&self.include) {
+            return Some((
+                tracing::Level::WARN,
+                format!("Excluding device with raw format from backup: {what}"),
+            ));
+        }
+        None
     }
 }
 

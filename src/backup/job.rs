@@ -63,7 +63,7 @@ pub fn wait(
     let mut next_log = Instant::now() + progress.interval;
     while jobs.iter().any(|j| j.outcome.is_none()) {
         if interrupted.load(Ordering::SeqCst) && cancel_sent.is_none() {
-            tracing::warn!("signal received: cancelling the backup jobs");
+            tracing::info!("Received signal, wait until all jobs have been cancelled.");
             for j in jobs.iter().filter(|j| j.outcome.is_none()) {
                 if let Err(e) =
                     qmp.execute("block-job-cancel", json!({"device": j.id, "force": true}))
@@ -112,10 +112,14 @@ pub fn wait(
                                 job.label
                             ))
                         } else {
+                            tracing::info!("Block job [{}] finished", job.id);
                             Ok(())
                         }
                     }
                 });
+                if let Some(Err(e)) = &job.outcome {
+                    tracing::error!("Block job [{}] failed: {e}", job.id);
+                }
             }
             "BLOCK_JOB_CANCELLED" => {
                 let by = if cancel_sent.is_some() {
@@ -123,10 +127,11 @@ pub fn wait(
                 } else {
                     "by someone else"
                 };
+                tracing::error!("Block job [{}] cancelled.", job.id);
                 job.outcome = Some(Err(format!("{}: backup job was cancelled {by}", job.label)));
             }
             "BLOCK_JOB_ERROR" => {
-                tracing::warn!("{}: I/O error ({})", job.label, event.data);
+                tracing::error!("Block job [{}] failed. ({}: I/O error {})", job.id, job.label, event.data);
             }
             "JOB_STATUS_CHANGE" if event.str("status") == Some("null") && job.outcome.is_none() => {
                 job.outcome = Some(Err(format!(
@@ -147,6 +152,9 @@ pub fn wait(
     }
     if cancel_sent.is_some() {
         return Err(BackupError::Interrupted);
+    }
+    if jobs.iter().all(|j| matches!(j.outcome, Some(Ok(())))) {
+        tracing::info!("Backup for all [{}] devices finished.", jobs.len());
     }
     let failures: Vec<String> = jobs
         .into_iter()
@@ -176,9 +184,9 @@ fn poll(qmp: &mut Qmp, jobs: &mut [Job], log: bool) -> Result<()> {
         }
         if log && job.bar.is_none() && len > 0 {
             tracing::info!(
-                "{}: {:.1}% ({offset} of {len} bytes)",
-                job.label,
-                offset as f64 * 100.0 / len as f64
+                "[{}] Wrote Offset: {}% ({offset} of {len})",
+                job.id,
+                (offset as f64 * 100.0 / len as f64).round()
             );
         }
     }

@@ -5,7 +5,8 @@
 //! files (compatible with the original tool), [`fleece`] builds the block-graph changes,
 //! [`job`] waits for the jobs, [`state`] guards the target directory and records what a run
 //! has created, and [`run`] puts them in the order that makes the backup exact and safe.
-//! [`admin`] holds the `info` and `cleanup` commands.
+//! [`admin`] holds the `info` and `cleanup` commands, [`vm`] the pre-flight all commands share,
+//! [`log`] the log in the original's format.
 
 pub mod admin;
 pub mod device;
@@ -14,8 +15,10 @@ pub mod fleece;
 pub mod fuzz;
 pub mod job;
 pub mod layout;
+pub mod log;
 pub mod plan;
 pub mod run;
 pub mod state;
+pub mod vm;
 
 pub use error::{BackupError, Result};

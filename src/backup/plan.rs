@@ -10,6 +10,7 @@
 
 use super::device::Device;
 use super::layout::Level;
+use std::path::PathBuf;
 
 /// The level asked for on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,13 +24,19 @@ pub enum Requested {
 /// What is known about one disk's chain before the run.
 #[derive(Debug, Default)]
 pub struct ChainState {
+    /// The folder that holds the disk's backups.
+    pub dir: PathBuf,
     /// The chain id in the target directory.
     pub uuid: Option<String>,
     /// `--monthly` started a new month.
     pub new_month: bool,
     /// Name and virtual size of the newest file of the current chain (FULL or INC).
     pub last: Option<(String, u64)>,
-    /// Partial files an unknown run left (quarantined now).
+    /// `*.partial` files in the folder, whatever their names, that no interrupted run of ours
+    /// left (those are removed): another tool's run that may have cleared the bitmap, or
+    /// anything else. As in the original, every one blocks an incremental.
+    pub partials: Vec<String>,
+    /// Partial files set aside earlier that are newer than the chain's FULL.
     pub foreign_partials: Vec<String>,
 }
 
@@ -41,7 +48,104 @@ pub struct Decision {
     /// The file an INC builds on.
     pub parent: Option<String>,
     /// Why `auto` chose a full backup.
-    pub reason: Option<String>,
+    pub reason: Option<NoInc>,
+}
+
+/// Why a disk cannot have an incremental backup now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoInc {
+    NoChain,
+    NewMonth,
+    /// A partial file in the folder.
+    Partial(String),
+    /// A partial file set aside earlier, newer than the chain's FULL.
+    ForeignPartial(String),
+    NoFull,
+    BitmapMissing { name: String, cannot_persist: bool },
+    BitmapInconsistent(String),
+    BitmapBusy(String),
+    BitmapDisabled(String),
+    Resized { from: u64, to: u64, since: String },
+}
+
+impl std::fmt::Display for NoInc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoInc::NoChain => write!(f, "no chain in the target directory yet (no uuid file)"),
+            NoInc::NewMonth => write!(f, "a new month started (--monthly)"),
+            NoInc::Partial(p) => write!(
+                f,
+                "partial backup {p} found: an interrupted run may have cleared the bitmap"
+            ),
+            NoInc::ForeignPartial(p) => write!(
+                f,
+                "partial backup {p} of an interrupted run by another tool: its bitmap may have been cleared"
+            ),
+            NoInc::NoFull => write!(f, "no FULL backup of this disk in the target directory"),
+            NoInc::BitmapMissing {
+                name,
+                cannot_persist,
+            } => {
+                write!(f, "dirty bitmap {name} is missing")?;
+                if *cannot_persist {
+                    write!(f, " (this disk's bitmaps cannot be persistent, as it is not a qcow2 v3 image: they vanish when QEMU restarts)")?;
+                }
+                Ok(())
+            }
+            NoInc::BitmapInconsistent(b) => write!(
+                f,
+                "dirty bitmap {b} is inconsistent (QEMU did not shut down cleanly)"
+            ),
+            NoInc::BitmapBusy(b) => write!(f, "dirty bitmap {b} is in use by another job"),
+            NoInc::BitmapDisabled(b) => write!(f, "dirty bitmap {b} is disabled"),
+            NoInc::Resized { from, to, since } => write!(
+                f,
+                "the disk was resized ({from} -> {to} bytes) since {since}"
+            ),
+        }
+    }
+}
+
+impl NoInc {
+    /// The refusal of `--level inc`: the original's message where it had one (scripts grep
+    /// those), followed by ours.
+    fn refusal(&self, dev: &Device, st: &ChainState) -> String {
+        let dir = st.dir.display();
+        let original = match self {
+            NoInc::NoChain => Some(format!(
+                "Unable to get UUID for incremental backup: [Failed to read file [{}]]",
+                st.dir.parent().unwrap_or(&st.dir).join("uuid").display()
+            )),
+            NoInc::Partial(_) | NoInc::ForeignPartial(_) => Some(format!(
+                "Partial backup found in [{dir}], possible broken backup chain. Execute new full backup"
+            )),
+            NoInc::NoFull => Some(format!(
+                "No full backup found for device [{}:{}] in [{dir}]: Execute full backup first.",
+                dev.node,
+                dev.basename()
+            )),
+            NoInc::BitmapMissing { .. } => Some(format!(
+                "[{}:{}] Incremental backup requested but no active bitmap has been found.",
+                dev.node, dev.filename
+            )),
+            NoInc::BitmapInconsistent(_) | NoInc::BitmapBusy(_) | NoInc::BitmapDisabled(_) => {
+                Some(format!(
+                    "Bitmap for device [{}:{}] is not in state ready for backup.",
+                    dev.node,
+                    dev.basename()
+                ))
+            }
+            NoInc::NewMonth | NoInc::Resized { .. } => None,
+        };
+        let ours = format!(
+            "{}: incremental backup impossible: {self}; take a full backup (--level full or auto)",
+            dev.name
+        );
+        match original {
+            Some(o) => format!("{o} ({ours})"),
+            None => ours,
+        }
+    }
 }
 
 /// The chain bitmap's name for chain `uuid`.
@@ -60,48 +164,37 @@ pub fn chain_bitmap<'a>(dev: &'a Device, uuid: &str) -> Option<&'a super::device
 }
 
 /// Why an incremental backup of `dev` is not possible, or the bitmap and parent it uses.
-fn incremental(dev: &Device, st: &ChainState) -> Result<(String, String), String> {
-    let uuid = st
-        .uuid
-        .as_deref()
-        .ok_or("no chain in the target directory yet (no uuid file)")?;
+fn incremental(dev: &Device, st: &ChainState) -> Result<(String, String), NoInc> {
+    let uuid = st.uuid.as_deref().ok_or(NoInc::NoChain)?;
     if st.new_month {
-        return Err("a new month started (--monthly)".into());
+        return Err(NoInc::NewMonth);
+    }
+    if let Some(p) = st.partials.first() {
+        return Err(NoInc::Partial(p.clone()));
     }
     if let Some(p) = st.foreign_partials.first() {
-        return Err(format!(
-            "partial backup {p} of an interrupted run by another tool: its bitmap may have been cleared"
-        ));
+        return Err(NoInc::ForeignPartial(p.clone()));
     }
-    let (parent, size) = st
-        .last
-        .clone()
-        .ok_or("no FULL backup of this disk in the target directory")?;
-    let b = chain_bitmap(dev, uuid).ok_or_else(|| {
-        let why = if !dev.can_persist_bitmaps() {
-            " (this disk's bitmaps cannot be persistent, as it is not a qcow2 v3 image: they vanish when QEMU restarts)"
-        } else {
-            ""
-        };
-        format!("dirty bitmap {} is missing{why}", bitmap_name(uuid))
+    let (parent, size) = st.last.clone().ok_or(NoInc::NoFull)?;
+    let b = chain_bitmap(dev, uuid).ok_or_else(|| NoInc::BitmapMissing {
+        name: bitmap_name(uuid),
+        cannot_persist: !dev.can_persist_bitmaps(),
     })?;
     if b.inconsistent {
-        return Err(format!(
-            "dirty bitmap {} is inconsistent (QEMU did not shut down cleanly)",
-            b.name
-        ));
+        return Err(NoInc::BitmapInconsistent(b.name.clone()));
     }
     if b.busy {
-        return Err(format!("dirty bitmap {} is in use by another job", b.name));
+        return Err(NoInc::BitmapBusy(b.name.clone()));
     }
     if !b.recording {
-        return Err(format!("dirty bitmap {} is disabled", b.name));
+        return Err(NoInc::BitmapDisabled(b.name.clone()));
     }
     if size != dev.virtual_size {
-        return Err(format!(
-            "the disk was resized ({size} -> {} bytes) since {parent}",
-            dev.virtual_size
-        ));
+        return Err(NoInc::Resized {
+            from: size,
+            to: dev.virtual_size,
+            since: parent,
+        });
     }
     Ok((b.name.clone(), parent))
 }
@@ -129,10 +222,7 @@ pub fn decide(req: Requested, dev: &Device, st: &ChainState) -> Result<Decision,
                 reason: None,
             }),
             Err(why) if req == Requested::Auto => Ok(full(Some(why))),
-            Err(why) => Err(format!(
-                "{}: incremental backup impossible: {why}; take a full backup (--level full or auto)",
-                dev.name
-            )),
+            Err(why) => Err(why.refusal(dev, st)),
         },
     }
 }
@@ -250,6 +340,16 @@ mod tests {
                 ChainState {
                     uuid: Some("u1".into()),
                     last: good.last.clone(),
+                    partials: vec!["FULL-bar.partial".into()],
+                    ..Default::default()
+                },
+                "FULL-bar.partial",
+            ),
+            (
+                dev(vec![bm(false, true)]),
+                ChainState {
+                    uuid: Some("u1".into()),
+                    last: good.last.clone(),
                     new_month: true,
                     ..Default::default()
                 },
@@ -260,7 +360,7 @@ mod tests {
             let auto = decide(Requested::Auto, &d, &st).unwrap();
             assert_eq!(auto.level, Level::Full);
             assert!(
-                auto.reason.as_deref().unwrap().contains(why),
+                auto.reason.as_ref().unwrap().to_string().contains(why),
                 "{auto:?} / {why}"
             );
             let inc = decide(Requested::Inc, &d, &st).unwrap_err();

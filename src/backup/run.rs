@@ -24,6 +24,7 @@ use super::fleece;
 use super::job::{self, Progress};
 use super::layout::{self, Level, Target};
 use super::plan::{self, ChainState, Decision, Requested};
+use super::vm::VmState;
 use super::state::{DiskRecord, RunLock, RunRecord};
 use crate::chain::dir::BackupDir;
 use crate::chain::manifest::{self, Manifest};
@@ -56,6 +57,9 @@ pub struct Options {
     /// How QEMU opens the backup targets.
     pub target_io: fleece::FileIo,
     pub fleece_dir: Option<PathBuf>,
+    /// INC files name their predecessor as backing file (`--link-incs`). The original's
+    /// restore procedures need standalone INCs, the default.
+    pub link_incs: bool,
 }
 
 /// What one disk's backup produced.
@@ -67,6 +71,14 @@ pub struct DiskOutcome {
     pub size: u64,
     /// Why `auto` took a full backup.
     pub reason: Option<String>,
+}
+
+/// A disk whose level is decided.
+struct Planned {
+    dev: Device,
+    name: String,
+    dir: PathBuf,
+    decision: Decision,
 }
 
 /// One disk in a run.
@@ -93,25 +105,31 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Runs a backup over `qmp`. `interrupted` is set by the SIGINT/SIGTERM handler.
-pub fn run(qmp: &mut Qmp, opts: &Options, interrupted: &AtomicBool) -> Result<Vec<DiskOutcome>> {
-    let status = qmp.execute("query-status", json!({}))?;
-    let status = status["status"].as_str().unwrap_or("").to_string();
-    if !matches!(
-        status.as_str(),
-        "running" | "prelaunch" | "paused" | "suspended"
-    ) {
-        return Err(BackupError::Refused(format!(
-            "VM is in state '{status}': backups need it running, paused or prelaunch"
-        )));
-    }
-    tracing::info!("QEMU {} {}, VM {status}", qmp.version, qmp.package);
-    warn_tpm(qmp);
-
+/// Runs a backup over `qmp` of a VM whose pre-flight gave `vm`. `interrupted` is set by the
+/// SIGINT/SIGTERM handler.
+pub fn run(
+    qmp: &mut Qmp,
+    opts: &Options,
+    vm: &VmState,
+    interrupted: &AtomicBool,
+) -> Result<Vec<DiskOutcome>> {
     let epoch_now = now();
     let month = opts.monthly.then(|| layout::month_of(epoch_now));
     let target = Target::prepare(&opts.target, month.as_deref(), opts.subdirs)
         .map_err(BackupError::io(&opts.target))?;
+    if target.new_month {
+        tracing::info!(
+            "New monthly directory will be created: {}",
+            target.root.display()
+        );
+    }
+    tracing::info!("Backup target directory: {}", target.root.display());
+    if opts.compress {
+        tracing::info!("Enabling compress option for backup operation.");
+    }
+    if opts.selection.include_raw {
+        tracing::info!("Including raw devices in backup operation.");
+    }
     let mut lock = RunLock::acquire(&target.root).map_err(BackupError::io(&target.root))?;
     let ours: Vec<PathBuf> = match lock.stale.take() {
         Some(stale) => recover(qmp, &stale, &mut lock)?,
@@ -123,6 +141,7 @@ pub fn run(qmp: &mut Qmp, opts: &Options, interrupted: &AtomicBool) -> Result<Ve
     let existing_uuid = target.uuid().map_err(BackupError::io(target.uuid_path()))?;
     let mut disks = Vec::new();
     let mut refusals = Vec::new();
+    let mut set_aside = Vec::new();
     for (dev, name) in devices {
         let dir = target.disk_dir(&name);
         std::fs::create_dir_all(&dir).map_err(BackupError::io(&dir))?;
@@ -132,21 +151,55 @@ pub fn run(qmp: &mut Qmp, opts: &Options, interrupted: &AtomicBool) -> Result<Ve
                 if let Some(why) = &decision.reason {
                     tracing::warn!("{}: taking a full backup: {why}", dev.name);
                 }
-                disks.push((dev, name, dir, decision));
+                set_aside.extend(state.partials.iter().map(|p| dir.join(p)));
+                disks.push(Planned {
+                    dev,
+                    name,
+                    dir,
+                    decision,
+                });
             }
             Err(e) => refusals.push(e),
         }
     }
     if !refusals.is_empty() {
+        // Nothing moved: the partial files stay for whoever looks at the folder next (the
+        // restore commands refuse it too, as the original's did).
         return Err(BackupError::Refused(refusals.join("\n")));
+    }
+    if opts.level == Requested::Auto {
+        let level = |l| disks.iter().all(|d| d.decision.level == l);
+        tracing::info!(
+            "Auto backup mode set to: {}",
+            if level(Level::Inc) { "inc" } else if level(Level::Full) { "full" } else { "inc, full for some disks" }
+        );
+    }
+    // A new FULL or COPY starts afresh: the partial files before it are set aside (the
+    // original's stayed and blocked every later incremental).
+    for p in set_aside {
+        if p.exists() {
+            let to = layout::quarantine(&p).map_err(BackupError::io(&p))?;
+            tracing::warn!(
+                "partial file {} of an interrupted run set aside as {}",
+                p.display(),
+                to.display()
+            );
+        }
     }
 
     // The chain id: kept when a chain exists, else --uuid or a new one.
-    let chained = disks.iter().any(|d| d.3.level != Level::Copy);
+    let chained = disks.iter().any(|d| d.decision.level != Level::Copy);
     let uuid = match (&existing_uuid, &opts.uuid) {
-        (Some(u), Some(asked)) if u != asked => {
-            tracing::warn!(
-                "--uuid {asked} ignored: {} already holds chain {u}",
+        (Some(u), asked) if chained => {
+            if asked.as_ref().is_some_and(|a| a != u) {
+                tracing::warn!(
+                    "--uuid {} ignored: {} already holds chain {u}",
+                    asked.as_deref().unwrap_or_default(),
+                    target.root.display()
+                );
+            }
+            tracing::info!(
+                "Current Backup UUID: [{u}] for folder [{}]",
                 target.root.display()
             );
             Some(u.clone())
@@ -160,12 +213,13 @@ pub fn run(qmp: &mut Qmp, opts: &Options, interrupted: &AtomicBool) -> Result<Ve
             target
                 .write_uuid(&u)
                 .map_err(BackupError::io(target.uuid_path()))?;
+            tracing::info!("Backup UUID: [{u}]");
             Some(u)
         }
         (None, _) => None,
     };
 
-    let dirs: Vec<PathBuf> = disks.iter().map(|d| d.2.clone()).collect();
+    let dirs: Vec<PathBuf> = disks.iter().map(|d| d.dir.clone()).collect();
     let epoch = unique_epoch(epoch_now, &dirs);
     let tag = run_tag(qmp)?;
     let fleece_dir = opts
@@ -175,7 +229,16 @@ pub fn run(qmp: &mut Qmp, opts: &Options, interrupted: &AtomicBool) -> Result<Ve
     std::fs::create_dir_all(&fleece_dir).map_err(BackupError::io(&fleece_dir))?;
 
     let mut run_disks = Vec::new();
-    for (i, (dev, name, dir, decision)) in disks.into_iter().enumerate() {
+    for (
+        i,
+        Planned {
+            dev,
+            name,
+            dir,
+            decision,
+        },
+    ) in disks.into_iter().enumerate()
+    {
         let (target_node, fleece_node, cbw_node, snap_node, job) =
             fleece::names(&tag, i, &dev.name);
         let timestamp = opts.timestamp || decision.level == Level::Inc;
@@ -226,7 +289,7 @@ pub fn run(qmp: &mut Qmp, opts: &Options, interrupted: &AtomicBool) -> Result<Ve
         disks: run_disks,
         uuid,
         epoch,
-        was_running: status == "running",
+        was_running: vm.running(),
         paused_by_us: false,
         stopped: false,
         agent: None,
@@ -272,13 +335,26 @@ impl Run<'_> {
             .record(&record)
             .map_err(BackupError::io(".qmpbackup-run"))?;
         for d in &self.disks {
-            create_target(d)?;
+            tracing::info!(
+                "Create target backup image: [{}], virtual size: [{}]",
+                d.rec.partial.display(),
+                d.dev.virtual_size
+            );
+            create_target(d, self.opts.link_incs)?;
+            tracing::info!(
+                "Create fleece image: [{}], virtual size: [{}]",
+                d.rec.fleece.display(),
+                d.dev.virtual_size
+            );
             create_image(&d.rec.fleece, &fleece_options(&d.dev))?;
         }
         if self.opts.pause && self.was_running {
             self.qmp.execute("stop", json!({}))?;
             self.paused_by_us = true;
+            tracing::info!("Paused/suspended virtual machine");
         }
+        // Each step for every disk before the next, in the original's order and words.
+        tracing::info!("Attach backup target devices to virtual machine");
         for i in 0..self.disks.len() {
             let d = &self.disks[i];
             let target = fleece::image_node(
@@ -289,6 +365,9 @@ impl Run<'_> {
             );
             self.qmp.execute("blockdev-add", target)?;
             self.disks[i].target_added = true;
+        }
+        tracing::info!("Attach fleece devices to virtual machine");
+        for i in 0..self.disks.len() {
             let d = &self.disks[i];
             let fl = fleece::image_node(
                 &d.rec.fleece_node,
@@ -298,6 +377,9 @@ impl Run<'_> {
             );
             self.qmp.execute("blockdev-add", fl)?;
             self.disks[i].fleece_added = true;
+        }
+        tracing::info!("Adding cbw devices to virtual machine");
+        for i in 0..self.disks.len() {
             let cbw = fleece::cbw_node(&self.disks[i].rec, self.opts.cbw_timeout);
             self.qmp.execute("blockdev-add", cbw)?;
             self.disks[i].cbw_added = true;
@@ -325,6 +407,7 @@ impl Run<'_> {
                 d.next_added = d.rec.next_bitmap.is_some();
             }
         }
+        tracing::info!("Activate copy-before-write filter");
         for i in 0..self.disks.len() {
             let d = &self.disks[i];
             let qdev = d.dev.qdev.as_deref().ok_or_else(|| {
@@ -337,6 +420,7 @@ impl Run<'_> {
                 .execute("qom-set", fleece::switch(qdev, &d.rec.cbw_node))?;
             self.disks[i].switched = true;
         }
+        tracing::info!("Add snapshot-access devices.");
         for i in 0..self.disks.len() {
             self.qmp
                 .execute("blockdev-add", fleece::snap_node(&self.disks[i].rec))?;
@@ -376,6 +460,10 @@ impl Run<'_> {
             "transaction",
             json!({"actions": actions, "properties": {"completion-mode": "grouped"}}),
         )?;
+        tracing::info!(
+            "Started backup transaction for [{}] devices",
+            self.disks.len()
+        );
         self.resume();
         let jobs: Vec<(String, String)> = self
             .disks
@@ -392,7 +480,9 @@ impl Run<'_> {
             return;
         }
         let Some(addr) = &self.opts.agent else {
-            tracing::warn!("--quiesce needs --agent-socket: backing up without freezing");
+            tracing::warn!(
+                "Quisce option set but agent socket is missing, please set via --agent-socket"
+            );
             return;
         };
         let attempt = || -> crate::qmp::Result<Agent> {
@@ -410,21 +500,23 @@ impl Run<'_> {
             Ok(mut agent) => {
                 let state = agent.status();
                 if state.as_ref().ok() == Some(&FreezeState::Frozen) {
-                    tracing::warn!("guest file systems are already frozen");
+                    tracing::warn!("Filesystem is already frozen");
                 } else {
                     match agent.freeze(Duration::from_secs(60)) {
                         Ok(n) => {
-                            tracing::info!("froze {n} guest file systems");
+                            tracing::info!("\"{n}\" Filesystem(s) freezed");
                             self.frozen = true;
                         }
                         Err(e) => {
-                            tracing::warn!("freezing the guest failed, backing up unfrozen: {e}")
+                            tracing::warn!("Unable to freeze: \"{e}\" (backing up unfrozen)")
                         }
                     }
                 }
                 self.agent = Some(agent);
             }
-            Err(e) => tracing::warn!("guest agent not usable, backing up without freezing: {e}"),
+            Err(e) => tracing::warn!(
+                "Unable to reach Guest Agent: can't freeze file systems. ({e})"
+            ),
         }
     }
 
@@ -439,8 +531,11 @@ impl Run<'_> {
         if self.frozen {
             if let Some(agent) = &mut self.agent {
                 match agent.thaw() {
-                    Ok(_) => self.frozen = false,
-                    Err(e) => tracing::error!("could not thaw the guest: {e}"),
+                    Ok(n) => {
+                        self.frozen = false;
+                        tracing::info!("\"{n}\" filesystem(s) thawed");
+                    }
+                    Err(e) => tracing::error!("Unable to thaw filesystem: \"{e}\""),
                 }
             }
         }
@@ -451,6 +546,10 @@ impl Run<'_> {
     fn teardown(&mut self) -> Result<()> {
         self.resume();
         if !self.opts.remove_delay.is_zero() {
+            tracing::info!(
+                "Delay removal of devices by [{}] seconds",
+                self.opts.remove_delay.as_secs()
+            );
             std::thread::sleep(self.opts.remove_delay);
         }
         let mut failed = Vec::new();
@@ -460,11 +559,17 @@ impl Run<'_> {
                 failed.push(format!("blockdev-del {node}: {e}"));
             }
         };
+        if self.disks.iter().any(|d| d.snap_added) {
+            tracing::info!("Removing snapshot-access devices from virtual machine");
+        }
         for d in &mut self.disks {
             if d.snap_added {
                 del(&d.rec.snap_node);
                 d.snap_added = false;
             }
+        }
+        if self.disks.iter().any(|d| d.switched) {
+            tracing::info!("Disable copy-before-write filter");
         }
         for d in &mut self.disks {
             if d.switched {
@@ -489,23 +594,39 @@ impl Run<'_> {
                 false
             }
         };
+        let step = |disks: &[Disk_], added: fn(&Disk_) -> bool, what: &str| {
+            if disks.iter().any(added) {
+                tracing::info!("Removing {what} devices from virtual machine");
+            }
+        };
+        step(&self.disks, |d| d.cbw_added && !d.switched, "cbw");
         for d in &mut self.disks {
             if d.cbw_added && !d.switched && del(&d.rec.cbw_node) {
                 d.cbw_added = false;
             }
+        }
+        step(&self.disks, |d| d.target_added, "backup target");
+        for d in &mut self.disks {
             if d.target_added && del(&d.rec.target_node) {
                 d.target_added = false;
             }
+        }
+        step(&self.disks, |d| d.fleece_added && !d.cbw_added, "fleece");
+        for d in &mut self.disks {
             if d.fleece_added && !d.cbw_added && del(&d.rec.fleece_node) {
                 d.fleece_added = false;
             }
         }
         if self.paused_by_us {
             match self.qmp.execute("cont", json!({})) {
-                Ok(_) => self.paused_by_us = false,
+                Ok(_) => {
+                    self.paused_by_us = false;
+                    tracing::info!("Resumed virtual machine");
+                }
                 Err(e) => failed.push(format!("resuming the VM: {e}")),
             }
         }
+        tracing::info!("Removing fleece image files");
         for d in &self.disks {
             let _ = std::fs::remove_file(&d.rec.fleece);
         }
@@ -525,6 +646,7 @@ impl Run<'_> {
     /// After success: durable files under their final names, manifests, then the bitmaps.
     fn finish(&mut self) -> Result<Vec<DiskOutcome>> {
         let mut outcomes = Vec::new();
+        tracing::info!("Renaming partial files");
         for d in &self.disks {
             let f = std::fs::File::open(&d.rec.partial).map_err(BackupError::io(&d.rec.partial))?;
             f.sync_all().map_err(BackupError::io(&d.rec.partial))?;
@@ -586,13 +708,18 @@ impl Run<'_> {
                     .unwrap_or(&d.dir)
                     .join(format!("{}.config", d.name));
                 layout::write_durably(&cpath, &config).map_err(BackupError::io(&cpath))?;
+                tracing::info!("Saved image info: [{}]", cpath.display());
             }
+            tracing::info!(
+                "Saved backup file: [{}], size: [{file_size}]",
+                d.final_path.display()
+            );
             outcomes.push(DiskOutcome {
                 device: d.dev.name.clone(),
                 level: d.decision.level,
                 file: d.final_path.clone(),
                 size: file_size,
-                reason: d.decision.reason.clone(),
+                reason: d.decision.reason.as_ref().map(ToString::to_string),
             });
         }
         self.rotate_bitmaps();
@@ -715,20 +842,6 @@ fn run_tag(qmp: &mut Qmp) -> Result<String> {
     }
 }
 
-/// Warns about emulated TPMs: their state is not part of a disk backup.
-fn warn_tpm(qmp: &mut Qmp) {
-    if let Ok(tpms) = qmp.execute("query-tpm", json!({})) {
-        for t in tpms.as_array().into_iter().flatten() {
-            if t["options"]["type"] == "emulator" {
-                tracing::warn!(
-                    "TPM {} is emulated: its state (swtpm files) is not part of this backup",
-                    t["id"].as_str().unwrap_or("?")
-                );
-            }
-        }
-    }
-}
-
 /// The selected devices with the names their backups get. Disks whose image files share a
 /// base name get the device name as prefix, so they never write into each other's files.
 pub fn select(qmp: &mut Qmp, selection: &Selection) -> Result<Vec<(Device, String)>> {
@@ -747,8 +860,11 @@ pub fn select(qmp: &mut Qmp, selection: &Selection) -> Result<Vec<(Device, Strin
                     d.name, d.node
                 )))
             }
-            Ok(d) if selection.wants(&d) => devices.push(d),
-            Ok(d) => tracing::info!("{}: not selected", d.name),
+            Ok(d) => match selection.left_out(&d) {
+                None => devices.push(d),
+                Some((tracing::Level::WARN, why)) => tracing::warn!("{why}"),
+                Some((_, why)) => tracing::info!("{why}"),
+            },
             Err(why) => tracing::warn!("skipping a device: {why}"),
         }
     }
@@ -761,7 +877,7 @@ pub fn select(qmp: &mut Qmp, selection: &Selection) -> Result<Vec<(Device, Strin
     }
     if devices.is_empty() {
         return Err(BackupError::Refused(
-            "VM has no devices suitable for backup (see --include, --exclude, --include-raw)"
+            "VM does not have any devices suitable for backup (see --include, --exclude, --include-raw)"
                 .into(),
         ));
     }
@@ -789,7 +905,9 @@ pub fn select(qmp: &mut Qmp, selection: &Selection) -> Result<Vec<(Device, Strin
         .collect())
 }
 
-/// Partial files are quarantined; the current chain's newest file gives the parent.
+/// What `dir` holds of disk `name`'s chain. The partial files of our own interrupted run
+/// (`ours`) are removed here; every other `*.partial` in the folder is listed (and set aside
+/// only once the run is decided: a refused incremental leaves them where they are).
 fn chain_state(
     dir: &Path,
     name: &str,
@@ -798,34 +916,32 @@ fn chain_state(
     ours: &[PathBuf],
 ) -> Result<ChainState> {
     let bd = BackupDir::scan_disk(dir, name).map_err(|e| BackupError::Refused(e.to_string()))?;
+    let mut partials = Vec::new();
     for p in &bd.partials {
-        let to = layout::quarantine(p).map_err(BackupError::io(p))?;
         if ours.contains(p) {
+            std::fs::remove_file(p).map_err(BackupError::io(p))?;
             tracing::warn!(
                 "removed partial file {} of our interrupted run",
                 p.display()
             );
-            let _ = std::fs::remove_file(&to);
-        } else {
-            tracing::warn!(
-                "partial file {} of an interrupted run set aside as {}",
-                p.display(),
-                to.display()
-            );
+        } else if let Some(n) = p.file_name() {
+            partials.push(n.to_string_lossy().into_owned());
         }
     }
     // Partial files of another tool's run after the current chain's FULL mean the chain
-    // bitmap cannot be trusted (the original clears it when a job starts) until a new FULL,
-    // also after an `inc` refused because of them. Older ones predate the chain: harmless.
+    // bitmap cannot be trusted (the original clears it when a job starts) until a new FULL.
+    // Older ones predate the chain: harmless once set aside. A name without epoch is dated by
+    // its mtime (kept when it is set aside).
     let chain = bd.chain().ok();
     let full_epoch = chain.as_ref().map(|c| c.files[0].epoch);
     let foreign = quarantined(dir)
         .into_iter()
-        .filter(|name| {
-            let epoch =
-                crate::chain::dir::parse_name(name.trim_end_matches(".partial")).map(|p| p.1);
-            full_epoch.is_some_and(|f| epoch.is_none_or(|e| e > f))
+        .filter(|(name, mtime)| {
+            let epoch = crate::chain::dir::parse_name(name.trim_end_matches(".partial"))
+                .map_or(*mtime, |p| p.1);
+            full_epoch.is_some_and(|f| epoch > f)
         })
+        .map(|(name, _)| name)
         .collect();
     let last = match chain {
         Some(chain) => {
@@ -838,20 +954,30 @@ fn chain_state(
         None => None,
     };
     Ok(ChainState {
+        dir: dir.to_path_buf(),
         uuid: uuid.clone(),
         new_month,
         last,
+        partials,
         foreign_partials: foreign,
     })
 }
 
-/// Names of the partial files set aside in `dir`'s quarantine (all from other tools: our own
-/// are removed).
-fn quarantined(dir: &Path) -> Vec<String> {
+/// Names and mtimes (epoch seconds) of the partial files set aside in `dir`'s quarantine
+/// (all from other tools: our own are removed).
+fn quarantined(dir: &Path) -> Vec<(String, u64)> {
     std::fs::read_dir(dir.join(".quarantine"))
         .map(|r| {
             r.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .map(|e| {
+                    let mtime = e
+                        .metadata()
+                        .ok()
+                        .and_then(|m| m.modified().ok())
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs());
+                    (e.file_name().to_string_lossy().into_owned(), mtime)
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -897,10 +1023,12 @@ fn create_image(path: &Path, opts: &CreateOptions) -> Result<()> {
     Ok(())
 }
 
-/// The `.partial` target: qcow2 with the source's compat, cluster size and lazy refcounts;
-/// an INC names its predecessor as backing file, so the chain describes itself. A raw
-/// source's FULL or COPY is a sparse raw file.
-fn create_target(d: &Disk_) -> Result<()> {
+/// The `.partial` target: qcow2 with the source's compat, cluster size and lazy refcounts. An
+/// INC is a standalone delta, as the original writes it (its restore procedures copy and
+/// delete INCs one at a time, and fail on INCs that name a predecessor); with `link` it names
+/// its predecessor as backing file, so the chain describes itself and QEMU or qemu-img can
+/// open the newest INC directly. A raw source's FULL or COPY is a sparse raw file.
+fn create_target(d: &Disk_, link: bool) -> Result<()> {
     if d.target_format == "raw" {
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -911,7 +1039,7 @@ fn create_target(d: &Disk_) -> Result<()> {
             .map_err(BackupError::io(&d.rec.partial))?;
         return Ok(());
     }
-    let backing = match &d.decision.parent {
+    let backing = match d.decision.parent.as_ref().filter(|_| link) {
         Some(parent) => {
             let fmt = Disk::open_alone(&d.dir.join(parent))?.format();
             Some((

@@ -2,8 +2,10 @@
 //! original Python tool: same subcommands, options and directory layout.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use qmpbackup::backup::device::Selection;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use qmpbackup::backup::device::{Device, Selection};
+use qmpbackup::backup::log::{self, Console};
+use qmpbackup::backup::vm;
 use qmpbackup::backup::fleece::FileIo;
 use qmpbackup::backup::job::Progress;
 use qmpbackup::backup::plan::Requested;
@@ -46,7 +48,7 @@ struct Cli {
     /// Log debug details, including the QMP traffic.
     #[arg(long)]
     debug: bool,
-    /// Also append the log to this file.
+    /// Also append the log to this file (its folder is created).
     #[arg(short = 'L', long)]
     logfile: Option<PathBuf>,
     /// Also log to the local syslog.
@@ -56,8 +58,12 @@ struct Cli {
     /// accepts the connection but never greets).
     #[arg(long, default_value_t = 10)]
     connect_timeout: u64,
+    /// New folders 0750 and files 0640 (default 0700 and 0600, whatever the umask): for sites
+    /// whose restore user reads backups through a group. Existing folders keep their modes.
+    #[arg(long, global = true)]
+    group_readable: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -94,15 +100,26 @@ enum Command {
         #[arg(long)]
         uuid: Option<String>,
     },
-    /// Show the VM's block devices or their dirty bitmaps.
+    /// Show the VM's block devices or their dirty bitmaps (as the original prints them).
     Info {
         #[arg(long, value_enum)]
         show: Show,
-        /// Machine-readable output.
-        #[arg(long)]
+        /// One JSON document on standard output (the log goes to standard error).
+        #[arg(long, conflicts_with = "human")]
         json: bool,
+        /// A readable table on standard output (the log goes to standard error).
+        #[arg(long)]
+        human: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on standard output.
+    Man,
 }
+
 
 #[derive(clap::Args)]
 struct BackupArgs {
@@ -170,21 +187,63 @@ struct BackupArgs {
     /// Directory for the temporary fleecing images (default: TARGET/.fleece).
     #[arg(long)]
     fleece_dir: Option<PathBuf>,
+    /// Write each INC with its predecessor as backing file, so QEMU and qemu-img can open the
+    /// newest INC directly. The original's qmprestore cannot restore such chains; ours
+    /// restores both kinds.
+    #[arg(long)]
+    link_incs: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = logging::init(cli.debug, cli.logfile.as_deref(), cli.syslog) {
-        eprintln!("qmpbackup: {e:#}");
+    let Some(command) = &cli.command else {
+        // As the original: no subcommand prints the help and fails.
+        let _ = Cli::command().print_help();
+        return ExitCode::from(1);
+    };
+    match command {
+        Command::Completions { shell } => {
+            qmpbackup::cli::completions(*shell, Cli::command(), &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => return qmpbackup::cli::print_man(Cli::command()),
+        _ => {}
+    }
+    // A report on standard output that a script parses keeps the log off it.
+    let console = match command {
+        Command::Info { json, human, .. } if *json || *human => Console::Stderr,
+        _ => Console::Stdout,
+    };
+    if let Err(e) = log::init(console, cli.debug, cli.logfile.as_deref(), cli.syslog) {
+        let what = cli
+            .logfile
+            .as_deref()
+            .map_or("syslog".into(), |p| p.display().to_string());
+        eprintln!("qmpbackup: {what}: {e}");
         return ExitCode::from(1);
     }
+    // After the log file is open: a monitoring user may read that one.
+    qmpbackup::cli::restrict_new_files(cli.group_readable);
+    let argv: Vec<String> = std::env::args().collect();
+    tracing::info!(
+        "Version: {} Arguments: {}",
+        env!("CARGO_PKG_VERSION"),
+        argv.join(" ")
+    );
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            let interrupted = e
-                .downcast_ref::<BackupError>()
-                .is_some_and(|b| matches!(b, BackupError::Interrupted));
+            let backup_error = e.downcast_ref::<BackupError>();
+            let interrupted = matches!(backup_error, Some(BackupError::Interrupted));
+            if interrupted {
+                tracing::error!("Backup aborted by signal.");
+            }
+            match backup_error {
+                Some(BackupError::Failed(_) | BackupError::Qmp(_)) => {
+                    tracing::error!("Error executing backup: {e:#}")
+                }
+                _ => tracing::error!("{e:#}"),
+            }
             ExitCode::from(if interrupted { 130 } else { 1 })
         }
     }
@@ -192,7 +251,12 @@ fn main() -> ExitCode {
 
 fn connect(socket: &str, greeting: Duration) -> Result<Qmp> {
     let addr = Address::parse(socket)?;
-    let mut qmp = Qmp::connect(&addr, greeting)?;
+    match socket.strip_prefix("tcp:") {
+        Some(endpoint) => tracing::info!("Connecting QMP endpoint: [{endpoint}]"),
+        None => tracing::info!("Connecting QMP socket: [{socket}]"),
+    }
+    let mut qmp = Qmp::connect(&addr, greeting)
+        .with_context(|| format!("Can't connect QMP socket [{socket}]"))?;
     // Commands such as blockdev-add on slow storage may take a while.
     qmp.timeout = Duration::from_secs(300);
     Ok(qmp)
@@ -204,7 +268,8 @@ fn run(cli: Cli) -> Result<()> {
         signal_hook::flag::register(sig, Arc::clone(&interrupted)).context("signal handler")?;
     }
     let mut qmp = connect(&cli.socket, Duration::from_secs(cli.connect_timeout.max(1)))?;
-    match cli.command {
+    let state = vm::preflight(&mut qmp)?;
+    match cli.command.expect("checked in main") {
         Command::Backup(a) => {
             let opts = Options {
                 level: match a.level {
@@ -247,159 +312,107 @@ fn run(cli: Cli) -> Result<()> {
                     direct: a.blockdev_disable_cache,
                 },
                 fleece_dir: a.fleece_dir,
+                link_incs: a.link_incs,
             };
-            let done = run::run(&mut qmp, &opts, &interrupted)?;
-            let mut out = std::io::stdout().lock();
-            for d in done {
-                writeln!(
-                    out,
-                    "{:<5} {:<16} {} ({} bytes)",
-                    d.level.name().to_uppercase(),
-                    d.device,
-                    d.file.display(),
-                    d.size
-                )?;
-            }
+            run::run(&mut qmp, &opts, &state, &interrupted)?;
         }
         Command::Cleanup { uuid, .. } => {
-            for (dev, bitmap) in admin::remove_bitmaps(&mut qmp, uuid.as_deref())? {
-                println!("{dev}: removed bitmap {bitmap}");
+            admin::remove_bitmaps(&mut qmp, uuid.as_deref())?;
+        }
+        Command::Info { show, json, human } => {
+            let devices = admin::devices(&mut qmp)?;
+            if json {
+                print_json(show, devices)?;
+            } else if human {
+                print_human(show, devices)?;
+            } else {
+                log_original(show, &devices);
             }
         }
-        Command::Info { show, json } => {
-            let devices = admin::devices(&mut qmp)?;
-            let mut out = std::io::stdout().lock();
-            match (show, json) {
-                (Show::Blockdev, true) => {
-                    let all: Vec<_> = devices.into_iter().map(|(_, r)| r).collect();
-                    writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+        Command::Completions { .. } | Command::Man => unreachable!("handled in main"),
+    }
+    Ok(())
+}
+
+/// `info` as the original logs it: the device records, or each device's bitmap list, as
+/// Python-formatted JSON.
+fn log_original(show: Show, devices: &[(Device, serde_json::Value)]) {
+    match show {
+        Show::Blockdev => {
+            tracing::info!("Attached block devices:");
+            for (d, entry) in devices {
+                let record = admin::original_record(d, entry);
+                tracing::info!("{}", admin::python_json(&record));
+            }
+        }
+        Show::Bitmaps => {
+            for (d, entry) in devices {
+                if d.bitmaps.is_empty() {
+                    tracing::info!("No bitmaps found for device: \"{}:{}\"", d.node, d.filename);
+                    continue;
                 }
-                (Show::Bitmaps, true) => {
-                    let all: serde_json::Map<String, serde_json::Value> = devices
-                        .into_iter()
-                        .map(|(d, r)| (d.name, r["inserted"]["dirty-bitmaps"].clone()))
-                        .collect();
-                    writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+                tracing::info!("{} [{}]:", d.node, d.filename);
+                let list = &entry["inserted"]["dirty-bitmaps"];
+                tracing::info!("{}", admin::python_json(list));
+            }
+        }
+    }
+}
+
+fn print_json(show: Show, devices: Vec<(Device, serde_json::Value)>) -> Result<()> {
+    let doc = match show {
+        Show::Blockdev => serde_json::Value::Array(devices.into_iter().map(|(_, r)| r).collect()),
+        Show::Bitmaps => devices
+            .into_iter()
+            .map(|(d, r)| (d.name, r["inserted"]["dirty-bitmaps"].clone()))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    };
+    writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&doc)?)?;
+    Ok(())
+}
+
+fn print_human(show: Show, devices: Vec<(Device, serde_json::Value)>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    for (d, _) in devices {
+        match show {
+            Show::Blockdev => writeln!(
+                out,
+                "{}: node {}, {} {}, {} bytes{}{}",
+                d.name,
+                d.node,
+                d.format,
+                d.filename,
+                d.virtual_size,
+                d.qdev.map(|q| format!(", qdev {q}")).unwrap_or_default(),
+                if d.read_only { ", read-only" } else { "" }
+            )?,
+            Show::Bitmaps => {
+                if d.bitmaps.is_empty() {
+                    writeln!(out, "{}: no bitmaps", d.name)?;
                 }
-                (Show::Blockdev, false) => {
-                    for (d, _) in devices {
-                        writeln!(
-                            out,
-                            "{}: node {}, {} {}, {} bytes{}{}",
-                            d.name,
-                            d.node,
-                            d.format,
-                            d.filename,
-                            d.virtual_size,
-                            d.qdev.map(|q| format!(", qdev {q}")).unwrap_or_default(),
-                            if d.read_only { ", read-only" } else { "" }
-                        )?;
+                for b in d.bitmaps {
+                    let mut flags = vec![if b.recording { "recording" } else { "disabled" }];
+                    if b.persistent {
+                        flags.push("persistent");
                     }
-                }
-                (Show::Bitmaps, false) => {
-                    for (d, _) in devices {
-                        if d.bitmaps.is_empty() {
-                            writeln!(out, "{}: no bitmaps", d.name)?;
-                        }
-                        for b in d.bitmaps {
-                            let mut flags =
-                                vec![if b.recording { "recording" } else { "disabled" }];
-                            if b.persistent {
-                                flags.push("persistent");
-                            }
-                            if b.busy {
-                                flags.push("busy");
-                            }
-                            if b.inconsistent {
-                                flags.push("inconsistent");
-                            }
-                            writeln!(
-                                out,
-                                "{}: {} ({}, {} dirty bytes)",
-                                d.name,
-                                b.name,
-                                flags.join(", "),
-                                b.count
-                            )?;
-                        }
+                    if b.busy {
+                        flags.push("busy");
                     }
+                    if b.inconsistent {
+                        flags.push("inconsistent");
+                    }
+                    writeln!(
+                        out,
+                        "{}: {} ({}, {} dirty bytes)",
+                        d.name,
+                        b.name,
+                        flags.join(", "),
+                        b.count
+                    )?;
                 }
             }
         }
     }
     Ok(())
-}
-
-mod logging {
-    //! Log to stderr, and optionally to a file (appended) and the local syslog.
-
-    use anyhow::{Context, Result};
-    use std::io::Write;
-    use std::os::unix::net::UnixDatagram;
-    use std::path::Path;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone)]
-    struct Tee {
-        file: Option<Arc<Mutex<std::fs::File>>>,
-        syslog: Option<Arc<UnixDatagram>>,
-    }
-
-    impl Write for Tee {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            std::io::stderr().write_all(buf)?;
-            if let Some(f) = &self.file {
-                if let Ok(mut f) = f.lock() {
-                    let _ = f.write_all(buf);
-                }
-            }
-            if let Some(s) = &self.syslog {
-                // user.info; the message without its trailing newline.
-                let text = String::from_utf8_lossy(buf);
-                let msg = format!("<14>qmpbackup[{}]: {}", std::process::id(), text.trim_end());
-                let _ = s.send(msg.as_bytes());
-            }
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            std::io::stderr().flush()
-        }
-    }
-
-    pub fn init(debug: bool, logfile: Option<&Path>, syslog: bool) -> Result<()> {
-        let file = match logfile {
-            Some(p) => {
-                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-                }
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .with_context(|| format!("log file {}", p.display()))?;
-                Some(Arc::new(Mutex::new(f)))
-            }
-            None => None,
-        };
-        let syslog = if syslog {
-            let s = UnixDatagram::unbound().context("syslog socket")?;
-            s.connect("/dev/log")
-                .context("connecting to syslog at /dev/log")?;
-            Some(Arc::new(s))
-        } else {
-            None
-        };
-        let tee = Tee { file, syslog };
-        let level = if debug { "debug" } else { "info" };
-        tracing_subscriber::fmt()
-            .with_writer(move || tee.clone())
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_env("QMPBACKUP_LOG")
-                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-            )
-            .with_target(false)
-            .with_ansi(false)
-            .init();
-        Ok(())
-    }
 }

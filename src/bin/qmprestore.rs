@@ -1,7 +1,7 @@
 //! `qmprestore`: restore QEMU backups and inspect images without qemu-img.
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use qmpbackup::chain::commit::{self, CommitOptions};
 use qmpbackup::chain::compare::{self, Comparison};
 use qmpbackup::chain::convert::{self, ConvertOptions, Qcow2Output};
@@ -76,6 +76,11 @@ struct Cli {
     /// natively (opening an image checks its structure).
     #[arg(long, global = true)]
     skip_check: bool,
+    /// Files and folders this creates (merge and convert outputs, their new folders) are
+    /// 0640/0750 instead of 0600/0700, whatever the umask: for sites whose restore user reads
+    /// through a group.
+    #[arg(long, global = true)]
+    group_readable: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -382,11 +387,31 @@ Example:
         #[arg(short = 'p', long)]
         progress: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Example:
+  qmprestore completions bash > /etc/bash_completion.d/qmprestore")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on standard output.
+    #[command(after_help = "Example:
+  qmprestore man > /usr/local/share/man/man1/qmprestore.1")]
+    Man,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Command::Completions { shell } => {
+            qmpbackup::cli::completions(shell, Cli::command(), &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => return qmpbackup::cli::print_man(Cli::command()),
+        _ => {}
+    }
     init_logging(cli.debug);
+    qmpbackup::cli::restrict_new_files(cli.group_readable);
     // A write past the file size limit (ulimit -f) must fail with EFBIG, which we report and
     // clean up after, instead of killing the process with SIGXFSZ halfway through.
     // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
@@ -411,6 +436,9 @@ fn init_logging(debug: bool) {
         )
         .with_target(false)
         .without_time()
+        .with_ansi(qmpbackup::cli::colour_for(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ))
         .init();
 }
 
@@ -735,6 +763,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Compare { a, b, progress } => {
             return Ok(compare_cmd(&a, &b, progress));
         }
+        Command::Completions { .. } | Command::Man => unreachable!("handled in main"),
     }
     Ok(ExitCode::SUCCESS)
 }

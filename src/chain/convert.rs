@@ -18,6 +18,7 @@ use crate::qcow2::header::CompressionType;
 use crate::qcow2::pagecache;
 use crate::qcow2::write::{compress_cluster, Compressed, Writer};
 use crate::qcow2::{Disk, Error, ErrorKind, OpenOptions, Result};
+use super::outdir::NewDirs;
 use rayon::prelude::*;
 use std::fs::{File, OpenOptions as FileOpen};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -75,10 +76,13 @@ fn open_source(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<Disk> {
 /// the clusters in guest order, so the output is laid out sequentially.
 pub fn to_qcow2(src: &Path, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output) -> Result<()> {
     let disk = open_source(src, dst, opts)?;
+    let dirs = NewDirs::for_file(dst).map_err(|e| ErrorKind::Io(e).at(dst))?;
     if dst.exists() {
         std::fs::remove_file(dst).map_err(|e| ErrorKind::Io(e).at(dst))?;
     }
-    disk_to_qcow2(&disk, dst, opts, out)
+    disk_to_qcow2(&disk, dst, opts, out)?;
+    dirs.keep();
+    Ok(())
 }
 
 /// Writes the guest-visible contents of an opened disk to a new qcow2 image `dst` (which must
@@ -293,7 +297,10 @@ impl BufferPool {
 /// Writes the guest-visible contents of `src` to `dst` as raw.
 pub fn to_raw(src: &Path, dst: &Path, opts: &ConvertOptions) -> Result<()> {
     let disk = open_source(src, dst, opts)?;
-    disk_to_raw(&disk, dst, opts)
+    let dirs = NewDirs::for_file(dst).map_err(|e| ErrorKind::Io(e).at(dst))?;
+    disk_to_raw(&disk, dst, opts)?;
+    dirs.keep();
+    Ok(())
 }
 
 /// Writes the guest-visible contents of an opened disk to `dst` as raw (a file, created or

@@ -72,7 +72,7 @@ pub struct BackupDir {
     pub dir: PathBuf,
     /// Backup files in backup order.
     pub files: Vec<BackupFile>,
-    /// Interrupted or failed backups (`*.partial`).
+    /// Interrupted or failed backups (`*.partial`), of any disk: `--filter` does not hide them.
     pub partials: Vec<PathBuf>,
     /// The chain id, from `uuid` here or one level up.
     pub uuid: Option<String>,
@@ -142,11 +142,20 @@ impl BackupDir {
         for entry in entries {
             let entry = entry.map_err(io)?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if is_side_file(&name) || !wanted(&name) {
+            if is_side_file(&name) {
                 continue;
             }
             let path = entry.path();
             let link = std::fs::symlink_metadata(&path).map_err(io)?;
+            // Every partial file counts, whatever disk it names (as in the original): a
+            // folder with an interrupted backup in it is not to be trusted blindly.
+            if name.ends_with(".partial") && !link.is_dir() {
+                partials.push(path);
+                continue;
+            }
+            if !wanted(&name) {
+                continue;
+            }
             if link.file_type().is_symlink() {
                 let target = std::fs::read_link(&path).map_err(io)?;
                 if parse_name(name.trim_end_matches(".partial")).is_some() {
@@ -165,10 +174,6 @@ impl BackupDir {
                 continue;
             }
             if !link.is_file() {
-                continue;
-            }
-            if name.ends_with(".partial") {
-                partials.push(path);
                 continue;
             }
             let mtime = link
@@ -207,6 +212,7 @@ impl BackupDir {
             }
         }
         files.sort_by(|a, b| (a.epoch, a.mtime, &a.name).cmp(&(b.epoch, b.mtime, &b.name)));
+        partials.sort();
         let mut disks: Vec<&str> = files.iter().map(|f| f.disk.as_str()).collect();
         disks.sort_unstable();
         disks.dedup();

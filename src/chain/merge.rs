@@ -9,6 +9,7 @@
 use super::convert::{self, ConvertOptions, Qcow2Output};
 use super::dir::{BackupDir, Chain};
 use super::error::{ChainError, Result};
+use super::outdir::NewDirs;
 use crate::qcow2::header::CompressionType;
 use crate::qcow2::{Disk, Format};
 use std::path::{Path, PathBuf};
@@ -136,6 +137,8 @@ pub fn merge(dir: &Path, target_file: &Path, opts: &MergeOptions) -> Result<Vec<
     // A file target is written under a temporary name and renamed when complete, so an
     // interrupted merge never leaves a half-written image under the target's name, and a
     // re-run (which replaces the leftover) needs no --force.
+    let dirs = NewDirs::for_file(target_file)
+        .map_err(|e| crate::qcow2::ErrorKind::Io(e).at(target_file))?;
     let staging = (!is_device).then(|| staging_name(target_file));
     if let Some(tmp) = &staging {
         let _ = std::fs::remove_file(tmp);
@@ -171,6 +174,7 @@ pub fn merge(dir: &Path, target_file: &Path, opts: &MergeOptions) -> Result<Vec<
         std::fs::rename(tmp, target_file).map_err(at)?;
         crate::qcow2::create::sync_parent(target_file).map_err(at)?;
     }
+    dirs.keep();
     Ok(chain.paths())
 }
 

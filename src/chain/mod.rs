@@ -15,6 +15,7 @@ pub mod list;
 pub mod manifest;
 pub mod map;
 pub mod merge;
+pub mod outdir;
 pub mod progress;
 pub mod rebase;
 pub mod snapshot_rebase;
