@@ -5,7 +5,7 @@
 mod common;
 
 use common::assert_same;
-use common::qemu::{backup_ok, have_qemu, qmpbackup, Vm};
+use common::qemu::{backup_ok, have_qemu, log_of, qmpbackup, Vm};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -147,6 +147,7 @@ fn files(dir: &Path) -> Vec<String> {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("FULL-") || n.starts_with("INC-") || n.starts_with("COPY-"))
+        .filter(|n| !n.ends_with(".partial"))
         .collect();
     v.sort_by_key(|n| n.split('-').nth(1).and_then(|e| e.parse::<u64>().ok()));
     v
@@ -229,8 +230,8 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
             assert_same(&c.join("image"), &expect(i));
             assert_eq!(
                 common::manifest_names(&c).len(),
-                3,
-                "already linked: nothing changed"
+                3 - i,
+                "the manifests of the INCs rebase linked are dropped, the others kept"
             );
             common::assert_verifies(&c);
         }
@@ -482,6 +483,7 @@ fn a_failed_or_interrupted_incremental_keeps_its_delta() {
             "--speed-limit",
             "1048576",
         ])
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -490,7 +492,7 @@ fn a_failed_or_interrupted_incremental_keeps_its_delta() {
     assert_eq!(jobs[0]["speed"], 1048576, "--speed-limit reaches the job");
     vm.exec("block-job-cancel", json!({"device": job, "force": true}));
     let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = log_of(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(log.contains("cancelled by someone else"), "{log}");
     assert!(partials(&dd).is_empty());
@@ -510,18 +512,14 @@ fn a_failed_or_interrupted_incremental_keeps_its_delta() {
             "--speed-limit",
             "1048576",
         ])
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     wait_for_job(&mut vm);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(130), "{}", log_of(&out));
     assert!(partials(&dd).is_empty());
     assert_eq!(files(&dd).len(), 1);
     assert_graph_clean(&mut vm);
@@ -577,7 +575,7 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
     let mut vm = Vm::start(dir, &args);
     let o = qmpbackup(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
     assert_eq!(o.status.code(), Some(1));
-    let log = String::from_utf8_lossy(&o.stderr);
+    let log = log_of(&o);
     assert!(log.contains("inconsistent"), "{log}");
     let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
     assert!(log.contains("inconsistent"), "{log}");
@@ -600,6 +598,7 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
             "--speed-limit",
             "1048576",
         ])
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -607,12 +606,7 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
     let args = vm.args.clone();
     vm.kill();
     let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(1), "{}", log_of(&out));
     let mut vm = Vm::start(dir, &args);
     let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
     assert!(log.contains("taking a full backup"), "{log}");
@@ -653,10 +647,10 @@ fn copy_monthly_compress_flat_and_selection() {
         .args(["--remove-delay", "1", "--blockdev-aio", "threads"])
         .output()
         .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{}", log_of(&o));
     let logged = std::fs::read_to_string(&logfile).unwrap();
     assert!(
-        logged.contains("QEMU 10.") && logged.contains("prelaunch"),
+        logged.contains("Qemu version: [10.") && logged.contains("VM is in state: [prelaunch]"),
         "{logged}"
     );
     assert!(!copy.join("uuid").exists(), "copy starts no chain");
@@ -833,11 +827,7 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
         .current_dir(&elsewhere)
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "relative target: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "relative target: {}", log_of(&o));
     vm.io("-d vd0/virtio-backend", "flush");
     common::run(
         Command::new("qemu-img")
@@ -861,11 +851,7 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("another client"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(log_of(&o).contains("another client"), "{}", log_of(&o));
 
     // A target below a regular file cannot be created: clear error, VM untouched.
     std::fs::write(dir.join("file"), b"").unwrap();
@@ -880,7 +866,7 @@ fn long_node_names_tcp_sockets_and_unwritable_targets() {
         ],
     );
     assert_eq!(o.status.code(), Some(1));
-    let log = String::from_utf8_lossy(&o.stderr);
+    let log = log_of(&o);
     assert!(
         log.contains("file/sub") && log.contains("Not a directory"),
         "{log}"
@@ -989,7 +975,7 @@ fn vm_state_pause_and_quiesce() {
             .args(&args)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "{}", log_of(&o));
         let mut events = log.lock().unwrap().clone();
         events.push(format!("after:{}", vm.status()));
         events
@@ -1078,7 +1064,10 @@ fn info_cleanup_and_continuing_the_originals_chain() {
     );
     vm.write(D0.io, 0x52, 4 * MIB, MIB);
     let tgt = target.to_str().unwrap();
-    backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+    backup_ok(
+        &vm.socket(),
+        &["backup", "-l", "inc", "-t", tgt, "--link-incs"],
+    );
     capture(&mut vm, &[&D0], "x");
     assert_restores(&dd, None, &dir.join("d0.qcow2.x.raw"));
     let names = files(&dd);
@@ -1097,7 +1086,10 @@ fn info_cleanup_and_continuing_the_originals_chain() {
         &["info", "--show", "bitmaps", "--json"],
     ));
     assert_eq!(bitmaps["disk0"][0]["name"], "qmpbackup-disk0-0f0e0d0c-orig");
-    let human = common::succeeded(qmpbackup(&vm.socket(), &["info", "--show", "blockdev"]));
+    let human = common::succeeded(qmpbackup(
+        &vm.socket(),
+        &["info", "--show", "blockdev", "--human"],
+    ));
     assert!(human.contains("disk0: node disk0, qcow2"), "{human}");
     let blockdev = json_of(&qmpbackup(
         &vm.socket(),
@@ -1105,17 +1097,60 @@ fn info_cleanup_and_continuing_the_originals_chain() {
     ));
     assert_eq!(blockdev[0]["inserted"]["node-name"], "disk0");
 
+    // The original's forms on standard output, as its own test script greps them.
+    let bitmaps = common::succeeded(qmpbackup(&vm.socket(), &["info", "--show", "bitmaps"]));
+    assert!(
+        bitmaps.contains("INFO - ")
+            && bitmaps.contains(&format!("disk0 [{}]:", dir.join("d0.qcow2").display())),
+        "{bitmaps}"
+    );
+    let listed = logged_json(&bitmaps);
+    assert_eq!(
+        listed[0]["name"], "qmpbackup-disk0-0f0e0d0c-orig",
+        "{bitmaps}"
+    );
+    assert!(
+        bitmaps.lines().any(|l| l.contains("\"recording\": true")),
+        "{bitmaps}"
+    );
+    let blockdev = common::succeeded(qmpbackup(&vm.socket(), &["info", "--show", "blockdev"]));
+    assert!(
+        blockdev.contains("INFO - qmpbackup: Attached block devices:"),
+        "{blockdev}"
+    );
+    let record = logged_json(&blockdev);
+    let expected = json!({
+        "backing_image": false,
+        "bitmaps": listed,
+        "child_device": null,
+        "device": "disk0",
+        "driver": null,
+        "filename": dir.join("d0.qcow2").to_str().unwrap(),
+        "format": "qcow2",
+        "has_bitmap": true,
+        "node": "disk0",
+        "node_safe": "disk0",
+        "path": dir.to_str().unwrap(),
+        "qdev": "/machine/peripheral/vd0/virtio-backend",
+        "virtual_size": 64 * MIB,
+    });
+    assert_eq!(record, expected, "{blockdev}");
+
     let none = common::succeeded(qmpbackup(
         &vm.socket(),
         &["cleanup", "--remove-bitmaps", "--uuid", "other"],
     ));
-    assert!(none.is_empty(), "{none}");
+    assert!(
+        none.contains("Removing bitmaps matching uuid [other]")
+            && !none.contains("Removing bitmap:"),
+        "{none}"
+    );
     let removed = common::succeeded(qmpbackup(
         &vm.socket(),
         &["cleanup", "--remove-bitmap", "--uuid", "0f0e0d0c-orig"],
     ));
     assert!(
-        removed.contains("removed bitmap qmpbackup-disk0-0f0e0d0c-orig"),
+        removed.contains("Removing bitmap: qmpbackup-disk0-0f0e0d0c-orig"),
         "{removed}"
     );
     let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
@@ -1127,8 +1162,31 @@ fn info_cleanup_and_continuing_the_originals_chain() {
     );
 }
 
-/// Stale partial files: one of another tool's interrupted run (its bitmap may have been
-/// cleared) is set aside and `auto` starts a new full chain, `inc` refuses; one of our own
+/// The JSON document a log printed over several lines (the original's `info` output): from
+/// the line whose message opens it to the line that closes it.
+fn logged_json(log: &str) -> serde_json::Value {
+    let lines: Vec<&str> = log.lines().collect();
+    let first = lines
+        .iter()
+        .position(|l| l.ends_with(": {") || l.ends_with(": ["))
+        .unwrap_or_else(|| panic!("no JSON in {log}"));
+    let close = if lines[first].ends_with('{') {
+        "}"
+    } else {
+        "]"
+    };
+    let last = first + lines[first..].iter().position(|l| *l == close).unwrap();
+    let mut text = lines[first][lines[first].len() - 1..].to_string();
+    for l in &lines[first + 1..=last] {
+        text.push('\n');
+        text.push_str(l);
+    }
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// Stale partial files: any partial file in a disk's folder (another tool's interrupted run,
+/// whose bitmap may have been cleared) makes `inc` refuse in the original's words, leaving it
+/// there, while `auto` sets it aside and starts a new full chain; one of our own
 /// run killed with SIGKILL (QEMU still holding its nodes and job) is cleaned up — job, nodes,
 /// temporary bitmap, files — and the chain continues. The original's stale partial blocked
 /// every later incremental, even after a new full.
@@ -1145,23 +1203,49 @@ fn stale_partials_and_a_killed_run_are_recovered() {
     let dd = target.join("d0.qcow2");
     vm.write(D0.io, 0x61, 0, MIB);
     backup_ok(&vm.socket(), &["backup", "-l", "full", "-t", tgt]);
-    // Older than the chain's FULL: harmless, set aside.
-    std::fs::write(dd.join("INC-1000000001-d0.qcow2.partial"), b"old").unwrap();
+    // Any partial file in the disk's folder, whatever its name (the original's own test
+    // plants this one), blocks an incremental, and the restore commands refuse the folder:
+    // one rule for both tools. Nothing is moved by the refused run.
+    std::fs::write(dd.join("FULL-bar.partial"), b"").unwrap();
     vm.write(D0.io, 0x60, 2 * MIB, MIB);
-    backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
-    assert!(dd
-        .join(".quarantine/INC-1000000001-d0.qcow2.partial")
-        .exists());
-    // Newer: the chain's bitmap may have been cleared by the tool that left it.
-    let full_epoch: u64 = files(&dd)[0].split('-').nth(1).unwrap().parse().unwrap();
+    let o = qmpbackup(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+    assert_eq!(o.status.code(), Some(1), "{}", log_of(&o));
+    let refused = format!(
+        "Partial backup found in [{}], possible broken backup chain. Execute new full backup",
+        dd.display()
+    );
+    assert!(log_of(&o).contains(&refused), "{}", log_of(&o));
+    assert!(dd.join("FULL-bar.partial").exists());
+    assert_eq!(files(&dd).len(), 1, "no INC written");
+    let rebase = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(["rebase", "--dry-run", "--dir"])
+        .arg(&dd)
+        .output()
+        .unwrap();
+    assert_eq!(rebase.status.code(), Some(1));
+    // auto takes a full backup, says why, and sets the file aside.
+    let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
+    assert!(
+        log.contains("partial backup FULL-bar.partial found")
+            && log.contains("taking a full backup")
+            && log.contains("Auto backup mode set to: full"),
+        "{log}"
+    );
+    assert!(dd.join(".quarantine/FULL-bar.partial").exists());
+    vm.write(D0.io, 0x64, 3 * MIB, MIB);
+    let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
+    assert!(log.contains("Auto backup mode set to: inc"), "{log}");
+    // One named like ours, dated after the FULL: the same.
+    let full_epoch: u64 = files(&dd)[1].split('-').nth(1).unwrap().parse().unwrap();
     let planted = format!("INC-{}-d0.qcow2.partial", full_epoch + 1);
     std::fs::write(dd.join(&planted), b"left by another tool").unwrap();
     let o = qmpbackup(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("another tool"));
+    assert!(log_of(&o).contains(&refused), "{}", log_of(&o));
     let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
     assert!(
-        log.contains("another tool") && log.contains("taking a full backup"),
+        log.contains(&format!("partial backup {planted} found"))
+            && log.contains("taking a full backup"),
         "{log}"
     );
     assert!(dd.join(".quarantine").join(&planted).exists());
@@ -1182,6 +1266,7 @@ fn stale_partials_and_a_killed_run_are_recovered() {
             "--speed-limit",
             "1048576",
         ])
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -1198,7 +1283,7 @@ fn stale_partials_and_a_killed_run_are_recovered() {
     let names = files(&dd);
     assert_eq!(
         names.iter().filter(|n| n.starts_with("FULL-")).count(),
-        2,
+        3,
         "{names:?}"
     );
     let epochs: Vec<u64> = names
@@ -1282,6 +1367,7 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
                 "--speed-limit",
                 "2097152",
             ])
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap()
@@ -1290,7 +1376,7 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
     let job = wait_for_job(&mut vm);
     vm.exec("block-job-cancel", json!({"device": job, "force": true}));
     let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = log_of(&out);
     assert_eq!(out.status.code(), Some(1), "{log}");
     assert!(
         log.contains("da") && log.contains("db"),
@@ -1311,11 +1397,7 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
         json!({"job-id": "foreign", "device": "other", "target": "scratch", "sync": "full"}),
     );
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", log_of(&out));
     for (node_dir, dev, file) in [
         ("da-1 disk+x.qcow2", "da", "a/1 disk+x.qcow2"),
         ("db-1 disk+x.qcow2", "db", "b/1 disk+x.qcow2"),
@@ -1347,6 +1429,7 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
             "--speed-limit",
             "1048576",
         ])
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -1360,12 +1443,7 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
     let started = std::time::Instant::now();
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(130), "{}", log_of(&out));
     assert!(started.elapsed().as_secs() < 10);
     let jobs = vm.exec("query-block-jobs", json!({}));
     assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
@@ -1446,7 +1524,10 @@ fn raw_disks_after_restart_compress_and_per_disk_options() {
     );
     let version = common::run(Command::new("qemu-img").arg("--version"));
     let version = version.split_whitespace().nth(2).unwrap();
-    assert!(log.contains(&format!("QEMU {version} ")), "{log}");
+    assert!(
+        log.contains(&format!("Qemu version: [{version}] ")),
+        "{log}"
+    );
     let info = |f: &Path| -> serde_json::Value {
         serde_json::from_str(&common::run(
             Command::new("qemu-img")
@@ -1593,5 +1674,305 @@ fn a_freeze_that_times_out_is_thawed() {
             "guest-sync-delimited",
             "guest-fsfreeze-thaw"
         ]
+    );
+}
+
+/// Runs the original qmprestore's procedure `mode` (its qemu-img sequence, replayed by
+/// `tests/scripts/original-restore.sh`) on `dir`; returns its output, or panics with it.
+fn original_restore(mode: &str, dir: &Path, target: Option<&Path>) -> std::process::Output {
+    let mut cmd = Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/original-restore.sh"),
+    );
+    cmd.arg(mode).arg(dir);
+    if let Some(t) = target {
+        cmd.arg(t);
+    }
+    cmd.output().unwrap()
+}
+
+/// A copy of the backup files of `from` (mtimes kept: the original orders by them).
+fn copy_chain(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for n in files(from) {
+        common::run(Command::new("cp").arg("-a").arg(from.join(&n)).arg(to));
+    }
+}
+
+/// Our default INCs are standalone deltas, as the original's: its merge, commit and
+/// snapshotrebase (the qemu-img sequences it runs) restore our chains to exactly the disk at
+/// the last backup, and so does ours. `--link-incs` chains (which the original's commit cannot
+/// restore) and mixed chains restore with ours.
+#[test]
+fn the_originals_restore_procedures_restore_our_chains() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let mut vm = vm_one(dir);
+    let target = dir.join("b");
+    let tgt = target.to_str().unwrap();
+    let dd = target.join("d0.qcow2");
+    vm.write(D0.io, 0x71, 0, 2 * MIB);
+    backup_ok(&vm.socket(), &["backup", "-l", "full", "-t", tgt]);
+    vm.write(D0.io, 0x72, MIB, 64 << 10);
+    vm.io(D0.io, "write -z 32M 1M");
+    backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+    vm.write(D0.io, 0x73, 40 * MIB, 3 * MIB);
+    backup_ok(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
+    capture(&mut vm, &[&D0], "last");
+    let expected = dir.join("d0.qcow2.last.raw");
+    let names = files(&dd);
+    assert_eq!(names.len(), 3, "{names:?}");
+    for inc in &names[1..] {
+        let info = common::run(
+            Command::new("qemu-img")
+                .args(["info", "--output=json"])
+                .arg(dd.join(inc)),
+        );
+        assert!(
+            !info.contains("backing-filename"),
+            "{inc} is standalone: {info}"
+        );
+    }
+
+    let merged = dir.join("orig-restore/restored.qcow2");
+    std::fs::create_dir(dir.join("orig-restore")).unwrap();
+    copy_chain(&dd, &dir.join("orig-merge"));
+    let o = original_restore("merge", &dir.join("orig-merge"), Some(&merged));
+    assert!(o.status.success(), "{}", log_of(&o));
+    assert_same(&merged, &expected);
+    let c = dir.join("orig-commit");
+    copy_chain(&dd, &c);
+    let o = original_restore("commit", &c, None);
+    assert!(o.status.success(), "{}", log_of(&o));
+    assert_same(&c.join(&names[0]), &expected);
+    assert_eq!(files(&c), names[..1]);
+    let c = dir.join("orig-snaprebase");
+    copy_chain(&dd, &c);
+    let o = original_restore("snapshotrebase", &c, None);
+    assert!(o.status.success(), "{}", log_of(&o));
+    assert_same(&c.join(&names[0]), &expected);
+    let snaps = common::run(
+        Command::new("qemu-img")
+            .args(["snapshot", "-l"])
+            .arg(c.join(&names[0])),
+    );
+    assert_eq!(
+        snaps
+            .lines()
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+            .count(),
+        3,
+        "{snaps}"
+    );
+    assert_restores(&dd, None, &expected);
+
+    // Linked on request: what the original's commit cannot restore (the next INC's backing
+    // file is gone once the first is committed and deleted); ours restores it, and mixed.
+    vm.write(D0.io, 0x74, 8 * MIB, MIB);
+    backup_ok(
+        &vm.socket(),
+        &["backup", "-l", "inc", "-t", tgt, "--link-incs"],
+    );
+    vm.write(D0.io, 0x75, 9 * MIB, MIB);
+    backup_ok(
+        &vm.socket(),
+        &["backup", "-l", "inc", "-t", tgt, "--link-incs"],
+    );
+    capture(&mut vm, &[&D0], "linked");
+    let expected = dir.join("d0.qcow2.linked.raw");
+    let names = files(&dd);
+    let info = common::run(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(dd.join(&names[4])),
+    );
+    assert!(
+        info.contains(&format!("\"backing-filename\": \"{}\"", names[3])),
+        "{info}"
+    );
+    assert_restores(&dd, None, &expected);
+    let c = dir.join("orig-commit-linked");
+    copy_chain(&dd, &c);
+    assert!(!original_restore("commit", &c, None).status.success());
+}
+
+/// Runs qmpbackup under umask 022 (the usual one), so the modes it creates are its own doing.
+fn qmpbackup_umask_022(socket: &str, args: &[&str]) -> std::process::Output {
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("umask 022; exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args(["--socket", socket])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{args:?}: {}", log_of(&o));
+    o
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// `[2026-12-01 10:00:00,123]    INFO - <func>: ` (console) or `... - <func>  ` (file): the
+/// original's layout, which scripts cut and grep.
+fn is_original_line(line: &str, level: &str, file: bool) -> bool {
+    let b = line.as_bytes();
+    let stamp = b.len() > 26
+        && b[0] == b'['
+        && b[24] == b']'
+        && b[11] == b' '
+        && b[20] == b','
+        && line[1..24]
+            .chars()
+            .all(|c| c.is_ascii_digit() || "-: ,".contains(c));
+    let rest = &line[25.min(line.len())..];
+    let head = format!(" {level:>7} - ");
+    let Some(after) = rest.strip_prefix(&head) else {
+        return false;
+    };
+    let func_end = after.find([':', ' ']).unwrap_or(0);
+    let sep = if file { "  " } else { ": " };
+    stamp && func_end > 0 && after[func_end..].starts_with(sep)
+}
+
+/// Backup folders 0700 and files 0600 under umask 022 (0750/0640 with --group-readable),
+/// existing folders untouched; and the log as the original writes it: on standard output, its
+/// line layout, the version and command line first (also in the log file), its words.
+#[test]
+fn backups_are_private_and_the_log_reads_as_the_originals() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let mut vm = vm_one(dir);
+    vm.write(D0.io, 0x81, 0, MIB);
+    let target = dir.join("b");
+    let logfile = dir.join("logs/q.log");
+    let args = [
+        "-L",
+        logfile.to_str().unwrap(),
+        "backup",
+        "-l",
+        "full",
+        "-t",
+        target.to_str().unwrap(),
+    ];
+    let o = qmpbackup_umask_022(&vm.socket(), &args);
+    let dd = target.join("d0.qcow2");
+    let full = dd.join(&files(&dd)[0]);
+    for (p, m) in [
+        (&target, 0o700),
+        (&dd, 0o700),
+        (&full, 0o600),
+        (&dd.join(".manifest"), 0o700),
+        (&target.join("uuid"), 0o600),
+        (&target.join("d0.qcow2.config"), 0o600),
+    ] {
+        assert_eq!(mode(p), m, "{}", p.display());
+    }
+    for m in common::manifest_names(&dd) {
+        assert_eq!(mode(&dd.join(".manifest").join(m)), 0o600);
+    }
+    assert_eq!(
+        mode(&logfile),
+        0o644,
+        "the log stays readable for monitoring"
+    );
+
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        !out.contains('\u{1b}'),
+        "no colour when not on a terminal: {out}"
+    );
+    let first = out.lines().next().unwrap();
+    let command_line = format!(
+        "{} --socket {} {}",
+        env!("CARGO_BIN_EXE_qmpbackup"),
+        vm.socket(),
+        args.join(" ")
+    );
+    assert!(is_original_line(first, "INFO", false), "{first}");
+    assert!(
+        first.ends_with(&format!(
+            "Version: {} Arguments: {command_line}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{first}"
+    );
+    assert!(
+        out.lines().all(|l| !l.starts_with('[')
+            || is_original_line(l, "INFO", false)
+            || is_original_line(l, "WARNING", false)),
+        "{out}"
+    );
+    for words in [
+        "Backup target directory: ",
+        "Attach backup target devices to virtual machine",
+        "Started backup transaction for [1] devices",
+        "Backup for all [1] devices finished.",
+        "Renaming partial files",
+        "Removing fleece image files",
+        &format!(
+            "Saved image info: [{}]",
+            target.join("d0.qcow2.config").display()
+        ),
+    ] {
+        assert!(out.contains(words), "{words}: {out}");
+    }
+    let logged = std::fs::read_to_string(&logfile).unwrap();
+    let first = logged.lines().next().unwrap();
+    assert!(
+        is_original_line(first, "INFO", true) && first.contains("  Version: "),
+        "{first}"
+    );
+
+    // An existing folder keeps its mode; what is made in it is private. --group-readable and
+    // --debug (the version line still first).
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let o = qmpbackup_umask_022(
+        &vm.socket(),
+        &[
+            "--debug",
+            "backup",
+            "-l",
+            "full",
+            "-t",
+            open.to_str().unwrap(),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .contains("Version: "));
+    assert_eq!((mode(&open), mode(&open.join("d0.qcow2"))), (0o755, 0o700));
+    let shared = dir.join("shared");
+    qmpbackup_umask_022(
+        &vm.socket(),
+        &[
+            "backup",
+            "-l",
+            "full",
+            "-t",
+            shared.to_str().unwrap(),
+            "--group-readable",
+        ],
+    );
+    let sd = shared.join("d0.qcow2");
+    assert_eq!(
+        (
+            mode(&shared),
+            mode(&sd),
+            mode(&sd.join(&files(&sd)[0])),
+            mode(&shared.join("uuid"))
+        ),
+        (0o750, 0o750, 0o640, 0o640)
     );
 }

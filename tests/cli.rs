@@ -261,3 +261,166 @@ fn progress_bars_show_on_a_terminal_only() {
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(!log.contains('[') && !log.contains("running QEMU"), "{log}");
 }
+
+/// Runs `bin args` under umask 022, the usual one, so the modes it creates are its own doing.
+fn with_umask_022(bin: &str, args: &[&str]) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg("umask 022; exec \"$0\" \"$@\"")
+        .arg(bin)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// merge and convert create the target's missing folders (durably, private under any umask),
+/// like the original's merge; outputs are 0600 (0640 with --group-readable); an existing
+/// folder keeps its mode; a convert that fails takes the folders it made away again.
+#[test]
+fn outputs_get_their_folders_and_stay_private() {
+    let d = tempfile::tempdir().unwrap();
+    let sample =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/sample-chain/disk.qcow2");
+    let bin = env!("CARGO_BIN_EXE_qmprestore");
+    let target = d.path().join("restore/sub/disk.qcow2");
+    let o = with_umask_022(
+        bin,
+        &[
+            "merge",
+            "--dir",
+            sample.to_str().unwrap(),
+            "--targetfile",
+            target.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let newest = sample.join("INC-1700001200-disk.qcow2");
+    stdout(&qmprestore(&[
+        "compare",
+        target.to_str().unwrap(),
+        newest.to_str().unwrap(),
+    ]));
+    assert_eq!(mode(&target), 0o600);
+    assert_eq!(mode(&d.path().join("restore")), 0o700);
+    assert_eq!(mode(&d.path().join("restore/sub")), 0o700);
+
+    let raw = d.path().join("raw/disk.raw");
+    let o = with_umask_022(
+        bin,
+        &[
+            "--group-readable",
+            "merge",
+            "--format",
+            "raw",
+            "--dir",
+            sample.to_str().unwrap(),
+            "--targetfile",
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!((mode(&raw), mode(&d.path().join("raw"))), (0o640, 0o750));
+
+    std::fs::create_dir(d.path().join("open")).unwrap();
+    std::fs::set_permissions(
+        d.path().join("open"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    for (fmt, name) in [("qcow2", "c.qcow2"), ("raw", "c.raw")] {
+        let out = d.path().join("open/new").join(name);
+        let o = with_umask_022(
+            bin,
+            &[
+                "convert",
+                "-O",
+                fmt,
+                newest.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            (mode(&out), mode(&d.path().join("open/new"))),
+            (0o600, 0o700)
+        );
+    }
+    assert_eq!(
+        mode(&d.path().join("open")),
+        0o755,
+        "an existing folder keeps its mode"
+    );
+
+    // A source that fails halfway (a data cluster past its end): no output, no new folder.
+    let bad = d.path().join("bad.qcow2");
+    let mut bytes = std::fs::read(fixtures().join("v3.qcow2")).unwrap();
+    let h = qmpbackup::qcow2::header::Header::parse(&bytes).unwrap();
+    let l2 = u64::from_be_bytes(bytes[h.l1_table_offset as usize..][..8].try_into().unwrap())
+        & ((1 << 56) - 512);
+    bytes[l2 as usize..][..8].copy_from_slice(&((1u64 << 63) | 0x7fff_0000).to_be_bytes());
+    std::fs::write(&bad, bytes).unwrap();
+    for fmt in ["raw", "qcow2"] {
+        let out = d.path().join("failed/deeper/out.img");
+        let o = qmprestore(&[
+            "convert",
+            "-O",
+            fmt,
+            bad.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(!d.path().join("failed").exists(), "{fmt}");
+    }
+}
+
+/// Shell completions and manual pages of both binaries, generated from their options.
+#[test]
+fn completions_and_manual_pages() {
+    for bin in [
+        env!("CARGO_BIN_EXE_qmprestore"),
+        env!("CARGO_BIN_EXE_qmpbackup"),
+    ] {
+        let name = std::path::Path::new(bin)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap();
+        let o = Command::new(bin)
+            .args(["completions", "bash"])
+            .output()
+            .unwrap();
+        let bash = stdout(&o);
+        assert!(bash.contains(&format!("_{name}()")), "{bash}");
+        let sub = if name == "qmprestore" {
+            "merge"
+        } else {
+            "backup"
+        };
+        assert!(
+            bash.contains(sub) && bash.contains("--group-readable"),
+            "{bash}"
+        );
+        for shell in ["zsh", "fish"] {
+            let o = Command::new(bin)
+                .args(["completions", shell])
+                .output()
+                .unwrap();
+            assert!(stdout(&o).contains(sub), "{shell}");
+        }
+        let man = stdout(&Command::new(bin).arg("man").output().unwrap());
+        assert!(
+            man.contains(&format!(".TH {name} 1")) && man.contains(sub),
+            "{man}"
+        );
+    }
+}

@@ -357,6 +357,27 @@ fn table_and_cluster_problems() {
             "overlaps the header",
         ),
         (
+            "l2-on-refcount-table",
+            "v3.qcow2",
+            Box::new(move |b, h| set_u64(b, l1(h), (1 << 63) | h.refcount_table_offset)),
+            "L2 table at 0x10000 (L1 index 0) overlaps the refcount table",
+        ),
+        (
+            "l2-on-l1",
+            "v3.qcow2",
+            Box::new(move |b, h| set_u64(b, l1(h), (1 << 63) | h.l1_table_offset)),
+            "overlaps the L1 table",
+        ),
+        (
+            "l2-on-refcount-block",
+            "v3.qcow2",
+            Box::new(move |b, h| {
+                let block = BigEndian::read_u64(&b[h.refcount_table_offset as usize..]);
+                set_u64(b, l1(h), (1 << 63) | block);
+            }),
+            "overlaps a refcount block",
+        ),
+        (
             "subcluster-both",
             "extl2.qcow2",
             Box::new(|b, h| {
@@ -371,6 +392,25 @@ fn table_and_cluster_problems() {
             &patched(p, fixture, &format!("{name}.qcow2"), |b, h| patch(b, h)),
             needle,
         );
+    }
+    // The commands say so too: convert read the refcount table as guest data (exit 0), and
+    // check reports the image instead of passing it.
+    let img = p.join("l2-on-refcount-table.qcow2");
+    for args in [vec!["convert", "-O", "raw"], vec!["check"]] {
+        let out = p.join("out.raw");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmprestore"));
+        cmd.args(&args).arg(&img);
+        if args[0] == "convert" {
+            cmd.arg(&out);
+        }
+        let o = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("overlaps the refcount table"),
+            "{args:?}: {err}"
+        );
+        assert!(!out.exists());
     }
 }
 

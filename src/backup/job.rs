@@ -131,7 +131,12 @@ pub fn wait(
                 job.outcome = Some(Err(format!("{}: backup job was cancelled {by}", job.label)));
             }
             "BLOCK_JOB_ERROR" => {
-                tracing::error!("Block job [{}] failed. ({}: I/O error {})", job.id, job.label, event.data);
+                tracing::error!(
+                    "Block job [{}] failed. ({}: I/O error {})",
+                    job.id,
+                    job.label,
+                    event.data
+                );
             }
             "JOB_STATUS_CHANGE" if event.str("status") == Some("null") && job.outcome.is_none() => {
                 job.outcome = Some(Err(format!(

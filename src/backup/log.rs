@@ -83,9 +83,7 @@ where
             .and_then(|m| m.rsplit("::").next())
             .unwrap_or("main");
         match self.0 {
-            Style::Console { colour: false } => {
-                write!(w, "[{}] {level:>7} - {func}: ", asctime())?
-            }
+            Style::Console { colour: false } => write!(w, "[{}] {level:>7} - {func}: ", asctime())?,
             Style::Console { colour: true } => {
                 let c = match *meta.level() {
                     Level::ERROR => "\x1b[31m",

@@ -61,11 +61,18 @@ pub enum NoInc {
     /// A partial file set aside earlier, newer than the chain's FULL.
     ForeignPartial(String),
     NoFull,
-    BitmapMissing { name: String, cannot_persist: bool },
+    BitmapMissing {
+        name: String,
+        cannot_persist: bool,
+    },
     BitmapInconsistent(String),
     BitmapBusy(String),
     BitmapDisabled(String),
-    Resized { from: u64, to: u64, since: String },
+    Resized {
+        from: u64,
+        to: u64,
+        since: String,
+    },
 }
 
 impl std::fmt::Display for NoInc {

@@ -24,8 +24,8 @@ use super::fleece;
 use super::job::{self, Progress};
 use super::layout::{self, Level, Target};
 use super::plan::{self, ChainState, Decision, Requested};
-use super::vm::VmState;
 use super::state::{DiskRecord, RunLock, RunRecord};
+use super::vm::VmState;
 use crate::chain::dir::BackupDir;
 use crate::chain::manifest::{self, Manifest};
 use crate::qcow2::create::{create_file, CreateOptions};
@@ -171,7 +171,13 @@ pub fn run(
         let level = |l| disks.iter().all(|d| d.decision.level == l);
         tracing::info!(
             "Auto backup mode set to: {}",
-            if level(Level::Inc) { "inc" } else if level(Level::Full) { "full" } else { "inc, full for some disks" }
+            if level(Level::Inc) {
+                "inc"
+            } else if level(Level::Full) {
+                "full"
+            } else {
+                "inc, full for some disks"
+            }
         );
     }
     // A new FULL or COPY starts afresh: the partial files before it are set aside (the
@@ -514,9 +520,9 @@ impl Run<'_> {
                 }
                 self.agent = Some(agent);
             }
-            Err(e) => tracing::warn!(
-                "Unable to reach Guest Agent: can't freeze file systems. ({e})"
-            ),
+            Err(e) => {
+                tracing::warn!("Unable to reach Guest Agent: can't freeze file systems. ({e})")
+            }
         }
     }
 

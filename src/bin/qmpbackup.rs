@@ -4,12 +4,12 @@
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use qmpbackup::backup::device::{Device, Selection};
-use qmpbackup::backup::log::{self, Console};
-use qmpbackup::backup::vm;
 use qmpbackup::backup::fleece::FileIo;
 use qmpbackup::backup::job::Progress;
+use qmpbackup::backup::log::{self, Console};
 use qmpbackup::backup::plan::Requested;
 use qmpbackup::backup::run::{self, Options};
+use qmpbackup::backup::vm;
 use qmpbackup::backup::{admin, BackupError};
 use qmpbackup::qmp::{Address, Qmp};
 use std::io::{IsTerminal, Write};
@@ -39,9 +39,10 @@ Exit codes:
 #[derive(Parser)]
 #[command(name = "qmpbackup", version, about = "Full, incremental and copy backups of running QEMU VMs over QMP", after_help = AFTER_HELP)]
 struct Cli {
-    /// QMP socket: a unix socket path, or tcp:HOST:PORT (IPv6: tcp:[::1]:4444).
+    /// QMP socket: a unix socket path, or tcp:HOST:PORT (IPv6: tcp:[::1]:4444). Required by
+    /// backup, cleanup and info.
     #[arg(long)]
-    socket: String,
+    socket: Option<String>,
     /// Guest-agent socket (unix path or tcp:HOST:PORT), used by `backup --quiesce`.
     #[arg(long)]
     agent_socket: Option<String>,
@@ -119,7 +120,6 @@ enum Command {
     /// Print the manual page (roff) on standard output.
     Man,
 }
-
 
 #[derive(clap::Args)]
 struct BackupArgs {
@@ -209,6 +209,14 @@ fn main() -> ExitCode {
         Command::Man => return qmpbackup::cli::print_man(Cli::command()),
         _ => {}
     }
+    let Some(socket) = cli.socket.clone() else {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "the following required arguments were not provided:\n  --socket <SOCKET>",
+            )
+            .exit();
+    };
     // A report on standard output that a script parses keeps the log off it.
     let console = match command {
         Command::Info { json, human, .. } if *json || *human => Console::Stderr,
@@ -230,7 +238,7 @@ fn main() -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         argv.join(" ")
     );
-    match run(cli) {
+    match run(cli, &socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let backup_error = e.downcast_ref::<BackupError>();
@@ -262,12 +270,12 @@ fn connect(socket: &str, greeting: Duration) -> Result<Qmp> {
     Ok(qmp)
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, socket: &str) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&interrupted)).context("signal handler")?;
     }
-    let mut qmp = connect(&cli.socket, Duration::from_secs(cli.connect_timeout.max(1)))?;
+    let mut qmp = connect(socket, Duration::from_secs(cli.connect_timeout.max(1)))?;
     let state = vm::preflight(&mut qmp)?;
     match cli.command.expect("checked in main") {
         Command::Backup(a) => {

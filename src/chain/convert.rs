@@ -10,6 +10,7 @@
 //! one chunk buffer per worker plus metadata. The output is flushed to stable storage before
 //! success is reported, and a file this command created is removed again if it fails.
 
+use super::outdir::NewDirs;
 use super::progress;
 use super::throttle::Throttle;
 use crate::qcow2::create::{create_file, CreateOptions};
@@ -18,7 +19,6 @@ use crate::qcow2::header::CompressionType;
 use crate::qcow2::pagecache;
 use crate::qcow2::write::{compress_cluster, Compressed, Writer};
 use crate::qcow2::{Disk, Error, ErrorKind, OpenOptions, Result};
-use super::outdir::NewDirs;
 use rayon::prelude::*;
 use std::fs::{File, OpenOptions as FileOpen};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

@@ -4,8 +4,12 @@
 //! table, the snapshot table or an L2 table. A damaged or hostile image may point a data (or
 //! compressed) cluster at one of them; QEMU checks this before writes only, so a read would
 //! silently hand metadata to the guest — and a restore would write it into the new disk. The
-//! reader refuses such clusters with the structure they overlap.
+//! reader refuses such clusters with the structure they overlap, and L2 tables that lie on
+//! other metadata when it opens the image.
 
+use super::bitmap::Bitmap;
+use super::error::{corrupt, ErrorKind};
+use super::ext::BitmapsExt;
 use super::header::Header;
 use super::l1::L1Entry;
 use super::snapshot::Snapshot;
@@ -16,8 +20,23 @@ pub struct Metadata {
     ranges: Vec<(u64, u64, &'static str)>,
 }
 
+/// The image's metadata as the reader finds it at open.
+pub struct Structures<'a> {
+    pub header: &'a Header,
+    pub l1: &'a [L1Entry],
+    pub snapshots: &'a [Snapshot],
+    /// Offsets of the refcount blocks the refcount table names.
+    pub refcount_blocks: &'a [u64],
+    /// The bitmap directory and its bitmaps, when they are in use.
+    pub bitmaps: Option<(&'a BitmapsExt, &'a [Bitmap])>,
+}
+
 impl Metadata {
-    pub fn new(h: &Header, l1: &[L1Entry], snapshots: &[Snapshot]) -> Metadata {
+    /// Collects the metadata ranges. An L2 table that lies on any other structure (the
+    /// header, an L1, refcount or bitmap table, a refcount block, the snapshot table) is
+    /// refused: read through, it would hand that structure's bytes to the guest as data.
+    pub fn new(s: &Structures) -> Result<Metadata, ErrorKind> {
+        let h = s.header;
         let cs = h.cluster_size();
         // Offsets come from the file: a snapshot's L1 offset is not validated on open (it is
         // only read when the snapshot is), so ends saturate instead of overflowing.
@@ -34,19 +53,47 @@ impl Metadata {
             let len = h.refcount_table_clusters as u64 * cs;
             r.push(range(h.refcount_table_offset, len, "the refcount table"));
         }
+        r.extend(
+            s.refcount_blocks
+                .iter()
+                .map(|&o| range(o, cs, "a refcount block")),
+        );
         if h.nb_snapshots > 0 {
             r.push(range(h.snapshots_offset, cs, "the snapshot table"));
         }
-        for s in snapshots.iter().filter(|s| s.l1_size > 0) {
-            let len = s.l1_size as u64 * 8;
-            r.push(range(s.l1_table_offset, len, "a snapshot's L1 table"));
+        for snap in s.snapshots.iter().filter(|s| s.l1_size > 0) {
+            let len = snap.l1_size as u64 * 8;
+            r.push(range(snap.l1_table_offset, len, "a snapshot's L1 table"));
         }
-        r.extend(
-            l1.iter()
-                .map(|e| e.l2_offset())
-                .filter(|&o| o != 0)
-                .map(|o| range(o, cs, "an L2 table")),
-        );
+        if let Some((ext, bitmaps)) = s.bitmaps {
+            r.push(range(
+                ext.directory_offset,
+                ext.directory_size,
+                "the bitmap directory",
+            ));
+            r.extend(
+                bitmaps
+                    .iter()
+                    .map(|b| range(b.table_offset, b.table_size as u64 * 8, "a bitmap table")),
+            );
+        }
+        let others = Metadata::merged(r.clone());
+        for (i, e) in s.l1.iter().enumerate() {
+            let o = e.l2_offset();
+            if o == 0 {
+                continue;
+            }
+            if let Some(what) = others.overlap(o, cs) {
+                return Err(corrupt(format!(
+                    "L2 table at {o:#x} (L1 index {i}) overlaps {what}"
+                )));
+            }
+            r.push(range(o, cs, "an L2 table"));
+        }
+        Ok(Metadata::merged(r))
+    }
+
+    fn merged(mut r: Vec<(u64, u64, &'static str)>) -> Metadata {
         r.sort_unstable();
         let mut merged: Vec<(u64, u64, &'static str)> = Vec::with_capacity(r.len());
         for (s, e, what) in r {

@@ -209,10 +209,20 @@ pub fn qmpbackup(socket: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// Like [`qmpbackup`], panicking with the log unless it succeeded; returns stderr (the log).
+/// What a qmpbackup run printed: its log (standard output, as the original's) followed by
+/// anything on standard error.
+pub fn log_of(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Like [`qmpbackup`], panicking with the log unless it succeeded; returns the log.
 pub fn backup_ok(socket: &str, args: &[&str]) -> String {
     let o = qmpbackup(socket, args);
-    let log = String::from_utf8_lossy(&o.stderr).into_owned();
+    let log = log_of(&o);
     assert!(
         o.status.success(),
         "qmpbackup {args:?} failed ({}):\n{log}",
