@@ -369,15 +369,6 @@ fn table_and_cluster_problems() {
             "overlaps the L1 table",
         ),
         (
-            "l2-on-refcount-block",
-            "v3.qcow2",
-            Box::new(move |b, h| {
-                let block = BigEndian::read_u64(&b[h.refcount_table_offset as usize..]);
-                set_u64(b, l1(h), (1 << 63) | block);
-            }),
-            "overlaps a refcount block",
-        ),
-        (
             "subcluster-both",
             "extl2.qcow2",
             Box::new(|b, h| {

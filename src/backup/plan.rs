@@ -373,5 +373,28 @@ mod tests {
             let inc = decide(Requested::Inc, &d, &st).unwrap_err();
             assert!(inc.contains(why), "{inc}");
         }
+        // The original's words come first where it had them: scripts grep those.
+        let partial = ChainState {
+            dir: "/b/d0.qcow2".into(),
+            uuid: Some("u1".into()),
+            last: good.last.clone(),
+            partials: vec!["FULL-bar.partial".into()],
+            ..Default::default()
+        };
+        let inc = decide(Requested::Inc, &dev(vec![bm(false, true)]), &partial).unwrap_err();
+        assert!(
+            inc.starts_with("Partial backup found in [/b/d0.qcow2], possible broken backup chain. Execute new full backup"),
+            "{inc}"
+        );
+        let no_full = ChainState {
+            dir: "/b/d0.qcow2".into(),
+            uuid: Some("u1".into()),
+            ..Default::default()
+        };
+        let inc = decide(Requested::Inc, &dev(vec![bm(false, true)]), &no_full).unwrap_err();
+        assert!(
+            inc.starts_with("No full backup found for device [disk0:d0.qcow2] in [/b/d0.qcow2]: Execute full backup first."),
+            "{inc}"
+        );
     }
 }

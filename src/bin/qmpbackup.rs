@@ -26,6 +26,10 @@ Examples:
   qmpbackup --socket tcp:[::1]:4444 backup -l inc -t /backup/vm1 --exclude pflash0
   qmpbackup --socket /run/vm1.qmp info --show bitmaps
   qmpbackup --socket /run/vm1.qmp cleanup --remove-bitmap --uuid <chain id>
+  qmpbackup completions bash > /etc/bash_completion.d/qmpbackup
+
+The log goes to standard output in the original's format (info --json/--human: to standard
+error). New backup folders are 0700 and files 0600 (--group-readable: 0750/0640).
 
 Give qmpbackup a QMP socket of its own: QEMU serves one client per socket.
 
@@ -131,7 +135,7 @@ struct BackupArgs {
     #[arg(short, long)]
     target: PathBuf,
     /// Comma-separated devices or node names to leave out.
-    #[arg(short, long, value_delimiter = ',', conflicts_with = "include")]
+    #[arg(short, long, value_delimiter = ',')]
     exclude: Vec<String>,
     /// Comma-separated devices or node names to back up (only these).
     #[arg(short, long, value_delimiter = ',')]
@@ -274,6 +278,12 @@ fn run(cli: Cli, socket: &str) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&interrupted)).context("signal handler")?;
+    }
+    if let Some(Command::Backup(a)) = &cli.command {
+        if !a.exclude.is_empty() && !a.include.is_empty() {
+            // As the original: a failed run (exit 1), not a usage error.
+            anyhow::bail!("Specify either included or excluded devices");
+        }
     }
     let mut qmp = connect(socket, Duration::from_secs(cli.connect_timeout.max(1)))?;
     let state = vm::preflight(&mut qmp)?;

@@ -176,19 +176,10 @@ impl Qcow2 {
             }
             _ => Vec::new(),
         };
-        let refcount_blocks = super::refcount::block_offsets(
-            &*file,
-            header.refcount_table_offset,
-            header.refcount_table_clusters,
-            header.cluster_bits,
-            file_len,
-        )
-        .map_err(|e| at(e.into()))?;
         let metadata = super::overlap::Metadata::new(&super::overlap::Structures {
             header: &header,
             l1: &l1,
             snapshots: &snapshots,
-            refcount_blocks: &refcount_blocks,
             bitmaps: ext
                 .bitmaps
                 .as_ref()

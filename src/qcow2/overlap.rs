@@ -25,16 +25,16 @@ pub struct Structures<'a> {
     pub header: &'a Header,
     pub l1: &'a [L1Entry],
     pub snapshots: &'a [Snapshot],
-    /// Offsets of the refcount blocks the refcount table names.
-    pub refcount_blocks: &'a [u64],
     /// The bitmap directory and its bitmaps, when they are in use.
     pub bitmaps: Option<(&'a BitmapsExt, &'a [Bitmap])>,
 }
 
 impl Metadata {
-    /// Collects the metadata ranges. An L2 table that lies on any other structure (the
-    /// header, an L1, refcount or bitmap table, a refcount block, the snapshot table) is
-    /// refused: read through, it would hand that structure's bytes to the guest as data.
+    /// Collects the metadata ranges. An L2 table that lies on any other structure whose place
+    /// the header or its extensions give (the header, an L1, refcount or bitmap table, the
+    /// snapshot table) is refused: read through, it would hand that structure's bytes to the
+    /// guest as data. A refcount block on an L2 table is the refcount table's damage: reads
+    /// do not use refcounts and stay right, `check` reports it and writers refuse the image.
     pub fn new(s: &Structures) -> Result<Metadata, ErrorKind> {
         let h = s.header;
         let cs = h.cluster_size();
@@ -53,11 +53,6 @@ impl Metadata {
             let len = h.refcount_table_clusters as u64 * cs;
             r.push(range(h.refcount_table_offset, len, "the refcount table"));
         }
-        r.extend(
-            s.refcount_blocks
-                .iter()
-                .map(|&o| range(o, cs, "a refcount block")),
-        );
         if h.nb_snapshots > 0 {
             r.push(range(h.snapshots_offset, cs, "the snapshot table"));
         }

@@ -78,26 +78,6 @@ pub fn set(block: &mut [u8], index: u64, order: u32, value: u64) {
     }
 }
 
-/// The refcount block offsets the table (`clusters` clusters at `offset`) names, as far as
-/// the file holds it, without judging them: what the reader needs to know where metadata
-/// lies. Validation is [`read_table`]'s (writers) and `check`'s.
-pub fn block_offsets(
-    storage: &dyn Storage,
-    offset: u64,
-    clusters: u32,
-    cluster_bits: u32,
-    file_len: u64,
-) -> std::io::Result<Vec<u64>> {
-    let len = ((clusters as u64) << cluster_bits).min(file_len.saturating_sub(offset));
-    let mut bytes = vec![0u8; len as usize & !7];
-    read_exact(storage, &mut bytes, offset, "refcount table")?;
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|c| BigEndian::read_u64(c) & OFFSET_MASK)
-        .filter(|&o| o != 0)
-        .collect())
-}
-
 /// Reads the refcount table (`clusters` clusters at `offset`) as block offsets.
 pub fn read_table(
     storage: &dyn Storage,
