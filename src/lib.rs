@@ -9,3 +9,4 @@ pub mod chain;
 pub mod cli;
 pub mod qcow2;
 pub mod qmp;
+pub mod store;

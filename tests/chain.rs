@@ -491,11 +491,10 @@ fn verify_finds_bit_rot_with_file_and_offset() {
 
 /// Writes a manifest for each backup file, as qmpbackup does.
 fn write_manifests(dir: &Path, names: &[String]) {
-    use qmpbackup::chain::manifest::{self, Manifest};
-    std::fs::create_dir_all(dir.join(".manifest")).unwrap();
+    use qmpbackup::store::manifest::{self, Manifest};
     for (i, n) in names.iter().enumerate() {
         let f = dir.join(n);
-        let (file_size, crc32) = manifest::checksums(&f).unwrap();
+        let (file_size, crc32) = manifest::checksums(&std::fs::File::open(&f).unwrap()).unwrap();
         let level = if i == 0 { "full" } else { "inc" };
         let m = Manifest {
             manifest_version: manifest::MANIFEST_VERSION,
@@ -518,11 +517,7 @@ fn write_manifests(dir: &Path, names: &[String]) {
             extent_size: manifest::EXTENT_SIZE,
             crc32,
         };
-        std::fs::write(
-            manifest::path_for(&f),
-            serde_json::to_vec_pretty(&m).unwrap(),
-        )
-        .unwrap();
+        m.write(&qmpbackup::store::Folder::new(dir)).unwrap();
     }
 }
 

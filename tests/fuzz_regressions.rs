@@ -60,7 +60,7 @@ fn check_and_dir_names_fuzz_inputs_stay_fixed() {
     let mut created = 0;
     for entry in std::fs::read_dir(root.join("dir_names")).unwrap() {
         created +=
-            qmpbackup::chain::fuzz::dir_names(&std::fs::read(entry.unwrap().path()).unwrap());
+            qmpbackup::store::fuzz::dir_names(&std::fs::read(entry.unwrap().path()).unwrap());
     }
     assert!(created >= 10, "the seed names become files");
 }

@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    qmpbackup::chain::fuzz::dir_names(data);
+    qmpbackup::store::fuzz::dir_names(data);
 });

@@ -13,10 +13,10 @@
 //! Side files live in dot-directories: both tools' restore commands take every regular file
 //! of a disk directory as a backup, and neither looks into subdirectories.
 
+use crate::store::name::{alias_name, Level};
+use crate::store::place::{Folder, Place};
 use std::io;
 use std::path::{Path, PathBuf};
-
-pub use crate::chain::dir::Level;
 
 /// The target directory of one run.
 #[derive(Debug, Clone)]
@@ -61,7 +61,7 @@ impl Target {
 
     /// Writes the chain id (durably: the bitmap name depends on it).
     pub fn write_uuid(&self, uuid: &str) -> io::Result<()> {
-        write_durably(&self.uuid_path(), uuid.as_bytes())
+        Folder::new(&self.root).write("uuid", uuid.as_bytes())
     }
 
     pub fn disk_dir(&self, disk: &str) -> PathBuf {
@@ -81,79 +81,15 @@ impl Target {
     }
 }
 
-/// The final name of a backup file.
-pub fn file_name(level: Level, epoch: u64, disk: &str, timestamp: bool) -> String {
-    if timestamp {
-        format!("{}-{epoch}-{disk}", level_tag(level))
-    } else {
-        disk.to_string()
-    }
-}
-
-pub fn level_tag(level: Level) -> &'static str {
-    match level {
-        Level::Full => "FULL",
-        Level::Inc => "INC",
-        Level::Copy => "COPY",
-    }
-}
-
 /// Points `<dir>/<LEVEL>-<disk>` at `name` (for --no-timestamp), replacing an older link
 /// atomically (the original failed on the second run).
 pub fn update_symlink(dir: &Path, level: Level, disk: &str, name: &str) -> io::Result<()> {
-    let link = dir.join(format!("{}-{disk}", level_tag(level)));
-    let tmp = dir.join(format!(".{}-{disk}.link", level_tag(level)));
+    let alias = alias_name(level, disk);
+    let link = dir.join(&alias);
+    let tmp = dir.join(format!(".{alias}.link"));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(name, &tmp)?;
     std::fs::rename(&tmp, &link)
-}
-
-/// Writes `bytes` to `path` through a temporary file, fsynced and renamed into place.
-pub fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    crate::qcow2::create::sync_parent(path)
-}
-
-/// The newest epoch named by any file in `dirs` (backups, partials, quarantined partials), so
-/// a run can take a later one: two runs within one second must not share a name.
-pub fn newest_epoch(dirs: &[PathBuf]) -> u64 {
-    let mut newest = 0;
-    for dir in dirs {
-        for d in [dir.clone(), dir.join(".quarantine")] {
-            let Ok(entries) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let name = name.strip_suffix(".partial").unwrap_or(&name);
-                if let Some((_, epoch, _)) = crate::chain::dir::parse_name(name) {
-                    newest = newest.max(epoch);
-                }
-            }
-        }
-    }
-    newest
-}
-
-/// Moves an interrupted run's partial file out of the chain, keeping it for inspection.
-pub fn quarantine(partial: &Path) -> io::Result<PathBuf> {
-    let dir = partial
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(".quarantine");
-    std::fs::create_dir_all(&dir)?;
-    let to = dir.join(partial.file_name().unwrap_or_default());
-    std::fs::rename(partial, &to)?;
-    Ok(to)
 }
 
 /// A random RFC 4122 version 4 UUID.
@@ -174,34 +110,18 @@ pub fn new_uuid() -> io::Result<String> {
     ))
 }
 
-/// `YYYY-MM` of `epoch` in local time (the original's --monthly directory).
-pub fn month_of(epoch: u64) -> String {
-    crate::chain::info::local_time(epoch as i64)[..7].to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn names_and_uuids() {
-        assert_eq!(file_name(Level::Inc, 17, "d.qcow2", true), "INC-17-d.qcow2");
-        assert_eq!(file_name(Level::Full, 17, "d.qcow2", false), "d.qcow2");
+    fn uuids_and_symlinks() {
         let u = new_uuid().unwrap();
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
         assert_ne!(u, new_uuid().unwrap());
-    }
-
-    #[test]
-    fn epochs_and_symlinks() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().to_path_buf();
-        std::fs::write(d.join("FULL-100-a"), b"").unwrap();
-        std::fs::write(d.join("INC-250-a.partial"), b"").unwrap();
-        assert_eq!(newest_epoch(std::slice::from_ref(&d)), 250);
-        quarantine(&d.join("INC-250-a.partial")).unwrap();
-        assert_eq!(newest_epoch(std::slice::from_ref(&d)), 250);
         update_symlink(&d, Level::Full, "a", "a").unwrap();
         update_symlink(&d, Level::Full, "a", "a").unwrap();
         assert_eq!(

@@ -60,7 +60,7 @@ fn asctime() -> String {
         .unwrap_or_default();
     format!(
         "{},{:03}",
-        crate::chain::info::local_time(now.as_secs() as i64),
+        crate::store::time::local_time(now.as_secs() as i64),
         now.subsec_millis()
     )
 }

@@ -9,7 +9,7 @@
 //! `auto` looked only at the `uuid` file and failed on all of these.
 
 use super::device::Device;
-use super::layout::Level;
+use crate::store::Level;
 use std::path::PathBuf;
 
 /// The level asked for on the command line.

@@ -22,15 +22,19 @@ use super::device::{parse_query_block, Device, Selection};
 use super::error::{BackupError, Result};
 use super::fleece;
 use super::job::{self, Progress};
-use super::layout::{self, Level, Target};
+use super::layout::{self, Target};
 use super::plan::{self, ChainState, Decision, Requested};
 use super::state::{DiskRecord, RunLock, RunRecord};
 use super::vm::VmState;
-use crate::chain::dir::BackupDir;
-use crate::chain::manifest::{self, Manifest};
 use crate::qcow2::create::{create_file, CreateOptions};
 use crate::qcow2::{Disk, Format};
 use crate::qmp::{Address, Agent, FreezeState, Qmp};
+use crate::store::folder::BackupDir;
+use crate::store::folder::{newest_epoch, quarantine, quarantined};
+use crate::store::manifest::{self, Manifest};
+use crate::store::name::{file_name, partial_name, Level};
+use crate::store::place::{Folder, Place};
+use crate::store::time::month_of;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,7 +118,7 @@ pub fn run(
     interrupted: &AtomicBool,
 ) -> Result<Vec<DiskOutcome>> {
     let epoch_now = now();
-    let month = opts.monthly.then(|| layout::month_of(epoch_now));
+    let month = opts.monthly.then(|| month_of(epoch_now));
     let target = Target::prepare(&opts.target, month.as_deref(), opts.subdirs)
         .map_err(BackupError::io(&opts.target))?;
     if target.new_month {
@@ -184,7 +188,8 @@ pub fn run(
     // original's stayed and blocked every later incremental).
     for p in set_aside {
         if p.exists() {
-            let to = layout::quarantine(&p).map_err(BackupError::io(&p))?;
+            let (place, name) = Folder::of_file(&p);
+            let to = quarantine(&place, &name).map_err(BackupError::io(&p))?;
             tracing::warn!(
                 "partial file {} of an interrupted run set aside as {}",
                 p.display(),
@@ -248,7 +253,7 @@ pub fn run(
         let (target_node, fleece_node, cbw_node, snap_node, job) =
             fleece::names(&tag, i, &dev.name);
         let timestamp = opts.timestamp || decision.level == Level::Inc;
-        let file = layout::file_name(decision.level, epoch, &name, timestamp);
+        let file = file_name(decision.level, epoch, &name, timestamp);
         let final_path = dir.join(&file);
         let target_format = if dev.is_raw() && decision.level != Level::Inc {
             "raw"
@@ -269,7 +274,7 @@ pub fn run(
             cbw_node,
             snap_node,
             next_bitmap,
-            partial: dir.join(format!("{file}.partial")),
+            partial: dir.join(partial_name(&file)),
             fleece: fleece_dir.join(format!("{fleece_node}.qcow2")),
         };
         run_disks.push(Disk_ {
@@ -291,6 +296,7 @@ pub fn run(
     let mut r = Run {
         qmp,
         opts,
+        target: &target,
         lock: &mut lock,
         disks: run_disks,
         uuid,
@@ -318,6 +324,7 @@ pub fn run(
 struct Run<'a> {
     qmp: &'a mut Qmp,
     opts: &'a Options,
+    target: &'a Target,
     lock: &'a mut RunLock,
     disks: Vec<Disk_>,
     uuid: Option<String>,
@@ -656,21 +663,21 @@ impl Run<'_> {
         for d in &self.disks {
             let f = std::fs::File::open(&d.rec.partial).map_err(BackupError::io(&d.rec.partial))?;
             f.sync_all().map_err(BackupError::io(&d.rec.partial))?;
-            std::fs::rename(&d.rec.partial, &d.final_path)
+            let (place, partial) = Folder::of_file(&d.rec.partial);
+            let (_, file_name) = Folder::of_file(&d.final_path);
+            let at = BackupError::io(&d.final_path);
+            place.rename(&partial, &file_name).map_err(at)?;
+            place
+                .sync(&file_name)
                 .map_err(BackupError::io(&d.final_path))?;
-            crate::qcow2::create::sync_parent(&d.final_path).map_err(BackupError::io(&d.dir))?;
-            let file_name = d
-                .final_path
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
             if !self.opts.timestamp && d.decision.level != Level::Inc && self.opts.symlink {
                 layout::update_symlink(&d.dir, d.decision.level, &d.name, &file_name)
                     .map_err(BackupError::io(&d.dir))?;
             }
-            let (file_size, crc32) =
-                manifest::checksums(&d.final_path).map_err(BackupError::io(&d.final_path))?;
+            let (file_size, crc32) = place
+                .open(&file_name)
+                .and_then(|data| manifest::checksums(&*data))
+                .map_err(BackupError::io(&d.final_path))?;
             let m = Manifest {
                 manifest_version: manifest::MANIFEST_VERSION,
                 tool: format!("qmpbackup {}", env!("CARGO_PKG_VERSION")),
@@ -699,21 +706,14 @@ impl Run<'_> {
                 extent_size: manifest::EXTENT_SIZE,
                 crc32,
             };
-            let mpath = manifest::path_for(&d.final_path);
-            let dir = mpath.parent().unwrap_or(Path::new("."));
-            std::fs::create_dir_all(dir).map_err(BackupError::io(dir))?;
-            let bytes = serde_json::to_vec_pretty(&m)
-                .map_err(|e| BackupError::Io(mpath.clone(), e.into()))?;
-            layout::write_durably(&mpath, &bytes).map_err(BackupError::io(&mpath))?;
+            m.write(&place)
+                .map_err(BackupError::io(place.locate(&manifest::name_for(&m.file))))?;
             if d.decision.level == Level::Full {
                 let config = serde_json::to_vec_pretty(&d.dev.image).unwrap_or_default();
-                let cpath = d
-                    .dir
-                    .parent()
-                    .filter(|_| self.opts.subdirs)
-                    .unwrap_or(&d.dir)
-                    .join(format!("{}.config", d.name));
-                layout::write_durably(&cpath, &config).map_err(BackupError::io(&cpath))?;
+                let cpath = self.target.config_path(&d.name);
+                let (root, config_name) = Folder::of_file(&cpath);
+                root.write(&config_name, &config)
+                    .map_err(BackupError::io(&cpath))?;
                 tracing::info!("Saved image info: [{}]", cpath.display());
             }
             tracing::info!(
@@ -940,10 +940,11 @@ fn chain_state(
     // its mtime (kept when it is set aside).
     let chain = bd.chain().ok();
     let full_epoch = chain.as_ref().map(|c| c.files[0].epoch);
-    let foreign = quarantined(dir)
+    let foreign = quarantined(&Folder::new(dir))
+        .map_err(BackupError::io(dir))?
         .into_iter()
         .filter(|(name, mtime)| {
-            let epoch = crate::chain::dir::parse_name(name.trim_end_matches(".partial"))
+            let epoch = crate::store::name::parse_name(name.trim_end_matches(".partial"))
                 .map_or(*mtime, |p| p.1);
             full_epoch.is_some_and(|f| epoch > f)
         })
@@ -969,30 +970,12 @@ fn chain_state(
     })
 }
 
-/// Names and mtimes (epoch seconds) of the partial files set aside in `dir`'s quarantine
-/// (all from other tools: our own are removed).
-fn quarantined(dir: &Path) -> Vec<(String, u64)> {
-    std::fs::read_dir(dir.join(".quarantine"))
-        .map(|r| {
-            r.flatten()
-                .map(|e| {
-                    let mtime = e
-                        .metadata()
-                        .ok()
-                        .and_then(|m| m.modified().ok())
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_secs());
-                    (e.file_name().to_string_lossy().into_owned(), mtime)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// An epoch later than every backup in `dirs`: two runs in one second get distinct names
 /// (the original overwrote the first).
 fn unique_epoch(now: u64, dirs: &[PathBuf]) -> u64 {
-    let newest = layout::newest_epoch(dirs);
+    let places: Vec<Folder> = dirs.iter().map(|d| Folder::new(d)).collect();
+    let places: Vec<&dyn Place> = places.iter().map(|p| p as &dyn Place).collect();
+    let newest = newest_epoch(&places);
     if newest < now {
         return now;
     }

@@ -52,8 +52,8 @@ struct ChainArgs {
 }
 
 impl ChainArgs {
-    fn select(&self) -> merge::ChainSelect {
-        merge::ChainSelect {
+    fn select(&self) -> qmpbackup::store::ChainSelect {
+        qmpbackup::store::ChainSelect {
             until: self.until.clone(),
             filter: self.filter.clone(),
             allow_outside_backing: self.allow_outside_backing,
@@ -112,19 +112,11 @@ enum ConvertTarget {
     Qcow2,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum CompressionArg {
-    Zlib,
-    Zstd,
-}
-
-impl From<CompressionArg> for CompressionType {
-    fn from(c: CompressionArg) -> CompressionType {
-        match c {
-            CompressionArg::Zlib => CompressionType::Zlib,
-            CompressionArg::Zstd => CompressionType::Zstd,
-        }
-    }
+/// A compression type, parsed (and listed in `--help`) by the codec module itself.
+fn compression_type() -> impl clap::builder::TypedValueParser<Value = CompressionType> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(CompressionType::names())
+        .map(|s| s.parse::<CompressionType>().expect("a listed name"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -158,8 +150,8 @@ The chain is the latest FULL and the INCs after it, in the order of the epochs i
         #[arg(long, value_enum, default_value = "qcow2")]
         format: MergeFormat,
         /// Compress the qcow2 output.
-        #[arg(long, value_enum)]
-        compress: Option<CompressionArg>,
+        #[arg(long, value_parser = compression_type())]
+        compress: Option<CompressionType>,
         /// Replace an existing target file.
         #[arg(long)]
         force: bool,
@@ -299,8 +291,8 @@ An existing output file is replaced, except a file the source reads from.")]
         #[arg(short = 'c', long)]
         compress: bool,
         /// qcow2 output: how compressed clusters are encoded.
-        #[arg(long, value_enum, default_value = "zlib")]
-        compression_type: CompressionArg,
+        #[arg(long, value_parser = compression_type(), default_value = "zlib")]
+        compression_type: CompressionType,
         /// qcow2 output: cluster size (e.g. 64k, 2M).
         #[arg(long, default_value = "64k", value_parser = parse_size_arg)]
         cluster_size: u64,
@@ -515,7 +507,7 @@ fn run(command: Command) -> Result<ExitCode> {
                     &opts,
                     &Qcow2Output {
                         cluster_size,
-                        compression_type: compression_type.into(),
+                        compression_type,
                         compress,
                     },
                 ),
@@ -611,7 +603,7 @@ fn run(command: Command) -> Result<ExitCode> {
                         MergeFormat::Qcow2 => merge::Target::Qcow2,
                         MergeFormat::Raw => merge::Target::Raw,
                     },
-                    compress: compress.map(Into::into),
+                    compress,
                     force,
                     progress,
                     rate_limit: chain.rate_limit,

@@ -10,18 +10,18 @@
 //! simply overwritten with the same data by the INCs that are left, newest last.
 
 use super::error::{ChainError, Result};
-use super::manifest;
-use super::merge::{open_chain, restore_chain};
+use super::links::{forget_manifest, is_linked, link_to, remove_backup};
 use super::throttle::Throttle;
 use crate::qcow2::pagecache::forget_cached;
 use crate::qcow2::write::Writer;
-use crate::qcow2::{Disk, ErrorKind, Extent, Format};
+use crate::qcow2::{Disk, Extent, Format};
+use crate::store::{open_chain, restore_chain};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
 pub struct CommitOptions {
-    pub select: super::merge::ChainSelect,
+    pub select: crate::store::ChainSelect,
     pub dry_run: bool,
     pub rate_limit: Option<u64>,
     /// Show a progress bar (on a terminal).
@@ -85,7 +85,7 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
     // INC first; once that is durable the INC is no longer needed: its successor, if linked, is
     // pointed at the FULL, and it is deleted while the next one is folded. An interruption
     // leaves the newest INCs and a FULL holding everything older: re-running converges.
-    delete_behind(dir, |deleter| {
+    delete_behind(|deleter| {
         let release = |i: usize| -> Result<bool> {
             if let Some(succ) = folded.get(i + 1).or(next.as_ref()) {
                 if is_linked(succ)? {
@@ -125,13 +125,12 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
 /// file system discards the freed blocks (~30 ms per 128 MiB here) and overlaps with the
 /// folding that goes on meanwhile. A failed send means the deletion failed: `work` should
 /// stop; the deletion's error is returned after `work`'s own.
-pub fn delete_behind<T>(dir: &Path, work: impl FnOnce(&Sender<PathBuf>) -> Result<T>) -> Result<T> {
+pub fn delete_behind<T>(work: impl FnOnce(&Sender<PathBuf>) -> Result<T>) -> Result<T> {
     std::thread::scope(|s| {
         let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
         let deleter = s.spawn(move || -> Result<()> {
             for f in rx {
                 remove_backup(&f)?;
-                crate::qcow2::create::sync_parent(&f).map_err(|e| ErrorKind::Io(e).at(dir))?;
             }
             Ok(())
         });
@@ -229,51 +228,4 @@ pub fn fold(
         }
     }
     Ok(())
-}
-
-/// The backing file name and format a backup file's header names, if any.
-pub fn backing_of(path: &Path) -> Result<Option<(String, Option<String>)>> {
-    let d = Disk::open_alone(path)?;
-    Ok(d.qcow2().and_then(|q| {
-        q.backing_name().map(|n| {
-            (
-                n.to_string_lossy().into_owned(),
-                q.backing_format().map(str::to_string),
-            )
-        })
-    }))
-}
-
-/// Whether a backup file names a backing file (the linked layout).
-pub fn is_linked(path: &Path) -> Result<bool> {
-    Ok(backing_of(path)?.is_some())
-}
-
-/// Sets `file`'s backing file name and format in place, unless the header already says so
-/// (a backup file is never touched without need; its manifest goes first when it is).
-pub fn set_backing(file: &Path, backing: &str, format: Format) -> Result<bool> {
-    if backing_of(file)? == Some((backing.to_string(), Some(format.name().to_string()))) {
-        return Ok(false);
-    }
-    forget_manifest(file)?;
-    Writer::open(file)?.set_backing(Some((backing, Some(format))))?;
-    Ok(true)
-}
-
-/// Points `inc`'s backing file at `full` (same directory, so by name).
-pub fn link_to(inc: &Path, full: &Path) -> Result<()> {
-    let name = full.file_name().expect("a file").to_string_lossy();
-    set_backing(inc, &name, Format::Qcow2)?;
-    Ok(())
-}
-
-/// [`manifest::forget`] with the error naming the file.
-pub fn forget_manifest(file: &Path) -> Result<()> {
-    manifest::forget(file).map_err(|e| ErrorKind::Io(e).at(manifest::path_for(file)).into())
-}
-
-/// Deletes a folded backup file, its manifest first (so no manifest outlives its file).
-pub fn remove_backup(file: &Path) -> Result<()> {
-    forget_manifest(file)?;
-    std::fs::remove_file(file).map_err(|e| ErrorKind::Io(e).at(file).into())
 }

@@ -2,7 +2,6 @@
 //! (`64M`, `2T`), so `qmprestore create` accepts the same command lines.
 
 use crate::qcow2::create::CreateOptions;
-use crate::qcow2::header::CompressionType;
 use crate::qcow2::Format;
 
 /// Parses `512`, `64k`, `1.5G`, `2T` (binary units, as qemu-img).
@@ -63,13 +62,7 @@ pub fn apply(opts: &mut CreateOptions, list: &str) -> Result<(), String> {
             }
             "lazy_refcounts" => opts.lazy_refcounts = on_off(k, v)?,
             "extended_l2" => opts.extended_l2 = on_off(k, v)?,
-            "compression_type" => {
-                opts.compression = match v {
-                    "zlib" => CompressionType::Zlib,
-                    "zstd" => CompressionType::Zstd,
-                    _ => return Err(format!("compression_type must be zlib or zstd, not '{v}'")),
-                }
-            }
+            "compression_type" => opts.compression = v.parse()?,
             "backing_file" => {
                 let fmt = opts.backing.take().and_then(|b| b.1);
                 opts.backing = Some((v.to_string(), fmt));

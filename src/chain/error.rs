@@ -1,11 +1,11 @@
 //! Errors of the restore-side commands.
 
-use super::dir::DirError;
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
     #[error(transparent)]
-    Dir(#[from] DirError),
+    Store(#[from] StoreError),
     #[error(transparent)]
     Image(#[from] crate::qcow2::Error),
     /// The command will not do what was asked, and says why (nothing was changed).

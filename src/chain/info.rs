@@ -241,7 +241,7 @@ pub fn snapshot_table(snaps: &[SnapshotInfo]) -> String {
             sn.id,
             sn.name,
             units::size(sn.vm_state_size),
-            local_time(sn.date_sec as i64),
+            crate::store::time::local_time(sn.date_sec as i64),
             clock,
             icount
         );
@@ -264,24 +264,4 @@ pub fn snapshots(q: &Qcow2) -> Vec<SnapshotInfo> {
             icount: s.icount.filter(|&i| i != -1),
         })
         .collect()
-}
-
-/// `YYYY-MM-DD HH:MM:SS` in the local time zone, as qemu-img prints snapshot dates.
-pub fn local_time(epoch: i64) -> String {
-    // SAFETY: localtime_r writes into the tm we own; a zeroed tm is a valid initial value.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    let t = epoch as libc::time_t;
-    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
-    if !ok {
-        return epoch.to_string();
-    }
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec
-    )
 }

@@ -1,8 +1,8 @@
 //! `qmprestore list`: the restore points of a backup directory.
 
-use super::dir::{BackupDir, Level};
 use super::error::Result;
-use super::info::local_time;
+use crate::store::time::local_time;
+use crate::store::{BackupDir, Level};
 use serde::Serialize;
 use std::path::Path;
 

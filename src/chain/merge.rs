@@ -7,11 +7,10 @@
 //! where it is contiguous, and every guest cluster is written once. No temporary copies.
 
 use super::convert::{self, ConvertOptions, Qcow2Output};
-use super::dir::{BackupDir, Chain};
 use super::error::{ChainError, Result};
 use super::outdir::NewDirs;
 use crate::qcow2::header::CompressionType;
-use crate::qcow2::{Disk, Format};
+use crate::store::{open_chain, restore_chain, ChainSelect};
 use std::path::{Path, PathBuf};
 
 /// Output format of a merge.
@@ -31,92 +30,6 @@ pub struct MergeOptions {
     pub progress: bool,
     /// Average bytes per second to stay under.
     pub rate_limit: Option<u64>,
-}
-
-/// Which files of a backup directory a chain command works on, and what it may follow.
-#[derive(Debug, Clone, Default)]
-pub struct ChainSelect {
-    /// Restore point (see [`Chain::until`]).
-    pub until: Option<String>,
-    /// Only files whose name contains this.
-    pub filter: Option<String>,
-    /// Accept backing file names that lead out of the backup directory.
-    pub allow_outside_backing: bool,
-}
-
-/// The backup files a restore of `dir` uses, up to the restore point. Backing file names that
-/// lead out of the directory (absolute, or through `..`) are refused unless allowed: a
-/// hostile or misplaced backup must not make a restore read (or a commit copy) files from
-/// elsewhere on the host.
-pub fn restore_chain(dir: &Path, select: &ChainSelect) -> Result<(BackupDir, Chain)> {
-    let bd = BackupDir::scan(dir, select.filter.as_deref())?;
-    bd.refuse_partials()?;
-    let mut chain = bd.chain()?;
-    if let Some(u) = &select.until {
-        chain = chain.until(u, dir)?;
-    }
-    if !select.allow_outside_backing {
-        for f in &chain.files {
-            refuse_outside_backing(&f.path)?;
-        }
-    }
-    Ok((bd, chain))
-}
-
-/// Refuses `file` if its backing file name is absolute or climbs out of its directory.
-pub fn refuse_outside_backing(file: &Path) -> Result<()> {
-    let opts = crate::qcow2::OpenOptions {
-        no_backing: true,
-        ..Default::default()
-    };
-    let disk = Disk::open_with(file, &opts)?;
-    let Some(name) = disk.qcow2().and_then(|q| q.backing_name()) else {
-        return Ok(());
-    };
-    let name = Path::new(name);
-    let climbs = name.is_absolute()
-        || name.components().any(|c| {
-            !matches!(
-                c,
-                std::path::Component::Normal(_) | std::path::Component::CurDir
-            )
-        });
-    // A name inside the directory may still be a symlink that leads out of it.
-    let dir = file.parent().unwrap_or(Path::new("."));
-    let leaves = match (
-        std::fs::canonicalize(dir.join(name)),
-        std::fs::canonicalize(dir),
-    ) {
-        (Ok(target), Ok(dir)) => !target.starts_with(dir),
-        _ => false,
-    };
-    let escapes = climbs || leaves;
-    if escapes {
-        return Err(ChainError::Refused(format!(
-            "{}: backing file {} lies outside the backup directory; pass --allow-outside-backing if that is intended",
-            file.display(),
-            name.display()
-        )));
-    }
-    Ok(())
-}
-
-/// Opens the chain as one disk, refusing raw INCs: a raw file cannot tell "unchanged" from
-/// "zero", so it cannot be laid over its predecessor.
-pub fn open_chain(chain: &Chain) -> Result<Disk> {
-    let paths: Vec<PathBuf> = chain.paths();
-    let disk = Disk::stack(&paths)?;
-    let images: Vec<_> = disk.chain().collect();
-    for (i, img) in images.iter().enumerate() {
-        let is_base = i + 1 == images.len();
-        if img.format() == Format::Raw && !is_base {
-            return Err(ChainError::Refused(format!(
-                "{} is a raw incremental backup: raw files cannot tell unchanged blocks from zeroed ones, so it cannot be restored on top of its predecessor",
-                img.path().display()
-            )));
-        }
-    }
-    Ok(disk)
 }
 
 /// Merges the chain in `dir` into `target_file`; returns the files merged, oldest first.
@@ -172,7 +85,7 @@ pub fn merge(dir: &Path, target_file: &Path, opts: &MergeOptions) -> Result<Vec<
     if let Some(tmp) = &staging {
         let at = |e| crate::qcow2::ErrorKind::Io(e).at(target_file);
         std::fs::rename(tmp, target_file).map_err(at)?;
-        crate::qcow2::create::sync_parent(target_file).map_err(at)?;
+        crate::qcow2::storage::sync_parent(target_file).map_err(at)?;
     }
     dirs.keep();
     Ok(chain.paths())

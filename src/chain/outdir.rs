@@ -31,7 +31,7 @@ impl NewDirs {
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             }
-            crate::qcow2::create::sync_parent(&d)?;
+            crate::qcow2::storage::sync_parent(&d)?;
         }
         Ok(made)
     }

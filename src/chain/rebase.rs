@@ -6,14 +6,14 @@
 //! replaced atomically last, so an interrupted rebase leaves a chain that restores as before
 //! and a re-run completes it.
 
-use super::commit::{backing_of, set_backing};
 use super::error::{ChainError, Result};
-use super::merge::{open_chain, restore_chain};
+use super::links::{backing_of, set_backing};
 use crate::qcow2::Format;
+use crate::store::{open_chain, restore_chain};
 use std::path::{Path, PathBuf};
 
 pub struct RebaseOptions {
-    pub select: super::merge::ChainSelect,
+    pub select: crate::store::ChainSelect,
     pub dry_run: bool,
     /// Replace an existing `image` symlink.
     pub force: bool,

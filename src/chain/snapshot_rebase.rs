@@ -5,21 +5,20 @@
 //! a re-run after an interruption continues where it stopped: folding the same INC again
 //! writes the same data, and an existing snapshot of that name is kept.
 
-use super::commit::{
-    delete_behind, fold, forget_manifest, is_linked, link_to, newer_than_full, refuse_shrunk,
-};
+use super::commit::{delete_behind, fold, newer_than_full, refuse_shrunk};
 use super::error::{ChainError, Result};
-use super::info::local_time;
-use super::merge::{open_chain, restore_chain};
+use super::links::{forget_manifest, is_linked, link_to};
 use super::throttle::Throttle;
 use crate::qcow2::write::Writer;
 use crate::qcow2::{Disk, Format};
+use crate::store::time::local_time;
+use crate::store::{open_chain, restore_chain};
 use std::path::{Path, PathBuf};
 
 pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
 
 pub struct SnapshotRebaseOptions {
-    pub select: super::merge::ChainSelect,
+    pub select: crate::store::ChainSelect,
     pub dry_run: bool,
     pub rate_limit: Option<u64>,
     /// Show a progress bar (on a terminal).
@@ -72,7 +71,7 @@ pub fn snapshot_rebase(
         w.create_snapshot(FULL_SNAPSHOT)?;
         w.finish()?;
     }
-    delete_behind(dir, |deleter| {
+    delete_behind(|deleter| {
         for (i, f) in chain.files.iter().enumerate().skip(1) {
             let name = snapshot_name(f.epoch);
             let pair = Disk::stack(&[full.clone(), f.path.clone()])?;

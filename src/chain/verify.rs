@@ -9,10 +9,12 @@
 //! extent is reported), level, time, chain id, predecessor and size. Files are verified in
 //! parallel.
 
-use super::dir::{BackupDir, BackupFile, Level};
 use super::error::Result;
-use super::manifest::{self, Manifest};
 use crate::qcow2::{check, Disk, OpenOptions};
+use crate::store::folder::{BackupDir, BackupFile};
+use crate::store::manifest::{self, Manifest};
+use crate::store::place::{Folder, Place};
+use crate::store::Level;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -46,7 +48,7 @@ pub struct Report {
 
 /// Verifies `dir`, or with `recursive` every backup directory below it.
 pub fn verify(dir: &Path, recursive: bool, filter: Option<&str>) -> Result<Report> {
-    std::fs::read_dir(dir).map_err(|e| super::dir::DirError::Io(dir.to_path_buf(), e))?;
+    std::fs::read_dir(dir).map_err(|e| crate::store::StoreError::Io(dir.to_path_buf(), e))?;
     let dirs = if recursive {
         let mut found = Vec::new();
         find_backup_dirs(dir, 0, &mut found)?;
@@ -68,7 +70,7 @@ pub fn verify(dir: &Path, recursive: bool, filter: Option<&str>) -> Result<Repor
 }
 
 fn find_backup_dirs(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
-    let io = |e| super::dir::DirError::Io(dir.to_path_buf(), e);
+    let io = |e| crate::store::StoreError::Io(dir.to_path_buf(), e);
     let mut has_backups = false;
     let mut subdirs = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io)? {
@@ -79,7 +81,7 @@ fn find_backup_dirs(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<
         if ft.is_dir() && depth < 8 && !name.starts_with('.') {
             subdirs.push(entry.path());
         } else if ft.is_file()
-            && super::dir::parse_name(name.trim_end_matches(".partial")).is_some()
+            && crate::store::name::parse_name(name.trim_end_matches(".partial")).is_some()
         {
             has_backups = true;
         }
@@ -214,14 +216,15 @@ struct ManifestCheck {
 impl ManifestCheck {
     /// Reads `file`'s manifest (when qmpbackup wrote one) and compares the file's checksums.
     fn of(file: &Path) -> Option<ManifestCheck> {
-        let path = manifest::path_for(file);
-        if !path.exists() {
+        let (place, name) = Folder::of_file(file);
+        if !manifest::exists(&place, &name) {
             return None;
         }
-        let manifest = Manifest::read(&path);
+        let manifest = Manifest::read(&place, &name);
         let found = match &manifest {
-            Ok(m) => m
-                .check(file)
+            Ok(m) => place
+                .open(&name)
+                .and_then(|data| m.check(&*data))
                 .map_err(|e| format!("reading for the manifest check: {e}")),
             Err(_) => Ok(Vec::new()),
         };
@@ -283,7 +286,7 @@ fn check_manifest(
         // the FULL's manifest (it changed in place): what follows then builds on the FULL.
         let folded = p.level == Level::Full
             && !f.path.with_file_name(mp).exists()
-            && !manifest::path_for(&p.path).exists();
+            && !manifest::exists(&Folder::of_file(&p.path).0, &p.name);
         if folded {
             notes.push(format!(
                 "{}: predecessor {mp} was folded into {}",

@@ -1,14 +1,33 @@
 //! The persistent dirty bitmap directory (read for `info`, and so writers know what exists).
 
+use super::be::be_struct;
 use super::error::{corrupt, ErrorKind};
 use super::ext::BitmapsExt;
 use super::storage::{read_exact, Storage};
-use byteorder::{BigEndian, ByteOrder};
 
 pub const FLAG_IN_USE: u32 = 1 << 0;
 pub const FLAG_AUTO: u32 = 1 << 1;
 pub const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
-const FIXED: usize = 24;
+
+be_struct! {
+    /// The fixed part of a bitmap directory entry; extra data and the name follow.
+    pub struct Entry(24) {
+        table_offset: u64 = 0,
+        table_size: u32 = 8,
+        flags: u32 = 12,
+        kind: u8 = 16,
+        granularity_bits: u8 = 17,
+        name_len: u16 = 18,
+        extra_len: u32 = 20,
+    }
+}
+
+impl Entry {
+    /// Bytes of the whole entry, padding included.
+    pub fn encoded_len(&self) -> u64 {
+        (Entry::LEN as u64 + self.extra_len as u64 + self.name_len as u64).div_ceil(8) * 8
+    }
+}
 
 /// One bitmap directory entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,30 +76,30 @@ pub fn read_directory(
     let mut pos = 0usize;
     for i in 0..ext.nb_bitmaps {
         let fixed = dir
-            .get(pos..pos + FIXED)
+            .get(pos..pos + Entry::LEN)
             .ok_or_else(|| corrupt(format!("bitmap directory too short for entry {i}")))?;
-        let name_len = BigEndian::read_u16(&fixed[18..]) as usize;
-        let extra_len = BigEndian::read_u32(&fixed[20..]) as usize;
-        let gran = fixed[17];
+        let e = Entry::read(fixed);
+        let (name_len, extra_len) = (e.name_len as usize, e.extra_len as usize);
+        let gran = e.granularity_bits;
         if name_len == 0 || name_len > 1023 {
             return Err(corrupt(format!("bitmap {i}: name length {name_len}")));
         }
         if !(9..=31).contains(&gran) {
             return Err(corrupt(format!("bitmap {i}: granularity bits {gran}")));
         }
-        let name_start = pos + FIXED + extra_len;
+        let name_start = pos + Entry::LEN + extra_len;
         let name = dir
             .get(name_start..name_start + name_len)
             .ok_or_else(|| corrupt(format!("bitmap {i} overruns the bitmap directory")))?;
         out.push(Bitmap {
-            table_offset: BigEndian::read_u64(fixed),
-            table_size: BigEndian::read_u32(&fixed[8..]),
-            flags: BigEndian::read_u32(&fixed[12..]),
-            kind: fixed[16],
+            table_offset: e.table_offset,
+            table_size: e.table_size,
+            flags: e.flags,
+            kind: e.kind,
             granularity_bits: gran,
             name: String::from_utf8_lossy(name).into_owned(),
         });
-        pos = (name_start + name_len).div_ceil(8) * 8;
+        pos += e.encoded_len() as usize;
     }
     Ok(out)
 }

@@ -65,18 +65,30 @@ impl CreateOptions {
         }
         match self.version {
             2 => {
+                use header::{compat, feature_name, incompat, FeatureKind};
                 let v3_only = [
                     (rb != 16, "refcount widths other than 16"),
-                    (self.lazy_refcounts, "lazy refcounts"),
-                    (self.extended_l2, "extended L2 entries"),
                     (
-                        self.compression != CompressionType::Zlib,
-                        "zstd compression",
+                        self.lazy_refcounts,
+                        feature_name(FeatureKind::Compatible, compat::LAZY_REFCOUNTS),
                     ),
-                    (self.data_file.is_some(), "external data files"),
+                    (
+                        self.extended_l2,
+                        feature_name(FeatureKind::Incompatible, incompat::EXTENDED_L2),
+                    ),
+                    (
+                        self.compression.needs_feature_bit(),
+                        feature_name(FeatureKind::Incompatible, incompat::COMPRESSION),
+                    ),
+                    (
+                        self.data_file.is_some(),
+                        feature_name(FeatureKind::Incompatible, incompat::DATA_FILE),
+                    ),
                 ];
                 if let Some((_, what)) = v3_only.iter().find(|(bad, _)| *bad) {
-                    return Err(format!("{what} need compat 1.1"));
+                    return Err(format!(
+                        "{what}: not in version 2 images (needs compat 1.1)"
+                    ));
                 }
             }
             3 => {}
@@ -110,7 +122,7 @@ impl CreateOptions {
 
     fn header(&self, rt_offset: u64, rt_clusters: u32, l1_offset: u64, l1_size: u32) -> Header {
         let mut incompatible = 0;
-        if self.compression == CompressionType::Zstd {
+        if self.compression.needs_feature_bit() {
             incompatible |= incompat::COMPRESSION;
         }
         if self.extended_l2 {
@@ -150,18 +162,6 @@ impl CreateOptions {
         }
     }
 }
-
-/// QEMU's feature name table.
-const FEATURE_NAMES: [(u8, u8, &str); 8] = [
-    (0, 0, "dirty bit"),
-    (0, 1, "corrupt bit"),
-    (0, 2, "external data file"),
-    (0, 3, "compression type"),
-    (0, 4, "extended L2 entries"),
-    (1, 0, "lazy refcounts"),
-    (2, 0, "bitmaps"),
-    (2, 1, "raw external data"),
-];
 
 /// Serialises header, extensions and backing name into cluster 0. The feature name table is
 /// optional and dropped when the cluster is too small for it.
@@ -204,17 +204,13 @@ pub fn header_cluster(
     })
 }
 
-/// The feature name table extension's payload.
+/// The feature name table of new images: every feature this implementation knows.
 pub fn feature_table() -> Vec<u8> {
-    let mut table = Vec::with_capacity(FEATURE_NAMES.len() * 48);
-    for (kind, bit, name) in FEATURE_NAMES {
-        let mut e = [0u8; 48];
-        e[0] = kind;
-        e[1] = bit;
-        e[2..2 + name.len()].copy_from_slice(name.as_bytes());
-        table.extend_from_slice(&e);
-    }
-    table
+    ext::feature_table(
+        header::FEATURES
+            .iter()
+            .map(|f| (f.kind as u8, f.bit, f.name)),
+    )
 }
 
 /// Creates a new image at `path` (which must not exist), durably.
@@ -345,16 +341,7 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> R
     }
     if durable {
         file.sync_all().map_err(at)?;
-        sync_parent(path).map_err(at)?;
+        super::storage::sync_parent(path).map_err(at)?;
     }
     Ok(())
-}
-
-/// Makes a new directory entry durable.
-pub fn sync_parent(path: &Path) -> std::io::Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(parent)?.sync_all()
 }

@@ -4,8 +4,8 @@
 //! pointer); unknown ones are kept verbatim because a writer must preserve what it does not
 //! understand.
 
+use super::be::be_struct;
 use super::error::{corrupt, ErrorKind};
-use byteorder::{BigEndian, ByteOrder};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 
@@ -25,13 +25,43 @@ pub struct FeatureName {
     pub name: String,
 }
 
-/// The bitmaps extension: where the bitmap directory is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BitmapsExt {
-    pub nb_bitmaps: u32,
-    pub directory_size: u64,
-    pub directory_offset: u64,
+be_struct! {
+    /// The head of every extension record; the payload follows, padded to 8 bytes.
+    pub struct Record(8) {
+        kind: u32 = 0,
+        len: u32 = 4,
+    }
 }
+
+be_struct! {
+    /// The bitmaps extension: where the bitmap directory is.
+    pub struct BitmapsExt(24) {
+        nb_bitmaps: u32 = 0,
+        /// Must be zero.
+        reserved: u32 = 4,
+        directory_size: u64 = 8,
+        directory_offset: u64 = 16,
+    }
+}
+
+be_struct! {
+    /// The full-disk encryption extension: where the LUKS header is.
+    pub struct CryptoExt(16) {
+        offset: u64 = 0,
+        length: u64 = 8,
+    }
+}
+
+be_struct! {
+    /// The head of a feature name table entry; the name fills the rest of its 48 bytes.
+    pub struct FeatureEntry(2) {
+        kind: u8 = 0,
+        bit: u8 = 1,
+    }
+}
+
+/// Bytes of one feature name table entry.
+const FEATURE_ENTRY: usize = 48;
 
 /// QEMU: at most 65535 bitmaps, directory at most 64 MiB.
 pub const MAX_BITMAPS: u32 = 65535;
@@ -44,8 +74,8 @@ pub struct Extensions {
     pub feature_names: Vec<FeatureName>,
     pub bitmaps: Option<BitmapsExt>,
     pub data_file: Option<OsString>,
-    /// LUKS header pointer (offset, length); only its presence matters to a reader.
-    pub crypto: Option<(u64, u64)>,
+    /// LUKS header pointer; only its presence matters to a reader.
+    pub crypto: Option<CryptoExt>,
     /// Unknown extensions as (type, data), in file order.
     pub unknown: Vec<(u32, Vec<u8>)>,
 }
@@ -57,10 +87,10 @@ impl Extensions {
         let mut ext = Extensions::default();
         let mut seen = Vec::new();
         let mut pos = 0usize;
-        while pos + 8 <= area.len() {
-            let kind = BigEndian::read_u32(&area[pos..]);
-            let len = BigEndian::read_u32(&area[pos + 4..]) as usize;
-            pos += 8;
+        while pos + Record::LEN <= area.len() {
+            let Record { kind, len } = Record::read(&area[pos..]);
+            let len = len as usize;
+            pos += Record::LEN;
             if kind == END {
                 break;
             }
@@ -84,10 +114,10 @@ impl Extensions {
                 BITMAPS => ext.bitmaps = Some(parse_bitmaps_ext(data)?),
                 DATA_FILE => ext.data_file = Some(OsString::from_vec(data.to_vec())),
                 CRYPTO => {
-                    if len != 16 {
+                    if len != CryptoExt::LEN {
                         return Err(corrupt("crypto header extension has a wrong length"));
                     }
-                    ext.crypto = Some((BigEndian::read_u64(data), BigEndian::read_u64(&data[8..])));
+                    ext.crypto = Some(CryptoExt::read(data));
                 }
                 _ => ext.unknown.push((kind, data.to_vec())),
             }
@@ -107,27 +137,17 @@ impl Extensions {
             out.push((DATA_FILE, d.as_bytes().to_vec()));
         }
         if !self.feature_names.is_empty() {
-            let mut t = Vec::with_capacity(self.feature_names.len() * 48);
-            for f in &self.feature_names {
-                let mut e = [0u8; 48];
-                e[0] = f.kind;
-                e[1] = f.bit;
-                let n = f.name.as_bytes();
-                e[2..2 + n.len().min(46)].copy_from_slice(&n[..n.len().min(46)]);
-                t.extend_from_slice(&e);
-            }
-            out.push((FEATURE_TABLE, t));
+            let entries = self
+                .feature_names
+                .iter()
+                .map(|f| (f.kind, f.bit, f.name.as_str()));
+            out.push((FEATURE_TABLE, feature_table(entries)));
         }
         if let Some(b) = &self.bitmaps {
-            let mut e = Vec::with_capacity(24);
-            e.extend_from_slice(&b.nb_bitmaps.to_be_bytes());
-            e.extend_from_slice(&0u32.to_be_bytes());
-            e.extend_from_slice(&b.directory_size.to_be_bytes());
-            e.extend_from_slice(&b.directory_offset.to_be_bytes());
-            out.push((BITMAPS, e));
+            out.push((BITMAPS, b.to_bytes()));
         }
-        if let Some((off, len)) = self.crypto {
-            out.push((CRYPTO, [off.to_be_bytes(), len.to_be_bytes()].concat()));
+        if let Some(c) = &self.crypto {
+            out.push((CRYPTO, c.to_bytes()));
         }
         out.extend(self.unknown.iter().cloned());
         out
@@ -143,29 +163,40 @@ impl Extensions {
 }
 
 fn parse_feature_table(data: &[u8]) -> Vec<FeatureName> {
-    data.chunks_exact(48)
+    data.chunks_exact(FEATURE_ENTRY)
         .map(|e| {
-            let raw = &e[2..48];
+            let head = FeatureEntry::read(e);
+            let raw = &e[FeatureEntry::LEN..];
             let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
             FeatureName {
-                kind: e[0],
-                bit: e[1],
+                kind: head.kind,
+                bit: head.bit,
                 name: String::from_utf8_lossy(&raw[..end]).into_owned(),
             }
         })
         .collect()
 }
 
+/// A feature name table (the extension's payload) of (kind, bit, name) entries; names are cut
+/// to the 46 bytes an entry holds.
+pub fn feature_table<'a>(entries: impl IntoIterator<Item = (u8, u8, &'a str)>) -> Vec<u8> {
+    let mut table = Vec::new();
+    for (kind, bit, name) in entries {
+        let mut e = [0u8; FEATURE_ENTRY];
+        FeatureEntry { kind, bit }.write(&mut e);
+        let n = &name.as_bytes()[..name.len().min(FEATURE_ENTRY - FeatureEntry::LEN)];
+        e[FeatureEntry::LEN..FeatureEntry::LEN + n.len()].copy_from_slice(n);
+        table.extend_from_slice(&e);
+    }
+    table
+}
+
 fn parse_bitmaps_ext(data: &[u8]) -> Result<BitmapsExt, ErrorKind> {
-    if data.len() != 24 {
+    if data.len() != BitmapsExt::LEN {
         return Err(corrupt("bitmaps header extension has a wrong length"));
     }
-    let b = BitmapsExt {
-        nb_bitmaps: BigEndian::read_u32(data),
-        directory_size: BigEndian::read_u64(&data[8..]),
-        directory_offset: BigEndian::read_u64(&data[16..]),
-    };
-    if BigEndian::read_u32(&data[4..]) != 0 {
+    let b = BitmapsExt::read(data);
+    if b.reserved != 0 {
         return Err(corrupt("bitmaps extension: reserved field is not zero"));
     }
     if b.nb_bitmaps == 0 || b.nb_bitmaps > MAX_BITMAPS {
@@ -185,11 +216,13 @@ fn parse_bitmaps_ext(data: &[u8]) -> Result<BitmapsExt, ErrorKind> {
 
 /// Serialises one extension record with its padding.
 pub fn encode(kind: u32, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + data.len().div_ceil(8) * 8);
-    out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let mut out = Record {
+        kind,
+        len: data.len() as u32,
+    }
+    .to_bytes();
     out.extend_from_slice(data);
-    out.resize(8 + data.len().div_ceil(8) * 8, 0);
+    out.resize(Record::LEN + data.len().div_ceil(8) * 8, 0);
     out
 }
 

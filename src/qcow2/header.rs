@@ -4,8 +4,8 @@
 //! else trusts it: the header decides how much memory the L1 and refcount tables take and where
 //! reads go, so a hostile header must be stopped here.
 
+use super::be::{be_fields, Be};
 use super::error::{corrupt, ErrorKind};
-use byteorder::{BigEndian, ByteOrder};
 
 pub const MAGIC: u32 = 0x5146_49fb;
 /// Length of a version 2 header; also where v2 header extensions start.
@@ -28,46 +28,96 @@ pub const MAX_BACKING_NAME: u32 = 1023;
 /// Host offsets must stay below 2^56 (bits 56.. of table entries are flags).
 pub const MAX_HOST_OFFSET: u64 = (1 << 56) - 1;
 
+/// The three groups of feature bits, as the feature name table numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureKind {
+    Incompatible = 0,
+    Compatible = 1,
+    Autoclear = 2,
+}
+
+/// One feature bit this implementation knows.
+#[derive(Debug, Clone, Copy)]
+pub struct Feature {
+    pub kind: FeatureKind,
+    pub bit: u8,
+    /// QEMU's name for it (what its feature name table says).
+    pub name: &'static str,
+}
+
+impl Feature {
+    pub const fn mask(&self) -> u64 {
+        1 << self.bit
+    }
+}
+
+const fn feature(kind: FeatureKind, bit: u8, name: &'static str) -> Feature {
+    Feature { kind, bit, name }
+}
+
+/// Every feature bit this implementation knows, with its name: the source of the masks below,
+/// of the feature name table written into new images, and of messages about features.
+pub const FEATURES: [Feature; 8] = [
+    feature(FeatureKind::Incompatible, 0, "dirty bit"),
+    feature(FeatureKind::Incompatible, 1, "corrupt bit"),
+    feature(FeatureKind::Incompatible, 2, "external data file"),
+    feature(FeatureKind::Incompatible, 3, "compression type"),
+    feature(FeatureKind::Incompatible, 4, "extended L2 entries"),
+    feature(FeatureKind::Compatible, 0, "lazy refcounts"),
+    feature(FeatureKind::Autoclear, 0, "bitmaps"),
+    feature(FeatureKind::Autoclear, 1, "raw external data"),
+];
+
+/// The bits of `kind` in [`FEATURES`].
+const fn known(kind: FeatureKind) -> u64 {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < FEATURES.len() {
+        if FEATURES[i].kind as u8 == kind as u8 {
+            mask |= FEATURES[i].mask();
+        }
+        i += 1;
+    }
+    mask
+}
+
 /// Incompatible feature bits.
 pub mod incompat {
-    pub const DIRTY: u64 = 1 << 0;
-    pub const CORRUPT: u64 = 1 << 1;
-    pub const DATA_FILE: u64 = 1 << 2;
-    pub const COMPRESSION: u64 = 1 << 3;
-    pub const EXTENDED_L2: u64 = 1 << 4;
-    pub const KNOWN: u64 = DIRTY | CORRUPT | DATA_FILE | COMPRESSION | EXTENDED_L2;
+    use super::{known, FeatureKind, FEATURES};
+    pub const DIRTY: u64 = FEATURES[0].mask();
+    pub const CORRUPT: u64 = FEATURES[1].mask();
+    pub const DATA_FILE: u64 = FEATURES[2].mask();
+    pub const COMPRESSION: u64 = FEATURES[3].mask();
+    pub const EXTENDED_L2: u64 = FEATURES[4].mask();
+    pub const KNOWN: u64 = known(FeatureKind::Incompatible);
 }
 
 /// Compatible feature bits.
 pub mod compat {
-    pub const LAZY_REFCOUNTS: u64 = 1 << 0;
+    use super::FEATURES;
+    pub const LAZY_REFCOUNTS: u64 = FEATURES[5].mask();
 }
 
 /// Autoclear feature bits.
 pub mod autoclear {
-    pub const BITMAPS: u64 = 1 << 0;
-    pub const DATA_FILE_RAW: u64 = 1 << 1;
+    use super::{known, FeatureKind, FEATURES};
+    pub const BITMAPS: u64 = FEATURES[6].mask();
+    pub const DATA_FILE_RAW: u64 = FEATURES[7].mask();
+    pub const KNOWN: u64 = known(FeatureKind::Autoclear);
 }
 
-/// How compressed clusters are encoded (header byte 104).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CompressionType {
-    /// Raw deflate; QEMU calls it "zlib".
-    Zlib,
-    Zstd,
+/// The name of a known feature bit.
+pub fn feature_name(kind: FeatureKind, mask: u64) -> &'static str {
+    FEATURES
+        .iter()
+        .find(|f| f.kind == kind && f.mask() == mask)
+        .map_or("unknown feature", |f| f.name)
 }
 
-impl CompressionType {
-    pub fn name(self) -> &'static str {
-        match self {
-            CompressionType::Zlib => "zlib",
-            CompressionType::Zstd => "zstd",
-        }
-    }
-}
+pub use super::compress::CompressionType;
 
 /// The fixed part of a qcow2 header, version 2 or 3.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Header {
     pub version: u32,
     pub backing_file_offset: u64,
@@ -92,6 +142,37 @@ pub struct Header {
     pub unknown_tail: Vec<u8>,
 }
 
+// Where each field lies: the version 2 part (after the magic), then what version 3 adds.
+be_fields!(
+    Header,
+    read_v2,
+    write_v2 {
+        version: u32 = 4,
+        backing_file_offset: u64 = 8,
+        backing_file_size: u32 = 16,
+        cluster_bits: u32 = 20,
+        size: u64 = 24,
+        crypt_method: u32 = 32,
+        l1_size: u32 = 36,
+        l1_table_offset: u64 = 40,
+        refcount_table_offset: u64 = 48,
+        refcount_table_clusters: u32 = 56,
+        nb_snapshots: u32 = 60,
+        snapshots_offset: u64 = 64,
+    }
+);
+be_fields!(
+    Header,
+    read_v3,
+    write_v3 {
+        incompatible_features: u64 = 72,
+        compatible_features: u64 = 80,
+        autoclear_features: u64 = 88,
+        refcount_order: u32 = 96,
+        header_length: u32 = 100,
+    }
+);
+
 impl Header {
     /// Parses and validates the header from the start of the file. `buf` holds at least
     /// [`PROBE_LENGTH`] bytes or the whole file if shorter. Checks that need the file size or the
@@ -103,47 +184,26 @@ impl Header {
                 buf.len()
             )));
         }
-        let be32 = |o: usize| BigEndian::read_u32(&buf[o..o + 4]);
-        let be64 = |o: usize| BigEndian::read_u64(&buf[o..o + 8]);
-        if be32(0) != MAGIC {
+        if u32::get(buf, 0) != MAGIC {
             return Err(corrupt("not a qcow2 image (bad magic)"));
         }
-        let version = be32(4);
+        let mut h = Header {
+            refcount_order: 4,
+            header_length: V2_HEADER_LENGTH,
+            ..Header::default()
+        };
+        h.read_v2(buf);
+        let version = h.version;
         if version != 2 && version != 3 {
             return Err(ErrorKind::Unsupported(format!(
                 "qcow2 version {version} is not supported (only 2 and 3)"
             )));
         }
-        let mut h = Header {
-            version,
-            backing_file_offset: be64(8),
-            backing_file_size: be32(16),
-            cluster_bits: be32(20),
-            size: be64(24),
-            crypt_method: be32(32),
-            l1_size: be32(36),
-            l1_table_offset: be64(40),
-            refcount_table_offset: be64(48),
-            refcount_table_clusters: be32(56),
-            nb_snapshots: be32(60),
-            snapshots_offset: be64(64),
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: V2_HEADER_LENGTH,
-            compression_type: CompressionType::Zlib,
-            unknown_tail: Vec::new(),
-        };
         if version == 3 {
             if buf.len() < V3_MIN_HEADER_LENGTH as usize {
                 return Err(corrupt("file too short for a version 3 header"));
             }
-            h.incompatible_features = be64(72);
-            h.compatible_features = be64(80);
-            h.autoclear_features = be64(88);
-            h.refcount_order = be32(96);
-            h.header_length = be32(100);
+            h.read_v3(buf);
             if h.header_length < V3_MIN_HEADER_LENGTH || h.header_length % 8 != 0 {
                 return Err(corrupt(format!(
                     "header length {} is invalid (at least 104, a multiple of 8)",
@@ -154,15 +214,9 @@ impl Header {
                 let byte = *buf
                     .get(104)
                     .ok_or_else(|| corrupt("file ends inside the header"))?;
-                h.compression_type = match byte {
-                    0 => CompressionType::Zlib,
-                    1 => CompressionType::Zstd,
-                    t => {
-                        return Err(ErrorKind::Unsupported(format!(
-                            "unknown compression type {t}"
-                        )))
-                    }
-                };
+                h.compression_type = CompressionType::from_header_byte(byte).ok_or_else(|| {
+                    ErrorKind::Unsupported(format!("unknown compression type {byte}"))
+                })?;
             }
         }
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&h.cluster_bits) {
@@ -184,7 +238,7 @@ impl Header {
             )));
         }
         let has_compression_bit = h.incompatible_features & incompat::COMPRESSION != 0;
-        if has_compression_bit != (h.compression_type != CompressionType::Zlib) {
+        if has_compression_bit != h.compression_type.needs_feature_bit() {
             return Err(corrupt(
                 "compression type field and incompatible feature bit 3 disagree",
             ));
@@ -372,31 +426,12 @@ impl Header {
             V2_HEADER_LENGTH as usize
         };
         let mut b = vec![0u8; len];
-        let put32 = |b: &mut [u8], o: usize, v: u32| BigEndian::write_u32(&mut b[o..o + 4], v);
-        put32(&mut b, 0, MAGIC);
-        put32(&mut b, 4, self.version);
-        BigEndian::write_u64(&mut b[8..16], self.backing_file_offset);
-        put32(&mut b, 16, self.backing_file_size);
-        put32(&mut b, 20, self.cluster_bits);
-        BigEndian::write_u64(&mut b[24..32], self.size);
-        put32(&mut b, 32, self.crypt_method);
-        put32(&mut b, 36, self.l1_size);
-        BigEndian::write_u64(&mut b[40..48], self.l1_table_offset);
-        BigEndian::write_u64(&mut b[48..56], self.refcount_table_offset);
-        put32(&mut b, 56, self.refcount_table_clusters);
-        put32(&mut b, 60, self.nb_snapshots);
-        BigEndian::write_u64(&mut b[64..72], self.snapshots_offset);
+        MAGIC.put(&mut b, 0);
+        self.write_v2(&mut b);
         if self.version >= 3 {
-            BigEndian::write_u64(&mut b[72..80], self.incompatible_features);
-            BigEndian::write_u64(&mut b[80..88], self.compatible_features);
-            BigEndian::write_u64(&mut b[88..96], self.autoclear_features);
-            put32(&mut b, 96, self.refcount_order);
-            put32(&mut b, 100, self.header_length);
+            self.write_v3(&mut b);
             if len > 104 {
-                b[104] = match self.compression_type {
-                    CompressionType::Zlib => 0,
-                    CompressionType::Zstd => 1,
-                };
+                b[104] = self.compression_type.header_byte();
             }
             if !self.unknown_tail.is_empty() {
                 b[112..112 + self.unknown_tail.len()].copy_from_slice(&self.unknown_tail);
@@ -432,6 +467,27 @@ mod tests {
             compression_type: CompressionType::Zlib,
             unknown_tail: Vec::new(),
         }
+    }
+
+    #[test]
+    fn feature_bits_come_from_the_table() {
+        assert_eq!(incompat::KNOWN, 0b1_1111);
+        assert_eq!(
+            (
+                incompat::EXTENDED_L2,
+                compat::LAZY_REFCOUNTS,
+                autoclear::DATA_FILE_RAW
+            ),
+            (1 << 4, 1, 2)
+        );
+        assert_eq!(
+            feature_name(FeatureKind::Incompatible, incompat::EXTENDED_L2),
+            "extended L2 entries"
+        );
+        assert_eq!(
+            feature_name(FeatureKind::Autoclear, autoclear::BITMAPS),
+            "bitmaps"
+        );
     }
 
     #[test]

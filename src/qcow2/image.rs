@@ -8,7 +8,6 @@
 
 use super::bitmap::{self, Bitmap};
 use super::cache::L2Cache;
-use super::compress;
 use super::error::{corrupt, Error, ErrorKind, Result};
 use super::ext::Extensions;
 use super::header::{self, Header};
@@ -363,13 +362,16 @@ impl Qcow2 {
         let mut input = vec![0u8; len];
         read_exact(&*self.file, &mut input, d.offset, "compressed cluster")
             .map_err(|e| ErrorKind::Io(e).at(&self.path))?;
-        compress::decompress(self.header.compression_type, &input, out).map_err(|m| {
-            corrupt(format!(
-                "compressed cluster at host offset {:#x}: {m}",
-                d.offset
-            ))
-            .at(&self.path)
-        })
+        self.header
+            .compression_type
+            .decompress(&input, out)
+            .map_err(|m| {
+                corrupt(format!(
+                    "compressed cluster at host offset {:#x}: {m}",
+                    d.offset
+                ))
+                .at(&self.path)
+            })
     }
 
     /// The refcount of host cluster number `cluster` (0 when no refcount block covers it).

@@ -11,6 +11,7 @@
 //! file), [`disk::Disk`] (an image with its backing chain: reads and block status).
 
 pub mod alloc;
+pub mod be;
 pub mod bitmap;
 pub mod cache;
 pub mod check;

@@ -4,13 +4,38 @@
 //! QEMU's limits bound what a hostile table can make us allocate: 65536 entries, 64 MiB in
 //! total, 1024 bytes of extra data per entry.
 
+use super::be::be_struct;
 use super::error::{corrupt, ErrorKind};
 use super::storage::{read_exact, Storage};
-use byteorder::{BigEndian, ByteOrder};
 
 pub const MAX_TABLE_BYTES: u64 = 64 << 20;
 pub const MAX_EXTRA_DATA: u32 = 1024;
-const FIXED: usize = 40;
+
+be_struct! {
+    /// The fixed part of a snapshot table entry; extra data, id and name follow.
+    pub struct Entry(40) {
+        l1_table_offset: u64 = 0,
+        l1_size: u32 = 8,
+        id_len: u16 = 12,
+        name_len: u16 = 14,
+        date_sec: u32 = 16,
+        date_nsec: u32 = 20,
+        vm_clock_nsec: u64 = 24,
+        /// The VM state size, cut to 32 bits (the extra data has all 64).
+        vm_state_size_32: u32 = 32,
+        extra_len: u32 = 36,
+    }
+}
+
+be_struct! {
+    /// The extra data this version knows (version 3 writes all of it; older entries may
+    /// carry only a prefix).
+    pub struct Extra(24) {
+        vm_state_size: u64 = 0,
+        disk_size: u64 = 8,
+        icount: u64 = 16,
+    }
+}
 
 /// One internal snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,29 +60,35 @@ pub struct Snapshot {
 impl Snapshot {
     /// Size of this entry on disk, padding included.
     pub fn encoded_len(&self) -> usize {
-        (FIXED + self.extra_len() + self.id.len() + self.name.len()).div_ceil(8) * 8
+        (Entry::LEN + self.extra_len() + self.id.len() + self.name.len()).div_ceil(8) * 8
     }
 
     fn extra_len(&self) -> usize {
-        24 + self.extra_unknown.len()
+        Extra::LEN + self.extra_unknown.len()
     }
 
     /// Serialises the entry with full extra data (vm state size, disk size, icount).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = vec![0u8; self.encoded_len()];
-        BigEndian::write_u64(&mut b[0..], self.l1_table_offset);
-        BigEndian::write_u32(&mut b[8..], self.l1_size);
-        BigEndian::write_u16(&mut b[12..], self.id.len() as u16);
-        BigEndian::write_u16(&mut b[14..], self.name.len() as u16);
-        BigEndian::write_u32(&mut b[16..], self.date_sec);
-        BigEndian::write_u32(&mut b[20..], self.date_nsec);
-        BigEndian::write_u64(&mut b[24..], self.vm_clock_nsec);
-        BigEndian::write_u32(&mut b[32..], self.vm_state_size.min(u32::MAX as u64) as u32);
-        BigEndian::write_u32(&mut b[36..], self.extra_len() as u32);
-        BigEndian::write_u64(&mut b[40..], self.vm_state_size);
-        BigEndian::write_u64(&mut b[48..], self.disk_size.unwrap_or(0));
-        BigEndian::write_u64(&mut b[56..], self.icount.unwrap_or(-1) as u64);
-        let mut p = 64;
+        Entry {
+            l1_table_offset: self.l1_table_offset,
+            l1_size: self.l1_size,
+            id_len: self.id.len() as u16,
+            name_len: self.name.len() as u16,
+            date_sec: self.date_sec,
+            date_nsec: self.date_nsec,
+            vm_clock_nsec: self.vm_clock_nsec,
+            vm_state_size_32: self.vm_state_size.min(u32::MAX as u64) as u32,
+            extra_len: self.extra_len() as u32,
+        }
+        .write(&mut b);
+        Extra {
+            vm_state_size: self.vm_state_size,
+            disk_size: self.disk_size.unwrap_or(0),
+            icount: self.icount.unwrap_or(-1) as u64,
+        }
+        .write(&mut b[Entry::LEN..]);
+        let mut p = Entry::LEN + Extra::LEN;
         for part in [
             &self.extra_unknown[..],
             self.id.as_bytes(),
@@ -82,13 +113,11 @@ pub fn read_table(
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     let mut pos = offset;
     for i in 0..count {
-        let mut fixed = [0u8; FIXED];
+        let mut fixed = [0u8; Entry::LEN];
         read_exact(storage, &mut fixed, pos, "snapshot table entry")?;
-        let l1_table_offset = BigEndian::read_u64(&fixed[0..]);
-        let l1_size = BigEndian::read_u32(&fixed[8..]);
-        let id_len = BigEndian::read_u16(&fixed[12..]) as usize;
-        let name_len = BigEndian::read_u16(&fixed[14..]) as usize;
-        let extra_len = BigEndian::read_u32(&fixed[36..]);
+        let e = Entry::read(&fixed);
+        let (l1_table_offset, l1_size, extra_len) = (e.l1_table_offset, e.l1_size, e.extra_len);
+        let (id_len, name_len) = (e.id_len as usize, e.name_len as usize);
         if extra_len > MAX_EXTRA_DATA {
             return Err(corrupt(format!(
                 "snapshot {i}: {extra_len} bytes of extra data (QEMU allows {MAX_EXTRA_DATA})"
@@ -105,7 +134,7 @@ pub fn read_table(
             )));
         }
         let var_len = extra_len as usize + id_len + name_len;
-        let entry_len = (FIXED + var_len).div_ceil(8) as u64 * 8;
+        let entry_len = (Entry::LEN + var_len).div_ceil(8) as u64 * 8;
         if pos + entry_len - offset > MAX_TABLE_BYTES {
             return Err(corrupt("snapshot table exceeds QEMU's 64 MiB limit"));
         }
@@ -113,24 +142,33 @@ pub fn read_table(
         read_exact(
             storage,
             &mut var,
-            pos + FIXED as u64,
+            pos + Entry::LEN as u64,
             "snapshot table entry",
         )?;
         let (extra, rest) = var.split_at(extra_len as usize);
         let (id, name) = rest.split_at(id_len);
-        let field = |o: usize| (extra.len() >= o + 8).then(|| BigEndian::read_u64(&extra[o..]));
+        // Which fields of the known extra data the entry has: a prefix, maybe none.
+        let mut known = [0u8; Extra::LEN];
+        let have = extra.len().min(Extra::LEN);
+        known[..have].copy_from_slice(&extra[..have]);
+        let x = Extra::read(&known);
+        let has = |end: usize| extra.len() >= end;
         out.push(Snapshot {
             l1_table_offset,
             l1_size,
             id: String::from_utf8_lossy(id).into_owned(),
             name: String::from_utf8_lossy(name).into_owned(),
-            date_sec: BigEndian::read_u32(&fixed[16..]),
-            date_nsec: BigEndian::read_u32(&fixed[20..]),
-            vm_clock_nsec: BigEndian::read_u64(&fixed[24..]),
-            vm_state_size: field(0).unwrap_or(BigEndian::read_u32(&fixed[32..]) as u64),
-            disk_size: field(8),
-            icount: field(16).map(|v| v as i64),
-            extra_unknown: extra.get(24..).unwrap_or_default().to_vec(),
+            date_sec: e.date_sec,
+            date_nsec: e.date_nsec,
+            vm_clock_nsec: e.vm_clock_nsec,
+            vm_state_size: if has(8) {
+                x.vm_state_size
+            } else {
+                e.vm_state_size_32 as u64
+            },
+            disk_size: has(16).then_some(x.disk_size),
+            icount: has(24).then_some(x.icount as i64),
+            extra_unknown: extra.get(Extra::LEN..).unwrap_or_default().to_vec(),
         });
         pos += entry_len;
     }

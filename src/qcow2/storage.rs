@@ -140,3 +140,12 @@ pub fn read_zero_padded(storage: &dyn Storage, buf: &mut [u8], offset: u64) -> i
     buf[n..].fill(0);
     Ok(())
 }
+
+/// Makes a new, renamed or deleted directory entry durable: fsyncs the folder holding `path`.
+pub fn sync_parent(path: &std::path::Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}

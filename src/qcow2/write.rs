@@ -24,7 +24,6 @@ mod snapshots;
 
 use super::alloc::Refcounts;
 use super::bitmap;
-use super::compress;
 use super::disk::{Disk, OpenOptions};
 use super::error::{corrupt, ErrorKind, Result};
 use super::header::{self, CompressionType, Header};
@@ -171,7 +170,7 @@ impl Writer {
         if self.prepared {
             return Ok(());
         }
-        let known = header::autoclear::BITMAPS | header::autoclear::DATA_FILE_RAW;
+        let known = header::autoclear::KNOWN;
         let mut changed = false;
         if self.header.autoclear_features & !known != 0 {
             self.header.autoclear_features &= known;
@@ -179,16 +178,15 @@ impl Writer {
         }
         if let Some((dir_off, bitmaps)) = &self.bitmaps {
             let mut pos = *dir_off;
-            let mut entry = [0u8; 24];
-            for b in bitmaps {
-                read_exact(&self.file, &mut entry, pos, "bitmap directory")
+            let mut bytes = [0u8; bitmap::Entry::LEN];
+            for _ in bitmaps {
+                read_exact(&self.file, &mut bytes, pos, "bitmap directory")
                     .map_err(|e| self.at(e.into()))?;
-                let flags =
-                    u32::from_be_bytes(entry[12..16].try_into().unwrap()) | bitmap::FLAG_IN_USE;
-                pwrite(&self.file, &flags.to_be_bytes(), pos + 12)
-                    .map_err(|e| self.at(e.into()))?;
-                let extra = u32::from_be_bytes(entry[20..24].try_into().unwrap()) as u64;
-                pos += (24 + extra + b.name.len() as u64).div_ceil(8) * 8;
+                let mut entry = bitmap::Entry::read(&bytes);
+                entry.flags |= bitmap::FLAG_IN_USE;
+                entry.write(&mut bytes);
+                pwrite(&self.file, &bytes, pos).map_err(|e| self.at(e.into()))?;
+                pos += entry.encoded_len();
             }
             if !bitmaps.is_empty() {
                 tracing::warn!(
@@ -240,7 +238,7 @@ impl Writer {
             f.sync_all().map_err(|e| ErrorKind::Io(e).at(p))?;
         }
         self.file.sync_all().map_err(|e| self.at(e.into()))?;
-        super::create::sync_parent(&self.path).map_err(|e| self.at(e.into()))
+        super::storage::sync_parent(&self.path).map_err(|e| self.at(e.into()))
     }
 
     /// The L2 table at `offset`, loaded into the write-back cache.
@@ -317,12 +315,15 @@ impl Writer {
         let mut input = vec![0u8; d.max_len.min(len - d.offset) as usize];
         read_exact(&self.file, &mut input, d.offset, "compressed cluster")
             .map_err(|e| self.at(e.into()))?;
-        compress::decompress(self.header.compression_type, &input, out).map_err(|m| {
-            self.at(corrupt(format!(
-                "compressed cluster at {:#x}: {m}",
-                d.offset
-            )))
-        })
+        self.header
+            .compression_type
+            .decompress(&input, out)
+            .map_err(|m| {
+                self.at(corrupt(format!(
+                    "compressed cluster at {:#x}: {m}",
+                    d.offset
+                )))
+            })
     }
 
     /// The L2 table for guest cluster `gc`, writable: allocated when missing, copied when
@@ -989,26 +990,11 @@ pub enum Compressed {
     Plain(Vec<u8>),
 }
 
-/// Compresses one cluster the way QEMU can read it: raw deflate with a 4 KiB window, or one
-/// zstd frame; kept only if it saves at least one byte (else stored plain, as QEMU does).
+/// Compresses one cluster for [`Writer::write_compressed`]: the stream, or the data itself
+/// where compressing saves nothing (QEMU stores such clusters plainly too).
 pub fn compress_cluster(kind: CompressionType, data: &[u8]) -> Compressed {
-    let limit = data.len() - 1;
-    let out = match kind {
-        CompressionType::Zlib => {
-            use flate2::{Compress, Compression, FlushCompress, Status};
-            let mut c = Compress::new_with_window_bits(Compression::default(), false, 12);
-            let mut out = Vec::with_capacity(limit);
-            match c.compress_vec(data, &mut out, FlushCompress::Finish) {
-                Ok(Status::StreamEnd) => Some(out),
-                _ => None,
-            }
-        }
-        CompressionType::Zstd => zstd::bulk::compress(data, 0)
-            .ok()
-            .filter(|o| o.len() < limit),
-    };
-    match out {
-        Some(o) if o.len() < limit => Compressed::Stream(o),
-        _ => Compressed::Plain(data.to_vec()),
+    match kind.compress(data) {
+        Some(stream) => Compressed::Stream(stream),
+        None => Compressed::Plain(data.to_vec()),
     }
 }

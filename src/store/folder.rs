@@ -12,27 +12,12 @@
 //! it. Everything else the restore commands do works on that model, so the layout quirks live
 //! here only.
 
+use super::error::StoreError;
+use super::name::{parse_name, strip_partial, Level};
+use super::place::{Folder, Kind, Place};
+use super::time::parse_time;
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
-
-/// The kind of a backup file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    Full,
-    Inc,
-    Copy,
-}
-
-impl Level {
-    pub fn name(self) -> &'static str {
-        match self {
-            Level::Full => "full",
-            Level::Inc => "inc",
-            Level::Copy => "copy",
-        }
-    }
-}
+use std::sync::Arc;
 
 /// One backup file.
 #[derive(Debug, Clone)]
@@ -50,26 +35,18 @@ pub struct BackupFile {
     mtime: u64,
 }
 
-/// A problem with a backup directory that prevents a restore.
-#[derive(Debug, thiserror::Error)]
-pub enum DirError {
-    #[error("{0}: {1}")]
-    Io(PathBuf, std::io::Error),
-    #[error("{dir}: {problem}")]
-    Layout { dir: PathBuf, problem: String },
-}
-
-fn layout(dir: &Path, problem: impl Into<String>) -> DirError {
-    DirError::Layout {
+fn layout(dir: &Path, problem: impl Into<String>) -> StoreError {
+    StoreError::Layout {
         dir: dir.to_path_buf(),
         problem: problem.into(),
     }
 }
 
 /// The files of a backup directory, for one disk.
-#[derive(Debug)]
 pub struct BackupDir {
     pub dir: PathBuf,
+    /// Where the files are.
+    pub place: Arc<dyn Place>,
     /// Backup files in backup order.
     pub files: Vec<BackupFile>,
     /// Interrupted or failed backups (`*.partial`), of any disk: `--filter` does not hide them.
@@ -78,29 +55,23 @@ pub struct BackupDir {
     pub uuid: Option<String>,
 }
 
+impl std::fmt::Debug for BackupDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupDir")
+            .field("dir", &self.dir)
+            .field("files", &self.files)
+            .field("partials", &self.partials)
+            .field("uuid", &self.uuid)
+            .finish()
+    }
+}
+
 /// The files a restore uses: the latest FULL and the INCs after it, in order.
 #[derive(Debug, Clone)]
 pub struct Chain {
     pub files: Vec<BackupFile>,
     /// FULL backups before the one the chain starts with (not restored).
     pub older_fulls: Vec<BackupFile>,
-}
-
-/// Splits `FULL-1700000000-disk.qcow2` into (level, epoch, disk).
-pub fn parse_name(name: &str) -> Option<(Level, u64, String)> {
-    let (level, rest) = [
-        ("FULL-", Level::Full),
-        ("INC-", Level::Inc),
-        ("COPY-", Level::Copy),
-    ]
-    .iter()
-    .find_map(|(p, l)| name.strip_prefix(p).map(|r| (*l, r)))?;
-    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-    if digits == 0 || rest.as_bytes().get(digits) != Some(&b'-') {
-        return None;
-    }
-    let epoch = rest[..digits].parse().ok()?;
-    Some((level, epoch, rest[digits + 1..].to_string()))
 }
 
 /// Files that live in backup directories but are not backups.
@@ -113,18 +84,56 @@ fn is_side_file(name: &str) -> bool {
         || name.starts_with('.')
 }
 
+/// Where partial files of interrupted runs are set aside, in a disk's folder.
+pub const QUARANTINE: &str = ".quarantine";
+
+/// Moves an interrupted run's partial file `name` out of the chain (into [`QUARANTINE`]),
+/// durably, keeping it for inspection; returns where it went.
+pub fn quarantine(place: &dyn Place, name: &str) -> std::io::Result<PathBuf> {
+    let to = format!("{QUARANTINE}/{name}");
+    place.rename(name, &to)?;
+    place.sync(&to)?;
+    Ok(place.locate(&to))
+}
+
+/// Names and mtimes of the partial files set aside in `place`.
+pub fn quarantined(place: &dyn Place) -> std::io::Result<Vec<(String, u64)>> {
+    Ok(place
+        .list(QUARANTINE)?
+        .into_iter()
+        .map(|e| (e.name, e.mtime))
+        .collect())
+}
+
+/// The newest epoch named by any file in `places` (backups, partials, quarantined partials),
+/// so a run can take a later one: two runs within one second must not share a name.
+pub fn newest_epoch(places: &[&dyn Place]) -> u64 {
+    let mut newest = 0;
+    for place in places {
+        for sub in ["", QUARANTINE] {
+            for e in place.list(sub).unwrap_or_default() {
+                let name = strip_partial(&e.name).unwrap_or(&e.name);
+                if let Some((_, epoch, _)) = parse_name(name) {
+                    newest = newest.max(epoch);
+                }
+            }
+        }
+    }
+    newest
+}
+
 impl BackupDir {
     /// Reads `dir`. With `filter`, only files whose name contains it are considered (to pick
     /// one disk in a flat directory, as the original's `--filter`).
-    pub fn scan(dir: &Path, filter: Option<&str>) -> Result<BackupDir, DirError> {
+    pub fn scan(dir: &Path, filter: Option<&str>) -> Result<BackupDir, StoreError> {
         Self::scan_matching(dir, &|name| filter.is_none_or(|f| name.contains(f)))
     }
 
     /// Reads the files of the disk named `disk` (the part after `LEVEL-<epoch>-`) in `dir`,
     /// which may hold other disks too (a flat directory).
-    pub fn scan_disk(dir: &Path, disk: &str) -> Result<BackupDir, DirError> {
+    pub fn scan_disk(dir: &Path, disk: &str) -> Result<BackupDir, StoreError> {
         Self::scan_matching(dir, &|name| {
-            let name = name.strip_suffix(".partial").unwrap_or(name);
+            let name = strip_partial(name).unwrap_or(name);
             match parse_name(name) {
                 Some((_, _, d)) => d == disk,
                 // A --no-timestamp file, or its `FULL-<disk>` / `COPY-<disk>` alias.
@@ -133,54 +142,50 @@ impl BackupDir {
         })
     }
 
-    fn scan_matching(dir: &Path, wanted: &dyn Fn(&str) -> bool) -> Result<BackupDir, DirError> {
-        let io = |e| DirError::Io(dir.to_path_buf(), e);
-        let entries = std::fs::read_dir(dir).map_err(io)?;
+    fn scan_matching(dir: &Path, wanted: &dyn Fn(&str) -> bool) -> Result<BackupDir, StoreError> {
+        let place: Arc<dyn Place> = Arc::new(Folder::new(dir));
+        let entries = place
+            .list("")
+            .map_err(|e| StoreError::Io(dir.to_path_buf(), e))?;
         let mut files = Vec::new();
         let mut partials = Vec::new();
         let mut aliases = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(io)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+            let name = entry.name;
             if is_side_file(&name) {
                 continue;
             }
-            let path = entry.path();
-            let link = std::fs::symlink_metadata(&path).map_err(io)?;
+            let path = place.locate(&name);
             // Every partial file counts, whatever disk it names (as in the original): a
             // folder with an interrupted backup in it is not to be trusted blindly.
-            if name.ends_with(".partial") && !link.is_dir() {
+            if strip_partial(&name).is_some() && entry.kind != Kind::Folder {
                 partials.push(path);
                 continue;
             }
             if !wanted(&name) {
                 continue;
             }
-            if link.file_type().is_symlink() {
-                let target = std::fs::read_link(&path).map_err(io)?;
-                if parse_name(name.trim_end_matches(".partial")).is_some() {
-                    // Neither tool makes a timestamped backup a link: one that is may lead
-                    // anywhere on the host.
-                    return Err(layout(
-                        dir,
-                        format!(
-                            "{name} is a symbolic link (to {}): backup files must be regular files in the backup directory",
-                            target.display()
-                        ),
-                    ));
+            let mtime = entry.mtime;
+            match entry.kind {
+                Kind::Link(target) => {
+                    if parse_name(&name).is_some() {
+                        // Neither tool makes a timestamped backup a link: one that is may
+                        // lead anywhere on the host.
+                        return Err(layout(
+                            dir,
+                            format!(
+                                "{name} is a symbolic link (to {}): backup files must be regular files in the backup directory",
+                                target.display()
+                            ),
+                        ));
+                    }
+                    // `FULL-<name>` -> `<name>` made by --no-timestamp: an alias, not a backup.
+                    aliases.push((name, target));
+                    continue;
                 }
-                // `FULL-<name>` -> `<name>` made by --no-timestamp: an alias, not a backup.
-                aliases.push((name, target));
-                continue;
+                Kind::File => {}
+                Kind::Folder | Kind::Other => continue,
             }
-            if !link.is_file() {
-                continue;
-            }
-            let mtime = link
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
             let (level, epoch, disk, named_epoch) = match parse_name(&name) {
                 Some((l, e, d)) => (l, e, d, true),
                 // A name without timestamp (--no-timestamp): only full and copy backups are
@@ -194,20 +199,16 @@ impl BackupDir {
                 epoch,
                 named_epoch,
                 disk,
-                size: link.len(),
+                size: entry.size,
                 mtime,
             });
         }
         // A symlink names the level of a timestamp-less file.
         for (alias, target) in aliases {
             let target = target.file_name().map(|t| t.to_string_lossy().into_owned());
-            if let (Some(level), Some(t)) = (alias.split('-').next(), target) {
+            if let (Some(level), Some(t)) = (Level::of_alias(&alias), target) {
                 if let Some(f) = files.iter_mut().find(|f| f.name == t && !f.named_epoch) {
-                    f.level = if level == "COPY" {
-                        Level::Copy
-                    } else {
-                        Level::Full
-                    };
+                    f.level = level;
                 }
             }
         }
@@ -231,6 +232,7 @@ impl BackupDir {
             .map(|s| s.trim().to_string());
         Ok(BackupDir {
             dir: dir.to_path_buf(),
+            place,
             files,
             partials,
             uuid,
@@ -238,7 +240,7 @@ impl BackupDir {
     }
 
     /// The restore chain: the latest FULL and every INC after it.
-    pub fn chain(&self) -> Result<Chain, DirError> {
+    pub fn chain(&self) -> Result<Chain, StoreError> {
         let start = self
             .files
             .iter()
@@ -261,7 +263,7 @@ impl BackupDir {
     }
 
     /// Refuses partial backups: a chain containing one cannot be trusted to be complete.
-    pub fn refuse_partials(&self) -> Result<(), DirError> {
+    pub fn refuse_partials(&self) -> Result<(), StoreError> {
         match self.partials.first() {
             None => Ok(()),
             Some(p) => Err(layout(
@@ -279,7 +281,7 @@ impl Chain {
     /// The chain up to the restore point `until` names: an exact file name, a name prefix
     /// (`INC-1700000600`), or a time (epoch seconds or ISO 8601, local time unless it carries
     /// `Z` or an offset): the latest restore point at or before it.
-    pub fn until(&self, spec: &str, dir: &Path) -> Result<Chain, DirError> {
+    pub fn until(&self, spec: &str, dir: &Path) -> Result<Chain, StoreError> {
         let n = self.files.len();
         let idx = if let Some(i) = self.files.iter().position(|f| f.name == spec) {
             i
@@ -314,85 +316,20 @@ impl Chain {
     }
 }
 
-/// Epoch seconds, or ISO 8601 `YYYY-MM-DD[THH:MM[:SS]][Z|±HH:MM]` (local time without a zone).
-pub fn parse_time(s: &str) -> Option<u64> {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s.parse().ok();
-    }
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> Option<i32> { s.get(r)?.parse().ok() };
-    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
-        return None;
-    }
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (mut hour, mut min, mut sec, mut pos) = (0, 0, 0, 10);
-    if b.len() > 10 {
-        if b[10] != b'T' && b[10] != b' ' {
-            return None;
-        }
-        hour = num(11..13)?;
-        min = num(14..16)?;
-        pos = 16;
-        if b.get(16) == Some(&b':') {
-            sec = num(17..19)?;
-            pos = 19;
-        }
-    }
-    let zone = &s[pos..];
-    let offset = match zone {
-        "" => None,
-        "Z" => Some(0),
-        z if (z.starts_with('+') || z.starts_with('-')) && z.len() == 6 => {
-            let h: i64 = z[1..3].parse().ok()?;
-            let m: i64 = z[4..6].parse().ok()?;
-            let sign = if z.starts_with('-') { -1 } else { 1 };
-            Some(sign * (h * 3600 + m * 60))
-        }
-        _ => return None,
-    };
-    // SAFETY: a zeroed tm is valid input for mktime/timegm, which only read and normalise it.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    tm.tm_year = year - 1900;
-    tm.tm_mon = month - 1;
-    tm.tm_mday = day;
-    tm.tm_hour = hour;
-    tm.tm_min = min;
-    tm.tm_sec = sec;
-    tm.tm_isdst = -1;
-    let t = match offset {
-        None => (unsafe { libc::mktime(&mut tm) }) as i64,
-        Some(off) => (unsafe { libc::timegm(&mut tm) }) as i64 - off,
-    };
-    u64::try_from(t).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn names() {
-        assert_eq!(
-            parse_name("INC-1700000600-disk.qcow2"),
-            Some((Level::Inc, 1_700_000_600, "disk.qcow2".into()))
-        );
-        assert_eq!(
-            parse_name("FULL-12-a-b"),
-            Some((Level::Full, 12, "a-b".into()))
-        );
-        assert_eq!(parse_name("FULL-disk.qcow2"), None);
-        assert_eq!(parse_name("INC-12"), None);
-        assert_eq!(parse_name("disk.qcow2"), None);
-    }
-
-    #[test]
-    fn times() {
-        assert_eq!(parse_time("1700000000"), Some(1_700_000_000));
-        assert_eq!(parse_time("2023-11-14T22:13:20Z"), Some(1_700_000_000));
-        assert_eq!(parse_time("2023-11-14T23:13:20+01:00"), Some(1_700_000_000));
-        assert_eq!(parse_time("2023-11-14T22:13Z"), Some(1_699_999_980));
-        assert!(parse_time("2023-11-14").is_some());
-        assert_eq!(parse_time("INC-1700"), None);
-        assert_eq!(parse_time("2023-11-14X"), None);
+    fn epochs_and_quarantine() {
+        let t = tempfile::tempdir().unwrap();
+        let d = Folder::new(t.path());
+        std::fs::write(t.path().join("FULL-100-a"), b"").unwrap();
+        std::fs::write(t.path().join("INC-250-a.partial"), b"").unwrap();
+        assert_eq!(newest_epoch(&[&d]), 250);
+        let to = quarantine(&d, "INC-250-a.partial").unwrap();
+        assert_eq!(to, t.path().join(".quarantine/INC-250-a.partial"));
+        assert_eq!(newest_epoch(&[&d]), 250);
+        assert_eq!(quarantined(&d).unwrap()[0].0, "INC-250-a.partial");
     }
 }

@@ -3,7 +3,7 @@
 //! directory, which is then read as a backup directory: scanned, for one disk, as a chain, and
 //! cut at restore points named by other lines.
 
-use super::dir::BackupDir;
+use crate::store::folder::BackupDir;
 
 /// Creates the files named by `data`'s lines (at most 64) and reads the directory. Returns how
 /// many files were created.

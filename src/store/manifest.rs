@@ -6,12 +6,12 @@
 //! The original tool kept no such record: the chain state had to be guessed from names and
 //! mtimes, and bit rot went unnoticed until a restore.
 
-use super::dir::Level;
+use super::name::Level;
+use super::place::Place;
+use crate::qcow2::storage::{read_exact, Storage};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 
 /// Bytes covered by one checksum.
 pub const EXTENT_SIZE: u64 = 64 << 20;
@@ -45,30 +45,36 @@ pub struct Manifest {
     pub crc32: Vec<String>,
 }
 
-/// Where the manifest of backup file `file` lives.
-pub fn path_for(file: &Path) -> PathBuf {
-    let dir = file.parent().unwrap_or(Path::new("."));
-    let name = file.file_name().unwrap_or_default().to_string_lossy();
-    dir.join(".manifest").join(format!("{name}.json"))
+/// The manifests' sub-folder in a disk's folder.
+pub const FOLDER: &str = ".manifest";
+
+/// The name (in the disk's place) of backup file `file`'s manifest.
+pub fn name_for(file: &str) -> String {
+    format!("{FOLDER}/{file}.json")
 }
 
-/// Removes the manifest of `file`, durably, before a restore command changes the file in
-/// place (or after it deletes it): the manifest describes the file as the backup wrote it, so
-/// left behind it would make `verify` report the intended change as damage. Done before the
-/// change, a crash in between leaves a file that is simply verified without a manifest.
-pub fn forget(file: &Path) -> io::Result<()> {
-    let path = path_for(file);
-    match std::fs::remove_file(&path) {
-        Ok(()) => crate::qcow2::create::sync_parent(&path),
+/// Removes the manifest of backup file `file`, durably, before a restore command changes the
+/// file in place (or after it deletes it): the manifest describes the file as the backup
+/// wrote it, so left behind it would make `verify` report the intended change as damage. Done
+/// before the change, a crash in between leaves a file that is simply verified without a
+/// manifest.
+pub fn forget(place: &dyn Place, file: &str) -> io::Result<()> {
+    let name = name_for(file);
+    match place.delete(&name) {
+        Ok(()) => place.sync(&name),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
 }
 
-/// The CRC-32 of every extent of `file` and its size; extents are read in parallel.
-pub fn checksums(file: &Path) -> io::Result<(u64, Vec<String>)> {
-    let f = std::fs::File::open(file)?;
-    let size = f.metadata()?.len();
+/// Whether backup file `file` has a manifest.
+pub fn exists(place: &dyn Place, file: &str) -> bool {
+    place.locate(&name_for(file)).exists()
+}
+
+/// The CRC-32 of every extent of `data` and its size; extents are read in parallel.
+pub fn checksums(data: &dyn Storage) -> io::Result<(u64, Vec<String>)> {
+    let size = data.size()?;
     let crcs = (0..size.div_ceil(EXTENT_SIZE))
         .into_par_iter()
         .map(|i| {
@@ -79,7 +85,7 @@ pub fn checksums(file: &Path) -> io::Result<(u64, Vec<String>)> {
             let mut pos = start;
             while remaining > 0 {
                 let n = remaining.min(buf.len() as u64) as usize;
-                f.read_exact_at(&mut buf[..n], pos)?;
+                read_exact(data, &mut buf[..n], pos, "backup file")?;
                 h.update(&buf[..n]);
                 pos += n as u64;
                 remaining -= n as u64;
@@ -90,15 +96,33 @@ pub fn checksums(file: &Path) -> io::Result<(u64, Vec<String>)> {
     Ok((size, crcs))
 }
 
+/// Manifests are small; one that is not is no manifest of ours.
+const MAX_MANIFEST: u64 = 16 << 20;
+
 impl Manifest {
-    pub fn read(path: &Path) -> Result<Manifest, String> {
-        let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_slice(&text)
-            .map_err(|e| format!("{}: not a manifest: {e}", path.display()))
+    /// Reads the manifest of backup file `file` in `place`.
+    pub fn read(place: &dyn Place, file: &str) -> Result<Manifest, String> {
+        let name = name_for(file);
+        let path = place.locate(&name);
+        let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+        let data = place.open(&name).map_err(|e| fail(&e))?;
+        let size = data.size().map_err(|e| fail(&e))?;
+        if size > MAX_MANIFEST {
+            return Err(fail(&format!("not a manifest: {size} bytes")));
+        }
+        let mut text = vec![0u8; size as usize];
+        read_exact(&*data, &mut text, 0, "manifest").map_err(|e| fail(&e))?;
+        serde_json::from_slice(&text).map_err(|e| fail(&format!("not a manifest: {e}")))
+    }
+
+    /// Writes the manifest beside its file, atomically and durably.
+    pub fn write(&self, place: &dyn Place) -> io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        place.write(&name_for(&self.file), &bytes)
     }
 
     /// Compares `file` with the manifest; each problem is (offset, message).
-    pub fn check(&self, file: &Path) -> io::Result<Vec<(u64, String)>> {
+    pub fn check(&self, file: &dyn Storage) -> io::Result<Vec<(u64, String)>> {
         let mut problems = Vec::new();
         if self.extent_size != EXTENT_SIZE {
             problems.push((
