@@ -41,7 +41,10 @@ macro_rules! be_struct {
         }
 
         // Every field lies within the declared length.
-        $(const _: () = assert!($off + std::mem::size_of::<$ty>() <= $len);)*
+        $(
+            #[allow(clippy::int_plus_one)]
+            const _: () = assert!($off + std::mem::size_of::<$ty>() <= $len);
+        )*
 
         impl $name {
             pub const LEN: usize = $len;
