@@ -62,7 +62,7 @@ macro_rules! be_struct {
             }
 
             /// The `LEN` bytes on disk.
-            pub fn to_bytes(&self) -> Vec<u8> {
+            pub fn to_bytes(self) -> Vec<u8> {
                 let mut b = vec![0u8; $len];
                 self.write(&mut b);
                 b
