@@ -92,7 +92,7 @@ struct Disk_ {
     decision: Decision,
     dir: PathBuf,
     final_path: PathBuf,
-    target_format: &'static str,
+    target_format: Format,
     rec: DiskRecord,
     // Progress through the graph changes, for teardown.
     target_added: bool,
@@ -199,7 +199,7 @@ pub fn run(
     }
 
     // The chain id: kept when a chain exists, else --uuid or a new one.
-    let chained = disks.iter().any(|d| d.decision.level != Level::Copy);
+    let chained = disks.iter().any(|d| d.decision.level.chained());
     let uuid = match (&existing_uuid, &opts.uuid) {
         (Some(u), asked) if chained => {
             if asked.as_ref().is_some_and(|a| a != u) {
@@ -252,16 +252,19 @@ pub fn run(
     {
         let (target_node, fleece_node, cbw_node, snap_node, job) =
             fleece::names(&tag, i, &dev.name);
-        let timestamp = opts.timestamp || decision.level == Level::Inc;
+        // --no-timestamp names full and copy backups only: a delta always carries its time.
+        let timestamp = opts.timestamp || decision.level.is_delta();
         let file = file_name(decision.level, epoch, &name, timestamp);
         let final_path = dir.join(&file);
-        let target_format = if dev.is_raw() && decision.level != Level::Inc {
-            "raw"
+        // A raw disk's full copy stays raw; a delta is qcow2 (raw cannot tell unchanged from
+        // zeroed blocks).
+        let target_format = if dev.is_raw() && !decision.level.is_delta() {
+            Format::Raw
         } else {
-            "qcow2"
+            Format::Qcow2
         };
         let next_bitmap = match (&uuid, decision.level) {
-            (Some(u), Level::Full | Level::Inc) => Some(format!("{}-next", plan::bitmap_name(u))),
+            (Some(u), level) if level.chained() => Some(format!("{}-next", plan::bitmap_name(u))),
             _ => None,
         };
         let rec = DiskRecord {
@@ -373,7 +376,7 @@ impl Run<'_> {
             let target = fleece::image_node(
                 &d.rec.target_node,
                 &d.rec.partial,
-                d.target_format,
+                d.target_format.name(),
                 &self.opts.target_io,
             );
             self.qmp.execute("blockdev-add", target)?;
@@ -447,10 +450,10 @@ impl Run<'_> {
                 "job-id": d.rec.job, "device": d.rec.snap_node, "target": d.rec.target_node,
                 "sync": "full", "speed": self.opts.speed_limit,
             });
-            if self.opts.compress && d.target_format == "qcow2" {
+            if self.opts.compress && d.target_format == Format::Qcow2 {
                 job["compress"] = json!(true);
             }
-            if let (Level::Inc, Some(b)) = (d.decision.level, &d.decision.bitmap) {
+            if let (true, Some(b)) = (d.decision.level.is_delta(), &d.decision.bitmap) {
                 // A backup job finds its bitmap only on its source node: copy B there.
                 let s = "qmpbackup-snap";
                 bitmap_copies.push(json!({"type": "block-dirty-bitmap-add",
@@ -670,7 +673,7 @@ impl Run<'_> {
             place
                 .sync(&file_name)
                 .map_err(BackupError::io(&d.final_path))?;
-            if !self.opts.timestamp && d.decision.level != Level::Inc && self.opts.symlink {
+            if !self.opts.timestamp && !d.decision.level.is_delta() && self.opts.symlink {
                 layout::update_symlink(&d.dir, d.decision.level, &d.name, &file_name)
                     .map_err(BackupError::io(&d.dir))?;
             }
@@ -684,23 +687,21 @@ impl Run<'_> {
                 file: file_name,
                 level: d.decision.level,
                 epoch: self.epoch,
-                uuid: self
-                    .uuid
-                    .clone()
-                    .filter(|_| d.decision.level != Level::Copy),
+                uuid: self.uuid.clone().filter(|_| d.decision.level.chained()),
                 bitmap: self
                     .uuid
                     .as_deref()
-                    .filter(|_| d.decision.level != Level::Copy)
+                    .filter(|_| d.decision.level.chained())
                     .map(plan::bitmap_name),
                 device: d.dev.name.clone(),
                 node: d.dev.node.clone(),
                 qdev: d.dev.qdev.clone(),
                 source_file: d.dev.filename.clone(),
                 qemu_version: self.qmp.version.to_string(),
-                format: d.target_format.to_string(),
+                format: d.target_format.name().to_string(),
                 virtual_size: d.dev.virtual_size,
-                cluster_size: (d.target_format == "qcow2").then(|| target_cluster_size(&d.dev)),
+                cluster_size: (d.target_format == Format::Qcow2)
+                    .then(|| target_cluster_size(&d.dev)),
                 parent: d.decision.parent.clone(),
                 file_size,
                 extent_size: manifest::EXTENT_SIZE,
@@ -708,7 +709,7 @@ impl Run<'_> {
             };
             m.write(&place)
                 .map_err(BackupError::io(place.locate(&manifest::name_for(&m.file))))?;
-            if d.decision.level == Level::Full {
+            if d.decision.level.starts_chain() {
                 let config = serde_json::to_vec_pretty(&d.dev.image).unwrap_or_default();
                 let cpath = self.target.config_path(&d.name);
                 let (root, config_name) = Folder::of_file(&cpath);
@@ -1008,7 +1009,7 @@ fn fleece_options(dev: &Device) -> CreateOptions {
 }
 
 fn create_image(path: &Path, opts: &CreateOptions) -> Result<()> {
-    create_file(path, opts, true)?;
+    create_file(path, opts, true).map(drop)?;
     Ok(())
 }
 
@@ -1018,7 +1019,7 @@ fn create_image(path: &Path, opts: &CreateOptions) -> Result<()> {
 /// its predecessor as backing file, so the chain describes itself and QEMU or qemu-img can
 /// open the newest INC directly. A raw source's FULL or COPY is a sparse raw file.
 fn create_target(d: &Disk_, link: bool) -> Result<()> {
-    if d.target_format == "raw" {
+    if d.target_format == Format::Raw {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

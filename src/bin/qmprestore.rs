@@ -445,45 +445,18 @@ fn open(file: &Path, format: Option<ImageFormat>) -> Result<Disk> {
 }
 
 fn run(command: Command) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
     match command {
         Command::Info {
             file,
             backing_chain,
             output,
             format,
-        } => {
-            let disk = open(&file, format)?;
-            let layers: Vec<&Image> = if backing_chain {
-                disk.chain().collect()
-            } else {
-                vec![disk.top()]
-            };
-            let infos: Vec<info::ImageInfo> = layers.into_iter().map(info::describe).collect();
-            match output {
-                Output::Json if backing_chain => {
-                    writeln!(out, "{}", serde_json::to_string_pretty(&infos)?)?
-                }
-                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&infos[0])?)?,
-                Output::Human => {
-                    let texts: Vec<String> = infos.iter().map(info::human).collect();
-                    write!(out, "{}", texts.join("\n"))?
-                }
-            }
-        }
+        } => info_cmd(&file, backing_chain, output, format),
         Command::Map {
             file,
             output,
             format,
-        } => {
-            let disk = open(&file, format)?;
-            let f = match output {
-                Output::Human => MapFormat::Human,
-                Output::Json => MapFormat::Json,
-            };
-            map::write_map(&disk, f, &mut out)?;
-        }
+        } => map_cmd(&file, output, format),
         Command::Convert {
             output_format,
             snapshot,
@@ -499,20 +472,12 @@ fn run(command: Command) -> Result<ExitCode> {
                 progress,
                 rate_limit: None,
             };
-            match output_format {
-                ConvertTarget::Raw => convert::to_raw(&src, &dst, &opts),
-                ConvertTarget::Qcow2 => convert::to_qcow2(
-                    &src,
-                    &dst,
-                    &opts,
-                    &Qcow2Output {
-                        cluster_size,
-                        compression_type,
-                        compress,
-                    },
-                ),
-            }
-            .with_context(|| format!("converting {}", src.display()))?;
+            let qcow2 = Qcow2Output {
+                cluster_size,
+                compression_type,
+                compress,
+            };
+            convert_cmd(output_format, &src, &dst, &opts, &qcow2)
         }
         Command::Create {
             options,
@@ -520,72 +485,19 @@ fn run(command: Command) -> Result<ExitCode> {
             backing_format,
             file,
             size,
-        } => {
-            let mut opts = CreateOptions::default();
-            for o in &options {
-                create_opts::apply(&mut opts, o).map_err(anyhow::Error::msg)?;
-            }
-            if let Some(b) = backing {
-                opts.backing = Some((b, backing_format.map(Format::from)));
-            }
-            opts.size = match (size, &opts.backing) {
-                (Some(s), _) => s,
-                (None, Some((b, _))) => {
-                    let path = qmpbackup::qcow2::disk::backing_path(&file, std::ffi::OsStr::new(b))
-                        .map_err(|k| k.at(&file))?;
-                    Disk::open(&path)?.size()
-                }
-                (None, None) => {
-                    anyhow::bail!("a size is needed (or a backing file to take it from)")
-                }
-            };
-            create::create(&file, &opts)?;
-        }
+        } => create_cmd(&options, backing, backing_format, &file, size),
         Command::Check {
             file,
             output,
             repair,
-        } => {
-            let report = match repair {
-                None => check::check(&file)?,
-                Some(RepairArg::Leaks) => check::repair(&file, Repair::Leaks)?,
-                Some(RepairArg::All) => check::repair(&file, Repair::All)?,
-            };
-            for m in &report.messages {
-                eprintln!("{m}");
-            }
-            match output {
-                Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?,
-                Output::Human => write!(out, "{}", check_summary(&report))?,
-            }
-            return Ok(ExitCode::from(report.exit_code()));
-        }
+        } => check_cmd(&file, output, repair),
         Command::Snapshot {
             list,
             create,
             apply,
             delete,
             file,
-        } => {
-            if list {
-                let disk = Disk::open_alone(&file)?;
-                if let Some(q) = disk.qcow2() {
-                    if !q.snapshots().is_empty() {
-                        write!(out, "{}", info::snapshot_table(&info::snapshots(q)))?;
-                    }
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            let mut w = Writer::open(&file)?;
-            if let Some(name) = create {
-                w.create_snapshot(&name)?;
-            } else if let Some(name) = apply {
-                w.apply_snapshot(&name)?;
-            } else if let Some(name) = delete {
-                w.delete_snapshot(&name)?;
-            }
-            w.flush()?;
-        }
+        } => snapshot_cmd(list, create, apply, delete, &file),
         Command::Merge {
             chain,
             targetfile,
@@ -594,212 +506,224 @@ fn run(command: Command) -> Result<ExitCode> {
             force,
             progress,
         } => {
-            let files = merge::merge(
-                &chain.dir,
-                &targetfile,
-                &MergeOptions {
-                    select: chain.select(),
-                    target: match format {
-                        MergeFormat::Qcow2 => merge::Target::Qcow2,
-                        MergeFormat::Raw => merge::Target::Raw,
-                    },
-                    compress,
-                    force,
-                    progress,
-                    rate_limit: chain.rate_limit,
+            let opts = MergeOptions {
+                select: chain.select(),
+                target: match format {
+                    MergeFormat::Qcow2 => merge::Target::Qcow2,
+                    MergeFormat::Raw => merge::Target::Raw,
                 },
-            )?;
-            for f in files {
+                compress,
+                force,
+                progress,
+                rate_limit: chain.rate_limit,
+            };
+            for f in merge::merge(&chain.dir, &targetfile, &opts)? {
                 eprintln!("merged {}", f.display());
             }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Commit {
             chain,
             dry_run,
             progress,
         } => {
-            let r = commit::commit(
-                &chain.dir,
-                &CommitOptions {
-                    select: chain.select(),
-                    dry_run,
-                    rate_limit: chain.rate_limit,
-                    progress,
-                },
-            )?;
-            let verb = if dry_run { "would fold" } else { "folded" };
-            for f in &r.folded {
-                writeln!(out, "{verb} {} into {}", f.display(), r.full.display())?;
-            }
-            if let Some(n) = &r.relinked {
-                writeln!(
-                    out,
-                    "{} {} to {}",
-                    if dry_run { "would link" } else { "linked" },
-                    n.display(),
-                    r.full.display()
-                )?;
-            }
-            writeln!(
-                out,
-                "{} bytes {}",
-                r.bytes,
-                if dry_run { "to write" } else { "written" }
-            )?;
+            let opts = CommitOptions {
+                select: chain.select(),
+                dry_run,
+                rate_limit: chain.rate_limit,
+                progress,
+            };
+            print(&commit::commit(&chain.dir, &opts)?.human())
         }
         Command::SnapshotRebase {
             chain,
             dry_run,
             progress,
         } => {
-            let plan = snapshot_rebase::snapshot_rebase(
-                &chain.dir,
-                &SnapshotRebaseOptions {
-                    select: chain.select(),
-                    dry_run,
-                    rate_limit: chain.rate_limit,
-                    progress,
-                },
-            )?;
-            for (snap, inc) in plan {
-                let what = match inc {
-                    Some(f) => format!("fold {} and snapshot it as {snap}", f.display()),
-                    None => format!("snapshot the FULL as {snap} (when absent)"),
-                };
-                writeln!(out, "{}{what}", if dry_run { "would " } else { "" })?;
-            }
+            let opts = SnapshotRebaseOptions {
+                select: chain.select(),
+                dry_run,
+                rate_limit: chain.rate_limit,
+                progress,
+            };
+            let plan = snapshot_rebase::snapshot_rebase(&chain.dir, &opts)?;
+            print(&snapshot_rebase::describe(&plan, dry_run))
         }
         Command::Rebase {
             chain,
             dry_run,
             force,
         } => {
-            let changes = rebase::rebase(
-                &chain.dir,
-                &RebaseOptions {
-                    select: chain.select(),
-                    dry_run,
-                    force,
-                },
-            )?;
-            for c in changes {
-                writeln!(out, "{}{c}", if dry_run { "would " } else { "" })?;
-            }
+            let opts = RebaseOptions {
+                select: chain.select(),
+                dry_run,
+                force,
+            };
+            let changes = rebase::rebase(&chain.dir, &opts)?;
+            print(&rebase::describe(&changes, dry_run))
         }
         Command::Verify {
             dir,
             recursive,
             filter,
             json,
-        } => {
-            let report = match verify::verify(&dir, recursive, filter.as_deref()) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("qmprestore: {e}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
-            if json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
-            } else {
-                for d in &report.dirs {
-                    let verdict = if d.restorable {
-                        "restorable"
-                    } else {
-                        "NOT restorable"
-                    };
-                    writeln!(
-                        out,
-                        "{}: {verdict} ({} files, {} bytes read)",
-                        d.dir,
-                        d.files.len(),
-                        d.bytes_read
-                    )?;
-                    for p in &d.problems {
-                        let at = p
-                            .offset
-                            .map(|o| format!(" (offset {o})"))
-                            .unwrap_or_default();
-                        writeln!(out, "  problem: {}: {}{at}", p.file, p.problem)?;
-                    }
-                    for n in &d.notes {
-                        writeln!(out, "  note: {n}")?;
-                    }
-                }
-            }
-            return Ok(ExitCode::from(if report.restorable { 0 } else { 1 }));
-        }
+        } => verify_cmd(&dir, recursive, filter.as_deref(), json),
         Command::List { dir, filter, json } => {
             let points = list::list(&dir, filter.as_deref())?;
             if json {
-                writeln!(out, "{}", serde_json::to_string_pretty(&points)?)?;
+                print_json(&points)
             } else {
-                writeln!(
-                    out,
-                    "{:<40} {:<5} {:>19} {:>10}  status",
-                    "file", "level", "time", "size"
-                )?;
-                for p in points {
-                    writeln!(
-                        out,
-                        "{:<40} {:<5} {:>19} {:>10}  {}",
-                        p.file,
-                        p.level.name(),
-                        p.time,
-                        qmpbackup::chain::units::size(p.size),
-                        p.status
-                    )?;
-                }
+                print(&list::table(&points))
             }
         }
-        Command::Compare { a, b, progress } => {
-            return Ok(compare_cmd(&a, &b, progress));
-        }
+        Command::Compare { a, b, progress } => Ok(compare_cmd(&a, &b, progress)),
         Command::Completions { .. } | Command::Man => unreachable!("handled in main"),
     }
+}
+
+/// Writes a command's report to standard output.
+fn print(report: &str) -> Result<ExitCode> {
+    std::io::stdout().lock().write_all(report.as_bytes())?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<ExitCode> {
+    print(&format!("{}\n", serde_json::to_string_pretty(value)?))
+}
+
+fn info_cmd(
+    file: &Path,
+    backing_chain: bool,
+    output: Output,
+    format: Option<ImageFormat>,
+) -> Result<ExitCode> {
+    let disk = open(file, format)?;
+    let layers: Vec<&Image> = if backing_chain {
+        disk.chain().collect()
+    } else {
+        vec![disk.top()]
+    };
+    let infos: Vec<info::ImageInfo> = layers.into_iter().map(info::describe).collect();
+    match output {
+        Output::Json if backing_chain => print_json(&infos),
+        Output::Json => print_json(&infos[0]),
+        Output::Human => print(&infos.iter().map(info::human).collect::<Vec<_>>().join("\n")),
+    }
+}
+
+fn map_cmd(file: &Path, output: Output, format: Option<ImageFormat>) -> Result<ExitCode> {
+    let disk = open(file, format)?;
+    let f = match output {
+        Output::Human => MapFormat::Human,
+        Output::Json => MapFormat::Json,
+    };
+    map::write_map(&disk, f, &mut std::io::stdout().lock())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn convert_cmd(
+    output_format: ConvertTarget,
+    src: &Path,
+    dst: &Path,
+    opts: &ConvertOptions,
+    qcow2: &Qcow2Output,
+) -> Result<ExitCode> {
+    match output_format {
+        ConvertTarget::Raw => convert::to_raw(src, dst, opts),
+        ConvertTarget::Qcow2 => convert::to_qcow2(src, dst, opts, qcow2),
+    }
+    .with_context(|| format!("converting {}", src.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn create_cmd(
+    options: &[String],
+    backing: Option<String>,
+    backing_format: Option<ImageFormat>,
+    file: &Path,
+    size: Option<u64>,
+) -> Result<ExitCode> {
+    let mut opts = CreateOptions::default();
+    for o in options {
+        create_opts::apply(&mut opts, o).map_err(anyhow::Error::msg)?;
+    }
+    if let Some(b) = backing {
+        opts.backing = Some((b, backing_format.map(Format::from)));
+    }
+    opts.size = match (size, &opts.backing) {
+        (Some(s), _) => s,
+        (None, Some((b, _))) => {
+            let path = qmpbackup::qcow2::disk::backing_path(file, std::ffi::OsStr::new(b))
+                .map_err(|k| k.at(file))?;
+            Disk::open(&path)?.size()
+        }
+        (None, None) => anyhow::bail!("a size is needed (or a backing file to take it from)"),
+    };
+    create::create(file, &opts)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_cmd(file: &Path, output: Output, repair: Option<RepairArg>) -> Result<ExitCode> {
+    let report = match repair {
+        None => check::check(file)?,
+        Some(RepairArg::Leaks) => check::repair(file, Repair::Leaks)?,
+        Some(RepairArg::All) => check::repair(file, Repair::All)?,
+    };
+    for m in &report.messages {
+        eprintln!("{m}");
+    }
+    match output {
+        Output::Json => print_json(&report)?,
+        Output::Human => print(&report.human())?,
+    };
+    Ok(ExitCode::from(report.exit_code()))
+}
+
+fn snapshot_cmd(
+    list: bool,
+    create: Option<String>,
+    apply: Option<String>,
+    delete: Option<String>,
+    file: &Path,
+) -> Result<ExitCode> {
+    if list {
+        let disk = Disk::open_alone(file)?;
+        return match disk.qcow2().filter(|q| !q.snapshots().is_empty()) {
+            Some(q) => print(&info::snapshot_table(&info::snapshots(q))),
+            None => Ok(ExitCode::SUCCESS),
+        };
+    }
+    let mut w = Writer::open(file)?;
+    if let Some(name) = create {
+        w.create_snapshot(&name)?;
+    } else if let Some(name) = apply {
+        w.apply_snapshot(&name)?;
+    } else if let Some(name) = delete {
+        w.delete_snapshot(&name)?;
+    }
+    w.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `verify`'s exit codes: 0 restorable, 1 problems, 2 could not run.
+fn verify_cmd(dir: &Path, recursive: bool, filter: Option<&str>, json: bool) -> Result<ExitCode> {
+    let report = match verify::verify(dir, recursive, filter) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("qmprestore: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    if json {
+        print_json(&report)?;
+    } else {
+        print(&report.human())?;
+    }
+    Ok(ExitCode::from(if report.restorable { 0 } else { 1 }))
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     create_opts::parse_size(s)
-}
-
-/// `qemu-img check`'s human summary.
-fn check_summary(r: &check::CheckReport) -> String {
-    let mut s = String::new();
-    if r.corruptions == 0 && r.leaks == 0 {
-        s.push_str("No errors were found on the image.\n");
-    }
-    if r.corruptions > 0 {
-        s.push_str(&format!(
-            "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
-            r.corruptions
-        ));
-    }
-    if r.leaks > 0 {
-        s.push_str(&format!(
-            "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
-            r.leaks
-        ));
-    }
-    if r.leaks_fixed + r.corruptions_fixed > 0 {
-        s.push_str(&format!(
-            "Repaired: {} leaked clusters, {} corruptions.\n",
-            r.leaks_fixed, r.corruptions_fixed
-        ));
-    }
-    let pct = |n: u64| 100.0 * n as f64 / r.total_clusters.max(1) as f64;
-    let pct_of = |n: u64| 100.0 * n as f64 / r.allocated_clusters.max(1) as f64;
-    s.push_str(&format!(
-        "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\nImage end offset: {}\n",
-        r.allocated_clusters,
-        r.total_clusters,
-        pct(r.allocated_clusters),
-        pct_of(r.fragmented_clusters),
-        pct_of(r.compressed_clusters),
-        r.image_end_offset
-    ));
-    s
 }
 
 fn compare_cmd(a: &Path, b: &Path, progress: bool) -> ExitCode {

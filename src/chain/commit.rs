@@ -36,6 +36,28 @@ pub struct CommitReport {
     pub relinked: Option<PathBuf>,
     /// Guest bytes written into the FULL.
     pub bytes: u64,
+    /// Nothing was changed: what would be done.
+    pub dry_run: bool,
+}
+
+impl CommitReport {
+    /// The report of `qmprestore commit`.
+    pub fn human(&self) -> String {
+        let (fold, link, bytes) = if self.dry_run {
+            ("would fold", "would link", "to write")
+        } else {
+            ("folded", "linked", "written")
+        };
+        let full = self.full.display();
+        let mut s = String::new();
+        for f in &self.folded {
+            s += &format!("{fold} {} into {full}\n", f.display());
+        }
+        if let Some(n) = &self.relinked {
+            s += &format!("{link} {} to {full}\n", n.display());
+        }
+        s + &format!("{} bytes {bytes}\n", self.bytes)
+    }
 }
 
 pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
@@ -52,6 +74,7 @@ pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
         folded: folded.clone(),
         relinked: None,
         bytes: 0,
+        dry_run: opts.dry_run,
     };
     if folded.is_empty() {
         return Ok(report);

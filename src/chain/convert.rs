@@ -13,7 +13,7 @@
 use super::outdir::NewDirs;
 use super::progress;
 use super::throttle::Throttle;
-use crate::qcow2::create::{create_file, CreateOptions};
+use crate::qcow2::create::CreateOptions;
 use crate::qcow2::fault::pwrite;
 use crate::qcow2::header::CompressionType;
 use crate::qcow2::pagecache;
@@ -94,7 +94,7 @@ pub fn disk_to_qcow2(
     out: &Qcow2Output,
 ) -> Result<()> {
     let size = disk.size();
-    create_file(
+    let result = Writer::create(
         dst,
         &CreateOptions {
             size,
@@ -102,9 +102,8 @@ pub fn disk_to_qcow2(
             compression: out.compression_type,
             ..Default::default()
         },
-        false,
-    )?;
-    let result = write_qcow2(disk, dst, opts, out);
+    )
+    .and_then(|w| write_qcow2(disk, w.unordered(), opts, out));
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }
@@ -127,10 +126,9 @@ struct Produced {
     copy: Option<(u32, u64)>,
 }
 
-fn write_qcow2(disk: &Disk, dst: &Path, opts: &ConvertOptions, out: &Qcow2Output) -> Result<()> {
+fn write_qcow2(disk: &Disk, mut w: Writer, opts: &ConvertOptions, out: &Qcow2Output) -> Result<()> {
     let size = disk.size();
     let cs = out.cluster_size;
-    let mut w = Writer::open(dst)?.unordered();
     let bar = progress::bytes(size, "convert", opts.progress);
     let throttle = Throttle::new(opts.rate_limit);
     let chunk = CHUNK.max(cs);

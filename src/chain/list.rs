@@ -65,3 +65,22 @@ pub fn list(dir: &Path, filter: Option<&str>) -> Result<Vec<Point>> {
     }
     Ok(out)
 }
+
+/// `qmprestore list`'s table.
+pub fn table(points: &[Point]) -> String {
+    let mut s = format!(
+        "{:<40} {:<5} {:>19} {:>10}  status\n",
+        "file", "level", "time", "size"
+    );
+    for p in points {
+        s += &format!(
+            "{:<40} {:<5} {:>19} {:>10}  {}\n",
+            p.file,
+            p.level.name(),
+            p.time,
+            super::units::size(p.size),
+            p.status
+        );
+    }
+    s
+}

@@ -103,3 +103,9 @@ pub fn rebase(dir: &Path, opts: &RebaseOptions) -> Result<Vec<Change>> {
     }
     Ok(changes)
 }
+
+/// The report of `qmprestore rebase`: a line per change.
+pub fn describe(changes: &[Change], dry_run: bool) -> String {
+    let would = if dry_run { "would " } else { "" };
+    changes.iter().map(|c| format!("{would}{c}\n")).collect()
+}

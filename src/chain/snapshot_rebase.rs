@@ -30,11 +30,16 @@ pub fn snapshot_name(epoch: u64) -> String {
     local_time(epoch as i64).replace(' ', "-")
 }
 
-/// Returns (snapshot name, INC folded) in order; with `dry_run` what would be done.
-pub fn snapshot_rebase(
-    dir: &Path,
-    opts: &SnapshotRebaseOptions,
-) -> Result<Vec<(String, Option<PathBuf>)>> {
+/// One step of a snapshot rebase: fold an INC (none for the FULL's own snapshot), then take
+/// the snapshot.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub snapshot: String,
+    pub folds: Option<PathBuf>,
+}
+
+/// Returns the steps in order; with `dry_run` what would be done.
+pub fn snapshot_rebase(dir: &Path, opts: &SnapshotRebaseOptions) -> Result<Vec<Step>> {
     let (bd, chain) = restore_chain(dir, &opts.select)?;
     let all = bd.chain()?;
     // Validates every file (and refuses raw INCs) before anything changes.
@@ -48,12 +53,14 @@ pub fn snapshot_rebase(
     }
     refuse_shrunk(&disk)?;
     drop(disk);
-    let mut plan: Vec<(String, Option<PathBuf>)> = vec![(FULL_SNAPSHOT.to_string(), None)];
-    plan.extend(
-        chain.files[1..]
-            .iter()
-            .map(|f| (snapshot_name(f.epoch), Some(f.path.clone()))),
-    );
+    let mut plan = vec![Step {
+        snapshot: FULL_SNAPSHOT.to_string(),
+        folds: None,
+    }];
+    plan.extend(chain.files[1..].iter().map(|f| Step {
+        snapshot: snapshot_name(f.epoch),
+        folds: Some(f.path.clone()),
+    }));
     if opts.dry_run {
         return Ok(plan);
     }
@@ -99,4 +106,19 @@ pub fn snapshot_rebase(
     })?;
     bar.finish_and_clear();
     Ok(plan)
+}
+
+/// The report of `qmprestore snapshotrebase`: a line per step.
+pub fn describe(plan: &[Step], dry_run: bool) -> String {
+    let would = if dry_run { "would " } else { "" };
+    plan.iter()
+        .map(|s| match &s.folds {
+            Some(f) => format!(
+                "{would}fold {} and snapshot it as {}\n",
+                f.display(),
+                s.snapshot
+            ),
+            None => format!("{would}snapshot the FULL as {} (when absent)\n", s.snapshot),
+        })
+        .collect()
 }

@@ -46,6 +46,37 @@ pub struct Report {
     pub dirs: Vec<DirReport>,
 }
 
+impl Report {
+    /// The readable report: a verdict per directory, then its problems and notes.
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        for d in &self.dirs {
+            let verdict = if d.restorable {
+                "restorable"
+            } else {
+                "NOT restorable"
+            };
+            s += &format!(
+                "{}: {verdict} ({} files, {} bytes read)\n",
+                d.dir,
+                d.files.len(),
+                d.bytes_read
+            );
+            for p in &d.problems {
+                let at = p
+                    .offset
+                    .map(|o| format!(" (offset {o})"))
+                    .unwrap_or_default();
+                s += &format!("  problem: {}: {}{at}\n", p.file, p.problem);
+            }
+            for n in &d.notes {
+                s += &format!("  note: {n}\n");
+            }
+        }
+        s
+    }
+}
+
 /// Verifies `dir`, or with `recursive` every backup directory below it.
 pub fn verify(dir: &Path, recursive: bool, filter: Option<&str>) -> Result<Report> {
     std::fs::read_dir(dir).map_err(|e| crate::store::StoreError::Io(dir.to_path_buf(), e))?;

@@ -215,12 +215,19 @@ pub fn feature_table() -> Vec<u8> {
 
 /// Creates a new image at `path` (which must not exist), durably.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
-    create_file(path, opts, true)
+    create_file(path, opts, true).map(drop)
 }
 
 /// Creates a new image; with `durable` false nothing is flushed, for an image that will be
 /// filled and only flushed at the end (a half-written output is worthless either way).
-pub fn create_file(path: &Path, opts: &CreateOptions, durable: bool) -> Result<()> {
+/// What a new image holds: its header and its first cluster (header, extensions, backing
+/// name).
+pub struct Created {
+    pub header: Header,
+    pub cluster0: Vec<u8>,
+}
+
+pub fn create_file(path: &Path, opts: &CreateOptions, durable: bool) -> Result<Created> {
     opts.validate()
         .map_err(|m| ErrorKind::Unsupported(m).at(path))?;
     let at = |e: std::io::Error| ErrorKind::Io(e).at(path);
@@ -237,7 +244,7 @@ pub fn create_file(path: &Path, opts: &CreateOptions, durable: bool) -> Result<(
     result
 }
 
-fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> Result<()> {
+fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> Result<Created> {
     let at = |e: std::io::Error| ErrorKind::Io(e).at(path);
     let cs = opts.cluster_size;
     let probe = opts.header(0, 0, 0, 0);
@@ -343,5 +350,8 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> R
         file.sync_all().map_err(at)?;
         super::storage::sync_parent(path).map_err(at)?;
     }
-    Ok(())
+    Ok(Created {
+        header: h,
+        cluster0,
+    })
 }

@@ -24,6 +24,7 @@ mod snapshots;
 
 use super::alloc::Refcounts;
 use super::bitmap;
+use super::create::CreateOptions;
 use super::disk::{Disk, OpenOptions};
 use super::error::{corrupt, ErrorKind, Result};
 use super::header::{self, CompressionType, Header};
@@ -45,6 +46,20 @@ const MAX_DIRTY_L2: usize = 512;
 struct L2Slot {
     table: L2Table,
     dirty: bool,
+}
+
+/// What a writer needs to know of its image.
+struct Parts<'a> {
+    path: &'a Path,
+    header: Header,
+    ext: super::ext::Extensions,
+    /// The external data file, resolved.
+    data_file: Option<PathBuf>,
+    /// Backing file name and format, as the header names them.
+    backing: Option<(std::ffi::OsString, Option<String>)>,
+    snapshots: Vec<super::snapshot::Snapshot>,
+    /// Bitmap directory offset and entries, when bitmaps are in use.
+    bitmaps: Option<(u64, Vec<bitmap::Bitmap>)>,
 }
 
 /// A qcow2 image opened for writing.
@@ -101,26 +116,81 @@ impl Writer {
             super::check::repair(path, super::check::Repair::All)?;
             return Writer::open(path);
         }
-        let (file, mine) = super::lock::open_for_write(path).map_err(at)?;
-        let mut ours = vec![mine];
         refuse_corruptions(&reader, path)?;
-        let data = match reader.data_file() {
-            Some(d) => {
-                let (f, mine) = super::lock::open_for_write(&d.path).map_err(|k| k.at(&d.path))?;
-                ours.push(mine);
-                Some((d.path.clone(), f))
-            }
-            None => None,
-        };
-        let backing = match reader.backing_name() {
-            Some(name) => Some(open_backing(path, name, reader.backing_format())?),
-            None => None,
-        };
         let bitmaps = reader
             .extensions()
             .bitmaps
             .filter(|_| !reader.bitmaps().is_empty())
             .map(|e| (e.directory_offset, reader.bitmaps().to_vec()));
+        Writer::assemble(Parts {
+            path,
+            header: h,
+            ext: reader.extensions().clone(),
+            data_file: reader.data_file().map(|d| d.path.clone()),
+            backing: reader.backing_name().map(|n| {
+                (
+                    n.to_os_string(),
+                    reader.backing_format().map(str::to_string),
+                )
+            }),
+            snapshots: reader.snapshots().to_vec(),
+            bitmaps,
+        })
+    }
+
+    /// Creates a new image at `path` (which must not exist) and opens it for writing: the
+    /// state is known from what was just written, so nothing is read back and checked (the
+    /// file is not made durable; the writer's flushes do that).
+    pub fn create(path: &Path, opts: &CreateOptions) -> Result<Writer> {
+        let created = super::create::create_file(path, opts, false)?;
+        let h = created.header;
+        let end = if h.has_backing_file() {
+            h.backing_file_offset as usize
+        } else {
+            created.cluster0.len()
+        };
+        let ext = super::ext::Extensions::parse(&created.cluster0[h.header_length as usize..end])
+            .map_err(|k| k.at(path))?;
+        let result = Writer::assemble(Parts {
+            path,
+            data_file: ext
+                .data_file
+                .as_ref()
+                .map(|n| super::image::resolve_relative(path, Path::new(n))),
+            backing: opts
+                .backing
+                .as_ref()
+                .map(|(n, f)| (n.into(), f.map(|f| f.name().to_string()))),
+            header: h,
+            ext,
+            snapshots: Vec::new(),
+            bitmaps: None,
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    /// A writer over an image whose header, extensions and side files are known.
+    fn assemble(p: Parts) -> Result<Writer> {
+        let path = p.path;
+        let at = |k: ErrorKind| k.at(path);
+        let h = p.header;
+        let (file, mine) = super::lock::open_for_write(path).map_err(at)?;
+        let mut ours = vec![mine];
+        let data = match p.data_file {
+            Some(d) => {
+                let (f, mine) = super::lock::open_for_write(&d).map_err(|k| k.at(&d))?;
+                ours.push(mine);
+                Some((d, f))
+            }
+            None => None,
+        };
+        let backing = match &p.backing {
+            Some((name, format)) => Some(open_backing(path, name, format.as_deref())?),
+            None => None,
+        };
         let refs = Refcounts::load(&file, &h).map_err(at)?;
         let l1 = l1::read_table(&file, h.l1_table_offset, h.l1_size).map_err(at)?;
         Ok(Writer {
@@ -139,9 +209,9 @@ impl Writer {
             frees: Vec::new(),
             compress_pos: None,
             prepared: false,
-            bitmaps,
-            snapshots: reader.snapshots().to_vec(),
-            ext: reader.extensions().clone(),
+            bitmaps: p.bitmaps,
+            snapshots: p.snapshots,
+            ext: p.ext,
             ordered: true,
             data_written: std::cell::Cell::new(false),
             drop_behind: Default::default(),

@@ -43,6 +43,11 @@ impl Level {
         self == Level::Inc
     }
 
+    /// Whether a backup of this level starts a chain (a restore begins with it).
+    pub fn starts_chain(self) -> bool {
+        self == Level::Full
+    }
+
     /// The level a `FULL-<disk>` / `COPY-<disk>` alias names.
     pub fn of_alias(alias: &str) -> Option<Level> {
         let (tag, _) = alias.split_once('-')?;
