@@ -4,8 +4,10 @@
 
 mod common;
 
+use common::needs_qemu;
+
 use common::assert_same;
-use common::qemu::{backup_ok, have_qemu, log_of, qmpbackup, Vm};
+use common::qemu::{backup_ok, log_of, qmpbackup, Vm};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -37,21 +39,12 @@ const VARS: Disk = disk("vars.fd", "raw", "pflash1");
 /// a legacy -drive, a raw disk, a qcow2 with a raw data file, and pflash code + vars.
 fn vm_all(dir: &Path) -> Vm {
     for f in ["d0.qcow2", "s0.qcow2", "l0.qcow2"] {
-        common::qemu_img(dir, &["create", "-q", "-f", "qcow2", f, "64M"]);
+        common::qemu_img_create(dir, &format!("-f qcow2 {f} 64M"));
     }
-    common::qemu_img(dir, &["create", "-q", "-f", "raw", "r0.raw", "64M"]);
-    common::qemu_img(
+    common::qemu_img_create(dir, "-f raw r0.raw 64M");
+    common::qemu_img_create(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=df.raw,data_file_raw=on",
-            "df.qcow2",
-            "64M",
-        ],
+        "-f qcow2 -o data_file=df.raw,data_file_raw=on df.qcow2 64M",
     );
     for f in ["code.fd", "vars.fd"] {
         std::fs::File::create(dir.join(f))
@@ -157,12 +150,16 @@ fn files(dir: &Path) -> Vec<String> {
 /// restores to exactly the disk at that backup.
 #[test]
 fn full_inc_inc_restores_every_point_of_every_disk() {
-    if !have_qemu() {
+    let Some(Setup {
+        _t,
+        dir,
+        mut vm,
+        target,
+        dd,
+    }) = Setup::new(vm_all)
+    else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
-    let mut vm = vm_all(dir);
+    };
     let disks = [&D0, &S0, &L0, &R0, &DF, &VARS];
     for (i, d) in disks.iter().enumerate() {
         vm.write(d.io, 0x10 + i as u8, 0, 64 << 10);
@@ -170,7 +167,6 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
             vm.write(d.io, 0x20 + i as u8, 60 * MIB, MIB);
         }
     }
-    let target = dir.join("backup");
     let tgt = target.to_str().unwrap();
     backup_ok(
         &vm.socket(),
@@ -279,7 +275,7 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
     let verify = |dir: &Path| {
         Command::new(env!("CARGO_BIN_EXE_qmprestore"))
             .args(["verify", "--recursive", "--json", "--dir"])
-            .arg(dir)
+            .arg(&dir)
             .output()
             .unwrap()
     };
@@ -291,7 +287,6 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
         7,
         "six disks and the read-only pflash code"
     );
-    let dd = target.join("d0.qcow2");
     let inc = dd.join(&files(&dd)[1]);
     let len = std::fs::metadata(&inc).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&inc).unwrap();
@@ -317,12 +312,59 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
 
 /// A VM with one qcow2 disk (`d0.qcow2` on virtio-blk `vd0`, node `disk0`).
 fn vm_one(dir: &Path) -> Vm {
-    common::qemu_img(dir, &["create", "-q", "-f", "qcow2", "d0.qcow2", "64M"]);
-    Vm::start(dir, &one_args(dir))
+    common::qemu_img_create(&dir, "-f qcow2 d0.qcow2 64M");
+    Vm::start(&dir, &one_args(&dir))
 }
 
 fn one_args(dir: &Path) -> Vec<String> {
-    all_args(dir)[4..10].to_vec()
+    all_args(&dir)[4..10].to_vec()
+}
+
+/// Where most tests start: a temporary folder (`dir`, alive as long as `_t`) with a VM in it,
+/// and the backup target `b/` (`target`), whose disk d0 gets the folder `dd`.
+struct Setup {
+    _t: tempfile::TempDir,
+    dir: PathBuf,
+    vm: Vm,
+    target: PathBuf,
+    dd: PathBuf,
+}
+
+impl Setup {
+    /// The VM `start` makes; `None` where QEMU is missing (a loud skip, a failure in CI).
+    fn new(start: fn(&Path) -> Vm) -> Option<Setup> {
+        let t = needs_qemu()?;
+        let dir = t.path().to_path_buf();
+        let vm = start(&dir);
+        let target = dir.join("b");
+        let dd = target.join("d0.qcow2");
+        Some(Setup {
+            _t: t,
+            dir,
+            vm,
+            target,
+            dd,
+        })
+    }
+}
+
+/// `qmpbackup --socket <socket> <args>` started in the background, its output captured.
+fn spawn_backup(socket: &str, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
+        .args(["--socket", socket])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A slow incremental into `tgt` (1 MiB/s): its job runs long enough to be interrupted.
+fn slow_inc(socket: &str, tgt: &str) -> std::process::Child {
+    spawn_backup(
+        socket,
+        &["backup", "-l", "inc", "-t", tgt, "--speed-limit", "1048576"],
+    )
 }
 
 /// Guest writes injected right before and right after the fleecing switch (through a QMP
@@ -332,12 +374,16 @@ fn one_args(dir: &Path) -> Vec<String> {
 /// the old data backed up) or failed with EACCES (clean cluster outside the filter's bitmap).
 #[test]
 fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
-    if !have_qemu() {
+    let Some(Setup {
+        _t,
+        dir,
+        mut vm,
+        target,
+        dd,
+    }) = Setup::new(vm_one)
+    else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path().to_path_buf();
-    let mut vm = vm_one(&dir);
+    };
     vm.write(D0.io, 0x11, 0, 4 * MIB);
     let mut helper = vm.third();
     let (mut run, mut after_switch) = (0, false);
@@ -383,12 +429,10 @@ fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
         }
     });
     let sock = dir.join("proxy.sock").to_string_lossy().into_owned();
-    let target = dir.join("backup");
     let tgt = target.to_str().unwrap();
     for level in ["full", "inc", "inc"] {
         backup_ok(&sock, &["backup", "-l", level, "-t", tgt]);
     }
-    let dd = target.join("d0.qcow2");
     let names = files(&dd);
     assert_eq!(names.len(), 3);
     for (i, name) in names.iter().enumerate() {
@@ -441,7 +485,7 @@ fn assert_graph_clean(vm: &mut Vm) {
 }
 
 fn partials(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
+    std::fs::read_dir(&dir)
         .map(|r| {
             r.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -456,37 +500,24 @@ fn partials(dir: &Path) -> Vec<String> {
 /// started); nothing of it stays, and the next incremental still holds the whole delta.
 #[test]
 fn a_failed_or_interrupted_incremental_keeps_its_delta() {
-    if !have_qemu() {
+    let Some(Setup {
+        _t,
+        dir,
+        mut vm,
+        target,
+        dd,
+    }) = Setup::new(vm_one)
+    else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
-    let mut vm = vm_one(dir);
+    };
     vm.write(D0.io, 0x11, 0, 2 * MIB);
-    let target = dir.join("backup");
     let tgt = target.to_str().unwrap();
     backup_ok(&vm.socket(), &["backup", "-l", "full", "-t", tgt]);
     vm.write(D0.io, 0x22, 8 * MIB, 8 * MIB);
     capture(&mut vm, &[&D0], "exp");
-    let dd = target.join("d0.qcow2");
 
     // Cancelled from outside.
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args([
-            "--socket",
-            &vm.socket(),
-            "backup",
-            "-l",
-            "inc",
-            "-t",
-            tgt,
-            "--speed-limit",
-            "1048576",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = slow_inc(&vm.socket(), tgt);
     let job = wait_for_job(&mut vm);
     let jobs = vm.exec("query-block-jobs", json!({}));
     assert_eq!(jobs[0]["speed"], 1048576, "--speed-limit reaches the job");
@@ -500,22 +531,7 @@ fn a_failed_or_interrupted_incremental_keeps_its_delta() {
     assert_graph_clean(&mut vm);
 
     // Interrupted by SIGTERM.
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args([
-            "--socket",
-            &vm.socket(),
-            "backup",
-            "-l",
-            "inc",
-            "-t",
-            tgt,
-            "--speed-limit",
-            "1048576",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = slow_inc(&vm.socket(), tgt);
     wait_for_job(&mut vm);
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
@@ -536,15 +552,17 @@ fn a_failed_or_interrupted_incremental_keeps_its_delta() {
 /// killed in the middle of a backup.
 #[test]
 fn auto_starts_chains_and_recovers_after_qemu_crashes() {
-    if !have_qemu() {
+    let Some(Setup {
+        _t,
+        dir,
+        mut vm,
+        target,
+        dd,
+    }) = Setup::new(vm_one)
+    else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
-    let mut vm = vm_one(dir);
-    let target = dir.join("backup");
+    };
     let tgt = target.to_str().unwrap();
-    let dd = target.join("d0.qcow2");
     vm.write(D0.io, 0x11, 0, MIB);
     let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
     assert!(
@@ -562,7 +580,7 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
     // A clean restart keeps the persistent bitmap: the chain continues.
     let args = vm.args.clone();
     vm.quit();
-    let mut vm = Vm::start(dir, &args);
+    let mut vm = Vm::start(&dir, &args);
     vm.write(D0.io, 0x15, 5 * MIB, MIB);
     let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
     assert!(!log.contains("taking a full backup"), "{log}");
@@ -572,7 +590,7 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
     vm.write(D0.io, 0x13, 2 * MIB, MIB);
     vm.io(D0.io, "flush");
     vm.kill();
-    let mut vm = Vm::start(dir, &args);
+    let mut vm = Vm::start(&dir, &args);
     let o = qmpbackup(&vm.socket(), &["backup", "-l", "inc", "-t", tgt]);
     assert_eq!(o.status.code(), Some(1));
     let log = log_of(&o);
@@ -586,10 +604,9 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
 
     // QEMU killed during a backup: the run fails; the next auto (new QEMU) takes a full.
     vm.write(D0.io, 0x14, 3 * MIB, 8 * MIB);
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args([
-            "--socket",
-            &vm.socket(),
+    let child = spawn_backup(
+        &vm.socket(),
+        &[
             "backup",
             "-l",
             "auto",
@@ -597,17 +614,14 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
             tgt,
             "--speed-limit",
             "1048576",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     wait_for_job(&mut vm);
     let args = vm.args.clone();
     vm.kill();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", log_of(&out));
-    let mut vm = Vm::start(dir, &args);
+    let mut vm = Vm::start(&dir, &args);
     let log = backup_ok(&vm.socket(), &["backup", "-l", "auto", "-t", tgt]);
     assert!(log.contains("taking a full backup"), "{log}");
     assert!(partials(&dd).is_empty());
@@ -621,12 +635,12 @@ fn auto_starts_chains_and_recovers_after_qemu_crashes() {
 /// the manifest beside each file.
 #[test]
 fn copy_monthly_compress_flat_and_selection() {
-    if !have_qemu() {
+    let Some(Setup {
+        _t, dir, mut vm, ..
+    }) = Setup::new(vm_all)
+    else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
-    let mut vm = vm_all(dir);
+    };
     vm.write(D0.io, 0x31, 0, 2 * MIB);
     vm.write(S0.io, 0x32, MIB, MIB);
     capture(&mut vm, &[&D0, &S0], "c");
@@ -764,12 +778,9 @@ fn copy_monthly_compress_flat_and_selection() {
 /// that cannot be written.
 #[test]
 fn long_node_names_tcp_sockets_and_unwritable_targets() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    let Some(t) = needs_qemu() else { return };
     let dir = t.path();
-    common::qemu_img(dir, &["create", "-q", "-f", "qcow2", "long.qcow2", "16M"]);
+    common::qemu_img_create(dir, "-f qcow2 long.qcow2 16M");
     let node = "drive-virtio-disk0-long-name-31";
     assert_eq!(node.len(), 31);
     let port4 = free_port("127.0.0.1:0");
@@ -941,12 +952,12 @@ fn fake_agent(path: PathBuf, log: Arc<Mutex<Vec<String>>>) {
 /// after, through guest-sync-delimited.
 #[test]
 fn vm_state_pause_and_quiesce() {
-    if !have_qemu() {
+    let Some(Setup {
+        _t, dir, mut vm, ..
+    }) = Setup::new(vm_one)
+    else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path().to_path_buf();
-    let mut vm = vm_one(&dir);
+    };
     let log = Arc::new(Mutex::new(Vec::<String>::new()));
     fake_agent(dir.join("qga.sock"), log.clone());
     let mut helper = vm.third();
@@ -1042,16 +1053,18 @@ fn vm_state_pause_and_quiesce() {
 /// its versions 0.56-0.62 did) continues with our incrementals.
 #[test]
 fn info_cleanup_and_continuing_the_originals_chain() {
-    if !have_qemu() {
+    let Some(Setup {
+        _t,
+        dir,
+        mut vm,
+        target,
+        dd,
+    }) = Setup::new(vm_one)
+    else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
-    let mut vm = vm_one(dir);
+    };
     vm.write(D0.io, 0x51, 0, MIB);
     // The original's FULL of this state, and its bitmap.
-    let target = dir.join("b");
-    let dd = target.join("d0.qcow2");
     std::fs::create_dir_all(&dd).unwrap();
     std::fs::write(target.join("uuid"), "0f0e0d0c-orig").unwrap();
     vm.exec(
@@ -1063,7 +1076,7 @@ fn info_cleanup_and_continuing_the_originals_chain() {
         Command::new("qemu-img")
             .args(["convert", "-U", "-O", "qcow2", "d0.qcow2"])
             .arg(dd.join("FULL-1000000000-d0.qcow2"))
-            .current_dir(dir),
+            .current_dir(&dir),
     );
     vm.write(D0.io, 0x52, 4 * MIB, MIB);
     let tgt = target.to_str().unwrap();
@@ -1195,15 +1208,17 @@ fn logged_json(log: &str) -> serde_json::Value {
 /// every later incremental, even after a new full.
 #[test]
 fn stale_partials_and_a_killed_run_are_recovered() {
-    if !have_qemu() {
+    let Some(Setup {
+        _t,
+        dir,
+        mut vm,
+        target,
+        dd,
+    }) = Setup::new(vm_one)
+    else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
-    let mut vm = vm_one(dir);
-    let target = dir.join("b");
+    };
     let tgt = target.to_str().unwrap();
-    let dd = target.join("d0.qcow2");
     vm.write(D0.io, 0x61, 0, MIB);
     backup_ok(&vm.socket(), &["backup", "-l", "full", "-t", tgt]);
     // Any partial file in the disk's folder, whatever its name (the original's own test
@@ -1257,22 +1272,7 @@ fn stale_partials_and_a_killed_run_are_recovered() {
 
     // Our own run, killed while its job runs.
     vm.write(D0.io, 0x63, 4 * MIB, 8 * MIB);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args([
-            "--socket",
-            &vm.socket(),
-            "backup",
-            "-l",
-            "inc",
-            "-t",
-            tgt,
-            "--speed-limit",
-            "1048576",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = slow_inc(&vm.socket(), tgt);
     wait_for_job(&mut vm);
     child.kill().unwrap();
     child.wait().unwrap();
@@ -1305,10 +1305,7 @@ fn stale_partials_and_a_killed_run_are_recovered() {
 /// promptly. Disks with equal base names and names no job id may contain get distinct files.
 #[test]
 fn jobs_are_grouped_and_foreign_jobs_ignored() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    let Some(t) = needs_qemu() else { return };
     let dir = t.path();
     std::fs::create_dir_all(dir.join("a")).unwrap();
     std::fs::create_dir_all(dir.join("b")).unwrap();
@@ -1318,7 +1315,7 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
         "other.qcow2",
         "scratch.qcow2",
     ] {
-        common::qemu_img(dir, &["create", "-q", "-f", "qcow2", f, "64M"]);
+        common::qemu_img_create(dir, &format!("-f qcow2 {f} 64M"));
     }
     let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
     let mut vm = Vm::start(
@@ -1356,10 +1353,9 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
     let tgt = target.to_str().unwrap();
     let sock = vm.socket();
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-            .args([
-                "--socket",
-                &sock,
+        spawn_backup(
+            &sock,
+            &[
                 "backup",
                 "-l",
                 "full",
@@ -1369,11 +1365,8 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
                 "da,db",
                 "--speed-limit",
                 "2097152",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
+            ],
+        )
     };
     let child = spawn();
     let job = wait_for_job(&mut vm);
@@ -1418,10 +1411,9 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
     // SIGTERM while a foreign job runs: ours are cancelled, the foreign one is left alone.
     vm.exec("blockdev-backup", json!({"job-id": "foreign2", "device": "other", "target": "scratch", "sync": "full", "speed": 1024}));
     vm.write("da", 0x74, 0, 8 * MIB);
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_qmpbackup"))
-        .args([
-            "--socket",
-            &vm.socket(),
+    let child = spawn_backup(
+        &vm.socket(),
+        &[
             "backup",
             "-l",
             "inc",
@@ -1431,11 +1423,8 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
             "da,db",
             "--speed-limit",
             "1048576",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+    );
     for _ in 0..200 {
         let jobs = vm.exec("query-block-jobs", json!({}));
         if jobs.as_array().unwrap().len() >= 2 {
@@ -1461,38 +1450,17 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
 /// next to the VM's disks.
 #[test]
 fn raw_disks_after_restart_compress_and_per_disk_options() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    let Some(t) = needs_qemu() else { return };
     let dir = t.path();
-    common::qemu_img(
+    common::qemu_img_create(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096,compat=0.10",
-            "d0.qcow2",
-            "64M",
-        ],
+        "-f qcow2 -o cluster_size=4096,compat=0.10 d0.qcow2 64M",
     );
-    common::qemu_img(
+    common::qemu_img_create(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=131072,lazy_refcounts=on",
-            "s0.qcow2",
-            "64M",
-        ],
+        "-f qcow2 -o cluster_size=131072,lazy_refcounts=on s0.qcow2 64M",
     );
-    common::qemu_img(dir, &["create", "-q", "-f", "raw", "r0.raw", "64M"]);
+    common::qemu_img_create(dir, "-f raw r0.raw 64M");
     for f in ["code.fd", "vars.fd"] {
         std::fs::File::create(dir.join(f))
             .unwrap()
@@ -1707,15 +1675,17 @@ fn copy_chain(from: &Path, to: &Path) {
 /// restore) and mixed chains restore with ours.
 #[test]
 fn the_originals_restore_procedures_restore_our_chains() {
-    if !have_qemu() {
+    let Some(Setup {
+        _t,
+        dir,
+        mut vm,
+        target,
+        dd,
+    }) = Setup::new(vm_one)
+    else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
-    let mut vm = vm_one(dir);
-    let target = dir.join("b");
+    };
     let tgt = target.to_str().unwrap();
-    let dd = target.join("d0.qcow2");
     vm.write(D0.io, 0x71, 0, 2 * MIB);
     backup_ok(&vm.socket(), &["backup", "-l", "full", "-t", tgt]);
     vm.write(D0.io, 0x72, MIB, 64 << 10);
@@ -1847,14 +1817,17 @@ fn is_original_line(line: &str, level: &str, file: bool) -> bool {
 /// line layout, the version and command line first (also in the log file), its words.
 #[test]
 fn backups_are_private_and_the_log_reads_as_the_originals() {
-    if !have_qemu() {
+    let Some(Setup {
+        _t,
+        dir,
+        mut vm,
+        target,
+        dd,
+    }) = Setup::new(vm_one)
+    else {
         return;
-    }
-    let t = tempfile::tempdir().unwrap();
-    let dir = t.path();
-    let mut vm = vm_one(dir);
+    };
     vm.write(D0.io, 0x81, 0, MIB);
-    let target = dir.join("b");
     let logfile = dir.join("logs/q.log");
     let args = [
         "-L",
@@ -1866,7 +1839,6 @@ fn backups_are_private_and_the_log_reads_as_the_originals() {
         target.to_str().unwrap(),
     ];
     let o = qmpbackup_umask_022(&vm.socket(), &args);
-    let dd = target.join("d0.qcow2");
     let full = dd.join(&files(&dd)[0]);
     for (p, m) in [
         (&target, 0o700),

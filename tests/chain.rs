@@ -661,10 +661,7 @@ fn backing_names_outside_the_backup_directory_are_refused() {
     }
     let b = build(2, true, "", None);
     let root = b.dir.parent().unwrap().to_path_buf();
-    qemu_img(
-        &root,
-        &["create", "-q", "-f", "qcow2", "outside.qcow2", "8M"],
-    );
+    qemu_img_create(&root, "-f qcow2 outside.qcow2 8M");
     std::os::unix::fs::symlink(root.join("outside.qcow2"), b.dir.join("link.qcow2")).unwrap();
     let inc = &b.names[2];
     let absolute = root.join("outside.qcow2").to_string_lossy().into_owned();

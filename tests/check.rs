@@ -22,12 +22,9 @@ fn l2_entry(b: &[u8], index: u64) -> usize {
 
 #[test]
 fn damaged_images_are_classified_like_qemu_img() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
-    qemu_img(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "8M"]);
+    qemu_img_create(p, "-f qcow2 base.qcow2 8M");
     qemu_io(
         p,
         "base.qcow2",
@@ -121,10 +118,7 @@ fn damaged_images_are_classified_like_qemu_img() {
 
 #[test]
 fn dirty_images_are_repaired_before_writing() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     for (name, how) in [("explicit.qcow2", 0), ("on-open.qcow2", 1)] {
         std::fs::copy(fixtures().join("dirty.qcow2"), p.join(name)).unwrap();

@@ -17,6 +17,17 @@ fn fixture(name: &str) -> String {
     fixtures().join(name).display().to_string()
 }
 
+/// `qmprestore convert -O raw SRC DST`, which must succeed.
+fn to_raw(src: &str, dst: &std::path::Path) {
+    stdout(&qmprestore(&[
+        "convert",
+        "-O",
+        "raw",
+        src,
+        dst.to_str().unwrap(),
+    ]));
+}
+
 fn stdout(o: &Output) -> String {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout.clone()).unwrap()
@@ -50,13 +61,7 @@ fn convert_leaves_holes_for_zero_ranges() {
     use std::os::unix::fs::MetadataExt;
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("top.raw");
-    stdout(&qmprestore(&[
-        "convert",
-        "-O",
-        "raw",
-        &fixture("snap.qcow2"),
-        out.to_str().unwrap(),
-    ]));
+    to_raw(&fixture("snap.qcow2"), &out);
     let m = std::fs::metadata(&out).unwrap();
     // 2 MiB disk, about 400 KiB of data.
     assert_eq!(m.len(), 2 << 20);
@@ -91,13 +96,7 @@ fn convert_refuses_to_overwrite_its_own_source() {
 fn compare_exit_codes() {
     let d = tempfile::tempdir().unwrap();
     let raw = d.path().join("v3.raw");
-    stdout(&qmprestore(&[
-        "convert",
-        "-O",
-        "raw",
-        &fixture("v3.qcow2"),
-        raw.to_str().unwrap(),
-    ]));
+    to_raw(&fixture("v3.qcow2"), &raw);
     let o = qmprestore(&["compare", &fixture("v3.qcow2"), raw.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(

@@ -22,10 +22,7 @@ fn qemu_info(dir: &Path, name: &str) -> Value {
 
 #[test]
 fn create_gives_exactly_the_requested_options() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     succeeded(qmprestore(p, &["create", "base.qcow2", "64M"]));
     let cases: Vec<(&str, Vec<&str>, Value)> = vec![
@@ -94,10 +91,7 @@ fn create_gives_exactly_the_requested_options() {
 
 #[test]
 fn convert_to_qcow2_plain_and_compressed() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     for f in [
         "base.qcow2",
@@ -180,10 +174,7 @@ fn convert_to_qcow2_plain_and_compressed() {
 
 #[test]
 fn snapshot_command_round_trip() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     std::fs::copy(fixtures().join("v3.qcow2"), p.join("v.qcow2")).unwrap();
     succeeded(qmprestore(p, &["snapshot", "-c", "before", "v.qcow2"]));

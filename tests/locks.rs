@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::qemu::{have_qemu, Vm};
+use common::needs_qemu;
+
+use common::qemu::Vm;
 use std::process::Command;
 
 fn qmprestore(args: &[&str]) -> std::process::Output {
@@ -15,12 +17,9 @@ fn qmprestore(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn images_in_use_by_qemu_are_not_modified_and_ours_are_not_opened_by_qemu() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tempfile::tempdir().unwrap();
+    let Some(t) = needs_qemu() else { return };
     let dir = t.path();
-    common::qemu_img(dir, &["create", "-q", "-f", "qcow2", "d0.qcow2", "16M"]);
+    common::qemu_img_create(dir, "-f qcow2 d0.qcow2 16M");
     let disk = dir.join("d0.qcow2");
     let args: Vec<String> = vec![
         "-blockdev".into(),

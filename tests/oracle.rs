@@ -79,16 +79,9 @@ fn scenario(dir: &Path, name: &str, opts: &str, size: u64, cs: u64, seed: u64, m
     assert_maps_like_qemu(dir, name);
 }
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
-}
-
 #[test]
 fn cluster_sizes_from_512_bytes_to_2_mib() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     for (i, cs) in [512u64, 4096, 65536, 1 << 21].into_iter().enumerate() {
         let opts = format!("cluster_size={cs}");
         let size = (cs * 64).max(8 << 20);
@@ -106,10 +99,7 @@ fn cluster_sizes_from_512_bytes_to_2_mib() {
 
 #[test]
 fn compat_0_10_and_1_1() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     scenario(
         d.path(),
         "v2.qcow2",
@@ -124,10 +114,7 @@ fn compat_0_10_and_1_1() {
 
 #[test]
 fn zlib_and_zstd_compressed_clusters() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     let dense = Mix {
         zero: false,
         discard: false,
@@ -178,10 +165,7 @@ fn zlib_and_zstd_compressed_clusters() {
 
 #[test]
 fn extended_l2_subclusters() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     for (i, cs) in [16384u64, 65536, 1 << 21].into_iter().enumerate() {
         let opts = format!("extended_l2=on,cluster_size={cs}");
         let size = (cs * 32).max(8 << 20);
@@ -197,23 +181,11 @@ fn extended_l2_subclusters() {
     }
     // Subclusters over a backing file: unallocated subclusters must read through.
     let p = d.path();
-    qemu_img(p, &["create", "-q", "-f", "qcow2", "eb.qcow2", "4M"]);
+    qemu_img_create(p, "-f qcow2 eb.qcow2 4M");
     qemu_io(p, "eb.qcow2", &["write -P 7 0 4M".into()]);
-    qemu_img(
+    qemu_img_create(
         p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=64k",
-            "-b",
-            "eb.qcow2",
-            "-F",
-            "qcow2",
-            "eo.qcow2",
-        ],
+        "-f qcow2 -o extended_l2=on,cluster_size=64k -b eb.qcow2 -F qcow2 eo.qcow2",
     );
     let ops = random_ops(&mut Lcg(39), 4 << 20, 65536, 40, NO_COMPRESS);
     qemu_io(p, "eo.qcow2", &ops);
@@ -223,10 +195,7 @@ fn extended_l2_subclusters() {
 
 #[test]
 fn refcount_widths() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     for bits in [1u64, 2, 4, 8, 16, 32, 64] {
         let name = format!("rc{bits}.qcow2");
         scenario(
@@ -253,24 +222,9 @@ fn refcount_widths() {
 
 #[test]
 fn internal_snapshots_with_writes_after_them() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
-    qemu_img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=16k",
-            "s.qcow2",
-            "4M",
-        ],
-    );
+    qemu_img_create(p, "-f qcow2 -o cluster_size=16k s.qcow2 4M");
     let mut rng = Lcg(41);
     // Compressed writes need unallocated clusters: only the first round may use them.
     for (snap, mix) in [("one", ALL), ("two", NO_COMPRESS), ("three", NO_COMPRESS)] {
@@ -294,12 +248,9 @@ fn internal_snapshots_with_writes_after_them() {
 
 #[test]
 fn qcow2_over_qcow2_over_raw_chain() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
-    qemu_img(p, &["create", "-q", "-f", "raw", "base.raw", "8M"]);
+    qemu_img_create(p, "-f raw base.raw 8M");
     run(std::process::Command::new("qemu-io").current_dir(p).args([
         "-f",
         "raw",
@@ -309,42 +260,15 @@ fn qcow2_over_qcow2_over_raw_chain() {
         "write -P 2 6M 1M",
         "base.raw",
     ]));
-    qemu_img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            "mid.qcow2",
-            "8M",
-        ],
-    );
+    qemu_img_create(p, "-f qcow2 -b base.raw -F raw mid.qcow2 8M");
     qemu_io(
         p,
         "mid.qcow2",
         &random_ops(&mut Lcg(51), 8 << 20, 65536, 40, ALL),
     );
-    qemu_img(
+    qemu_img_create(
         p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "8M",
-        ],
+        "-f qcow2 -o cluster_size=4k -b mid.qcow2 -F qcow2 top.qcow2 8M",
     );
     qemu_io(
         p,
@@ -374,106 +298,33 @@ fn qcow2_over_qcow2_over_raw_chain() {
     );
     assert_reads_like_qemu(p, "sub/abs.qcow2", &[]);
     // A relative name is resolved against the directory of the image that holds it.
-    qemu_img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../mid.qcow2",
-            "-F",
-            "qcow2",
-            "sub/rel.qcow2",
-            "8M",
-        ],
-    );
+    qemu_img_create(p, "-f qcow2 -b ../mid.qcow2 -F qcow2 sub/rel.qcow2 8M");
     assert_reads_like_qemu(p, "sub/rel.qcow2", &[]);
     // The backing format extension is honoured: a qcow2 file declared raw is read as raw.
-    qemu_img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "raw",
-            "as-raw.qcow2",
-            "8M",
-        ],
-    );
+    qemu_img_create(p, "-f qcow2 -b mid.qcow2 -F raw as-raw.qcow2 8M");
     assert_reads_like_qemu(p, "as-raw.qcow2", &[]);
     assert_maps_like_qemu(p, "as-raw.qcow2");
 }
 
 #[test]
 fn backing_files_shorter_and_longer_than_the_overlay() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
-    qemu_img(p, &["create", "-q", "-f", "qcow2", "small.qcow2", "1M"]);
+    qemu_img_create(p, "-f qcow2 small.qcow2 1M");
     qemu_io(p, "small.qcow2", &["write -P 3 0 1M".into()]);
-    qemu_img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "small.qcow2",
-            "-F",
-            "qcow2",
-            "big-over.qcow2",
-            "4M",
-        ],
-    );
+    qemu_img_create(p, "-f qcow2 -b small.qcow2 -F qcow2 big-over.qcow2 4M");
     qemu_io(
         p,
         "big-over.qcow2",
         &["write -P 4 512k 64k".into(), "write -P 5 3M 64k".into()],
     );
-    qemu_img(p, &["create", "-q", "-f", "qcow2", "large.qcow2", "8M"]);
+    qemu_img_create(p, "-f qcow2 large.qcow2 8M");
     qemu_io(p, "large.qcow2", &["write -P 6 0 8M".into()]);
-    qemu_img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "large.qcow2",
-            "-F",
-            "qcow2",
-            "small-over.qcow2",
-            "2M",
-        ],
-    );
+    qemu_img_create(p, "-f qcow2 -b large.qcow2 -F qcow2 small-over.qcow2 2M");
     qemu_io(p, "small-over.qcow2", &["write -P 7 1M 64k".into()]);
     // An odd-sized raw backing file: reads as zeros up to the next sector and beyond.
     std::fs::write(p.join("odd.raw"), vec![0x5a; 1000]).unwrap();
-    qemu_img(
-        p,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "odd.raw",
-            "-F",
-            "raw",
-            "odd-over.qcow2",
-            "1M",
-        ],
-    );
+    qemu_img_create(p, "-f qcow2 -b odd.raw -F raw odd-over.qcow2 1M");
     for img in ["big-over.qcow2", "small-over.qcow2", "odd-over.qcow2"] {
         assert_reads_like_qemu(p, img, &[]);
         assert_maps_like_qemu(p, img);
@@ -482,10 +333,7 @@ fn backing_files_shorter_and_longer_than_the_overlay() {
 
 #[test]
 fn external_data_files_raw_and_not_raw() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     for (name, opts) in [
         ("df-raw.qcow2", "data_file=df-raw.data,data_file_raw=on"),
@@ -506,10 +354,7 @@ fn external_data_files_raw_and_not_raw() {
 
 #[test]
 fn odd_virtual_sizes() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     for (i, size) in [1000u64, (1 << 20) + 512, 123_456_789]
         .into_iter()
         .enumerate()
@@ -536,12 +381,9 @@ fn odd_virtual_sizes() {
 
 #[test]
 fn two_tib_sparse_image() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tmp();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
-    qemu_img(p, &["create", "-q", "-f", "qcow2", "huge.qcow2", "2T"]);
+    qemu_img_create(p, "-f qcow2 huge.qcow2 2T");
     let far = (2u64 << 40) - 65536;
     qemu_io(
         p,

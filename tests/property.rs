@@ -131,10 +131,7 @@ fn run_sequence(
 
 #[test]
 fn random_operation_sequences_match_the_model() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let configs = [
         (512u64, 16u32, false, CompressionType::Zlib),
         (4096, 1, false, CompressionType::Zlib),

@@ -39,10 +39,7 @@ fn assert_contents(path: &Path, model: &Model) {
 
 #[test]
 fn random_writes_zeroes_discards_and_compressed_clusters() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let configs = [
         (65536u64, 16u32, false, CompressionType::Zlib),
         (4096, 1, false, CompressionType::Zlib),
@@ -143,17 +140,14 @@ fn snapshot_sums(dir: &Path, image: &str, names: &[&str]) -> Vec<String> {
 
 #[test]
 fn writes_into_images_with_internal_snapshots_copy_on_write() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     for (name, opts) in [
         ("s64k.qcow2", "cluster_size=64k"),
         ("s4k.qcow2", "cluster_size=4k,refcount_bits=8"),
         ("sext.qcow2", "extended_l2=on,cluster_size=32k"),
     ] {
-        qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"]);
+        qemu_img_create(p, &format!("-f qcow2 -o {opts} {name} 4M"));
         qemu_io(
             p,
             name,
@@ -176,12 +170,9 @@ fn writes_into_images_with_internal_snapshots_copy_on_write() {
 
 #[test]
 fn writes_over_backing_files_and_into_data_files() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
-    qemu_img(p, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    qemu_img_create(p, "-f qcow2 base.qcow2 4M");
     qemu_io(p, "base.qcow2", &["write -P 9 0 4M".into()]);
     let base_sum = sha256_file(&p.join("base.qcow2"));
     for (name, opts) in [
@@ -189,21 +180,9 @@ fn writes_over_backing_files_and_into_data_files() {
         ("over-ext.qcow2", "extended_l2=on,cluster_size=64k"),
         ("over-v2.qcow2", "compat=0.10"),
     ] {
-        qemu_img(
+        qemu_img_create(
             p,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                opts,
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                name,
-            ],
+            &format!("-f qcow2 -o {opts} -b base.qcow2 -F qcow2 {name}"),
         );
         let model = scribble(&p.join(name), 11, 60);
         assert_check_clean(&p.join(name));
@@ -218,7 +197,7 @@ fn writes_over_backing_files_and_into_data_files() {
         ("df.qcow2", "data_file=df.data"),
         ("dfr.qcow2", "data_file=dfr.data,data_file_raw=on"),
     ] {
-        qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, name, "4M"]);
+        qemu_img_create(p, &format!("-f qcow2 -o {opts} {name} 4M"));
         qemu_io(p, name, &["write -P 5 0 1M".into()]);
         let model = scribble(&p.join(name), 13, 40);
         assert_check_clean(&p.join(name));
@@ -228,17 +207,14 @@ fn writes_over_backing_files_and_into_data_files() {
 
 #[test]
 fn internal_snapshots_created_applied_and_deleted() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     for (name, opts) in [
         ("snap.qcow2", "cluster_size=64k"),
         ("snap-ext.qcow2", "extended_l2=on,cluster_size=16k"),
         ("snap-small.qcow2", "cluster_size=512"),
     ] {
-        qemu_img(p, &["create", "-q", "-f", "qcow2", "-o", opts, name, "2M"]);
+        qemu_img_create(p, &format!("-f qcow2 -o {opts} {name} 2M"));
         qemu_io(
             p,
             name,
@@ -314,12 +290,9 @@ fn internal_snapshots_created_applied_and_deleted() {
 
 #[test]
 fn snapshots_made_by_qemu_applied_and_deleted_by_us() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
-    qemu_img(p, &["create", "-q", "-f", "qcow2", "q.qcow2", "4M"]);
+    qemu_img_create(p, "-f qcow2 q.qcow2 4M");
     qemu_io(p, "q.qcow2", &["write -P 1 0 2M".into()]);
     qemu_img(p, &["snapshot", "-c", "a", "q.qcow2"]);
     qemu_io(p, "q.qcow2", &["write -P 2 1M 2M".into()]);
@@ -345,17 +318,14 @@ fn snapshots_made_by_qemu_applied_and_deleted_by_us() {
 
 #[test]
 fn backing_file_name_changes_in_place() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
-    qemu_img(p, &["create", "-q", "-f", "qcow2", "a.qcow2", "4M"]);
+    qemu_img_create(p, "-f qcow2 a.qcow2 4M");
     qemu_io(p, "a.qcow2", &["write -P 1 0 4M".into()]);
     let long =
         "a-much-longer-backing-file-name-than-before-with-more-than-sixty-four-characters.qcow2";
     std::fs::copy(p.join("a.qcow2"), p.join(long)).unwrap();
-    qemu_img(p, &["create", "-q", "-f", "qcow2", "b.qcow2", "4M"]);
+    qemu_img_create(p, "-f qcow2 b.qcow2 4M");
     qemu_io(p, "b.qcow2", &["write -P 2 1M 64k".into()]);
     let path = p.join("b.qcow2");
     let info = |p: &Path| -> serde_json::Value {
@@ -400,12 +370,9 @@ fn backing_file_name_changes_in_place() {
 
 #[test]
 fn persistent_bitmaps_are_never_left_silently_stale() {
-    if !have("qemu-img") {
-        return;
-    }
-    let d = tempfile::tempdir().unwrap();
+    let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
-    qemu_img(p, &["create", "-q", "-f", "qcow2", "bm.qcow2", "4M"]);
+    qemu_img_create(p, "-f qcow2 bm.qcow2 4M");
     run(std::process::Command::new("qemu-img")
         .current_dir(p)
         .args(["bitmap", "--add", "bm.qcow2", "b0"]));

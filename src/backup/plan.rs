@@ -269,99 +269,46 @@ mod tests {
 
     #[test]
     fn auto_falls_back_to_full_and_says_why() {
-        let good = ChainState {
+        // A chain that allows an incremental, and each way it can fail.
+        let good = || ChainState {
+            dir: "/b/d0.qcow2".into(),
             uuid: Some("u1".into()),
             last: Some(("FULL-1-d0.qcow2".into(), 1 << 20)),
             ..Default::default()
         };
-        let d = decide(Requested::Auto, &dev(vec![bm(false, true)]), &good).unwrap();
+        let recording = || dev(vec![bm(false, true)]);
+        let d = decide(Requested::Auto, &recording(), &good()).unwrap();
         assert_eq!(
             (d.level, d.parent.as_deref()),
             (Level::Inc, Some("FULL-1-d0.qcow2"))
         );
+        let with = |f: fn(&mut ChainState)| {
+            let mut st = good();
+            f(&mut st);
+            st
+        };
         let cases: Vec<(Device, ChainState, &str)> = vec![
+            (dev(vec![]), good(), "missing"),
+            (dev(vec![bm(true, false)]), good(), "inconsistent"),
+            (dev(vec![bm(false, false)]), good(), "disabled"),
+            (recording(), with(|s| s.uuid = None), "no chain"),
+            (recording(), with(|s| s.last = None), "no FULL"),
             (
-                dev(vec![]),
-                ChainState {
-                    uuid: Some("u1".into()),
-                    last: good.last.clone(),
-                    ..Default::default()
-                },
-                "missing",
-            ),
-            (
-                dev(vec![bm(true, false)]),
-                ChainState {
-                    uuid: Some("u1".into()),
-                    last: good.last.clone(),
-                    ..Default::default()
-                },
-                "inconsistent",
-            ),
-            (
-                dev(vec![bm(false, false)]),
-                ChainState {
-                    uuid: Some("u1".into()),
-                    last: good.last.clone(),
-                    ..Default::default()
-                },
-                "disabled",
-            ),
-            (
-                dev(vec![bm(false, true)]),
-                ChainState {
-                    uuid: None,
-                    ..Default::default()
-                },
-                "no chain",
-            ),
-            (
-                dev(vec![bm(false, true)]),
-                ChainState {
-                    uuid: Some("u1".into()),
-                    ..Default::default()
-                },
-                "no FULL",
-            ),
-            (
-                dev(vec![bm(false, true)]),
-                ChainState {
-                    uuid: Some("u1".into()),
-                    last: Some(("F".into(), 5)),
-                    ..Default::default()
-                },
+                recording(),
+                with(|s| s.last = Some(("F".into(), 5))),
                 "resized",
             ),
             (
-                dev(vec![bm(false, true)]),
-                ChainState {
-                    uuid: Some("u1".into()),
-                    last: good.last.clone(),
-                    foreign_partials: vec!["INC-5-d.partial".into()],
-                    ..Default::default()
-                },
+                recording(),
+                with(|s| s.foreign_partials = vec!["INC-5-d.partial".into()]),
                 "another tool",
             ),
             (
-                dev(vec![bm(false, true)]),
-                ChainState {
-                    uuid: Some("u1".into()),
-                    last: good.last.clone(),
-                    partials: vec!["FULL-bar.partial".into()],
-                    ..Default::default()
-                },
+                recording(),
+                with(|s| s.partials = vec!["FULL-bar.partial".into()]),
                 "FULL-bar.partial",
             ),
-            (
-                dev(vec![bm(false, true)]),
-                ChainState {
-                    uuid: Some("u1".into()),
-                    last: good.last.clone(),
-                    new_month: true,
-                    ..Default::default()
-                },
-                "month",
-            ),
+            (recording(), with(|s| s.new_month = true), "month"),
         ];
         for (d, st, why) in cases {
             let auto = decide(Requested::Auto, &d, &st).unwrap();
@@ -374,24 +321,14 @@ mod tests {
             assert!(inc.contains(why), "{inc}");
         }
         // The original's words come first where it had them: scripts grep those.
-        let partial = ChainState {
-            dir: "/b/d0.qcow2".into(),
-            uuid: Some("u1".into()),
-            last: good.last.clone(),
-            partials: vec!["FULL-bar.partial".into()],
-            ..Default::default()
-        };
-        let inc = decide(Requested::Inc, &dev(vec![bm(false, true)]), &partial).unwrap_err();
+        let refusal =
+            |f: fn(&mut ChainState)| decide(Requested::Inc, &recording(), &with(f)).unwrap_err();
+        let inc = refusal(|s| s.partials = vec!["FULL-bar.partial".into()]);
         assert!(
             inc.starts_with("Partial backup found in [/b/d0.qcow2], possible broken backup chain. Execute new full backup"),
             "{inc}"
         );
-        let no_full = ChainState {
-            dir: "/b/d0.qcow2".into(),
-            uuid: Some("u1".into()),
-            ..Default::default()
-        };
-        let inc = decide(Requested::Inc, &dev(vec![bm(false, true)]), &no_full).unwrap_err();
+        let inc = refusal(|s| s.last = None);
         assert!(
             inc.starts_with("No full backup found for device [disk0:d0.qcow2] in [/b/d0.qcow2]: Execute full backup first."),
             "{inc}"

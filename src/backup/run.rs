@@ -371,28 +371,23 @@ impl Run<'_> {
         }
         // Each step for every disk before the next, in the original's order and words.
         tracing::info!("Attach backup target devices to virtual machine");
-        for i in 0..self.disks.len() {
-            let d = &self.disks[i];
-            let target = fleece::image_node(
-                &d.rec.target_node,
-                &d.rec.partial,
-                d.target_format.name(),
-                &self.opts.target_io,
-            );
-            self.qmp.execute("blockdev-add", target)?;
-            self.disks[i].target_added = true;
+        for d in &mut self.disks {
+            let (node, file) = (&d.rec.target_node, &d.rec.partial);
+            let io = &self.opts.target_io;
+            let args = fleece::image_node(node, file, d.target_format.name(), io);
+            self.qmp.execute("blockdev-add", args)?;
+            d.target_added = true;
         }
         tracing::info!("Attach fleece devices to virtual machine");
-        for i in 0..self.disks.len() {
-            let d = &self.disks[i];
-            let fl = fleece::image_node(
+        for d in &mut self.disks {
+            let args = fleece::image_node(
                 &d.rec.fleece_node,
                 &d.rec.fleece,
                 "qcow2",
                 &Default::default(),
             );
-            self.qmp.execute("blockdev-add", fl)?;
-            self.disks[i].fleece_added = true;
+            self.qmp.execute("blockdev-add", args)?;
+            d.fleece_added = true;
         }
         tracing::info!("Adding cbw devices to virtual machine");
         for i in 0..self.disks.len() {

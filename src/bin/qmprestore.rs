@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
-use qmpbackup::chain::commit::{self, CommitOptions};
+use qmpbackup::chain::commit::{self, FoldOptions};
 use qmpbackup::chain::compare::{self, Comparison};
 use qmpbackup::chain::convert::{self, ConvertOptions, Qcow2Output};
 use qmpbackup::chain::create_opts;
@@ -11,7 +11,7 @@ use qmpbackup::chain::list;
 use qmpbackup::chain::map::{self, MapFormat};
 use qmpbackup::chain::merge::{self, MergeOptions};
 use qmpbackup::chain::rebase::{self, RebaseOptions};
-use qmpbackup::chain::snapshot_rebase::{self, SnapshotRebaseOptions};
+use qmpbackup::chain::snapshot_rebase;
 use qmpbackup::chain::verify;
 use qmpbackup::qcow2::check::{self, Repair};
 use qmpbackup::qcow2::create::{self, CreateOptions};
@@ -49,6 +49,30 @@ struct ChainArgs {
     /// `..`); refused by default.
     #[arg(long)]
     allow_outside_backing: bool,
+}
+
+/// What commit and snapshotrebase take.
+#[derive(clap::Args)]
+struct FoldArgs {
+    #[command(flatten)]
+    chain: ChainArgs,
+    /// Print what would be done and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Show a progress bar (on a terminal).
+    #[arg(short = 'p', long)]
+    progress: bool,
+}
+
+impl FoldArgs {
+    fn options(&self) -> FoldOptions {
+        FoldOptions {
+            select: self.chain.select(),
+            dry_run: self.dry_run,
+            rate_limit: self.chain.rate_limit,
+            progress: self.progress,
+        }
+    }
 }
 
 impl ChainArgs {
@@ -168,13 +192,7 @@ The FULL is flushed before any INC is deleted; an interrupted commit is complete
 it again. INCs after the restore point stay valid (the next one is re-linked to the FULL).")]
     Commit {
         #[command(flatten)]
-        chain: ChainArgs,
-        /// Print what would be folded and change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Show a progress bar (on a terminal).
-        #[arg(short = 'p', long)]
-        progress: bool,
+        fold: FoldArgs,
     },
     /// Fold each INC into the FULL and keep every backup as an internal snapshot.
     #[command(
@@ -188,13 +206,7 @@ The FULL gets the snapshot FULL-BACKUP, then one snapshot per INC named after it
     )]
     SnapshotRebase {
         #[command(flatten)]
-        chain: ChainArgs,
-        /// Print the snapshots that would be made and change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Show a progress bar (on a terminal).
-        #[arg(short = 'p', long)]
-        progress: bool,
+        fold: FoldArgs,
     },
     /// Link every INC to its predecessor in place and point `image` at the restore point.
     #[command(after_help = "Example:
@@ -522,32 +534,12 @@ fn run(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Commit {
-            chain,
-            dry_run,
-            progress,
-        } => {
-            let opts = CommitOptions {
-                select: chain.select(),
-                dry_run,
-                rate_limit: chain.rate_limit,
-                progress,
-            };
-            print(&commit::commit(&chain.dir, &opts)?.human())
+        Command::Commit { fold } => {
+            print(&commit::commit(&fold.chain.dir, &fold.options())?.human())
         }
-        Command::SnapshotRebase {
-            chain,
-            dry_run,
-            progress,
-        } => {
-            let opts = SnapshotRebaseOptions {
-                select: chain.select(),
-                dry_run,
-                rate_limit: chain.rate_limit,
-                progress,
-            };
-            let plan = snapshot_rebase::snapshot_rebase(&chain.dir, &opts)?;
-            print(&snapshot_rebase::describe(&plan, dry_run))
+        Command::SnapshotRebase { fold } => {
+            let plan = snapshot_rebase::snapshot_rebase(&fold.chain.dir, &fold.options())?;
+            print(&snapshot_rebase::describe(&plan, fold.dry_run))
         }
         Command::Rebase {
             chain,

@@ -20,7 +20,8 @@ use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
-pub struct CommitOptions {
+/// How commit and snapshotrebase fold a chain into its FULL.
+pub struct FoldOptions {
     pub select: crate::store::ChainSelect,
     pub dry_run: bool,
     pub rate_limit: Option<u64>,
@@ -60,7 +61,7 @@ impl CommitReport {
     }
 }
 
-pub fn commit(dir: &Path, opts: &CommitOptions) -> Result<CommitReport> {
+pub fn commit(dir: &Path, opts: &FoldOptions) -> Result<CommitReport> {
     let (bd, chain) = restore_chain(dir, &opts.select)?;
     let full_chain = bd.chain()?;
     let full = chain.files[0].path.clone();

@@ -5,7 +5,7 @@
 //! a re-run after an interruption continues where it stopped: folding the same INC again
 //! writes the same data, and an existing snapshot of that name is kept.
 
-use super::commit::{delete_behind, fold, newer_than_full, refuse_shrunk};
+use super::commit::{delete_behind, fold, newer_than_full, refuse_shrunk, FoldOptions};
 use super::error::{ChainError, Result};
 use super::links::{forget_manifest, is_linked, link_to};
 use super::throttle::Throttle;
@@ -16,14 +16,6 @@ use crate::store::{open_chain, restore_chain};
 use std::path::{Path, PathBuf};
 
 pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
-
-pub struct SnapshotRebaseOptions {
-    pub select: crate::store::ChainSelect,
-    pub dry_run: bool,
-    pub rate_limit: Option<u64>,
-    /// Show a progress bar (on a terminal).
-    pub progress: bool,
-}
 
 /// Snapshot name for a backup taken at `epoch`.
 pub fn snapshot_name(epoch: u64) -> String {
@@ -39,7 +31,7 @@ pub struct Step {
 }
 
 /// Returns the steps in order; with `dry_run` what would be done.
-pub fn snapshot_rebase(dir: &Path, opts: &SnapshotRebaseOptions) -> Result<Vec<Step>> {
+pub fn snapshot_rebase(dir: &Path, opts: &FoldOptions) -> Result<Vec<Step>> {
     let (bd, chain) = restore_chain(dir, &opts.select)?;
     let all = bd.chain()?;
     // Validates every file (and refuses raw INCs) before anything changes.

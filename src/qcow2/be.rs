@@ -95,9 +95,7 @@ mod tests {
     be_struct! {
         /// A test layout.
         pub struct Sample(15) {
-            a: u8 = 0,
-            b: u16 = 1,
-            c: u32 = 3,
+            a: u8 = 0, b: u16 = 1, c: u32 = 3,
             d: u64 = 7,
         }
     }

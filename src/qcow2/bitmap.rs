@@ -12,12 +12,8 @@ pub const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
 be_struct! {
     /// The fixed part of a bitmap directory entry; extra data and the name follow.
     pub struct Entry(24) {
-        table_offset: u64 = 0,
-        table_size: u32 = 8,
-        flags: u32 = 12,
-        kind: u8 = 16,
-        granularity_bits: u8 = 17,
-        name_len: u16 = 18,
+        table_offset: u64 = 0, table_size: u32 = 8, flags: u32 = 12,
+        kind: u8 = 16, granularity_bits: u8 = 17, name_len: u16 = 18,
         extra_len: u32 = 20,
     }
 }

@@ -28,8 +28,7 @@ pub struct FeatureName {
 be_struct! {
     /// The head of every extension record; the payload follows, padded to 8 bytes.
     pub struct Record(8) {
-        kind: u32 = 0,
-        len: u32 = 4,
+        kind: u32 = 0, len: u32 = 4,
     }
 }
 
@@ -38,25 +37,21 @@ be_struct! {
     pub struct BitmapsExt(24) {
         nb_bitmaps: u32 = 0,
         /// Must be zero.
-        reserved: u32 = 4,
-        directory_size: u64 = 8,
-        directory_offset: u64 = 16,
+        reserved: u32 = 4, directory_size: u64 = 8, directory_offset: u64 = 16,
     }
 }
 
 be_struct! {
     /// The full-disk encryption extension: where the LUKS header is.
     pub struct CryptoExt(16) {
-        offset: u64 = 0,
-        length: u64 = 8,
+        offset: u64 = 0, length: u64 = 8,
     }
 }
 
 be_struct! {
     /// The head of a feature name table entry; the name fills the rest of its 48 bytes.
     pub struct FeatureEntry(2) {
-        kind: u8 = 0,
-        bit: u8 = 1,
+        kind: u8 = 0, bit: u8 = 1,
     }
 }
 

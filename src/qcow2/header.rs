@@ -143,35 +143,20 @@ pub struct Header {
 }
 
 // Where each field lies: the version 2 part (after the magic), then what version 3 adds.
-be_fields!(
-    Header,
-    read_v2,
-    write_v2 {
-        version: u32 = 4,
-        backing_file_offset: u64 = 8,
-        backing_file_size: u32 = 16,
-        cluster_bits: u32 = 20,
-        size: u64 = 24,
-        crypt_method: u32 = 32,
-        l1_size: u32 = 36,
-        l1_table_offset: u64 = 40,
-        refcount_table_offset: u64 = 48,
-        refcount_table_clusters: u32 = 56,
-        nb_snapshots: u32 = 60,
-        snapshots_offset: u64 = 64,
+be_fields! {
+    Header, read_v2, write_v2 {
+        version: u32 = 4, backing_file_offset: u64 = 8, backing_file_size: u32 = 16,
+        cluster_bits: u32 = 20, size: u64 = 24, crypt_method: u32 = 32,
+        l1_size: u32 = 36, l1_table_offset: u64 = 40, refcount_table_offset: u64 = 48,
+        refcount_table_clusters: u32 = 56, nb_snapshots: u32 = 60, snapshots_offset: u64 = 64,
     }
-);
-be_fields!(
-    Header,
-    read_v3,
-    write_v3 {
-        incompatible_features: u64 = 72,
-        compatible_features: u64 = 80,
-        autoclear_features: u64 = 88,
-        refcount_order: u32 = 96,
-        header_length: u32 = 100,
+}
+be_fields! {
+    Header, read_v3, write_v3 {
+        incompatible_features: u64 = 72, compatible_features: u64 = 80, autoclear_features: u64 = 88,
+        refcount_order: u32 = 96, header_length: u32 = 100,
     }
-);
+}
 
 impl Header {
     /// Parses and validates the header from the start of the file. `buf` holds at least

@@ -14,16 +14,11 @@ pub const MAX_EXTRA_DATA: u32 = 1024;
 be_struct! {
     /// The fixed part of a snapshot table entry; extra data, id and name follow.
     pub struct Entry(40) {
-        l1_table_offset: u64 = 0,
-        l1_size: u32 = 8,
-        id_len: u16 = 12,
-        name_len: u16 = 14,
-        date_sec: u32 = 16,
-        date_nsec: u32 = 20,
+        l1_table_offset: u64 = 0, l1_size: u32 = 8, id_len: u16 = 12,
+        name_len: u16 = 14, date_sec: u32 = 16, date_nsec: u32 = 20,
         vm_clock_nsec: u64 = 24,
         /// The VM state size, cut to 32 bits (the extra data has all 64).
-        vm_state_size_32: u32 = 32,
-        extra_len: u32 = 36,
+        vm_state_size_32: u32 = 32, extra_len: u32 = 36,
     }
 }
 
@@ -31,9 +26,7 @@ be_struct! {
     /// The extra data this version knows (version 3 writes all of it; older entries may
     /// carry only a prefix).
     pub struct Extra(24) {
-        vm_state_size: u64 = 0,
-        disk_size: u64 = 8,
-        icount: u64 = 16,
+        vm_state_size: u64 = 0, disk_size: u64 = 8, icount: u64 = 16,
     }
 }
 

@@ -25,7 +25,7 @@ pub fn build(rounds: usize, linked: bool, inc_opts: &str, resize_at: Option<usiz
     let dir = root.join("disk.qcow2");
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(root.join("uuid"), "test-chain").unwrap();
-    qemu_img(&root, &["create", "-q", "-f", "qcow2", "live.qcow2", "8M"]);
+    super::qemu_img_create(&root, "-f qcow2 live.qcow2 8M");
     let mut rng = Lcg(rounds as u64 * 7 + linked as u64);
     let mut expected = Vec::new();
     let mut names: Vec<String> = Vec::new();

@@ -31,23 +31,32 @@ pub fn have(tool: &str) -> bool {
     ok
 }
 
+/// A temporary folder for a test that needs `tool`; `None` (after the loud skip, or a panic
+/// in CI) when it is missing.
+pub fn needs(tool: &str) -> Option<tempfile::TempDir> {
+    have(tool).then(|| tempfile::tempdir().unwrap())
+}
+
+/// [`needs`] for the tests that run QEMU itself (and qemu-img).
+pub fn needs_qemu() -> Option<tempfile::TempDir> {
+    needs("qemu-system-x86_64").filter(|_| have("qemu-img"))
+}
+
 /// Runs a command, panicking with its output if it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    expect_success(&format!("{cmd:?} failed: "), out)
 }
 
 /// The output of a command that must have succeeded (its stdout), or a panic showing why not.
 pub fn succeeded(o: Output) -> String {
+    expect_success("", o)
+}
+
+fn expect_success(what: &str, o: Output) -> String {
     assert!(
         o.status.success(),
-        "{}{}",
+        "{what}{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
@@ -78,6 +87,14 @@ pub fn sha256_bytes(data: &[u8]) -> String {
 /// `qemu-img` with arguments, run in `dir`.
 pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
     run(Command::new("qemu-img").current_dir(dir).args(args))
+}
+
+/// `qemu-img create -q <spec>` in `dir`, the spec's words split at spaces (`-f qcow2 -o
+/// cluster_size=512 t.qcow2 1M`).
+pub fn qemu_img_create(dir: &Path, spec: &str) {
+    let mut args = vec!["create", "-q"];
+    args.extend(spec.split_whitespace());
+    qemu_img(dir, &args);
 }
 
 /// Runs qemu-io commands on a qcow2 image (in `dir`).

@@ -15,11 +15,6 @@ pub struct Vm {
     pub qmp: Qmp,
 }
 
-/// Whether qemu-system-x86_64 is available (CI=true: it must be).
-pub fn have_qemu() -> bool {
-    super::have("qemu-system-x86_64") && super::have("qemu-img")
-}
-
 impl Vm {
     /// Starts QEMU in `dir` with the sockets `qmp.sock` (for the tool) and `qmp2.sock` (ours).
     pub fn start(dir: &Path, args: &[String]) -> Vm {
