@@ -275,7 +275,7 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
     let verify = |dir: &Path| {
         Command::new(env!("CARGO_BIN_EXE_qmprestore"))
             .args(["verify", "--recursive", "--json", "--dir"])
-            .arg(&dir)
+            .arg(dir)
             .output()
             .unwrap()
     };
