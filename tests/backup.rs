@@ -312,12 +312,12 @@ fn full_inc_inc_restores_every_point_of_every_disk() {
 
 /// A VM with one qcow2 disk (`d0.qcow2` on virtio-blk `vd0`, node `disk0`).
 fn vm_one(dir: &Path) -> Vm {
-    common::qemu_img_create(&dir, "-f qcow2 d0.qcow2 64M");
-    Vm::start(&dir, &one_args(&dir))
+    common::qemu_img_create(dir, "-f qcow2 d0.qcow2 64M");
+    Vm::start(dir, &one_args(dir))
 }
 
 fn one_args(dir: &Path) -> Vec<String> {
-    all_args(&dir)[4..10].to_vec()
+    all_args(dir)[4..10].to_vec()
 }
 
 /// Where most tests start: a temporary folder (`dir`, alive as long as `_t`) with a VM in it,
@@ -485,7 +485,7 @@ fn assert_graph_clean(vm: &mut Vm) {
 }
 
 fn partials(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(&dir)
+    std::fs::read_dir(dir)
         .map(|r| {
             r.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
