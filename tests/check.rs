@@ -25,13 +25,9 @@ fn damaged_images_are_classified_like_qemu_img() {
     let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     qemu_img_create(p, "-f qcow2 base.qcow2 8M");
-    qemu_io(
-        p,
-        "base.qcow2",
-        &["write -P 1 0 1M".into(), "write -P 2 4M 64k".into()],
-    );
+    qemu_io(p, "base.qcow2", &["write -P 1 0 1M", "write -P 2 4M 64k"]);
     qemu_img(p, &["snapshot", "-c", "s", "base.qcow2"]);
-    qemu_io(p, "base.qcow2", &["write -P 3 0 64k".into()]);
+    qemu_io(p, "base.qcow2", &["write -P 3 0 64k"]);
     let pristine = std::fs::read(p.join("base.qcow2")).unwrap();
     let data_cluster = |b: &[u8], i: u64| {
         (BigEndian::read_u64(&b[l2_entry(b, i)..]) & 0x00ff_ffff_ffff_fe00) / 65536

@@ -286,43 +286,24 @@ fn outputs_get_their_folders_and_stay_private() {
     let sample =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/sample-chain/disk.qcow2");
     let bin = env!("CARGO_BIN_EXE_qmprestore");
+    let src = sample.to_str().unwrap();
     let target = d.path().join("restore/sub/disk.qcow2");
-    let o = with_umask_022(
+    let t = target.to_str().unwrap();
+    stdout(&with_umask_022(
         bin,
-        &[
-            "merge",
-            "--dir",
-            sample.to_str().unwrap(),
-            "--targetfile",
-            target.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        &["merge", "--dir", src, "--targetfile", t],
+    ));
     let newest = sample.join("INC-1700001200-disk.qcow2");
-    stdout(&qmprestore(&[
-        "compare",
-        target.to_str().unwrap(),
-        newest.to_str().unwrap(),
-    ]));
+    stdout(&qmprestore(&["compare", t, newest.to_str().unwrap()]));
     assert_eq!(mode(&target), 0o600);
     assert_eq!(mode(&d.path().join("restore")), 0o700);
     assert_eq!(mode(&d.path().join("restore/sub")), 0o700);
 
     let raw = d.path().join("raw/disk.raw");
-    let o = with_umask_022(
-        bin,
-        &[
-            "--group-readable",
-            "merge",
-            "--format",
-            "raw",
-            "--dir",
-            sample.to_str().unwrap(),
-            "--targetfile",
-            raw.to_str().unwrap(),
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = raw.to_str().unwrap();
+    let shared = ["--group-readable", "merge", "--format", "raw"];
+    let args = [&shared[..], &["--dir", src, "--targetfile", r]].concat();
+    stdout(&with_umask_022(bin, &args));
     assert_eq!((mode(&raw), mode(&d.path().join("raw"))), (0o640, 0o750));
 
     std::fs::create_dir(d.path().join("open")).unwrap();
@@ -333,17 +314,8 @@ fn outputs_get_their_folders_and_stay_private() {
     .unwrap();
     for (fmt, name) in [("qcow2", "c.qcow2"), ("raw", "c.raw")] {
         let out = d.path().join("open/new").join(name);
-        let o = with_umask_022(
-            bin,
-            &[
-                "convert",
-                "-O",
-                fmt,
-                newest.to_str().unwrap(),
-                out.to_str().unwrap(),
-            ],
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (from, to) = (newest.to_str().unwrap(), out.to_str().unwrap());
+        stdout(&with_umask_022(bin, &["convert", "-O", fmt, from, to]));
         assert_eq!(
             (mode(&out), mode(&d.path().join("open/new"))),
             (0o600, 0o700)

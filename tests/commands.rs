@@ -184,7 +184,7 @@ fn snapshot_command_round_trip() {
         listed.contains("before") && listed.starts_with("Snapshot list:"),
         "{listed}"
     );
-    qemu_io(p, "v.qcow2", &["write -P 0x77 0 1M".into()]);
+    qemu_io(p, "v.qcow2", &["write -P 0x77 0 1M"]);
     succeeded(qmprestore(p, &["snapshot", "-a", "before", "v.qcow2"]));
     qemu_img(p, &["convert", "-O", "raw", "v.qcow2", "now.raw"]);
     let disk = qmpbackup::qcow2::Disk::open(&fixtures().join("v3.qcow2")).unwrap();

@@ -80,10 +80,10 @@ fn crash_points(op: &str) {
     qemu_io(
         p,
         "t.qcow2",
-        &["write -P 0x11 0 2M".into(), "write -P 0x22 3M 512k".into()],
+        &["write -P 0x11 0 2M", "write -P 0x22 3M 512k"],
     );
     qemu_img(p, &["snapshot", "-c", "s", "t.qcow2"]);
-    qemu_io(p, "t.qcow2", &["write -P 0x33 1M 64k".into()]);
+    qemu_io(p, "t.qcow2", &["write -P 0x33 1M 64k"]);
     let template = std::fs::read(p.join("t.qcow2")).unwrap();
     let old = render(p, "t.qcow2", None);
     let snap = render(p, "t.qcow2", Some("s"));

@@ -182,7 +182,7 @@ fn extended_l2_subclusters() {
     // Subclusters over a backing file: unallocated subclusters must read through.
     let p = d.path();
     qemu_img_create(p, "-f qcow2 eb.qcow2 4M");
-    qemu_io(p, "eb.qcow2", &["write -P 7 0 4M".into()]);
+    qemu_io(p, "eb.qcow2", &["write -P 7 0 4M"]);
     qemu_img_create(
         p,
         "-f qcow2 -o extended_l2=on,cluster_size=64k -b eb.qcow2 -F qcow2 eo.qcow2",
@@ -238,7 +238,7 @@ fn internal_snapshots_with_writes_after_them() {
     );
     qemu_img(p, &["snapshot", "-d", "two", "s.qcow2"]);
     qemu_img(p, &["resize", "s.qcow2", "6M"]);
-    qemu_io(p, "s.qcow2", &["write -P 9 5M 64k".into()]);
+    qemu_io(p, "s.qcow2", &["write -P 9 5M 64k"]);
     assert_reads_like_qemu(p, "s.qcow2", &[]);
     assert_maps_like_qemu(p, "s.qcow2");
     for snap in ["one", "three"] {
@@ -311,17 +311,17 @@ fn backing_files_shorter_and_longer_than_the_overlay() {
     let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     qemu_img_create(p, "-f qcow2 small.qcow2 1M");
-    qemu_io(p, "small.qcow2", &["write -P 3 0 1M".into()]);
+    qemu_io(p, "small.qcow2", &["write -P 3 0 1M"]);
     qemu_img_create(p, "-f qcow2 -b small.qcow2 -F qcow2 big-over.qcow2 4M");
     qemu_io(
         p,
         "big-over.qcow2",
-        &["write -P 4 512k 64k".into(), "write -P 5 3M 64k".into()],
+        &["write -P 4 512k 64k", "write -P 5 3M 64k"],
     );
     qemu_img_create(p, "-f qcow2 large.qcow2 8M");
-    qemu_io(p, "large.qcow2", &["write -P 6 0 8M".into()]);
+    qemu_io(p, "large.qcow2", &["write -P 6 0 8M"]);
     qemu_img_create(p, "-f qcow2 -b large.qcow2 -F qcow2 small-over.qcow2 2M");
-    qemu_io(p, "small-over.qcow2", &["write -P 7 1M 64k".into()]);
+    qemu_io(p, "small-over.qcow2", &["write -P 7 1M 64k"]);
     // An odd-sized raw backing file: reads as zeros up to the next sector and beyond.
     std::fs::write(p.join("odd.raw"), vec![0x5a; 1000]).unwrap();
     qemu_img_create(p, "-f qcow2 -b odd.raw -F raw odd-over.qcow2 1M");
@@ -389,7 +389,7 @@ fn two_tib_sparse_image() {
         p,
         "huge.qcow2",
         &[
-            "write -P 1 0 64k".into(),
+            "write -P 1 0 64k".to_string(),
             format!("write -P 2 {} 128k", 1u64 << 40),
             format!("write -c -P 3 {} 64k", 1u64 << 39),
             format!("write -P 4 {far} 64k"),

@@ -148,13 +148,9 @@ fn writes_into_images_with_internal_snapshots_copy_on_write() {
         ("sext.qcow2", "extended_l2=on,cluster_size=32k"),
     ] {
         qemu_img_create(p, &format!("-f qcow2 -o {opts} {name} 4M"));
-        qemu_io(
-            p,
-            name,
-            &["write -P 1 0 3M".into(), "write -c -P 2 3M 64k".into()],
-        );
+        qemu_io(p, name, &["write -P 1 0 3M", "write -c -P 2 3M 64k"]);
         qemu_img(p, &["snapshot", "-c", "a", name]);
-        qemu_io(p, name, &["write -P 3 1M 1M".into()]);
+        qemu_io(p, name, &["write -P 3 1M 1M"]);
         qemu_img(p, &["snapshot", "-c", "b", name]);
         let before = snapshot_sums(p, name, &["a", "b"]);
         let model = scribble(&p.join(name), 7, 60);
@@ -173,7 +169,7 @@ fn writes_over_backing_files_and_into_data_files() {
     let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     qemu_img_create(p, "-f qcow2 base.qcow2 4M");
-    qemu_io(p, "base.qcow2", &["write -P 9 0 4M".into()]);
+    qemu_io(p, "base.qcow2", &["write -P 9 0 4M"]);
     let base_sum = sha256_file(&p.join("base.qcow2"));
     for (name, opts) in [
         ("over.qcow2", "cluster_size=64k"),
@@ -198,7 +194,7 @@ fn writes_over_backing_files_and_into_data_files() {
         ("dfr.qcow2", "data_file=dfr.data,data_file_raw=on"),
     ] {
         qemu_img_create(p, &format!("-f qcow2 -o {opts} {name} 4M"));
-        qemu_io(p, name, &["write -P 5 0 1M".into()]);
+        qemu_io(p, name, &["write -P 5 0 1M"]);
         let model = scribble(&p.join(name), 13, 40);
         assert_check_clean(&p.join(name));
         assert_contents(&p.join(name), &model);
@@ -215,11 +211,7 @@ fn internal_snapshots_created_applied_and_deleted() {
         ("snap-small.qcow2", "cluster_size=512"),
     ] {
         qemu_img_create(p, &format!("-f qcow2 -o {opts} {name} 2M"));
-        qemu_io(
-            p,
-            name,
-            &["write -P 1 0 1M".into(), "write -c -P 2 1M 64k".into()],
-        );
+        qemu_io(p, name, &["write -P 1 0 1M", "write -c -P 2 1M 64k"]);
         let path = p.join(name);
         // Ours: snapshot, write, snapshot, write.
         let mut w = Writer::open(&path).unwrap();
@@ -293,11 +285,11 @@ fn snapshots_made_by_qemu_applied_and_deleted_by_us() {
     let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     qemu_img_create(p, "-f qcow2 q.qcow2 4M");
-    qemu_io(p, "q.qcow2", &["write -P 1 0 2M".into()]);
+    qemu_io(p, "q.qcow2", &["write -P 1 0 2M"]);
     qemu_img(p, &["snapshot", "-c", "a", "q.qcow2"]);
-    qemu_io(p, "q.qcow2", &["write -P 2 1M 2M".into()]);
+    qemu_io(p, "q.qcow2", &["write -P 2 1M 2M"]);
     qemu_img(p, &["snapshot", "-c", "b", "q.qcow2"]);
-    qemu_io(p, "q.qcow2", &["write -P 3 0 64k".into()]);
+    qemu_io(p, "q.qcow2", &["write -P 3 0 64k"]);
     let a = snapshot_sums(p, "q.qcow2", &["a"]);
     let path = p.join("q.qcow2");
     let mut w = Writer::open(&path).unwrap();
@@ -321,12 +313,12 @@ fn backing_file_name_changes_in_place() {
     let Some(d) = needs("qemu-img") else { return };
     let p = d.path();
     qemu_img_create(p, "-f qcow2 a.qcow2 4M");
-    qemu_io(p, "a.qcow2", &["write -P 1 0 4M".into()]);
+    qemu_io(p, "a.qcow2", &["write -P 1 0 4M"]);
     let long =
         "a-much-longer-backing-file-name-than-before-with-more-than-sixty-four-characters.qcow2";
     std::fs::copy(p.join("a.qcow2"), p.join(long)).unwrap();
     qemu_img_create(p, "-f qcow2 b.qcow2 4M");
-    qemu_io(p, "b.qcow2", &["write -P 2 1M 64k".into()]);
+    qemu_io(p, "b.qcow2", &["write -P 2 1M 64k"]);
     let path = p.join("b.qcow2");
     let info = |p: &Path| -> serde_json::Value {
         serde_json::from_str(&qemu_img(p, &["info", "--output=json", "b.qcow2"])).unwrap()

@@ -98,11 +98,11 @@ pub fn qemu_img_create(dir: &Path, spec: &str) {
 }
 
 /// Runs qemu-io commands on a qcow2 image (in `dir`).
-pub fn qemu_io(dir: &Path, image: &str, cmds: &[String]) {
+pub fn qemu_io<S: AsRef<str> + std::fmt::Debug>(dir: &Path, image: &str, cmds: &[S]) {
     let mut c = Command::new("qemu-io");
     c.current_dir(dir).args(["-f", "qcow2"]);
     for cmd in cmds {
-        c.args(["-c", cmd]);
+        c.args(["-c", cmd.as_ref()]);
     }
     c.arg(image);
     let out = run(&mut c);
