@@ -409,7 +409,7 @@ fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
                 1 => w(0x63, 2 * MIB),
                 _ => {}
             }
-            let fleece: Vec<_> = std::fs::read_dir(d.join("backup/.fleece"))
+            let fleece: Vec<_> = std::fs::read_dir(d.join("b/.fleece"))
                 .unwrap()
                 .collect();
             assert_eq!(
@@ -1315,7 +1315,7 @@ fn jobs_are_grouped_and_foreign_jobs_ignored() {
         "other.qcow2",
         "scratch.qcow2",
     ] {
-        common::qemu_img_create(dir, &format!("-f qcow2 {f} 64M"));
+        common::qemu_img(dir, &["create", "-q", "-f", "qcow2", f, "64M"]);
     }
     let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
     let mut vm = Vm::start(
