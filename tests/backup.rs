@@ -409,9 +409,7 @@ fn writes_at_the_snapshot_point_land_in_exactly_one_backup() {
                 1 => w(0x63, 2 * MIB),
                 _ => {}
             }
-            let fleece: Vec<_> = std::fs::read_dir(d.join("b/.fleece"))
-                .unwrap()
-                .collect();
+            let fleece: Vec<_> = std::fs::read_dir(d.join("b/.fleece")).unwrap().collect();
             assert_eq!(
                 fleece.len(),
                 1,
