@@ -83,17 +83,9 @@ fn scenario(dir: &Path, name: &str, opts: &str, size: u64, cs: u64, seed: u64, m
 fn cluster_sizes_from_512_bytes_to_2_mib() {
     let Some(d) = needs("qemu-img") else { return };
     for (i, cs) in [512u64, 4096, 65536, 1 << 21].into_iter().enumerate() {
-        let opts = format!("cluster_size={cs}");
+        let (name, opts) = (format!("cs{cs}.qcow2"), format!("cluster_size={cs}"));
         let size = (cs * 64).max(8 << 20);
-        scenario(
-            d.path(),
-            &format!("cs{cs}.qcow2"),
-            &opts,
-            size,
-            cs,
-            i as u64,
-            ALL,
-        );
+        scenario(d.path(), &name, &opts, size, cs, i as u64, ALL);
     }
 }
 
@@ -167,17 +159,10 @@ fn zlib_and_zstd_compressed_clusters() {
 fn extended_l2_subclusters() {
     let Some(d) = needs("qemu-img") else { return };
     for (i, cs) in [16384u64, 65536, 1 << 21].into_iter().enumerate() {
+        let name = format!("ext{cs}.qcow2");
         let opts = format!("extended_l2=on,cluster_size={cs}");
         let size = (cs * 32).max(8 << 20);
-        scenario(
-            d.path(),
-            &format!("ext{cs}.qcow2"),
-            &opts,
-            size,
-            cs,
-            31 + i as u64,
-            ALL,
-        );
+        scenario(d.path(), &name, &opts, size, cs, 31 + i as u64, ALL);
     }
     // Subclusters over a backing file: unallocated subclusters must read through.
     let p = d.path();

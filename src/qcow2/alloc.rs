@@ -308,14 +308,7 @@ impl Refcounts {
     /// Writes dirty refcount blocks and, when it moved, the new refcount table. Returns the
     /// table relocation the header must now point to, if any (after the caller has flushed).
     pub fn write_back(&mut self, file: &File) -> Result<Option<TableMove>, ErrorKind> {
-        let mut dirty: Vec<u64> = self
-            .blocks
-            .iter()
-            .filter(|(_, b)| b.dirty)
-            .map(|(&t, _)| t)
-            .collect();
-        dirty.sort_unstable();
-        for t in dirty {
+        for t in sorted_keys(&self.blocks, |b| b.dirty) {
             let off = self.table[t as usize];
             let b = self.blocks.get_mut(&t).expect("listed above");
             pwrite(file, &b.data, off)?;
@@ -340,4 +333,19 @@ impl Refcounts {
     pub fn has_dirty(&self) -> bool {
         self.table_dirty || self.blocks.values().any(|b| b.dirty)
     }
+}
+
+/// The keys of `map` whose values pass `keep`, in ascending order: metadata is written back
+/// in file order.
+pub(crate) fn sorted_keys<V>(
+    map: &std::collections::HashMap<u64, V>,
+    keep: impl Fn(&V) -> bool,
+) -> Vec<u64> {
+    let mut keys: Vec<u64> = map
+        .iter()
+        .filter(|(_, v)| keep(v))
+        .map(|(&k, _)| k)
+        .collect();
+    keys.sort_unstable();
+    keys
 }

@@ -958,13 +958,7 @@ impl Writer {
                 .push((m.old_offset / self.cs, m.old_clusters as u64));
         }
         // 4: L2 tables.
-        let mut dirty: Vec<u64> = self
-            .l2
-            .iter()
-            .filter(|(_, s)| s.dirty)
-            .map(|(&o, _)| o)
-            .collect();
-        dirty.sort_unstable();
+        let dirty = super::alloc::sorted_keys(&self.l2, |s| s.dirty);
         for off in &dirty {
             let bytes = self.l2[off].table.to_bytes();
             pwrite(&self.file, &bytes, *off).map_err(|e| self.at(e.into()))?;

@@ -322,10 +322,10 @@ mod tests {
 
     #[test]
     fn epochs_and_quarantine() {
-        let t = tempfile::tempdir().unwrap();
-        let d = Folder::new(t.path());
-        std::fs::write(t.path().join("FULL-100-a"), b"").unwrap();
-        std::fs::write(t.path().join("INC-250-a.partial"), b"").unwrap();
+        let (t, d) = super::super::place::tests::scratch();
+        for name in ["FULL-100-a", "INC-250-a.partial"] {
+            d.write(name, b"").unwrap();
+        }
         assert_eq!(newest_epoch(&[&d]), 250);
         let to = quarantine(&d, "INC-250-a.partial").unwrap();
         assert_eq!(to, t.path().join(".quarantine/INC-250-a.partial"));

@@ -162,13 +162,19 @@ impl Place for Folder {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
+
+    /// A local folder in a temporary directory (kept alive by the first half).
+    pub fn scratch() -> (tempfile::TempDir, Folder) {
+        let t = tempfile::tempdir().unwrap();
+        let f = Folder::new(t.path());
+        (t, f)
+    }
 
     #[test]
     fn a_local_folder_lists_writes_renames_and_deletes() {
-        let t = tempfile::tempdir().unwrap();
-        let f = Folder::new(t.path());
+        let (t, f) = scratch();
         f.write(".manifest/a.json", b"{}").unwrap();
         f.write("a", b"abc").unwrap();
         assert_eq!(f.list(".quarantine").unwrap().len(), 0);
