@@ -1,8 +1,12 @@
 //! qmpbackup: live backups of QEMU virtual machines over QMP, and native restore of qcow2
 //! backup chains without qemu-img.
 //!
-//! Dependencies flow one way: the binaries (`src/bin`) call [`chain`] (restore-side commands
-//! on images and backup directories), which builds on [`qcow2`] (the format engine).
+//! Dependencies flow one way: the binaries (`src/bin`) call [`backup`] (the backup runs,
+//! over [`qmp`]) and [`chain`] (restore-side commands); both build on [`store`] (the
+//! backup-folder contract: names, levels, folders, manifests, chain selection), which builds
+//! on [`qcow2`] (the format engine). [`cli`] holds what both front ends share.
+//!
+//! `bin → backup, chain → store → qcow2`; `backup → qmp`.
 
 pub mod backup;
 pub mod chain;
