@@ -122,17 +122,33 @@ pub fn newest_epoch(places: &[&dyn Place]) -> u64 {
     newest
 }
 
+/// A small text file of `place` (at most 4 KiB: a chain id), if it can be read.
+fn read_text(place: &dyn Place, name: &str) -> Option<String> {
+    let data = place.open(name).ok()?;
+    let mut buf = vec![0u8; data.size().ok()?.min(4096) as usize];
+    let n = data.read_at(&mut buf, 0).ok()?;
+    String::from_utf8(buf[..n].to_vec()).ok()
+}
+
 impl BackupDir {
     /// Reads `dir`. With `filter`, only files whose name contains it are considered (to pick
     /// one disk in a flat directory, as the original's `--filter`).
     pub fn scan(dir: &Path, filter: Option<&str>) -> Result<BackupDir, StoreError> {
-        Self::scan_matching(dir, &|name| filter.is_none_or(|f| name.contains(f)))
+        Self::scan_place(Arc::new(Folder::new(dir)), filter)
+    }
+
+    /// [`BackupDir::scan`] of any place that holds backup files.
+    pub fn scan_place(
+        place: Arc<dyn Place>,
+        filter: Option<&str>,
+    ) -> Result<BackupDir, StoreError> {
+        Self::scan_matching(place, &|name| filter.is_none_or(|f| name.contains(f)))
     }
 
     /// Reads the files of the disk named `disk` (the part after `LEVEL-<epoch>-`) in `dir`,
     /// which may hold other disks too (a flat directory).
     pub fn scan_disk(dir: &Path, disk: &str) -> Result<BackupDir, StoreError> {
-        Self::scan_matching(dir, &|name| {
+        Self::scan_matching(Arc::new(Folder::new(dir)), &|name| {
             let name = strip_partial(name).unwrap_or(name);
             match parse_name(name) {
                 Some((_, _, d)) => d == disk,
@@ -142,8 +158,11 @@ impl BackupDir {
         })
     }
 
-    fn scan_matching(dir: &Path, wanted: &dyn Fn(&str) -> bool) -> Result<BackupDir, StoreError> {
-        let place: Arc<dyn Place> = Arc::new(Folder::new(dir));
+    fn scan_matching(
+        place: Arc<dyn Place>,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Result<BackupDir, StoreError> {
+        let dir = &place.locate("");
         let entries = place
             .list("")
             .map_err(|e| StoreError::Io(dir.to_path_buf(), e))?;
@@ -226,9 +245,10 @@ impl BackupDir {
                 ),
             ));
         }
-        let uuid = [dir.join("uuid"), dir.join("..").join("uuid")]
+        // The chain id, beside the backups (flat layout) or one level up (a disk's folder).
+        let uuid = ["uuid", "../uuid"]
             .iter()
-            .find_map(|p| std::fs::read_to_string(p).ok())
+            .find_map(|n| read_text(&*place, n))
             .map(|s| s.trim().to_string());
         Ok(BackupDir {
             dir: dir.to_path_buf(),

@@ -32,7 +32,8 @@ pub struct Entry {
 }
 
 pub trait Place: Send + Sync {
-    /// Where `name` lives: a path to open images by, and to name in messages.
+    /// Where `name` lives (the place itself for ""): a path to open images by, and to name
+    /// in messages.
     fn locate(&self, name: &str) -> PathBuf;
     /// The entries of the place (`sub` = "") or of one of its sub-folders; a missing
     /// sub-folder lists as empty.
@@ -86,6 +87,9 @@ fn mtime(m: &std::fs::Metadata) -> u64 {
 
 impl Place for Folder {
     fn locate(&self, name: &str) -> PathBuf {
+        if name.is_empty() {
+            return self.dir.clone();
+        }
         self.dir.join(name)
     }
 
