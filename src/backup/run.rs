@@ -66,17 +66,6 @@ pub struct Options {
     pub link_incs: bool,
 }
 
-/// What one disk's backup produced.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct DiskOutcome {
-    pub device: String,
-    pub level: Level,
-    pub file: PathBuf,
-    pub size: u64,
-    /// Why `auto` took a full backup.
-    pub reason: Option<String>,
-}
-
 /// A disk whose level is decided.
 struct Planned {
     dev: Device,
@@ -111,12 +100,7 @@ fn now() -> u64 {
 
 /// Runs a backup over `qmp` of a VM whose pre-flight gave `vm`. `interrupted` is set by the
 /// SIGINT/SIGTERM handler.
-pub fn run(
-    qmp: &mut Qmp,
-    opts: &Options,
-    vm: &VmState,
-    interrupted: &AtomicBool,
-) -> Result<Vec<DiskOutcome>> {
+pub fn run(qmp: &mut Qmp, opts: &Options, vm: &VmState, interrupted: &AtomicBool) -> Result<()> {
     let epoch_now = now();
     let month = opts.monthly.then(|| month_of(epoch_now));
     let target = Target::prepare(&opts.target, month.as_deref(), opts.subdirs)
@@ -655,8 +639,7 @@ impl Run<'_> {
     }
 
     /// After success: durable files under their final names, manifests, then the bitmaps.
-    fn finish(&mut self) -> Result<Vec<DiskOutcome>> {
-        let mut outcomes = Vec::new();
+    fn finish(&mut self) -> Result<()> {
         tracing::info!("Renaming partial files");
         for d in &self.disks {
             let f = std::fs::File::open(&d.rec.partial).map_err(BackupError::io(&d.rec.partial))?;
@@ -716,19 +699,12 @@ impl Run<'_> {
                 "Saved backup file: [{}], size: [{file_size}]",
                 d.final_path.display()
             );
-            outcomes.push(DiskOutcome {
-                device: d.dev.name.clone(),
-                level: d.decision.level,
-                file: d.final_path.clone(),
-                size: file_size,
-                reason: d.decision.reason.as_ref().map(ToString::to_string),
-            });
         }
         self.rotate_bitmaps();
         self.lock
             .clear()
             .map_err(BackupError::io(".qmpbackup-run"))?;
-        Ok(outcomes)
+        Ok(())
     }
 
     /// B := N for every chained disk, in one transaction. If it fails, B still covers every
