@@ -789,3 +789,40 @@ fn a_flood_of_leaks_is_counted_not_listed() {
         .unwrap()
         .contains("more messages not shown"));
 }
+
+/// A writer that refuses leaves the file byte for byte as it was: 64-bit refcounts at their
+/// maximum cannot take a snapshot's extra reference, and `snapshot -c` used to set the dirty
+/// bit before finding out (and called it a refcount dropping below zero).
+#[test]
+fn a_writer_that_refuses_changes_nothing() {
+    let Some(d) = needs("qemu-img") else { return };
+    let p = d.path();
+    qemu_img_create(p, "-f qcow2 -o refcount_bits=64 full.qcow2 4M");
+    qemu_io(p, "full.qcow2", &["write -P 7 0 64k"]);
+    let img = p.join("full.qcow2");
+    let mut bytes = std::fs::read(&img).unwrap();
+    let h = Header::parse(&bytes).unwrap();
+    let block = BigEndian::read_u64(&bytes[h.refcount_table_offset as usize..]) as usize;
+    let data = BigEndian::read_u64(&bytes[l2_entry_offset(&bytes, &h, 0)..]) & ((1 << 56) - 512);
+    let cluster = (data / h.cluster_size()) as usize;
+    set_u64(&mut bytes, block + cluster * 8, u64::MAX);
+    // Shared that often, the cluster is no longer COPIED: a consistent (if leaky) image.
+    let entry = l2_entry_offset(&bytes, &h, 0);
+    set_u64(&mut bytes, entry, data);
+    std::fs::write(&img, &bytes).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(["snapshot", "-c", "s1"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("would overflow the image's 64-bit refcounts"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read(&img).unwrap() == bytes,
+        "snapshot -c changed the file"
+    );
+}

@@ -123,10 +123,15 @@ impl Refcounts {
     pub fn add(&mut self, file: &File, cluster: u64, delta: i64) -> Result<u64, ErrorKind> {
         let cur = self.get(file, cluster)?;
         let new = cur.checked_add_signed(delta).ok_or_else(|| {
-            corrupt(format!(
-                "refcount of cluster {:#x} would drop below zero",
-                cluster * self.cs
-            ))
+            let at = cluster * self.cs;
+            if delta < 0 {
+                corrupt(format!("refcount of cluster {at:#x} would drop below zero"))
+            } else {
+                ErrorKind::Unsupported(format!(
+                    "refcount of cluster {at:#x} would overflow the image's {}-bit refcounts",
+                    self.fmt.bits()
+                ))
+            }
         })?;
         self.set(file, cluster, new)?;
         Ok(new)

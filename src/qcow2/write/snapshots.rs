@@ -31,23 +31,26 @@ impl Writer {
         }
         self.prepare()?;
         self.flush()?;
-        self.set_dirty(true)?;
-        // 1. A copy of the active L1 table, and one more reference on all it reaches.
+        // 1. One more reference on all the active L1 reaches: in memory first, so a refcount
+        // that cannot take it fails the command before anything is written (the dirty bit
+        // included).
         let l1 = self.l1.clone();
+        self.update_refs(&l1, 1)?;
+        self.set_dirty(true)?;
+        // 2. A copy of the active L1 table.
         let l1_bytes = (l1.len() as u64 * 8).div_ceil(self.cs).max(1) * self.cs;
         let l1_off = self
             .refs
             .alloc(&self.file, l1_bytes / self.cs)
             .map_err(|k| self.at(k))?;
-        self.update_refs(&l1, 1)?;
         let mut bytes = l1::to_bytes(&l1);
         bytes.resize(l1_bytes as usize, 0);
         pwrite(&self.file, &bytes, l1_off).map_err(|e| self.at(e.into()))?;
         self.flush()?;
-        // 2. Everything is shared now: clear COPIED flags (matches the raised refcounts).
+        // 3. Everything is shared now: clear COPIED flags (matches the raised refcounts).
         self.fix_copied()?;
         self.flush()?;
-        // 3. The table entry.
+        // 4. The table entry.
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -86,9 +89,10 @@ impl Writer {
                 "the snapshot's L1 table is larger than the active one (disk shrunk since)".into(),
             )));
         }
-        self.set_dirty(true)?;
-        // 1. The snapshot's clusters gain the active table's reference.
+        // 1. The snapshot's clusters gain the active table's reference (in memory before the
+        // dirty bit: a refcount that cannot take it fails the command with the file as it was).
         self.update_refs(&snap_l1, 1)?;
+        self.set_dirty(true)?;
         self.flush()?;
         // 2. The active L1 becomes the snapshot's (entries beyond it: unallocated).
         let n = self.l1.len();
