@@ -826,3 +826,62 @@ fn a_writer_that_refuses_changes_nothing() {
         "snapshot -c changed the file"
     );
 }
+
+/// Header faults QEMU refuses at open: a snapshot table offset that is not cluster aligned
+/// (even with no snapshots), a header extension longer than the header cluster. Built the way
+/// QEMU's tests build them (qemu-img, then bytes poked); qemu-img and we both refuse to open
+/// them and `check` ends with the same exit code, and nothing is written.
+#[test]
+fn header_faults_are_refused_where_qemu_refuses_them() {
+    let Some(d) = needs("qemu-img") else { return };
+    let p = d.path();
+    qemu_img_create(p, "-f qcow2 base.qcow2 4M");
+    let base = std::fs::read(p.join("base.qcow2")).unwrap();
+    let h = Header::parse(&base).unwrap();
+    let ext_len = h.header_length as usize + 4;
+    let cases: Vec<(&str, Patch, &str)> = vec![
+        (
+            "snapshot-offset",
+            Box::new(|b, _| set_u64(b, 64, 0x3_0200)),
+            "snapshot table offset 0x30200 is not cluster aligned",
+        ),
+        (
+            "extension-too-large",
+            Box::new(move |b, _| set_u32(b, ext_len, 65536)),
+            "header extension too large",
+        ),
+    ];
+    for (name, patch, needle) in cases {
+        let mut bytes = base.clone();
+        patch(&mut bytes, &h);
+        let img = p.join(format!("{name}.qcow2"));
+        std::fs::write(&img, &bytes).unwrap();
+        let qemu = |cmd: &str| {
+            Command::new("qemu-img")
+                .args([cmd])
+                .arg(&img)
+                .output()
+                .unwrap()
+        };
+        let ours = |cmd: &str| {
+            Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+                .args([cmd])
+                .arg(&img)
+                .output()
+                .unwrap()
+        };
+        assert!(!qemu("info").status.success(), "{name}: qemu-img opens it");
+        let o = ours("info");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.code() == Some(1) && err.contains(needle),
+            "{name}: {err}"
+        );
+        assert_eq!(
+            ours("check").status.code(),
+            qemu("check").status.code(),
+            "{name}"
+        );
+        assert!(std::fs::read(&img).unwrap() == bytes, "{name} was changed");
+    }
+}

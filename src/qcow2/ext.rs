@@ -91,7 +91,7 @@ impl Extensions {
             }
             if len > area.len() - pos {
                 return Err(corrupt(format!(
-                    "header extension {kind:#010x} of {len} bytes overruns the header cluster"
+                    "header extension too large: {kind:#010x} of {len} bytes overruns the header cluster or the backing file name"
                 )));
             }
             if seen.contains(&kind) {

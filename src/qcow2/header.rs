@@ -252,6 +252,12 @@ impl Header {
         }
         if h.nb_snapshots > 0 {
             h.check_table_offset(h.snapshots_offset, "snapshot table")?;
+        } else if h.snapshots_offset % h.cluster_size() != 0 {
+            // QEMU refuses this even without snapshots ("Snapshot table offset invalid").
+            return Err(corrupt(format!(
+                "snapshot table offset {:#x} is not cluster aligned",
+                h.snapshots_offset
+            )));
         }
         if h.l1_size as u64 * 8 > MAX_L1_BYTES {
             return Err(corrupt(format!(
