@@ -172,11 +172,32 @@ fn info_json_and_backing_chain() {
     }
 }
 
+/// The warning is plain text where stderr is no terminal, coloured on one, and plain again
+/// with NO_COLOR.
 #[test]
 fn corrupt_images_read_with_a_warning() {
     let o = qmprestore(&["info", &fixture("corrupt.qcow2")]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("marked corrupt"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("marked corrupt") && !err.contains('\u{1b}'),
+        "{err:?}"
+    );
     assert!(stdout(&o).contains("corrupt: true"));
+    let cmd = format!(
+        "{} info {} >/dev/null",
+        env!("CARGO_BIN_EXE_qmprestore"),
+        fixture("corrupt.qcow2")
+    );
+    let tty = on_a_terminal(&cmd);
+    assert!(
+        tty.contains("marked corrupt") && tty.contains('\u{1b}'),
+        "{tty:?}"
+    );
+    let plain = on_a_terminal(&format!("NO_COLOR=1 {cmd}"));
+    assert!(
+        plain.contains("marked corrupt") && !plain.contains('\u{1b}'),
+        "{plain:?}"
+    );
 }
 
 #[test]
