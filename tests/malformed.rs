@@ -790,16 +790,26 @@ fn a_flood_of_leaks_is_counted_not_listed() {
         .contains("more messages not shown"));
 }
 
+/// A new 4 MiB qcow2 image made by qemu-img with `options` (`-o ...` or nothing), written
+/// to by `io` (qemu-io commands), in a temporary directory; `None` without qemu-img.
+fn fresh(options: &str, io: &[&str]) -> Option<(tempfile::TempDir, PathBuf)> {
+    let d = needs("qemu-img")?;
+    qemu_img_create(d.path(), &format!("-f qcow2 {options} t.qcow2 4M"));
+    if !io.is_empty() {
+        qemu_io(d.path(), "t.qcow2", io);
+    }
+    let img = d.path().join("t.qcow2");
+    Some((d, img))
+}
+
 /// A writer that refuses leaves the file byte for byte as it was: 64-bit refcounts at their
 /// maximum cannot take a snapshot's extra reference, and `snapshot -c` used to set the dirty
 /// bit before finding out (and called it a refcount dropping below zero).
 #[test]
 fn a_writer_that_refuses_changes_nothing() {
-    let Some(d) = needs("qemu-img") else { return };
-    let p = d.path();
-    qemu_img_create(p, "-f qcow2 -o refcount_bits=64 full.qcow2 4M");
-    qemu_io(p, "full.qcow2", &["write -P 7 0 64k"]);
-    let img = p.join("full.qcow2");
+    let Some((_d, img)) = fresh("-o refcount_bits=64", &["write -P 7 0 64k"]) else {
+        return;
+    };
     let mut bytes = std::fs::read(&img).unwrap();
     let h = Header::parse(&bytes).unwrap();
     let block = BigEndian::read_u64(&bytes[h.refcount_table_offset as usize..]) as usize;
@@ -833,10 +843,11 @@ fn a_writer_that_refuses_changes_nothing() {
 /// them and `check` ends with the same exit code, and nothing is written.
 #[test]
 fn header_faults_are_refused_where_qemu_refuses_them() {
-    let Some(d) = needs("qemu-img") else { return };
+    let Some((d, fresh_img)) = fresh("", &[]) else {
+        return;
+    };
     let p = d.path();
-    qemu_img_create(p, "-f qcow2 base.qcow2 4M");
-    let base = std::fs::read(p.join("base.qcow2")).unwrap();
+    let base = std::fs::read(&fresh_img).unwrap();
     let h = Header::parse(&base).unwrap();
     let ext_len = h.header_length as usize + 4;
     let cases: Vec<(&str, Patch, &str)> = vec![
