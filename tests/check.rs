@@ -20,6 +20,18 @@ fn l2_entry(b: &[u8], index: u64) -> usize {
     (l2 + index * 8) as usize
 }
 
+/// Offset of the first snapshot table entry.
+fn snapshot_entry(b: &[u8]) -> usize {
+    Header::parse(b).unwrap().snapshots_offset as usize
+}
+
+fn qmprestore(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn damaged_images_are_classified_like_qemu_img() {
     let Some(d) = needs("qemu-img") else { return };
@@ -77,6 +89,29 @@ fn damaged_images_are_classified_like_qemu_img() {
                 BigEndian::write_u64(&mut b[a..], (1 << 63) | (1 << 30));
             }),
         ),
+        // Snapshot tables a normal open refuses; check reports them (as QEMU's does).
+        (
+            "snapshot-table-past-eof",
+            Box::new(|b| {
+                let past = (b.len() as u64 / 65536 + 4) * 65536;
+                BigEndian::write_u64(&mut b[64..], past);
+            }),
+        ),
+        (
+            "snapshot-l1-unaligned",
+            Box::new(|b| {
+                let e = snapshot_entry(b);
+                let l1 = BigEndian::read_u64(&b[e..]);
+                BigEndian::write_u64(&mut b[e..], l1 + 0x200);
+            }),
+        ),
+        (
+            "snapshot-l1-oversized",
+            Box::new(|b| {
+                let e = snapshot_entry(b);
+                BigEndian::write_u32(&mut b[e + 8..], 0x1000_0000);
+            }),
+        ),
     ];
     for (name, damage) in cases {
         let file = format!("{name}.qcow2");
@@ -99,6 +134,21 @@ fn damaged_images_are_classified_like_qemu_img() {
         );
         // Repairs leave what qemu-img check calls clean, except for damage no refcount repair
         // can undo (a cluster mapped twice, a mapping past the end of the file).
+        if name.starts_with("snapshot-") {
+            // Reading refuses these images, and so does every writer.
+            let img = p.join(&file).display().to_string();
+            assert!(!ours.messages.is_empty() && ours.messages[0].contains("snapshot"));
+            assert_eq!(qmprestore(&["info", &img]).status.code(), Some(1), "{name}");
+            assert_eq!(
+                qmprestore(&["snapshot", "-c", "x", &img]).status.code(),
+                Some(1)
+            );
+            assert!(
+                std::fs::read(p.join(&file)).unwrap() == bytes,
+                "{name} changed"
+            );
+            continue;
+        }
         if !matches!(name, "l2-entry-past-eof" | "referenced-twice") {
             let mode = if corruptions > 0 {
                 Repair::All

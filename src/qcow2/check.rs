@@ -301,7 +301,7 @@ impl Walk<'_> {
 
 /// Checks an image; `Err` only when it cannot be checked at all (unreadable header).
 pub fn check(path: &Path) -> Result<CheckReport> {
-    check_open(&Qcow2::open(path)?, path)
+    check_open(&Qcow2::open_for_check(path)?, path)
 }
 
 /// [`check`] of the image at `path`, already open as `q`.
@@ -311,7 +311,7 @@ pub fn check_open(q: &Qcow2, path: &Path) -> Result<CheckReport> {
 
 /// Checks and repairs an image in place; the report counts what was found and fixed.
 pub fn repair(path: &Path, mode: Repair) -> Result<CheckReport> {
-    run(&Qcow2::open(path)?, path, Some(mode))
+    run(&Qcow2::open_for_check(path)?, path, Some(mode))
 }
 
 fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
@@ -341,12 +341,14 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
         copied: Vec::new(),
         dropped: 0,
     };
+    for finding in q.check_findings() {
+        w.corrupt(finding.clone());
+    }
     w.reference(0, cs, "header");
     let active = l1::read_table(&file, h.l1_table_offset, h.l1_size).map_err(at)?;
     w.reference(h.l1_table_offset, h.l1_size as u64 * 8, "L1 table");
     w.walk_l1(&active, true);
-    let snaps_len: u64 = q.snapshots().iter().map(|s| s.encoded_len() as u64).sum();
-    w.reference(h.snapshots_offset, snaps_len, "snapshot table");
+    w.reference(h.snapshots_offset, q.snapshot_table_len(), "snapshot table");
     for s in q.snapshots() {
         w.reference(s.l1_table_offset, s.l1_size as u64 * 8, "snapshot L1 table");
         match l1::read_table(&file, s.l1_table_offset, s.l1_size) {

@@ -469,9 +469,11 @@ fn open_image(path: &Path, format: Option<Format>, seen: &mut Vec<PathBuf>) -> R
     };
     let layer = match format {
         Format::Raw => Layer::Raw(Raw::from_storage(path, Box::new(file))?),
-        Format::Qcow2 => Layer::Qcow2(Box::new(Qcow2::from_storage(path, Box::new(file), &|p| {
-            Ok(Box::new(File::open(p)?) as Box<dyn Storage>)
-        })?)),
+        Format::Qcow2 => Layer::Qcow2(Box::new(Qcow2::from_storage(
+            path,
+            Box::new(file),
+            &super::image::open_file,
+        )?)),
     };
     Ok(Image {
         path: path.to_path_buf(),

@@ -304,8 +304,9 @@ impl Header {
         Ok(())
     }
 
-    /// Checks the tables the header points to against the file length.
-    pub fn validate(&self, file_len: u64) -> Result<(), ErrorKind> {
+    /// Checks the tables the header points to against the file length (the snapshot table's
+    /// start too with `snapshots`).
+    pub fn validate(&self, file_len: u64, snapshots: bool) -> Result<(), ErrorKind> {
         let fits = |offset: u64, len: u64, what: &str| {
             if offset.checked_add(len).is_none_or(|end| end > file_len) {
                 Err(corrupt(format!(
@@ -323,7 +324,7 @@ impl Header {
             self.refcount_table_clusters as u64 * self.cluster_size(),
             "refcount table",
         )?;
-        if self.nb_snapshots > 0 {
+        if snapshots && self.nb_snapshots > 0 {
             fits(self.snapshots_offset, 40, "snapshot table")?;
         }
         Ok(())

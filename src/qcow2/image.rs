@@ -38,6 +38,10 @@ pub struct DataFile {
 
 /// A parsed qcow2 image (one file, without its backing chain).
 pub struct Qcow2 {
+    /// What an open for `check` found and tolerated (empty for a normal open).
+    check_findings: Vec<String>,
+    /// Bytes of the snapshot table as read.
+    snapshot_table_len: u64,
     path: PathBuf,
     file: Box<dyn Storage>,
     file_len: u64,
@@ -53,13 +57,36 @@ pub struct Qcow2 {
     metadata: super::overlap::Metadata,
 }
 
+/// How strict an open is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Refuse every fault: what reading and writing need.
+    Read,
+    /// Keep going where `check` can report instead (see [`Qcow2::open_for_check`]).
+    Check,
+}
+
+/// Opens an external data file from the local file system.
+pub fn open_file(p: &Path) -> std::io::Result<Box<dyn Storage>> {
+    Ok(Box::new(File::open(p)?))
+}
+
 impl Qcow2 {
     /// Opens a qcow2 file read-only; an external data file is looked up next to it.
     pub fn open(path: &Path) -> Result<Qcow2> {
+        Qcow2::open_as(path, Mode::Read)
+    }
+
+    /// Opens an image for `check`, which must examine what a normal open refuses: a snapshot
+    /// table that cannot be read whole, or entries with unusable L1 tables, are left out and
+    /// listed in [`Qcow2::check_findings`] instead (as QEMU's check does).
+    pub fn open_for_check(path: &Path) -> Result<Qcow2> {
+        Qcow2::open_as(path, Mode::Check)
+    }
+
+    fn open_as(path: &Path, mode: Mode) -> Result<Qcow2> {
         let file = File::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
-        Qcow2::from_storage(path, Box::new(file), &|p| {
-            Ok(Box::new(File::open(p)?) as Box<dyn Storage>)
-        })
+        Qcow2::from_storage_as(path, Box::new(file), &open_file, mode)
     }
 
     /// Parses an image from any storage. `open_data_file` opens an external data file by its
@@ -69,12 +96,21 @@ impl Qcow2 {
         file: Box<dyn Storage>,
         open_data_file: &dyn Fn(&Path) -> std::io::Result<Box<dyn Storage>>,
     ) -> Result<Qcow2> {
+        Qcow2::from_storage_as(path, file, open_data_file, Mode::Read)
+    }
+
+    fn from_storage_as(
+        path: &Path,
+        file: Box<dyn Storage>,
+        open_data_file: &dyn Fn(&Path) -> std::io::Result<Box<dyn Storage>>,
+        mode: Mode,
+    ) -> Result<Qcow2> {
         let at = |k: ErrorKind| k.at(path);
         let file_len = file.size().map_err(|e| at(e.into()))?;
         let mut probe = vec![0u8; header::PROBE_LENGTH.min(file_len as usize)];
         read_exact(&*file, &mut probe, 0, "header").map_err(|e| at(e.into()))?;
         let header = Header::parse(&probe).map_err(at)?;
-        header.validate(file_len).map_err(at)?;
+        header.validate(file_len, mode == Mode::Read).map_err(at)?;
 
         let cs = header.cluster_size();
         let mut cluster0 = vec![0u8; cs.min(file_len) as usize];
@@ -156,18 +192,19 @@ impl Qcow2 {
 
         let l1 = l1::read_table(&*file, header.l1_table_offset, header.l1_size).map_err(at)?;
         l1::check_distinct(&l1).map_err(at)?;
-        let max_l1 = header::MAX_L1_BYTES / 8;
-        let snapshots = if header.nb_snapshots > 0 {
-            snapshot::read_table(
-                &*file,
-                header.snapshots_offset,
-                header.nb_snapshots,
-                cs,
-                max_l1,
-            )
-            .map_err(at)?
-        } else {
-            Vec::new()
+        let table = snapshot::TableAt {
+            offset: header.snapshots_offset,
+            count: header.nb_snapshots,
+            cluster_size: cs,
+            max_l1_entries: header::MAX_L1_BYTES / 8,
+        };
+        let snapshot::Table {
+            snapshots,
+            len: snapshot_table_len,
+            problems: check_findings,
+        } = match mode {
+            Mode::Read => snapshot::read_table(&*file, table).map_err(at)?,
+            Mode::Check => snapshot::read_table_for_check(&*file, table),
         };
         let bitmaps = match &ext.bitmaps {
             Some(b) if header.autoclear_features & header::autoclear::BITMAPS != 0 => {
@@ -187,6 +224,8 @@ impl Qcow2 {
         })
         .map_err(at)?;
         Ok(Qcow2 {
+            check_findings,
+            snapshot_table_len,
             metadata,
             path: path.to_path_buf(),
             file,
@@ -205,6 +244,16 @@ impl Qcow2 {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Bytes of the snapshot table, entries a check left out included.
+    pub fn snapshot_table_len(&self) -> u64 {
+        self.snapshot_table_len
+    }
+
+    /// The faults an open for `check` left out (see [`Qcow2::open_for_check`]).
+    pub fn check_findings(&self) -> &[String] {
+        &self.check_findings
     }
 
     pub fn header(&self) -> &Header {

@@ -94,16 +94,67 @@ impl Snapshot {
     }
 }
 
-/// Reads `count` snapshot entries starting at `offset`. `max_l1_entries` bounds each
-/// snapshot's L1 table (QEMU's 32 MiB limit).
-pub fn read_table(
+/// Where the table is and what bounds it: `count` entries from `offset`; `max_l1_entries`
+/// bounds each snapshot's L1 table (QEMU's 32 MiB limit).
+#[derive(Debug, Clone, Copy)]
+pub struct TableAt {
+    pub offset: u64,
+    pub count: u32,
+    pub cluster_size: u64,
+    pub max_l1_entries: u64,
+}
+
+/// What was read of a snapshot table.
+#[derive(Debug, Default)]
+pub struct Table {
+    pub snapshots: Vec<Snapshot>,
+    /// Bytes of the table that were read, entries left out included.
+    pub len: u64,
+    /// The faults an open for `check` left out.
+    pub problems: Vec<String>,
+}
+
+/// Reads the snapshot table; any fault is an error.
+pub fn read_table(storage: &dyn Storage, at: TableAt) -> Result<Table, ErrorKind> {
+    let mut t = Table::default();
+    t.len = read_into(storage, at, &mut t.snapshots, &mut |problem| {
+        Err(corrupt(problem))
+    })?;
+    Ok(t)
+}
+
+/// Reads the snapshot table as `check` needs it: every entry that can be read, and the
+/// problems found (as QEMU's check does, an entry whose L1 table is unaligned or too large is
+/// reported and left out; a table that cannot be read further ends there).
+pub fn read_table_for_check(storage: &dyn Storage, at: TableAt) -> Table {
+    let mut t = Table::default();
+    let mut problems = Vec::new();
+    match read_into(storage, at, &mut t.snapshots, &mut |problem| {
+        problems.push(problem);
+        Ok(())
+    }) {
+        Ok(len) => t.len = len,
+        Err(e) => problems.push(e.to_string()),
+    }
+    t.problems = problems;
+    t
+}
+
+/// Reads entries into `out` and returns the table's length; an entry with an unusable L1
+/// table goes to `bad_l1`, which decides whether that ends the reading (its error) or only
+/// leaves the entry out.
+fn read_into(
     storage: &dyn Storage,
-    offset: u64,
-    count: u32,
-    cluster_size: u64,
-    max_l1_entries: u64,
-) -> Result<Vec<Snapshot>, ErrorKind> {
-    let mut out = Vec::with_capacity(count.min(1024) as usize);
+    at: TableAt,
+    out: &mut Vec<Snapshot>,
+    bad_l1: &mut dyn FnMut(String) -> Result<(), ErrorKind>,
+) -> Result<u64, ErrorKind> {
+    let TableAt {
+        offset,
+        count,
+        cluster_size,
+        max_l1_entries,
+    } = at;
     let mut pos = offset;
     for i in 0..count {
         let mut fixed = [0u8; Entry::LEN];
@@ -116,20 +167,26 @@ pub fn read_table(
                 "snapshot {i}: {extra_len} bytes of extra data (QEMU allows {MAX_EXTRA_DATA})"
             )));
         }
-        if l1_table_offset % cluster_size != 0 {
-            return Err(corrupt(format!(
-                "snapshot {i}: L1 table offset {l1_table_offset:#x} is not cluster aligned"
-            )));
-        }
-        if l1_size as u64 > max_l1_entries {
-            return Err(corrupt(format!(
-                "snapshot {i}: L1 table of {l1_size} entries exceeds QEMU's 32 MiB limit"
-            )));
-        }
         let var_len = extra_len as usize + id_len + name_len;
         let entry_len = (Entry::LEN + var_len).div_ceil(8) as u64 * 8;
         if pos + entry_len - offset > MAX_TABLE_BYTES {
             return Err(corrupt("snapshot table exceeds QEMU's 64 MiB limit"));
+        }
+        let l1_problem = if l1_table_offset % cluster_size != 0 {
+            Some(format!(
+                "snapshot {i}: L1 table offset {l1_table_offset:#x} is not cluster aligned"
+            ))
+        } else if l1_size as u64 > max_l1_entries {
+            Some(format!(
+                "snapshot {i}: L1 table of {l1_size} entries exceeds QEMU's 32 MiB limit"
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = l1_problem {
+            bad_l1(problem)?;
+            pos += entry_len;
+            continue;
         }
         let mut var = vec![0u8; var_len];
         read_exact(
@@ -165,7 +222,7 @@ pub fn read_table(
         });
         pos += entry_len;
     }
-    Ok(out)
+    Ok(pos - offset)
 }
 
 /// Finds a snapshot by id first, then by name, as `qemu-img convert -l` does.
@@ -203,16 +260,25 @@ mod tests {
         let mut table = vec![0u8; 0x1000];
         let bytes: Vec<u8> = [a.to_bytes(), b.to_bytes()].concat();
         table[0x100..0x100 + bytes.len()].copy_from_slice(&bytes);
-        let got = read_table(&table, 0x100, 2, 512, 1 << 22).unwrap();
+        let got = read_table(&table, at(0x100, 2)).unwrap().snapshots;
         assert_eq!(got, vec![a, b]);
         assert_eq!(find(&got, "2").unwrap().name, "a-longer-name");
         assert_eq!(find(&got, "first").unwrap().id, "1");
+    }
+
+    fn at(offset: u64, count: u32) -> TableAt {
+        TableAt {
+            offset,
+            count,
+            cluster_size: 512,
+            max_l1_entries: 1 << 22,
+        }
     }
 
     #[test]
     fn truncated_table_is_an_error() {
         let bytes = snap("1", "x").to_bytes();
         let table = bytes[..bytes.len() - 8].to_vec();
-        assert!(read_table(&table, 0, 1, 512, 1 << 22).is_err());
+        assert!(read_table(&table, at(0, 1)).is_err());
     }
 }
