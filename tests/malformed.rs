@@ -838,7 +838,8 @@ fn a_writer_that_refuses_changes_nothing() {
 }
 
 /// Header faults QEMU refuses at open: a snapshot table offset that is not cluster aligned
-/// (even with no snapshots), a header extension longer than the header cluster. Built the way
+/// (even with no snapshots), a header extension longer than the header cluster, no refcount
+/// table (check examines that one and reports it, exit 2, as qemu-img's). Built the way
 /// QEMU's tests build them (qemu-img, then bytes poked); qemu-img and we both refuse to open
 /// them and `check` ends with the same exit code, and nothing is written.
 #[test]
@@ -860,6 +861,11 @@ fn header_faults_are_refused_where_qemu_refuses_them() {
             "extension-too-large",
             Box::new(move |b, _| set_u32(b, ext_len, 65536)),
             "header extension too large",
+        ),
+        (
+            "no-refcount-table",
+            Box::new(|b, _| set_u32(b, 56, 0)),
+            "does not contain a reference count table",
         ),
     ];
     for (name, patch, needle) in cases {

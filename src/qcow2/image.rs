@@ -111,6 +111,15 @@ impl Qcow2 {
         read_exact(&*file, &mut probe, 0, "header").map_err(|e| at(e.into()))?;
         let header = Header::parse(&probe).map_err(at)?;
         header.validate(file_len, mode == Mode::Read).map_err(at)?;
+        let mut findings = Vec::new();
+        if header.refcount_table_clusters == 0 {
+            let problem = "the image does not contain a reference count table";
+            match mode {
+                // As QEMU: nothing could be written safely, and the image is not what it says.
+                Mode::Read => return Err(at(corrupt(problem))),
+                Mode::Check => findings.push(problem.to_string()),
+            }
+        }
 
         let cs = header.cluster_size();
         let mut cluster0 = vec![0u8; cs.min(file_len) as usize];
@@ -201,7 +210,7 @@ impl Qcow2 {
         let snapshot::Table {
             snapshots,
             len: snapshot_table_len,
-            problems: check_findings,
+            problems,
         } = match mode {
             Mode::Read => snapshot::read_table(&*file, table).map_err(at)?,
             Mode::Check => snapshot::read_table_for_check(&*file, table),
@@ -223,8 +232,9 @@ impl Qcow2 {
                 .map(|e| (e, &bitmaps[..])),
         })
         .map_err(at)?;
+        findings.extend(problems);
         Ok(Qcow2 {
-            check_findings,
+            check_findings: findings,
             snapshot_table_len,
             metadata,
             path: path.to_path_buf(),
