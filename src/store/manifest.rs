@@ -67,9 +67,9 @@ pub fn forget(place: &dyn Place, file: &str) -> io::Result<()> {
     }
 }
 
-/// Whether backup file `file` has a manifest.
+/// Whether backup file `file` has a manifest (asked of the place, like every other access).
 pub fn exists(place: &dyn Place, file: &str) -> bool {
-    place.locate(&name_for(file)).exists()
+    !matches!(place.open(&name_for(file)), Err(e) if e.kind() == io::ErrorKind::NotFound)
 }
 
 /// The CRC-32 of every extent of `data` and its size; extents are read in parallel.
