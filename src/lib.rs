@@ -13,4 +13,5 @@ pub mod chain;
 pub mod cli;
 pub mod qcow2;
 pub mod qmp;
+pub mod serve;
 pub mod store;

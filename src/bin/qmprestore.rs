@@ -18,6 +18,7 @@ use qmpbackup::qcow2::create::{self, CreateOptions};
 use qmpbackup::qcow2::header::CompressionType;
 use qmpbackup::qcow2::write::Writer;
 use qmpbackup::qcow2::{Disk, Format, Image, OpenOptions};
+use qmpbackup::serve;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,6 +36,16 @@ struct ChainArgs {
     /// Backup directory of one disk (e.g. /backup/vm1/disk1.qcow2).
     #[arg(long)]
     dir: PathBuf,
+    #[command(flatten)]
+    select: SelectArgs,
+    /// Limit restore throughput to this many bytes per second.
+    #[arg(long, value_parser = parse_size_arg)]
+    rate_limit: Option<u64>,
+}
+
+/// Which restore point of a backup directory, and what its files may reference.
+#[derive(clap::Args)]
+struct SelectArgs {
     /// Restore point: a file name, a name prefix (INC-1700000600), or a time (epoch or ISO
     /// 8601): the latest point at or before it. Default: the newest.
     #[arg(long)]
@@ -42,9 +53,6 @@ struct ChainArgs {
     /// Only consider files whose name contains this (picks one disk in a flat directory).
     #[arg(long)]
     filter: Option<String>,
-    /// Limit restore throughput to this many bytes per second.
-    #[arg(long, value_parser = parse_size_arg)]
-    rate_limit: Option<u64>,
     /// Follow backing file names that lead out of the backup directory (absolute or with
     /// `..`); refused by default.
     #[arg(long)]
@@ -67,7 +75,7 @@ struct FoldArgs {
 impl FoldArgs {
     fn options(&self) -> FoldOptions {
         FoldOptions {
-            select: self.chain.select(),
+            select: self.chain.select.select(),
             dry_run: self.dry_run,
             rate_limit: self.chain.rate_limit,
             progress: self.progress,
@@ -75,7 +83,7 @@ impl FoldArgs {
     }
 }
 
-impl ChainArgs {
+impl SelectArgs {
     fn select(&self) -> qmpbackup::store::ChainSelect {
         qmpbackup::store::ChainSelect {
             until: self.until.clone(),
@@ -334,6 +342,9 @@ Examples:
         /// Backing file format.
         #[arg(short = 'F', value_enum)]
         backing_format: Option<ImageFormat>,
+        /// Store the backing name without opening it (e.g. an NBD URI); needs a size.
+        #[arg(short = 'u')]
+        unsafe_backing: bool,
         file: PathBuf,
         /// Virtual size (e.g. 64M, 20G); defaults to the backing file's size.
         #[arg(value_parser = parse_size_arg)]
@@ -390,6 +401,67 @@ Example:
         b: PathBuf,
         #[arg(short = 'p', long)]
         progress: bool,
+    },
+    /// Serve a restore point (or any image with its backing chain) read-only over NBD.
+    #[command(after_help = "Examples:
+  qmprestore serve --dir /backup/vm1/disk1.qcow2 --socket /run/restore.sock
+  qemu-img convert -O raw 'nbd+unix:///?socket=/run/restore.sock' disk1.raw
+
+  qmprestore serve --dir /backup/vm1 --until 2026-11-30T12:00 --listen 127.0.0.1:10809
+  nbdinfo --list nbd://127.0.0.1:10809      (one export per disk folder)
+
+  qmprestore serve --dir /backup/vm1/disk1.qcow2 --listen 0.0.0.0:10809 \\
+      --tls-creds /etc/pki/qemu --tls-verify-peer
+
+Live restore (the VM runs at once; block-stream copies the rest in the background):
+  qmprestore serve --dir /backup/vm1/disk1.qcow2 --socket /run/r.sock &
+  qmprestore create -u -b 'nbd+unix:///?socket=/run/r.sock' -F raw disk1.qcow2 20G
+  qemu-system-x86_64 ... -drive file=disk1.qcow2,if=virtio,id=d0   then QMP:
+  {\"execute\": \"block-stream\", \"arguments\": {\"job-id\": \"r\", \"device\": \"d0\"}}
+
+The default export (empty name) is the restore point; with --dir naming a backup target that
+holds several disk folders, each disk is an export named after its folder. The socket accepts
+connections only once every export is open. Serves until SIGINT/SIGTERM (exit 0 once the
+requests in flight are answered), or with --once until the last client leaves.")]
+    Serve {
+        /// Backup directory of one disk, or a backup target holding one folder per disk.
+        #[arg(long, conflicts_with_all = ["image", "format"], required_unless_present = "image")]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        select: SelectArgs,
+        /// An image to serve with its backing chain (instead of --dir).
+        image: Option<PathBuf>,
+        /// Format of IMAGE (probed when omitted).
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<ImageFormat>,
+        /// Listen on this unix socket (created mode 0600; only a stale socket is replaced).
+        #[arg(long, conflicts_with = "listen")]
+        socket: Option<PathBuf>,
+        /// Listen on TCP HOST:PORT; other than loopback only with --tls-creds or --insecure.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+        /// Another name for the export besides the default (empty) one.
+        #[arg(long = "name", value_name = "EXPORT")]
+        name: Option<String>,
+        /// Require TLS, with QEMU's tls-creds-x509 files from DIR (server-cert.pem,
+        /// server-key.pem; ca-cert.pem for --tls-verify-peer).
+        #[arg(long, value_name = "DIR")]
+        tls_creds: Option<PathBuf>,
+        /// Accept only clients whose certificate chains to DIR/ca-cert.pem.
+        #[arg(long, requires = "tls_creds")]
+        tls_verify_peer: bool,
+        /// Allow clear text on an address other than loopback (a trusted network).
+        #[arg(long)]
+        insecure: bool,
+        /// Exit when the last client disconnects.
+        #[arg(long)]
+        once: bool,
+        /// Write the server's process id to this file once it accepts connections.
+        #[arg(long, value_name = "FILE")]
+        pidfile: Option<PathBuf>,
+        /// Close connections that have not finished negotiating after this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = serve::HANDSHAKE_LIMIT.as_secs())]
+        handshake_limit: u64,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(after_help = "Example:
@@ -495,9 +567,52 @@ fn run(command: Command) -> Result<ExitCode> {
             options,
             backing,
             backing_format,
+            unsafe_backing,
             file,
             size,
-        } => create_cmd(&options, backing, backing_format, &file, size),
+        } => create_cmd(
+            &options,
+            backing.map(|b| (b, backing_format, !unsafe_backing)),
+            &file,
+            size,
+        ),
+        Command::Serve {
+            dir,
+            select,
+            image,
+            format,
+            socket,
+            listen,
+            name,
+            tls_creds,
+            tls_verify_peer,
+            insecure,
+            once,
+            pidfile,
+            handshake_limit,
+        } => {
+            let exports = match (&dir, &image) {
+                (Some(d), _) => serve::Exports::of_dir(d, &select.select(), name.as_deref())?,
+                (None, Some(i)) => {
+                    serve::Exports::of_image(i, format.map(Format::from), name.as_deref())?
+                }
+                (None, None) => anyhow::bail!("give --dir DIR or an IMAGE to serve"),
+            };
+            let tls = tls_creds
+                .map(|d| serve::tls::server_config(&d, tls_verify_peer))
+                .transpose()?;
+            let place = Listen {
+                socket,
+                listen,
+                insecure,
+            };
+            let opts = serve::Options {
+                tls,
+                once,
+                handshake_limit: std::time::Duration::from_secs(handshake_limit),
+            };
+            serve_cmd(exports, &place, &opts, pidfile.as_deref())
+        }
         Command::Check {
             file,
             output,
@@ -519,7 +634,7 @@ fn run(command: Command) -> Result<ExitCode> {
             progress,
         } => {
             let opts = MergeOptions {
-                select: chain.select(),
+                select: chain.select.select(),
                 target: match format {
                     MergeFormat::Qcow2 => merge::Target::Qcow2,
                     MergeFormat::Raw => merge::Target::Raw,
@@ -547,7 +662,7 @@ fn run(command: Command) -> Result<ExitCode> {
             force,
         } => {
             let opts = RebaseOptions {
-                select: chain.select(),
+                select: chain.select.select(),
                 dry_run,
                 force,
             };
@@ -628,10 +743,10 @@ fn convert_cmd(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `backing`: the name to store, its format, and whether to open it (not with `-u`).
 fn create_cmd(
     options: &[String],
-    backing: Option<String>,
-    backing_format: Option<ImageFormat>,
+    backing: Option<(String, Option<ImageFormat>, bool)>,
     file: &Path,
     size: Option<u64>,
 ) -> Result<ExitCode> {
@@ -639,19 +754,86 @@ fn create_cmd(
     for o in options {
         create_opts::apply(&mut opts, o).map_err(anyhow::Error::msg)?;
     }
-    if let Some(b) = backing {
-        opts.backing = Some((b, backing_format.map(Format::from)));
-    }
-    opts.size = match (size, &opts.backing) {
-        (Some(s), _) => s,
-        (None, Some((b, _))) => {
+    // Like qemu-img, the backing file is opened (which proves it is there and readable, and
+    // gives the size) unless -u says it cannot or need not be.
+    let backing_size = match &backing {
+        Some((b, format, true)) => {
             let path = qmpbackup::qcow2::disk::backing_path(file, std::ffi::OsStr::new(b))
-                .map_err(|k| k.at(file))?;
-            Disk::open(&path)?.size()
+                .map_err(|k| k.at(file))
+                .context("pass -u to store a backing name that is not opened here")?;
+            let disk = Disk::open_with(
+                &path,
+                &OpenOptions {
+                    format: format.map(Format::from),
+                    ..Default::default()
+                },
+            )?;
+            Some(disk.size())
+        }
+        _ => None,
+    };
+    if let Some((b, format, _)) = backing {
+        opts.backing = Some((b, format.map(Format::from)));
+    }
+    opts.size = match (size, backing_size) {
+        (Some(s), _) | (None, Some(s)) => s,
+        (None, None) if opts.backing.is_some() => {
+            anyhow::bail!("a size is needed with -u (the backing file is not opened)")
         }
         (None, None) => anyhow::bail!("a size is needed (or a backing file to take it from)"),
     };
     create::create(file, &opts)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Where `serve` listens, as given on the command line.
+struct Listen {
+    socket: Option<PathBuf>,
+    listen: Option<String>,
+    insecure: bool,
+}
+
+fn serve_cmd(
+    exports: serve::Exports,
+    place: &Listen,
+    opts: &serve::Options,
+    pidfile: Option<&Path>,
+) -> Result<ExitCode> {
+    let tls = opts.tls.is_some();
+    let listeners = match (&place.socket, &place.listen, serve::Listener::inherited()?) {
+        (Some(s), None, None) => vec![serve::Listener::unix(s)?],
+        (None, Some(a), None) => serve::Listener::tcp(a, tls, place.insecure)?,
+        (None, None, Some(l)) => l,
+        (None, None, None) => {
+            anyhow::bail!("say where to listen: --socket PATH or --listen HOST:PORT")
+        }
+        _ => anyhow::bail!(
+            "systemd passed listening sockets (LISTEN_FDS): --socket and --listen cannot be used with them"
+        ),
+    };
+    for l in &listeners {
+        for e in exports.iter() {
+            let name = e.names().last().map_or("", |n| n.as_str());
+            eprintln!(
+                "qmprestore: serving {} ({})",
+                l.uri(name, tls),
+                e.description()
+            );
+        }
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())?;
+    }
+    if let Some(p) = pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    let served = serve::serve(&listeners, exports, opts, &stop);
+    if let Some(p) = pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!("served {} connections", served?);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,7 +17,7 @@ use crate::store::place::{Folder, Place};
 use crate::store::Level;
 use rayon::prelude::*;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 #[derive(Debug, Serialize)]
 pub struct Problem {
@@ -81,9 +81,7 @@ impl Report {
 pub fn verify(dir: &Path, recursive: bool, filter: Option<&str>) -> Result<Report> {
     std::fs::read_dir(dir).map_err(|e| crate::store::StoreError::Io(dir.to_path_buf(), e))?;
     let dirs = if recursive {
-        let mut found = Vec::new();
-        find_backup_dirs(dir, 0, &mut found)?;
-        found
+        crate::store::folder::backup_dirs_below(dir, 8)?
     } else {
         vec![dir.to_path_buf()]
     };
@@ -98,33 +96,6 @@ pub fn verify(dir: &Path, recursive: bool, filter: Option<&str>) -> Result<Repor
         restorable: reports.iter().all(|r| r.restorable),
         dirs: reports,
     })
-}
-
-fn find_backup_dirs(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
-    let io = |e| crate::store::StoreError::Io(dir.to_path_buf(), e);
-    let mut has_backups = false;
-    let mut subdirs = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let entry = entry.map_err(io)?;
-        let ft = entry.file_type().map_err(io)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        // Dot-directories hold side files (manifests, quarantined partials), not backups.
-        if ft.is_dir() && depth < 8 && !name.starts_with('.') {
-            subdirs.push(entry.path());
-        } else if ft.is_file()
-            && crate::store::name::parse_name(name.trim_end_matches(".partial")).is_some()
-        {
-            has_backups = true;
-        }
-    }
-    if has_backups {
-        out.push(dir.to_path_buf());
-    }
-    subdirs.sort();
-    for s in subdirs {
-        find_backup_dirs(&s, depth + 1, out)?;
-    }
-    Ok(())
 }
 
 fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {

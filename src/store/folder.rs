@@ -123,6 +123,35 @@ pub fn newest_epoch(places: &[&dyn Place]) -> u64 {
 }
 
 /// A small text file of `place` (at most 4 KiB: a chain id), if it can be read.
+/// The backup directories at or below `dir` (folders holding backup file names), at most
+/// `max_depth` levels down, sorted. Dot-directories hold side files (manifests, quarantined
+/// partials), not backups, and are skipped.
+pub fn backup_dirs_below(dir: &Path, max_depth: usize) -> Result<Vec<PathBuf>, StoreError> {
+    let mut found = Vec::new();
+    let mut todo = vec![(dir.to_path_buf(), 0)];
+    while let Some((dir, depth)) = todo.pop() {
+        let io = |e| StoreError::Io(dir.clone(), e);
+        let mut has_backups = false;
+        let mut subdirs = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let ft = entry.file_type().map_err(io)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if ft.is_dir() && depth < max_depth && !name.starts_with('.') {
+                subdirs.push(entry.path());
+            } else if ft.is_file() && parse_name(strip_partial(&name).unwrap_or(&name)).is_some() {
+                has_backups = true;
+            }
+        }
+        if has_backups {
+            found.push(dir.clone());
+        }
+        todo.extend(subdirs.into_iter().map(|s| (s, depth + 1)));
+    }
+    found.sort();
+    Ok(found)
+}
+
 fn read_text(place: &dyn Place, name: &str) -> Option<String> {
     let data = place.open(name).ok()?;
     let mut buf = vec![0u8; data.size().ok()?.min(4096) as usize];

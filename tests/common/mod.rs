@@ -17,8 +17,13 @@ pub fn sample_chain() -> PathBuf {
 /// Whether a reference tool is installed. Missing locally: a loud skip. Missing in CI
 /// (`CI=true`): a failure, because there the tools are installed and must be used.
 pub fn have(tool: &str) -> bool {
+    have_answering(tool, "--version")
+}
+
+/// [`have`] for a tool that tells its version to another argument (`openssl version`).
+pub fn have_answering(tool: &str, version_arg: &str) -> bool {
     let ok = Command::new(tool)
-        .arg("--version")
+        .arg(version_arg)
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
@@ -234,6 +239,7 @@ impl Lcg {
     }
 }
 pub mod chains;
+pub mod nbd;
 pub mod qemu;
 
 /// Runs `qemu-img compare` (with -U: the images may be in use) and asserts they are identical.
