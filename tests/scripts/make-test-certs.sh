@@ -29,10 +29,10 @@ basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth"
 leaf test-ca client "basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature
+keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
 leaf rogue-ca rogue "basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature
+keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
 for d in server client anon; do cp test-ca-cert.pem "$dir/$d/ca-cert.pem"; done
 cp server-cert.pem server-key.pem "$dir/server/"
