@@ -81,3 +81,17 @@ fn guest_agent_fuzz_inputs_stay_fixed() {
         qmpbackup::qmp::fuzz::agent_stream(&std::fs::read(entry.unwrap().path()).unwrap());
     }
 }
+
+#[test]
+fn nbd_session_findings_stay_fixed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/nbd_session");
+    let mut answered = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        answered += qmpbackup::serve::fuzz::session(&std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    // The seed sessions get their greetings, option replies and read data back.
+    assert!(
+        answered > 65536,
+        "the corpus samples are served ({answered} bytes)"
+    );
+}
