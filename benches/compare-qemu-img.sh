@@ -143,13 +143,17 @@ bench_merge() {
     rm -f ref.qcow2
 }
 
-if [ -z "$filter" ] || [[ merge == *$filter* ]]; then
-    # A 4-deep chain: the FULL above plus 4 INCs of 128 MiB each.
+# The 4-deep chain: the FULL above plus 4 INCs of 128 MiB each.
+need_chain4() {
     if [ ! -d chain4 ]; then
         mkdir -p chain4
         cp img.qcow2 chain4/FULL-1700000000-disk.qcow2
         add_incs chain4 4 128 700
     fi
+}
+
+if [ -z "$filter" ] || [[ merge == *$filter* ]]; then
+    need_chain4
     bench_merge 4-deep chain4
 fi
 if [ -z "$filter" ] || [[ merge30 == *$filter* ]]; then
@@ -232,4 +236,63 @@ if [ -z "$filter" ] || [[ verify == *$filter* ]]; then
     printf '#!/bin/sh\ncat chain4/* >/dev/null\n' > cat-chain4.sh
     chmod +x cat-chain4.sh
     compare "verify 4-deep vs cat" none "$ours verify --dir chain4" ./cat-chain4.sh
+fi
+if [ -z "$filter" ] || [[ serve == *$filter* ]]; then
+    # nbdcopy of the whole restore point of the 4-deep chain, served by us vs by qemu-nbd
+    # (read-only, persistent, multi-connection) serving the chain's newest file; each timing
+    # includes the server's start, and RSS is the larger of server and nbdcopy. Then the same
+    # copy against `qmprestore merge --format raw` of the chain.
+    if command -v nbdcopy >/dev/null && command -v qemu-nbd >/dev/null; then
+        need_chain4
+        top=$(ls chain4 | sort | tail -n 1)
+        cat > nbd-copy.sh <<'SH'
+#!/bin/sh
+# nbd-copy.sh SOCKET OUT SERVER...: starts SERVER (listening on SOCKET), copies its default
+# export to OUT with nbdcopy, stops the server.
+sock=$1 out=$2; shift 2
+rm -f "$sock"
+"$@" 2>/dev/null &
+pid=$!
+while [ ! -S "$sock" ]; do sleep 0.005; done
+nbdcopy "nbd+unix:///?socket=$sock" "$out"
+kill "$pid"; wait "$pid" || true
+SH
+        chmod +x nbd-copy.sh
+        compare "serve: nbdcopy 4-deep vs qemu-nbd" out.raw \
+            "./nbd-copy.sh $work/nbd.sock out.raw $ours serve --dir chain4 --socket $work/nbd.sock" \
+            "./nbd-copy.sh $work/nbd.sock out.raw qemu-nbd -r -t -e 0 -f qcow2 -k $work/nbd.sock chain4/$top"
+        compare "serve: nbdcopy 4-deep vs merge raw" out.raw \
+            "./nbd-copy.sh $work/nbd.sock out.raw $ours serve --dir chain4 --socket $work/nbd.sock" \
+            "$ours merge --force --format raw --dir chain4 --targetfile out.raw"
+        # The first read from a 1000-file chain (64 GiB virtual, 64 KiB per INC), timed from
+        # the server's start; the reference is the same read from qemu-nbd.
+        if [ ! -d chain1000 ]; then
+            mkdir -p chain1000
+            qemu-img create -q -f qcow2 chain1000/FULL-1700000000-disk.qcow2 64G
+            prev=FULL-1700000000-disk.qcow2
+            for i in $(seq 1 999); do
+                name=INC-$((1700000000 + i * 600))-disk.qcow2
+                qemu-img create -q -f qcow2 -b "$prev" -F qcow2 "chain1000/$name" 64G
+                qemu-io -f qcow2 -c "write -P $((i % 250 + 1)) $((i * 64))M 64k" "chain1000/$name" >/dev/null
+                prev=$name
+            done
+        fi
+        top=$(ls chain1000 | sort | tail -n 1)
+        cat > first-read.sh <<'SH'
+#!/bin/sh
+# first-read.sh SOCKET SERVER...: starts SERVER and retries a 64 KiB read until it succeeds.
+sock=$1; shift
+rm -f "$sock"
+"$@" 2>/dev/null &
+pid=$!
+until qemu-io -r -f raw -c "read 0 64k" "nbd+unix:///?socket=$sock" >/dev/null 2>&1; do :; done
+kill "$pid"; wait "$pid" || true
+SH
+        chmod +x first-read.sh
+        compare "serve: first read, 1000-file chain" none \
+            "./first-read.sh $work/nbd.sock $ours serve --dir chain1000 --socket $work/nbd.sock" \
+            "./first-read.sh $work/nbd.sock qemu-nbd -r -t -e 0 -f qcow2 -k $work/nbd.sock chain1000/$top"
+    else
+        echo "serve: skipped (needs nbdcopy and qemu-nbd: scripts/install-nbd-tools, qemu-utils)"
+    fi
 fi
