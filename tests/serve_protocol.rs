@@ -345,3 +345,69 @@ fn tls_required_before_anything_else() {
     c.option(1, b"");
     assert!(c.closed());
 }
+
+/// STARTTLS, then `NBD_OPT_INFO` of the default export over TLS with the client certificate
+/// in `pki/<who>/`; the final reply type, or the error that ended the session.
+fn info_over_tls(
+    socket: &std::path::Path,
+    pki: &std::path::Path,
+    who: &str,
+) -> Result<u32, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+    let mut c = Client::connect(socket);
+    c.option(5, &[]);
+    assert_eq!(c.final_reply().0, REP_ACK);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(pki.join("server/ca-cert.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let certs: Vec<_> = CertificateDer::pem_file_iter(pki.join(who).join("client-cert.pem"))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(pki.join(who).join("client-key.pem")).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .unwrap();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, c.s);
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&OPT_INFO.to_be_bytes());
+    let info = info_request("");
+    m.extend_from_slice(&(info.len() as u32).to_be_bytes());
+    m.extend_from_slice(&info);
+    let mut last = 0;
+    tls.write_all(&m).map_err(|e| e.to_string())?;
+    while last != REP_ACK && last & (1 << 31) == 0 {
+        let mut h = [0u8; 20];
+        tls.read_exact(&mut h).map_err(|e| e.to_string())?;
+        last = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut d = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+        tls.read_exact(&mut d).map_err(|e| e.to_string())?;
+    }
+    Ok(last)
+}
+
+#[test]
+fn tls_verify_peer_refuses_a_certificate_from_another_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(pki) = make_certificates(dir.path()) else {
+        return;
+    };
+    let creds = pki.join("server");
+    let server = serve_sample(
+        dir.path(),
+        &["--tls-creds", creds.to_str().unwrap(), "--tls-verify-peer"],
+    );
+    assert_eq!(info_over_tls(&server.socket, &pki, "client"), Ok(REP_ACK));
+    let rogue = info_over_tls(&server.socket, &pki, "rogue");
+    assert!(rogue.is_err(), "a certificate from another CA was accepted");
+    assert_eq!(info_over_tls(&server.socket, &pki, "client"), Ok(REP_ACK));
+}

@@ -275,6 +275,20 @@ impl Disk {
         }
     }
 
+    /// The file and offset that hold an extent's bytes as they are (uncompressed data in a
+    /// local file), checked as a read checks them, for copies that bypass user space
+    /// (`sendfile`); `None` when the bytes must be read (compressed) or are zeros.
+    pub fn direct_source(&self, e: &Extent) -> Result<Option<(&File, u64)>> {
+        let (Some(host), false, true) = (e.offset, e.compressed, e.data) else {
+            return Ok(None);
+        };
+        let storage = match &self.images[e.depth as usize].layer {
+            Layer::Qcow2(q) => q.data_source(host, e.length)?.0,
+            Layer::Raw(r) => r.storage(),
+        };
+        Ok(storage.as_file().map(|f| (f, host)))
+    }
+
     /// Guest-visible size (the top image's).
     pub fn size(&self) -> u64 {
         self.top().size()

@@ -380,20 +380,28 @@ impl Qcow2 {
     /// Reads uncompressed guest data stored at `host` (a [`Status::Data`] run). Bytes past the
     /// end of the file read as zeros, as in QEMU, but a run that starts past it is corrupt.
     pub fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
-        let (storage, len, path) = match &self.data_file {
+        let (storage, path) = self.data_source(host, buf.len() as u64)?;
+        read_zero_padded(storage, buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+    }
+
+    /// Where `len` bytes of guest data at `host` are stored (the image or its data file),
+    /// after the checks every read makes: inside the file, not on metadata. Bytes past the
+    /// end of the file read as zeros.
+    pub fn data_source(&self, host: u64, len: u64) -> Result<(&dyn Storage, &Path)> {
+        let (storage, file_len, path) = match &self.data_file {
             Some(d) => (&*d.storage, d.len, d.path.as_path()),
             None => (&*self.file, self.file_len, self.path.as_path()),
         };
-        if host >= len {
+        if host >= file_len {
             return Err(corrupt(format!(
-                "data cluster at host offset {host:#x} lies past the end of the file ({len} bytes)"
+                "data cluster at host offset {host:#x} lies past the end of the file ({file_len} bytes)"
             ))
             .at(path));
         }
         if self.data_file.is_none() {
-            self.refuse_overlap("data", host, buf.len() as u64)?;
+            self.refuse_overlap("data", host, len)?;
         }
-        read_zero_padded(storage, buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+        Ok((storage, path))
     }
 
     /// Refuses guest data at `[host, host + len)` of the image file if metadata lives there.

@@ -74,6 +74,26 @@ pub struct Piece {
     pub hole: bool,
 }
 
+/// Where a run of a read comes from, for replies that send file data without copying it
+/// through user space.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// Zeros: sent as a hole.
+    Hole,
+    /// Stored as it is in this file at this offset.
+    File(&'a std::fs::File, u64),
+    /// Must be read (compressed clusters, storage without a file).
+    Read,
+}
+
+/// A run of a read and its source.
+#[derive(Debug, Clone, Copy)]
+pub struct Run<'a> {
+    pub offset: u64,
+    pub len: u64,
+    pub source: Source<'a>,
+}
+
 /// One disk served read-only.
 pub struct Export {
     names: Vec<String>,
@@ -135,6 +155,32 @@ impl Export {
                     offset: e.start,
                     len: e.length,
                     hole,
+                }),
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The runs of `[offset, offset + len)` with their sources, adjacent reads merged.
+    pub fn runs(&self, offset: u64, len: u64) -> Result<Vec<Run<'_>>> {
+        let mut out: Vec<Run> = Vec::new();
+        self.disk.for_each_extent(offset, len, |e| {
+            let source = if e.zero {
+                Source::Hole
+            } else {
+                match self.disk.direct_source(&e)? {
+                    Some((f, host)) => Source::File(f, host),
+                    None => Source::Read,
+                }
+            };
+            match (out.last_mut(), source) {
+                (Some(r), Source::Hole) if matches!(r.source, Source::Hole) => r.len += e.length,
+                (Some(r), Source::Read) if matches!(r.source, Source::Read) => r.len += e.length,
+                _ => out.push(Run {
+                    offset: e.start,
+                    len: e.length,
+                    source,
                 }),
             }
             Ok(())
