@@ -2,15 +2,17 @@
 //! backup chains without qemu-img.
 //!
 //! Dependencies flow one way: the binaries (`src/bin`) call [`backup`] (the backup runs,
-//! over [`qmp`]) and [`chain`] (restore-side commands); both build on [`store`] (the
-//! backup-folder contract: names, levels, folders, manifests, chain selection), which builds
-//! on [`qcow2`] (the format engine). [`cli`] holds what both front ends share.
+//! over [`qmp`]), [`chain`] (restore-side commands) and [`serve`] (the NBD server); these
+//! build on [`store`] (the backup-folder contract: names, levels, folders, manifests, chain
+//! selection), which builds on [`qcow2`] (the format engine). [`cli`] holds what both front
+//! ends share; [`net`] the socket type of the QMP client and the NBD server.
 //!
-//! `bin → backup, chain → store → qcow2`; `backup → qmp`.
+//! `bin → backup, chain, serve → store → qcow2`; `backup → qmp → net`; `serve → net`.
 
 pub mod backup;
 pub mod chain;
 pub mod cli;
+pub mod net;
 pub mod qcow2;
 pub mod qmp;
 pub mod serve;

@@ -6,60 +6,14 @@
 
 use super::addr::Address;
 use super::error::{QmpError, Result};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use crate::net::Socket;
+use std::io::{self, BufRead, BufReader, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// The longest line accepted from QEMU (query-qmp-schema is a few hundred KiB).
 const MAX_LINE: usize = 16 << 20;
-
-enum Socket {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Socket {
-    fn set_read_timeout(&self, t: Duration) -> io::Result<()> {
-        match self {
-            Socket::Unix(s) => s.set_read_timeout(Some(t)),
-            Socket::Tcp(s) => s.set_read_timeout(Some(t)),
-        }
-    }
-    fn set_write_timeout(&self, t: Duration) -> io::Result<()> {
-        match self {
-            Socket::Unix(s) => s.set_write_timeout(Some(t)),
-            Socket::Tcp(s) => s.set_write_timeout(Some(t)),
-        }
-    }
-    fn try_clone(&self) -> io::Result<Socket> {
-        Ok(match self {
-            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
-            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
-        })
-    }
-}
-
-impl Read for Socket {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Socket::Unix(s) => s.read(buf),
-            Socket::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Socket {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Socket::Unix(s) => s.write(buf),
-            Socket::Tcp(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 pub(super) struct Conn {
     pub addr: String,

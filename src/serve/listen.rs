@@ -156,7 +156,7 @@ impl Listener {
             Socket::Unix(s) => s.set_nonblocking(false)?,
             Socket::Tcp(s) => s.set_nonblocking(false)?,
         }
-        sock.tune();
+        sock.set_nodelay();
         Ok(sock)
     }
 

@@ -7,73 +7,10 @@
 //! state behind a mutex, and the reader holds it only to decrypt what it has already received,
 //! never while it waits on the socket, so replies are not held up by an idle client.
 
+pub use crate::net::Socket;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-
-/// An accepted connection.
-pub enum Socket {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Socket {
-    pub fn try_clone(&self) -> io::Result<Socket> {
-        Ok(match self {
-            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
-            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
-        })
-    }
-
-    /// Shuts the socket down for every clone (how the server ends a connection from outside
-    /// the thread that serves it).
-    pub fn shutdown(&self, how: Shutdown) {
-        let _ = match self {
-            Socket::Unix(s) => s.shutdown(how),
-            Socket::Tcp(s) => s.shutdown(how),
-        };
-    }
-
-    /// Replies are written in whole messages: no small-packet delay on TCP.
-    pub fn tune(&self) {
-        if let Socket::Tcp(s) = self {
-            let _ = s.set_nodelay(true);
-        }
-    }
-}
-
-impl std::os::fd::AsRawFd for Socket {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        match self {
-            Socket::Unix(s) => s.as_raw_fd(),
-            Socket::Tcp(s) => s.as_raw_fd(),
-        }
-    }
-}
-
-impl Read for Socket {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Socket::Unix(s) => s.read(buf),
-            Socket::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Socket {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Socket::Unix(s) => s.write(buf),
-            Socket::Tcp(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// The negotiation phase's stream.
 pub enum Stream {
