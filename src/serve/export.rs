@@ -10,7 +10,7 @@ use super::error::ServeError;
 use super::proto::tflag;
 use crate::qcow2::{Disk, Format, OpenOptions, Result};
 use crate::store::{self, ChainSelect};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The largest read (and block status range with data) the server answers: the spec's
@@ -144,21 +144,20 @@ impl Export {
     }
 
     /// The data pieces and holes of `[offset, offset + len)`, in order, adjacent ones of the
-    /// same kind merged.
+    /// same kind merged (for replies that read all data into a buffer).
     pub fn pieces(&self, offset: u64, len: u64) -> Result<Vec<Piece>> {
         let mut out: Vec<Piece> = Vec::new();
-        self.disk.for_each_extent(offset, len, |e| {
-            let hole = e.zero;
+        for r in self.runs(offset, len)? {
+            let hole = matches!(r.source, Source::Hole);
             match out.last_mut() {
-                Some(p) if p.hole == hole => p.len += e.length,
+                Some(p) if p.hole == hole => p.len += r.len,
                 _ => out.push(Piece {
-                    offset: e.start,
-                    len: e.length,
+                    offset: r.offset,
+                    len: r.len,
                     hole,
                 }),
             }
-            Ok(())
-        })?;
+        }
         Ok(out)
     }
 
@@ -317,8 +316,6 @@ impl Exports {
         Ok(Exports { list })
     }
 }
-
-use std::path::PathBuf;
 
 /// Opens the restore point of one disk folder, described for `NBD_OPT_LIST`.
 fn restore_point(dir: &Path, select: &ChainSelect) -> Result<(Disk, String), ServeError> {
