@@ -35,27 +35,27 @@ fn negotiation_errors_are_answered_and_the_session_goes_on() {
     let server = serve_sample(dir.path(), &["--name", "disk"]);
     let mut c = Client::connect(&server.socket);
     c.option(99, b"whatever");
-    assert_eq!(c.final_reply().0, REP_ERR_UNSUP);
+    assert_eq!(c.final_reply().0, rep::ERR_UNSUP);
     // A large option is read and refused; the session stays in step.
-    c.option(OPT_INFO, &vec![7u8; 100 << 10]);
-    assert_eq!(c.final_reply().0, REP_ERR_TOO_BIG);
-    c.option(OPT_INFO, &info_request("nosuch"));
+    c.option(opt::INFO, &vec![7u8; 100 << 10]);
+    assert_eq!(c.final_reply().0, rep::ERR_TOO_BIG);
+    c.option(opt::INFO, &info_request("nosuch"));
     let (kind, _) = c.final_reply();
-    assert_eq!(kind, REP_ERR_UNKNOWN);
+    assert_eq!(kind, rep::ERR_UNKNOWN);
     // A name length that runs past the option's data.
     let mut bad = info_request("disk");
     bad[3] = 200;
-    c.option(OPT_GO, &bad);
-    assert_eq!(c.final_reply().0, REP_ERR_INVALID);
+    c.option(opt::GO, &bad);
+    assert_eq!(c.final_reply().0, rep::ERR_INVALID);
     // Meta contexts need structured replies first.
     c.option(
-        OPT_SET_META_CONTEXT,
+        opt::SET_META_CONTEXT,
         &meta_query("disk", &["base:allocation"]),
     );
-    assert_eq!(c.final_reply().0, REP_ERR_INVALID);
-    c.option(OPT_INFO, &info_request("disk"));
+    assert_eq!(c.final_reply().0, rep::ERR_INVALID);
+    c.option(opt::INFO, &info_request("disk"));
     let (kind, infos) = c.final_reply();
-    assert_eq!(kind, REP_ACK);
+    assert_eq!(kind, rep::ACK);
     let export = infos.iter().find(|d| d[0..2] == [0, 0]).unwrap();
     assert_eq!(
         u64::from_be_bytes(export[2..10].try_into().unwrap()),
@@ -65,7 +65,7 @@ fn negotiation_errors_are_answered_and_the_session_goes_on() {
     assert_ne!(flags & 2, 0, "read-only");
     assert_ne!(flags & (1 << 8), 0, "multi-conn");
     assert_eq!(c.go("disk"), 8 << 20);
-    c.request(CMD_READ, 0, 1, 0, 4096);
+    c.request(cmd::READ, 0, 1, 0, 4096);
     assert_eq!(c.read_reply(0, 4096), (1, Ok(expected(0, 4096))));
 }
 
@@ -83,7 +83,7 @@ fn protocol_violations_end_only_that_connection() {
     // An option claiming 1 GiB of data.
     let mut c = Client::connect(&server.socket);
     let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&OPT_INFO.to_be_bytes());
+    m.extend_from_slice(&opt::INFO.to_be_bytes());
     m.extend_from_slice(&(1u32 << 30).to_be_bytes());
     c.s.write_all(&m).unwrap();
     assert!(c.closed());
@@ -95,13 +95,13 @@ fn protocol_violations_end_only_that_connection() {
     // Garbage after NBD_CMD_DISC is never read.
     let mut c = Client::connect(&server.socket);
     c.go("");
-    c.request(CMD_DISC, 0, 9, 0, 0);
+    c.request(cmd::DISC, 0, 9, 0, 0);
     let _ = c.s.write_all(&[0xFF; 4096]);
     assert!(c.closed());
     // After all of that, a good client is served.
     let mut c = Client::connect(&server.socket);
     c.go("");
-    c.request(CMD_READ, 0, 2, 1 << 20, 65536);
+    c.request(cmd::READ, 0, 2, 1 << 20, 65536);
     assert_eq!(
         c.read_reply(1 << 20, 65536),
         (2, Ok(expected(1 << 20, 65536)))
@@ -116,26 +116,29 @@ fn bad_requests_get_the_spec_errors() {
     let mut c = Client::connect(&server.socket);
     let size = c.go("");
     // Past the end, straddling the end, oversized.
-    c.request(CMD_READ, 0, 1, size, 512);
-    assert_eq!(c.read_reply(size, 512), (1, Err(EINVAL)));
-    c.request(CMD_READ, 0, 2, size - 512, 1024);
-    assert_eq!(c.read_reply(size - 512, 1024), (2, Err(EINVAL)));
-    c.request(CMD_READ, 0, 3, 0, (32 << 20) + 1);
-    assert_eq!(c.read_reply(0, 0), (3, Err(EOVERFLOW)));
-    c.request(CMD_READ, 0, 3, u64::MAX - 10, 100);
-    assert_eq!(c.read_reply(0, 0), (3, Err(EINVAL)));
+    c.request(cmd::READ, 0, 1, size, 512);
+    assert_eq!(c.read_reply(size, 512), (1, Err(Errno::Inval as u32)));
+    c.request(cmd::READ, 0, 2, size - 512, 1024);
+    assert_eq!(
+        c.read_reply(size - 512, 1024),
+        (2, Err(Errno::Inval as u32))
+    );
+    c.request(cmd::READ, 0, 3, 0, (32 << 20) + 1);
+    assert_eq!(c.read_reply(0, 0), (3, Err(Errno::Overflow as u32)));
+    c.request(cmd::READ, 0, 3, u64::MAX - 10, 100);
+    assert_eq!(c.read_reply(0, 0), (3, Err(Errno::Inval as u32)));
     // An unknown flag, an unknown command.
-    c.request(CMD_READ, 1 << 9, 4, 0, 512);
-    assert_eq!(c.read_reply(0, 0), (4, Err(EINVAL)));
+    c.request(cmd::READ, 1 << 9, 4, 0, 512);
+    assert_eq!(c.read_reply(0, 0), (4, Err(Errno::Inval as u32)));
     c.request(42, 0, 5, 0, 512);
-    assert_eq!(c.status_reply(), (5, EINVAL));
+    assert_eq!(c.status_reply(), (5, Errno::Inval as u32));
     // A write is refused after its payload is consumed: the next request is in step.
-    c.request(CMD_WRITE, 0, 6, 0, 4096);
+    c.request(cmd::WRITE, 0, 6, 0, 4096);
     c.s.write_all(&[0xEE; 4096]).unwrap();
-    assert_eq!(c.status_reply(), (6, EPERM));
-    c.request(CMD_BLOCK_STATUS, 0, 7, 0, 0);
-    assert_eq!(c.status_reply(), (7, EINVAL));
-    c.request(CMD_READ, 0, 8, 0, 512);
+    assert_eq!(c.status_reply(), (6, Errno::Perm as u32));
+    c.request(cmd::BLOCK_STATUS, 0, 7, 0, 0);
+    assert_eq!(c.status_reply(), (7, Errno::Inval as u32));
+    c.request(cmd::READ, 0, 8, 0, 512);
     assert_eq!(c.read_reply(0, 512), (8, Ok(expected(0, 512))));
     // Nothing was written.
     drop(c);
@@ -175,7 +178,7 @@ fn many_requests_in_flight_are_answered_by_cookie() {
     let sender = std::thread::spawn(move || {
         let mut w = Client { s: writer };
         for (cookie, off, len) in reqs {
-            w.request(CMD_READ, 0, cookie, off, len);
+            w.request(cmd::READ, 0, cookie, off, len);
         }
     });
     for _ in 0..300 {
@@ -230,7 +233,7 @@ fn a_thousand_idle_connections_do_not_stop_a_client() {
     let started = Instant::now();
     let mut c = Client::connect(&server.socket);
     c.go("");
-    c.request(CMD_READ, 0, 1, 0, 65536);
+    c.request(cmd::READ, 0, 1, 0, 65536);
     assert_eq!(c.read_reply(0, 65536), (1, Ok(expected(0, 65536))));
     assert!(started.elapsed() < Duration::from_secs(5));
     let rss = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))
@@ -259,7 +262,7 @@ fn a_thousand_idle_connections_do_not_stop_a_client() {
         }
     }
     assert_eq!(got.len(), 18, "only the greeting, then the close");
-    c.request(CMD_READ, 0, 2, 4096, 4096);
+    c.request(cmd::READ, 0, 2, 4096, 4096);
     assert_eq!(c.read_reply(4096, 4096), (2, Ok(expected(4096, 4096))));
     assert!(server.stop().success());
 }
@@ -278,7 +281,7 @@ fn sigterm_answers_what_is_in_flight_and_exits_zero() {
     let mut c = Client::connect(&server.socket);
     c.go("");
     for i in 0..20 {
-        c.request(CMD_READ, 0, i, 0, 1 << 20);
+        c.request(cmd::READ, 0, i, 0, 1 << 20);
     }
     // The replies are taken while the server stops (20 MiB do not fit in the socket).
     let mut r = Client {
@@ -315,7 +318,7 @@ fn once_exits_when_the_last_client_leaves() {
         server.child.try_wait().unwrap().is_none(),
         "one client is still there"
     );
-    b.request(CMD_DISC, 0, 0, 0, 0);
+    b.request(cmd::DISC, 0, 0, 0, 0);
     drop(b);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -337,10 +340,10 @@ fn tls_required_before_anything_else() {
     let creds = pki.join("server");
     let server = serve_sample(dir.path(), &["--tls-creds", creds.to_str().unwrap()]);
     let mut c = Client::connect(&server.socket);
-    c.option(OPT_INFO, &info_request(""));
-    assert_eq!(c.final_reply(), (REP_ERR_TLS_REQD, vec![]));
-    c.option(OPT_GO, &info_request(""));
-    assert_eq!(c.final_reply(), (REP_ERR_TLS_REQD, vec![]));
+    c.option(opt::INFO, &info_request(""));
+    assert_eq!(c.final_reply(), (rep::ERR_TLS_REQD, vec![]));
+    c.option(opt::GO, &info_request(""));
+    assert_eq!(c.final_reply(), (rep::ERR_TLS_REQD, vec![]));
     // NBD_OPT_EXPORT_NAME cannot be refused in-band: the connection ends.
     c.option(1, b"");
     assert!(c.closed());
@@ -358,7 +361,7 @@ fn info_over_tls(
     use std::sync::Arc;
     let mut c = Client::connect(socket);
     c.option(5, &[]);
-    assert_eq!(c.final_reply().0, REP_ACK);
+    assert_eq!(c.final_reply().0, rep::ACK);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(pki.join("server/ca-cert.pem")).unwrap() {
@@ -379,13 +382,13 @@ fn info_over_tls(
         rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, c.s);
     let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&OPT_INFO.to_be_bytes());
+    m.extend_from_slice(&opt::INFO.to_be_bytes());
     let info = info_request("");
     m.extend_from_slice(&(info.len() as u32).to_be_bytes());
     m.extend_from_slice(&info);
     let mut last = 0;
     tls.write_all(&m).map_err(|e| e.to_string())?;
-    while last != REP_ACK && last & (1 << 31) == 0 {
+    while last != rep::ACK && last & (1 << 31) == 0 {
         let mut h = [0u8; 20];
         tls.read_exact(&mut h).map_err(|e| e.to_string())?;
         last = u32::from_be_bytes(h[12..16].try_into().unwrap());
@@ -406,8 +409,8 @@ fn tls_verify_peer_refuses_a_certificate_from_another_ca() {
         dir.path(),
         &["--tls-creds", creds.to_str().unwrap(), "--tls-verify-peer"],
     );
-    assert_eq!(info_over_tls(&server.socket, &pki, "client"), Ok(REP_ACK));
+    assert_eq!(info_over_tls(&server.socket, &pki, "client"), Ok(rep::ACK));
     let rogue = info_over_tls(&server.socket, &pki, "rogue");
     assert!(rogue.is_err(), "a certificate from another CA was accepted");
-    assert_eq!(info_over_tls(&server.socket, &pki, "client"), Ok(REP_ACK));
+    assert_eq!(info_over_tls(&server.socket, &pki, "client"), Ok(rep::ACK));
 }

@@ -8,24 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-pub const OPT_INFO: u32 = 6;
-pub const OPT_GO: u32 = 7;
-pub const OPT_STRUCTURED_REPLY: u32 = 8;
-pub const OPT_SET_META_CONTEXT: u32 = 10;
-pub const REP_ACK: u32 = 1;
-pub const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
-pub const REP_ERR_INVALID: u32 = (1 << 31) | 3;
-pub const REP_ERR_TLS_REQD: u32 = (1 << 31) | 5;
-pub const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
-pub const REP_ERR_TOO_BIG: u32 = (1 << 31) | 9;
-pub const CMD_READ: u16 = 0;
-pub const CMD_WRITE: u16 = 1;
-pub const CMD_DISC: u16 = 2;
-pub const CMD_BLOCK_STATUS: u16 = 7;
-pub const EPERM: u32 = 1;
-pub const EINVAL: u32 = 22;
-pub const EOVERFLOW: u32 = 75;
+// The wire constants are the server's own; real clients (qemu-img, nbdinfo, QEMU) check them
+// independently in tests/serve.rs.
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use qmpbackup::serve::proto::{cmd, opt, rep, Errno, IHAVEOPT};
 
 /// `qmprestore serve ARGS --socket DIR/nbd.sock`, running until dropped (SIGTERM).
 pub struct Server {
@@ -125,7 +111,7 @@ impl Client {
         self.s.read_exact(&mut h).unwrap();
         assert_eq!(
             u64::from_be_bytes(h[0..8].try_into().unwrap()),
-            0x0003_e889_0455_65a9
+            qmpbackup::serve::proto::OPTION_REPLY_MAGIC
         );
         let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
         let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
@@ -140,7 +126,7 @@ impl Client {
         let mut before = Vec::new();
         loop {
             let (kind, d) = self.reply();
-            if kind == REP_ACK || kind & (1 << 31) != 0 {
+            if kind == rep::ACK || kind & (1 << 31) != 0 {
                 return (kind, before);
             }
             before.push(d);
@@ -155,23 +141,25 @@ impl Client {
 
     /// Structured replies, `base:allocation`, then GO to `name`; returns the export size.
     pub fn go(&mut self, name: &str) -> u64 {
-        self.option(OPT_STRUCTURED_REPLY, &[]);
-        assert_eq!(self.final_reply().0, REP_ACK);
+        self.option(opt::STRUCTURED_REPLY, &[]);
+        assert_eq!(self.final_reply().0, rep::ACK);
         self.option(
-            OPT_SET_META_CONTEXT,
+            opt::SET_META_CONTEXT,
             &meta_query(name, &["base:allocation"]),
         );
         let (kind, contexts) = self.final_reply();
-        assert_eq!((kind, contexts.len()), (REP_ACK, 1));
-        self.option(OPT_GO, &info_request(name));
+        assert_eq!((kind, contexts.len()), (rep::ACK, 1));
+        self.option(opt::GO, &info_request(name));
         let (kind, infos) = self.final_reply();
-        assert_eq!(kind, REP_ACK);
+        assert_eq!(kind, rep::ACK);
         let export = infos.iter().find(|d| d[0..2] == [0, 0]).unwrap();
         u64::from_be_bytes(export[2..10].try_into().unwrap())
     }
 
     pub fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
-        let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+        let mut m = qmpbackup::serve::proto::REQUEST_MAGIC
+            .to_be_bytes()
+            .to_vec();
         m.extend_from_slice(&flags.to_be_bytes());
         m.extend_from_slice(&kind.to_be_bytes());
         m.extend_from_slice(&cookie.to_be_bytes());
@@ -184,7 +172,10 @@ impl Client {
     pub fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
         let mut h = [0u8; 20];
         self.s.read_exact(&mut h).unwrap();
-        assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x668e_33ef);
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            qmpbackup::serve::proto::STRUCTURED_REPLY_MAGIC
+        );
         let flags = u16::from_be_bytes(h[4..6].try_into().unwrap());
         let kind = u16::from_be_bytes(h[6..8].try_into().unwrap());
         let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
