@@ -284,18 +284,22 @@ fn socket_activation_serves_the_inherited_socket() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    // In a guard, so that a failing assertion still stops the server.
+    let mut server = Server {
+        child: cmd.spawn().unwrap(),
+        socket: sock.clone(),
+    };
     drop(listener);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let cmp = common::run(Command::new("qemu-img").args(["compare", &uri, &sample_top()]));
     assert!(cmp.contains("Images are identical"));
     // --once: the last client left, the server exits by itself.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
+    while server.child.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "--once did not exit");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(child.wait().unwrap().success());
+    assert!(server.child.wait().unwrap().success());
     assert!(
         sock.exists(),
         "an inherited socket belongs to systemd and stays"
