@@ -275,10 +275,17 @@ fn socket_activation_serves_the_inherited_socket() {
         .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" serve --dir \"$1\" --once")
         .arg(env!("CARGO_BIN_EXE_qmprestore"))
         .arg(sample_dir());
-    // SAFETY: dup2 is async-signal-safe; the new descriptor 3 is inherited (no CLOEXEC).
+    // SAFETY: dup2 and fcntl are async-signal-safe. dup2 gives a descriptor 3 without
+    // CLOEXEC; when the listener already is descriptor 3, dup2 does nothing, so its CLOEXEC
+    // flag is cleared instead.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
