@@ -158,7 +158,12 @@ fn header_problems() {
         (
             "l1-unaligned",
             |b, _| set_u64(b, 40, 0x3_0001),
-            "cluster-aligned",
+            "L1 table offset 0x30001 is not cluster aligned",
+        ),
+        (
+            "l1-on-header",
+            |b, _| set_u64(b, 40, 0),
+            "L1 table offset 0x0 overlaps the image header",
         ),
         ("rt-huge", |b, _| set_u32(b, 56, u32::MAX), "8 MiB limit"),
         ("rt-eof", |b, _| set_u64(b, 48, 0x7fff_0000), "past the end"),
@@ -657,22 +662,17 @@ fn overlapping_refcount_structures_are_never_written() {
                 .arg(&img),
         );
         assert_eq!(check.status.code(), Some(2), "{name}: {check:?}");
-        for args in [
-            &["snapshot", "-c", "s1"][..],
-            &["snapshot", "-d", "none"][..],
-        ] {
-            let out = limited_as(
-                Command::new(env!("CARGO_BIN_EXE_qmprestore"))
-                    .args(args)
-                    .arg(&img),
-            );
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(1), "{name} {args:?}: {stderr}");
-            assert!(
-                stderr.contains("refusing to write") && stderr.contains(name),
-                "{name}: {stderr}"
-            );
-        }
+        let out = limited_as(
+            Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+                .args(["snapshot", "-c", "s1"])
+                .arg(&img),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains("refusing to write") && stderr.contains(name),
+            "{name}: {stderr}"
+        );
         let err = qmpbackup::qcow2::write::Writer::open(&img)
             .err()
             .unwrap_or_else(|| panic!("{name} opened for writing"));
@@ -804,12 +804,15 @@ fn fresh(options: &str, io: &[&str]) -> Option<(tempfile::TempDir, PathBuf)> {
 
 /// A writer that refuses leaves the file byte for byte as it was: 64-bit refcounts at their
 /// maximum cannot take a snapshot's extra reference, and `snapshot -c` used to set the dirty
-/// bit before finding out (and called it a refcount dropping below zero).
+/// bit before finding out (and called it a refcount dropping below zero). The image carries a
+/// persistent bitmap, whose in-use flag a writer sets before its first write: that must not
+/// happen before the refusal either.
 #[test]
 fn a_writer_that_refuses_changes_nothing() {
-    let Some((_d, img)) = fresh("-o refcount_bits=64", &["write -P 7 0 64k"]) else {
+    let Some((d, img)) = fresh("-o refcount_bits=64", &["write -P 7 0 64k"]) else {
         return;
     };
+    qemu_img(d.path(), &["bitmap", "--add", "t.qcow2", "b0"]);
     let mut bytes = std::fs::read(&img).unwrap();
     let h = Header::parse(&bytes).unwrap();
     let block = BigEndian::read_u64(&bytes[h.refcount_table_offset as usize..]) as usize;
@@ -901,4 +904,52 @@ fn header_faults_are_refused_where_qemu_refuses_them() {
         );
         assert!(std::fs::read(&img).unwrap() == bytes, "{name} was changed");
     }
+}
+
+/// Requests that cannot succeed are refused before anything is written, also where opening for
+/// writing would repair first (a dirty image) or flag bitmaps in use; internal snapshots of an
+/// image with an external data file are refused, as QEMU refuses them.
+#[test]
+fn refused_snapshot_requests_change_nothing() {
+    let Some((d, img)) = fresh("", &["write -P 7 0 64k"]) else {
+        return;
+    };
+    let p = d.path();
+    qemu_img(p, &["snapshot", "-c", "s", "t.qcow2"]);
+    qemu_img(p, &["bitmap", "--add", "t.qcow2", "b0"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[79] |= 1; // dirty
+    std::fs::write(&img, &bytes).unwrap();
+    qemu_img_create(p, "-f qcow2 -o data_file=x.raw df.qcow2 4M");
+    let df = p.join("df.qcow2");
+    let df_bytes = std::fs::read(&df).unwrap();
+    let refused = |image: &Path, args: &[&str], needle: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+            .args(args)
+            .arg(image)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    };
+    refused(&img, &["snapshot", "-c", "s"], "already exists");
+    refused(&img, &["snapshot", "-a", "nope"], "no snapshot");
+    refused(&img, &["snapshot", "-d", "nope"], "no snapshot");
+    assert!(
+        std::fs::read(&img).unwrap() == bytes,
+        "the dirty image changed"
+    );
+    refused(&df, &["snapshot", "-c", "s"], "external data file");
+    assert!(
+        std::fs::read(&df).unwrap() == df_bytes,
+        "the data-file image changed"
+    );
+    // QEMU refuses it too.
+    let q = Command::new("qemu-img")
+        .args(["snapshot", "-c", "s"])
+        .arg(&df)
+        .output()
+        .unwrap();
+    assert!(!q.status.success());
 }

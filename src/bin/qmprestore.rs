@@ -16,8 +16,8 @@ use qmpbackup::chain::verify;
 use qmpbackup::qcow2::check::{self, Repair};
 use qmpbackup::qcow2::create::{self, CreateOptions};
 use qmpbackup::qcow2::header::CompressionType;
-use qmpbackup::qcow2::write::Writer;
-use qmpbackup::qcow2::{Disk, Format, Image, OpenOptions};
+use qmpbackup::qcow2::write::{SnapshotOp, Writer};
+use qmpbackup::qcow2::{Disk, Format, Image, OpenOptions, Qcow2};
 use qmpbackup::serve;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -867,13 +867,23 @@ fn snapshot_cmd(
             None => Ok(ExitCode::SUCCESS),
         };
     }
+    let op = match (&create, &apply, &delete) {
+        (Some(name), _, _) => SnapshotOp::Create(name),
+        (_, Some(key), _) => SnapshotOp::Apply(key),
+        (_, _, Some(key)) => SnapshotOp::Delete(key),
+        _ => return Ok(ExitCode::SUCCESS),
+    };
+    // A request that cannot succeed is refused before the writer opens the image (opening a
+    // dirty image for writing repairs it).
+    let q = Qcow2::open(file)?;
+    op.refuse(q.snapshots(), q.data_file().is_some())
+        .map_err(|k| k.at(file))?;
+    drop(q);
     let mut w = Writer::open(file)?;
-    if let Some(name) = create {
-        w.create_snapshot(&name)?;
-    } else if let Some(name) = apply {
-        w.apply_snapshot(&name)?;
-    } else if let Some(name) = delete {
-        w.delete_snapshot(&name)?;
+    match op {
+        SnapshotOp::Create(name) => drop(w.create_snapshot(name)?),
+        SnapshotOp::Apply(key) => w.apply_snapshot(key)?,
+        SnapshotOp::Delete(key) => w.delete_snapshot(key)?,
     }
     w.flush()?;
     Ok(ExitCode::SUCCESS)

@@ -21,6 +21,7 @@ use super::image::Qcow2;
 use super::l1::{self, L1Entry};
 use super::l2::{self, L2Entry, L2Format, L2Table, Subcluster};
 use super::refcount;
+use super::snapshot;
 use super::storage::read_exact;
 use crate::qcow2::fault::pwrite;
 use serde::Serialize;
@@ -71,6 +72,10 @@ pub struct CheckReport {
     /// opening an image with the dirty bit set.
     #[serde(skip)]
     pub refcount_corruptions: u64,
+    /// Version 3 snapshot table entries without the 16 bytes of extra data the version requires
+    /// (included in `corruptions`): a repair rewrites the table.
+    #[serde(skip)]
+    pub incomplete_snapshots: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -163,6 +168,11 @@ struct Walk<'a> {
     copied: Vec<Copied>,
     /// Messages not kept (beyond [`MAX_MESSAGES`]).
     dropped: u64,
+    /// The refcount structure cannot be repaired in place: a repair writes a new one.
+    rebuild: bool,
+    /// Where the refcount table and blocks were counted: a new structure replaces them, so a
+    /// rebuild takes their references out again.
+    refcount_structure: Vec<(u64, u64)>,
 }
 
 impl Walk<'_> {
@@ -182,6 +192,49 @@ impl Walk<'_> {
     fn corrupt_refcount(&mut self, msg: String) {
         self.report.refcount_corruptions += 1;
         self.corrupt(msg);
+    }
+
+    /// A fault of the refcount structure itself: only a new structure repairs it.
+    fn corrupt_structure(&mut self, msg: String) {
+        self.rebuild = true;
+        self.corrupt_refcount(msg);
+    }
+
+    /// Judges each refcount table entry as QEMU's check does, after every other structure was
+    /// counted, and counts the blocks' clusters. Returns the block offsets to read stored
+    /// refcounts from (0 where the entry is empty or unusable).
+    fn refcount_blocks(&mut self, entries: &[u64]) -> Vec<u64> {
+        let nb = self.refs.len() as u64;
+        let mut blocks = Vec::with_capacity(entries.len());
+        for (i, &e) in entries.iter().enumerate() {
+            let off = e & refcount::OFFSET_MASK;
+            let usable = if e & refcount::RESERVED_MASK != 0 {
+                // As QEMU: the block is not counted as referenced, but its refcounts are read
+                // where the offset leads to one (reads mask the reserved bits).
+                self.corrupt_structure(format!("refcount table entry {i} has reserved bits set"));
+                off % self.cs == 0 && off / self.cs < nb
+            } else if off % self.cs != 0 {
+                self.corrupt_structure(format!(
+                    "refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                false
+            } else if off / self.cs >= nb {
+                self.corrupt_structure(format!("refcount block {i} is outside image"));
+                false
+            } else {
+                if off != 0 {
+                    self.reference(off, self.cs, "refcount block");
+                    self.refcount_structure.push((off, self.cs));
+                    let r = self.refs[(off / self.cs) as usize];
+                    if r != 1 {
+                        self.corrupt_structure(format!("refcount block {i} refcount={r}"));
+                    }
+                }
+                true
+            };
+            blocks.push(if usable { off } else { 0 });
+        }
+        blocks
     }
 
     /// Counts one reference on every cluster of `[off, off + len)`.
@@ -208,6 +261,9 @@ impl Walk<'_> {
         let fmt = L2Format::of(self.q.header());
         for (i, e) in table.iter().enumerate() {
             let off = e.l2_offset();
+            if e.0 & l1::RESERVED_MASK != 0 {
+                self.corrupt(format!("found L1 entry with reserved bits set: {:x}", e.0));
+            }
             if off == 0 {
                 continue;
             }
@@ -250,6 +306,16 @@ impl Walk<'_> {
                 continue;
             }
             let guest = (l1_index * fmt.entries_per_table() + idx as u64) * self.cs;
+            if e.word & l2::COMPRESSED == 0 && e.word & l2::STD_RESERVED_MASK != 0 {
+                self.corrupt(format!(
+                    "found l2 entry with reserved bits set: {:x}",
+                    e.word
+                ));
+            } else if e.word & l2::COMPRESSED != 0 && e.word & l2::COPIED != 0 {
+                self.corrupt(format!(
+                    "guest offset {guest:#x}: copied flag must never be set for compressed clusters"
+                ));
+            }
             let kind = match e.classify(fmt, 0) {
                 Ok(k) => k,
                 Err(k) => {
@@ -311,7 +377,48 @@ pub fn check_open(q: &Qcow2, path: &Path) -> Result<CheckReport> {
 
 /// Checks and repairs an image in place; the report counts what was found and fixed.
 pub fn repair(path: &Path, mode: Repair) -> Result<CheckReport> {
-    run(&Qcow2::open_for_check(path)?, path, Some(mode))
+    let q = Qcow2::open_for_check(path)?;
+    let incomplete = q
+        .snapshots()
+        .iter()
+        .filter(|s| s.disk_size.is_none())
+        .count() as u64;
+    // Version 3 entries need their extra data: the table is written anew first (as QEMU's
+    // repair does), then refcounts are repaired for the new table and the old one. Not when
+    // entries were left out: rewriting would drop them.
+    if mode == Repair::All
+        && q.header().version >= 3
+        && incomplete > 0
+        && q.check_findings().is_empty()
+    {
+        complete_snapshot_table(path, &q)?;
+        drop(q);
+        let mut report = run(&Qcow2::open_for_check(path)?, path, Some(mode))?;
+        report.corruptions_fixed += incomplete;
+        let repaired =
+            (0..incomplete).map(|i| format!("Repairing snapshot table entry {i} is incomplete"));
+        report.messages.splice(0..0, repaired);
+        return Ok(report);
+    }
+    run(&q, path, Some(mode))
+}
+
+/// Writes the snapshot table again with full extra data past the end of the file and switches
+/// the header to it; the old table's clusters become leaks and the new ones are counted by the
+/// refcount repair that follows.
+fn complete_snapshot_table(path: &Path, q: &Qcow2) -> Result<()> {
+    let at = |k: ErrorKind| k.at(path);
+    let io = |e: std::io::Error| at(e.into());
+    let h = q.header();
+    let (file, _ours) = super::lock::open_for_write(path).map_err(at)?;
+    let bytes = snapshot::encode_table(q.snapshots(), h.size);
+    let offset = q.file_len().div_ceil(h.cluster_size()) * h.cluster_size();
+    pwrite(&file, &bytes, offset).map_err(io)?;
+    file.sync_data().map_err(io)?;
+    let mut nh = h.clone();
+    nh.snapshots_offset = offset;
+    pwrite(&file, &nh.to_bytes(), 0).map_err(io)?;
+    file.sync_data().map_err(io)
 }
 
 fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
@@ -340,6 +447,8 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
         },
         copied: Vec::new(),
         dropped: 0,
+        rebuild: false,
+        refcount_structure: Vec::new(),
     };
     for finding in q.check_findings() {
         w.corrupt(finding.clone());
@@ -349,6 +458,23 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     w.reference(h.l1_table_offset, h.l1_size as u64 * 8, "L1 table");
     w.walk_l1(&active, true);
     w.reference(h.snapshots_offset, q.snapshot_table_len(), "snapshot table");
+    if q.data_file().is_some() && h.nb_snapshots > 0 {
+        w.corrupt(format!(
+            "{} snapshots in image with data file",
+            h.nb_snapshots
+        ));
+    }
+    if h.version >= 3 {
+        for (i, _) in q
+            .snapshots()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.disk_size.is_none())
+        {
+            w.report.incomplete_snapshots += 1;
+            w.corrupt(format!("snapshot table entry {i} is incomplete"));
+        }
+    }
     for s in q.snapshots() {
         w.reference(s.l1_table_offset, s.l1_size as u64 * 8, "snapshot L1 table");
         match l1::read_table(&file, s.l1_table_offset, s.l1_size) {
@@ -356,27 +482,17 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
             Err(_) => w.report.check_errors += 1,
         }
     }
-    let rt = refcount::read_table(
+    let entries = refcount::read_entries(
         &file,
         h.refcount_table_offset,
         h.refcount_table_clusters,
         h.cluster_bits,
     )
     .map_err(at)?;
-    w.reference(
-        h.refcount_table_offset,
-        h.refcount_table_clusters as u64 * cs,
-        "refcount table",
-    );
-    for (i, &b) in rt.iter().enumerate() {
-        if b != 0 {
-            if b >= file_len {
-                w.corrupt(format!("refcount block {i} at {b:#x} is outside the image"));
-            } else {
-                w.reference(b, cs, "refcount block");
-            }
-        }
-    }
+    let table_len = h.refcount_table_clusters as u64 * cs;
+    w.reference(h.refcount_table_offset, table_len, "refcount table");
+    w.refcount_structure
+        .push((h.refcount_table_offset, table_len));
     if let Some(ext) = &q.extensions().bitmaps {
         if h.autoclear_features & header::autoclear::BITMAPS != 0 {
             w.reference(ext.directory_offset, ext.directory_size, "bitmap directory");
@@ -392,6 +508,25 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
                     }
                 }
             }
+        }
+    }
+    let rt = w.refcount_blocks(&entries);
+    if h.refcount_table_clusters == 0 {
+        w.rebuild = true;
+    } else {
+        let first = h.refcount_table_offset / cs;
+        let shared = (first..(h.refcount_table_offset + table_len).div_ceil(cs))
+            .any(|c| w.refs.get(c as usize).is_some_and(|&r| r > 1));
+        if h.refcount_table_offset < cs {
+            w.corrupt_structure(format!(
+                "refcount table at {:#x} overlaps the image header",
+                h.refcount_table_offset
+            ));
+        } else if shared {
+            w.corrupt_structure(format!(
+                "refcount table at {:#x} shares clusters with other structures",
+                h.refcount_table_offset
+            ));
         }
     }
     // Stored refcounts, block by block.
@@ -410,7 +545,7 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     for t in 0..nb.div_ceil(per_block) {
         let first = t * per_block;
         let have = match rt.get(t as usize) {
-            Some(&b) if b != 0 && b < file_len => {
+            Some(&b) if b != 0 => {
                 let ok = read_exact(&file, &mut block, b, "refcount block").is_ok();
                 if !ok {
                     w.report.check_errors += 1;
@@ -432,6 +567,11 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
             highest = Some(c);
             if wanted.contains(&c) {
                 stored.insert(c, s);
+            }
+            if s == 0 {
+                // As QEMU: a cluster in use that looks free cannot be patched safely (the
+                // patch itself could allocate it).
+                w.rebuild = true;
             }
             if s < r {
                 w.corrupt_refcount(format!("cluster {c} refcount={s} reference={r}"));
@@ -498,12 +638,30 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     }
     let mut report = w.report;
     if let Some(mode) = repair {
-        if h.corrupt() && mode == Repair::Leaks {
-            return Err(at(ErrorKind::Unsupported(
-                "the image is marked corrupt: repair it with --repair all".into(),
-            )));
+        if mode == Repair::Leaks && (h.corrupt() || w.rebuild) {
+            let why = if h.corrupt() {
+                "the image is marked corrupt"
+            } else {
+                "the refcount structure is damaged"
+            };
+            return Err(at(ErrorKind::Unsupported(format!(
+                "{why}: repair it with --repair all"
+            ))));
         }
-        let fixed = apply_repairs(path, &h, mode, &too_low, &too_high, &copied_fixes)?;
+        let fixed = if w.rebuild {
+            // The references the new structure must hold: all but the old structure's own.
+            let mut refs = w.refs;
+            for &(off, len) in &w.refcount_structure {
+                let clusters = (off / cs)..(off.saturating_add(len)).div_ceil(cs);
+                for c in clusters.take_while(|&c| c < nb) {
+                    refs[c as usize] = refs[c as usize].saturating_sub(1);
+                }
+            }
+            rebuild_repairs(path, &h, &refs, file_len, &copied_fixes)?;
+            (report.leaks, report.refcount_corruptions)
+        } else {
+            apply_repairs(path, &h, mode, &too_low, &too_high, &copied_fixes)?
+        };
         report.leaks_fixed = fixed.0;
         report.corruptions_fixed = fixed.1;
         report.leaks = report.leaks.saturating_sub(fixed.0);
@@ -538,22 +696,54 @@ fn apply_repairs(
             )));
         }
         file.sync_data().map_err(|e| at(e.into()))?;
-        for &(off, word) in copied {
-            pwrite(&file, &word.to_be_bytes(), off).map_err(|e| at(e.into()))?;
-            fixed_corruptions += 1;
-        }
-        file.sync_data().map_err(|e| at(e.into()))?;
+        write_copied(&file, copied).map_err(at)?;
+        fixed_corruptions += copied.len() as u64;
     }
     for &(c, r) in too_high {
         refs.set(&file, c, r).map_err(at)?;
     }
     refs.write_back(&file).map_err(at)?;
     file.sync_data().map_err(|e| at(e.into()))?;
-    if mode == Repair::All && (h.dirty() || h.corrupt()) {
-        let mut nh = h.clone();
-        nh.incompatible_features &= !(header::incompat::DIRTY | header::incompat::CORRUPT);
-        pwrite(&file, &nh.to_bytes(), 0).map_err(|e| at(e.into()))?;
-        file.sync_data().map_err(|e| at(e.into()))?;
+    if mode == Repair::All {
+        clear_flags(&file, h).map_err(at)?;
     }
     Ok((too_high.len() as u64, fixed_corruptions))
+}
+
+/// Replaces the refcount structure with one built from the counted references, then fixes
+/// COPIED flags against them and clears the dirty and corrupt bits.
+fn rebuild_repairs(
+    path: &Path,
+    h: &Header,
+    refs: &[u16],
+    file_len: u64,
+    copied: &[(u64, u64)],
+) -> Result<()> {
+    let at = |k: ErrorKind| k.at(path);
+    let (file, _ours) = super::lock::open_for_write(path).map_err(at)?;
+    let new = super::rebuild::rebuild(&file, h, refs, file_len).map_err(at)?;
+    write_copied(&file, copied).map_err(at)?;
+    let mut nh = h.clone();
+    nh.refcount_table_offset = new.table_offset;
+    nh.refcount_table_clusters = new.table_clusters;
+    clear_flags(&file, &nh).map_err(at)
+}
+
+/// Writes corrected L1/L2 entries (COPIED flags), durably.
+fn write_copied(file: &File, copied: &[(u64, u64)]) -> std::result::Result<(), ErrorKind> {
+    for &(off, word) in copied {
+        pwrite(file, &word.to_be_bytes(), off)?;
+    }
+    Ok(file.sync_data()?)
+}
+
+/// Clears the dirty and corrupt bits of header `h` (written only when one is set).
+fn clear_flags(file: &File, h: &Header) -> std::result::Result<(), ErrorKind> {
+    if !(h.dirty() || h.corrupt()) {
+        return Ok(());
+    }
+    let mut nh = h.clone();
+    nh.incompatible_features &= !(header::incompat::DIRTY | header::incompat::CORRUPT);
+    pwrite(file, &nh.to_bytes(), 0)?;
+    Ok(file.sync_data()?)
 }

@@ -287,7 +287,11 @@ impl Header {
                 h.refcount_table_clusters
             )));
         }
-        h.check_table_offset(h.refcount_table_offset, "refcount table")?;
+        // QEMU opens an image whose refcount table lies on the header (offset 0): reads do not
+        // use refcounts, so only `check` reports it and writers refuse it.
+        if h.refcount_table_offset != 0 {
+            h.check_table_offset(h.refcount_table_offset, "refcount table")?;
+        }
         if version == 3 && h.header_length > 112 {
             let end = (h.header_length as usize).min(buf.len());
             h.unknown_tail = buf[112.min(end)..end].to_vec();
@@ -296,12 +300,16 @@ impl Header {
     }
 
     fn check_table_offset(&self, offset: u64, what: &str) -> Result<(), ErrorKind> {
-        if offset == 0 || offset % self.cluster_size() != 0 || offset > MAX_HOST_OFFSET {
-            return Err(corrupt(format!(
-                "{what} offset {offset:#x} is not a valid cluster-aligned offset"
-            )));
-        }
-        Ok(())
+        let problem = if offset == 0 {
+            "overlaps the image header"
+        } else if offset % self.cluster_size() != 0 {
+            "is not cluster aligned"
+        } else if offset > MAX_HOST_OFFSET {
+            "lies beyond the largest host offset qcow2 can address"
+        } else {
+            return Ok(());
+        };
+        Err(corrupt(format!("{what} offset {offset:#x} {problem}")))
     }
 
     /// Checks the tables the header points to against the file length (the snapshot table's

@@ -8,6 +8,8 @@ use byteorder::{BigEndian, ByteOrder};
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Bit 63: the L2 table's refcount is exactly 1 (active L1 only).
 pub const COPIED: u64 = 1 << 63;
+/// Bits 0..8 and 56..62: reserved, must be zero (`check` reports them; reads ignore them).
+pub const RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
 
 /// One L1 table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

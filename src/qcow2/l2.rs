@@ -14,6 +14,9 @@ pub const COPIED: u64 = 1 << 63;
 pub const COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of a standard descriptor: reads as zeros (never used with extended L2).
 pub const ZERO: u64 = 1;
+/// Bits 1..8 and 56..61 of a standard descriptor: reserved, must be zero (`check` reports
+/// them; reads ignore them, as QEMU's do).
+pub const STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Subclusters per cluster with extended L2.
 pub const SUBCLUSTERS: u32 = 32;
 

@@ -31,6 +31,7 @@ pub mod mapping;
 pub mod overlap;
 pub mod pagecache;
 pub mod raw;
+pub mod rebuild;
 pub mod refcount;
 pub mod snapshot;
 pub mod storage;

@@ -9,6 +9,8 @@ use byteorder::{BigEndian, ByteOrder};
 
 /// Bits 9..63 of a refcount table entry: the refcount block's offset.
 pub const OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Bits 0..8 of a refcount table entry: reserved, must be zero.
+pub const RESERVED_MASK: u64 = 0x1ff;
 
 /// Geometry of the two-level refcount structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +80,9 @@ pub fn set(block: &mut [u8], index: u64, order: u32, value: u64) {
     }
 }
 
-/// Reads the refcount table (`clusters` clusters at `offset`) as block offsets.
-pub fn read_table(
+/// Reads the refcount table (`clusters` clusters at `offset`) as its raw entries, for
+/// `check`, which judges each entry itself.
+pub fn read_entries(
     storage: &dyn Storage,
     offset: u64,
     clusters: u32,
@@ -87,12 +90,21 @@ pub fn read_table(
 ) -> Result<Vec<u64>, ErrorKind> {
     let mut bytes = vec![0u8; (clusters as usize) << cluster_bits];
     read_exact(storage, &mut bytes, offset, "refcount table")?;
+    Ok(bytes.chunks_exact(8).map(BigEndian::read_u64).collect())
+}
+
+/// Reads the refcount table as block offsets, refusing blocks that are not cluster aligned.
+pub fn read_table(
+    storage: &dyn Storage,
+    offset: u64,
+    clusters: u32,
+    cluster_bits: u32,
+) -> Result<Vec<u64>, ErrorKind> {
     let cs = 1u64 << cluster_bits;
-    bytes
-        .chunks_exact(8)
+    read_entries(storage, offset, clusters, cluster_bits)?
+        .into_iter()
         .enumerate()
-        .map(|(i, c)| {
-            let e = BigEndian::read_u64(c);
+        .map(|(i, e)| {
             let off = e & OFFSET_MASK;
             if off % cs != 0 {
                 return Err(corrupt(format!(

@@ -77,7 +77,7 @@ impl Snapshot {
         .write(&mut b);
         Extra {
             vm_state_size: self.vm_state_size,
-            disk_size: self.disk_size.unwrap_or(0),
+            disk_size: self.disk_size.unwrap_or_default(),
             icount: self.icount.unwrap_or(-1) as u64,
         }
         .write(&mut b[Entry::LEN..]);
@@ -92,6 +92,21 @@ impl Snapshot {
         }
         b
     }
+}
+
+/// The table as written: every entry with full extra data, a disk size missing from an old
+/// entry filled in with `disk_size` (the image's virtual size, as QEMU assumes on reading).
+pub fn encode_table(snapshots: &[Snapshot], disk_size: u64) -> Vec<u8> {
+    snapshots
+        .iter()
+        .flat_map(|s| {
+            Snapshot {
+                disk_size: s.disk_size.or(Some(disk_size)),
+                ..s.clone()
+            }
+            .to_bytes()
+        })
+        .collect()
 }
 
 /// Where the table is and what bounds it: `count` entries from `offset`; `max_l1_entries`

@@ -21,6 +21,7 @@
 
 mod header_edit;
 mod snapshots;
+pub use snapshots::Op as SnapshotOp;
 
 use super::alloc::Refcounts;
 use super::bitmap;
@@ -58,6 +59,9 @@ struct Parts<'a> {
     /// Backing file name and format, as the header names them.
     backing: Option<(std::ffi::OsString, Option<String>)>,
     snapshots: Vec<super::snapshot::Snapshot>,
+    /// Bytes of the snapshot table on disk (entries written by others may be shorter or
+    /// longer than ours: the clusters to release on replacing it are counted from this).
+    snapshot_table_len: u64,
     /// Bitmap directory offset and entries, when bitmaps are in use.
     bitmaps: Option<(u64, Vec<bitmap::Bitmap>)>,
 }
@@ -86,6 +90,7 @@ pub struct Writer {
     prepared: bool,
     bitmaps: Option<(u64, Vec<bitmap::Bitmap>)>,
     snapshots: Vec<super::snapshot::Snapshot>,
+    snapshot_table_len: u64,
     ext: super::ext::Extensions,
     ordered: bool,
     /// Guest data written since the last flush made it durable (in place, it changes no
@@ -134,6 +139,7 @@ impl Writer {
                 )
             }),
             snapshots: reader.snapshots().to_vec(),
+            snapshot_table_len: reader.snapshot_table_len(),
             bitmaps,
         })
     }
@@ -164,6 +170,7 @@ impl Writer {
             header: h,
             ext,
             snapshots: Vec::new(),
+            snapshot_table_len: 0,
             bitmaps: None,
         });
         if result.is_err() {
@@ -211,6 +218,7 @@ impl Writer {
             prepared: false,
             bitmaps: p.bitmaps,
             snapshots: p.snapshots,
+            snapshot_table_len: p.snapshot_table_len,
             ext: p.ext,
             ordered: true,
             data_written: std::cell::Cell::new(false),

@@ -39,8 +39,7 @@ impl Writer {
             )?),
             None => None,
         };
-        self.prepare()?;
-        self.flush()?;
+        // The new header cluster must fit before anything is written (bitmap flags included).
         let mut ext = self.ext.clone();
         ext.backing_format = backing.and_then(|(_, f)| f).map(|f| f.name().to_string());
         let mut h = self.header.clone();
@@ -50,6 +49,10 @@ impl Writer {
             backing.map(|(n, _)| n.as_bytes()),
         )
         .map_err(|k| self.at(k))?;
+        self.prepare()?;
+        self.flush()?;
+        // prepare may have cleared unknown autoclear bits: the header written carries that.
+        h.autoclear_features = self.header.autoclear_features;
         // Only the used part: header, extensions, name.
         let used = match backing {
             Some((n, _)) => h.backing_file_offset as usize + n.len(),
@@ -79,16 +82,16 @@ impl Writer {
         if size == self.header.size {
             return Ok(());
         }
-        self.prepare()?;
-        self.flush()?;
-        let mut h = self.header.clone();
-        h.size = size;
-        let needed = h.l1_entries_needed(size);
+        let needed = self.header.l1_entries_needed(size);
         if needed * 8 > MAX_L1_BYTES {
             return Err(self.at(ErrorKind::Unsupported(format!(
                 "{size} bytes need an L1 table larger than QEMU's limit of {MAX_L1_BYTES} bytes"
             ))));
         }
+        self.prepare()?;
+        self.flush()?;
+        let mut h = self.header.clone();
+        h.size = size;
         let old = (h.l1_table_offset, h.l1_size as u64);
         if needed > old.1 {
             let clusters = (needed * 8).div_ceil(self.cs);

@@ -14,6 +14,45 @@ use crate::qcow2::l2::{self, CompressedDescriptor, L2Entry};
 use crate::qcow2::snapshot::{self, Snapshot};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// What `snapshot` is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub enum Op<'a> {
+    Create(&'a str),
+    Apply(&'a str),
+    Delete(&'a str),
+}
+
+impl Op<'_> {
+    /// Refuses a request that cannot succeed on an image with `snapshots` (and an external
+    /// data file or not). Callers ask before a writer opens the image: a writable open of a
+    /// dirty image repairs it first, and a refused command must leave the file as it was.
+    pub fn refuse(self, snapshots: &[Snapshot], data_file: bool) -> Result<(), ErrorKind> {
+        if data_file {
+            // QEMU refuses too: data in an external file cannot be shared copy-on-write.
+            return Err(ErrorKind::Unsupported(
+                "internal snapshots are not supported with an external data file".into(),
+            ));
+        }
+        match self {
+            Op::Create(name) => {
+                if name.is_empty() || snapshots.iter().any(|s| s.name == name) {
+                    return Err(ErrorKind::Unsupported(format!(
+                        "a snapshot named '{name}' already exists (or the name is empty)"
+                    )));
+                }
+            }
+            Op::Apply(key) | Op::Delete(key) => {
+                if snapshot::find(snapshots, key).is_none() {
+                    return Err(ErrorKind::NotFound(format!(
+                        "no snapshot with id or name '{key}'"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Writer {
     /// The snapshots as they are now.
     pub fn snapshots(&self) -> &[Snapshot] {
@@ -23,19 +62,16 @@ impl Writer {
     /// Creates an internal snapshot of the current state; QEMU's id scheme (highest numeric id
     /// plus one). Names must be unique.
     pub fn create_snapshot(&mut self, name: &str) -> Result<Snapshot> {
-        if name.is_empty() || snapshot::find(&self.snapshots, name).is_some_and(|s| s.name == name)
-        {
-            return Err(self.at(ErrorKind::Unsupported(format!(
-                "a snapshot named '{name}' already exists (or the name is empty)"
-            ))));
-        }
-        self.prepare()?;
+        Op::Create(name)
+            .refuse(&self.snapshots, self.data.is_some())
+            .map_err(|k| self.at(k))?;
         self.flush()?;
         // 1. One more reference on all the active L1 reaches: in memory first, so a refcount
-        // that cannot take it fails the command before anything is written (the dirty bit
-        // included).
+        // that cannot take it fails the command before anything is written (bitmap flags and
+        // the dirty bit included).
         let l1 = self.l1.clone();
         self.update_refs(&l1, 1)?;
+        self.prepare()?;
         self.set_dirty(true)?;
         // 2. A copy of the active L1 table.
         let l1_bytes = (l1.len() as u64 * 8).div_ceil(self.cs).max(1) * self.cs;
@@ -83,15 +119,20 @@ impl Writer {
 
     /// Reverts the disk to a snapshot (by id or name); the snapshot itself stays.
     pub fn apply_snapshot(&mut self, key: &str) -> Result<()> {
+        Op::Apply(key)
+            .refuse(&self.snapshots, self.data.is_some())
+            .map_err(|k| self.at(k))?;
         let (snap, snap_l1) = self.load_snapshot(key)?;
         if snap_l1.len() > self.l1.len() {
             return Err(self.at(ErrorKind::Unsupported(
                 "the snapshot's L1 table is larger than the active one (disk shrunk since)".into(),
             )));
         }
-        // 1. The snapshot's clusters gain the active table's reference (in memory before the
-        // dirty bit: a refcount that cannot take it fails the command with the file as it was).
+        // 1. The snapshot's clusters gain the active table's reference (in memory before
+        // anything is written: a refcount that cannot take it fails the command with the file
+        // as it was).
         self.update_refs(&snap_l1, 1)?;
+        self.prepare()?;
         self.set_dirty(true)?;
         self.flush()?;
         // 2. The active L1 becomes the snapshot's (entries beyond it: unallocated).
@@ -121,7 +162,11 @@ impl Writer {
 
     /// Deletes a snapshot (by id or name) and releases what only it referenced.
     pub fn delete_snapshot(&mut self, key: &str) -> Result<()> {
+        Op::Delete(key)
+            .refuse(&self.snapshots, self.data.is_some())
+            .map_err(|k| self.at(k))?;
         let (snap, snap_l1) = self.load_snapshot(key)?;
+        self.prepare()?;
         self.set_dirty(true)?;
         let rest: Vec<Snapshot> = self
             .snapshots
@@ -153,7 +198,8 @@ impl Writer {
         self.sync()
     }
 
-    /// Finds a snapshot and reads its L1 table, with everything pending flushed first.
+    /// Finds a snapshot and reads its L1 table, with everything pending flushed first (nothing
+    /// is pending in a writer just opened: this writes nothing then).
     fn load_snapshot(&mut self, key: &str) -> Result<(Snapshot, Vec<L1Entry>)> {
         let snap = snapshot::find(&self.snapshots, key)
             .cloned()
@@ -164,7 +210,6 @@ impl Writer {
             })?;
         let table = l1::read_table(&self.file, snap.l1_table_offset, snap.l1_size)
             .map_err(|k| self.at(k))?;
-        self.prepare()?;
         self.flush()?;
         Ok((snap, table))
     }
@@ -256,14 +301,8 @@ impl Writer {
     /// Replaces the snapshot table: the new one at fresh clusters, the header switched, the old
     /// one released.
     fn write_snapshot_table(&mut self, snaps: Vec<Snapshot>) -> Result<()> {
-        let bytes: Vec<u8> = snaps.iter().flat_map(|s| s.to_bytes()).collect();
-        let old = (
-            self.header.snapshots_offset,
-            self.snapshots
-                .iter()
-                .map(|s| s.encoded_len() as u64)
-                .sum::<u64>(),
-        );
+        let bytes = snapshot::encode_table(&snaps, self.header.size);
+        let old = (self.header.snapshots_offset, self.snapshot_table_len);
         let new_off = if bytes.is_empty() {
             0
         } else {
@@ -281,6 +320,7 @@ impl Writer {
             self.frees.push((old.0 / self.cs, old.1.div_ceil(self.cs)));
         }
         self.snapshots = snaps;
+        self.snapshot_table_len = bytes.len() as u64;
         self.flush()
     }
 }
