@@ -870,6 +870,34 @@ fn header_faults_are_refused_where_qemu_refuses_them() {
             Box::new(|b, _| set_u32(b, 56, 0)),
             "does not contain a reference count table",
         ),
+        (
+            "data-file-raw-alone",
+            Box::new(|b, _| b[95] |= 2),
+            "data-file-raw requires a data file",
+        ),
+        (
+            "empty-l1-unaligned",
+            Box::new(|b, _| {
+                set_u64(b, 24, 0);
+                set_u32(b, 36, 0);
+                set_u64(b, 40, 0x3_0200);
+            }),
+            "L1 table offset 0x30200 is not cluster aligned",
+        ),
+        (
+            "extension-head-cut",
+            Box::new(move |b, h| {
+                set_u64(b, 8, h.header_length as u64 + 4);
+                set_u32(b, 16, 1);
+            }),
+            "header extension too large",
+        ),
+        (
+            // The feature name table (first extension, 384 bytes) retyped as a backing format.
+            "backing-format-too-long",
+            Box::new(move |b, _| set_u32(b, ext_len - 4, 0xe279_2aca)),
+            "backing format name of 384 bytes",
+        ),
     ];
     for (name, patch, needle) in cases {
         let mut bytes = base.clone();
@@ -890,7 +918,18 @@ fn header_faults_are_refused_where_qemu_refuses_them() {
                 .output()
                 .unwrap()
         };
-        assert!(!qemu("info").status.success(), "{name}: qemu-img opens it");
+        // `qemu-img info` opens without I/O, which skips the data-file-raw rule: qemu-io reads.
+        let qemu_reads = match name {
+            "data-file-raw-alone" => Command::new("qemu-io")
+                .args(["-c", "read 0 512"])
+                .arg(&img)
+                .output()
+                .unwrap()
+                .status
+                .success(),
+            _ => qemu("info").status.success(),
+        };
+        assert!(!qemu_reads, "{name}: QEMU opens it");
         let o = ours("info");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
@@ -952,4 +991,101 @@ fn refused_snapshot_requests_change_nothing() {
         .output()
         .unwrap();
     assert!(!q.status.success());
+}
+
+/// A bitmaps extension that a program without bitmap support left behind (autoclear bit 0
+/// clear) is ignored unchecked, as QEMU ignores it: the image opens and reads, with a warning.
+#[test]
+fn a_stale_bitmaps_extension_is_ignored_unchecked() {
+    let Some((d, img)) = fresh("", &["write -P 7 0 64k"]) else {
+        return;
+    };
+    qemu_img(d.path(), &["bitmap", "--add", "t.qcow2", "b0"]);
+    let mut bytes = std::fs::read(&img).unwrap();
+    let h = Header::parse(&bytes).unwrap();
+    let mut pos = h.header_length as usize;
+    while BigEndian::read_u32(&bytes[pos..]) != 0x2385_2875 {
+        pos += 8 + (BigEndian::read_u32(&bytes[pos + 4..]) as usize).div_ceil(8) * 8;
+    }
+    set_u32(&mut bytes, pos + 12, 7); // the reserved field
+    bytes[95] &= !1;
+    std::fs::write(&img, &bytes).unwrap();
+    let info = Command::new("qemu-img")
+        .arg("info")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(info.status.success());
+    let ours = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .arg("info")
+        .arg(&img)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&ours.stderr);
+    assert!(ours.status.success(), "{err}");
+    assert!(err.contains("bitmaps are inconsistent"), "{err}");
+    outcome(&img).unwrap();
+}
+
+/// Bitmap directory entries QEMU refuses to load (and so refuses the image): a table of 2^32-1
+/// entries (it used to make `check` allocate 32 GiB), reserved flags, another type, an
+/// unaligned table. We refuse the same images at open, naming the bitmap and the fault.
+#[test]
+fn bitmap_entries_are_validated_like_qemu() {
+    let Some((d, img)) = fresh("", &[]) else {
+        return;
+    };
+    qemu_img(d.path(), &["bitmap", "--add", "t.qcow2", "b0"]);
+    let base = std::fs::read(&img).unwrap();
+    let h = Header::parse(&base).unwrap();
+    let mut pos = h.header_length as usize;
+    while BigEndian::read_u32(&base[pos..]) != 0x2385_2875 {
+        pos += 8 + (BigEndian::read_u32(&base[pos + 4..]) as usize).div_ceil(8) * 8;
+    }
+    let dir = BigEndian::read_u64(&base[pos + 24..]) as usize;
+    type Poke = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Poke, &str)> = vec![
+        (
+            "table-size",
+            Box::new(move |b| set_u32(b, dir + 8, u32::MAX)),
+            "table of 4294967295 entries",
+        ),
+        (
+            "flags",
+            Box::new(move |b| b[dir + 15] |= 4),
+            "reserved flags",
+        ),
+        ("type", Box::new(move |b| b[dir + 16] = 2), "type 2"),
+        (
+            "table-offset",
+            Box::new(move |b| {
+                let t = BigEndian::read_u64(&b[dir..]);
+                set_u64(b, dir, t + 0x200);
+            }),
+            "not a cluster-aligned offset",
+        ),
+    ];
+    for (name, poke, needle) in cases {
+        let mut bytes = base.clone();
+        poke(&mut bytes);
+        let f = d.path().join(format!("{name}.qcow2"));
+        std::fs::write(&f, &bytes).unwrap();
+        let q = Command::new("qemu-img")
+            .arg("info")
+            .arg(&f)
+            .output()
+            .unwrap();
+        assert!(!q.status.success(), "{name}: qemu-img opens it");
+        let o = Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+            .arg("info")
+            .arg(&f)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        assert!(
+            err.contains("bitmap 0:") && err.contains(needle),
+            "{name}: {err}"
+        );
+    }
 }

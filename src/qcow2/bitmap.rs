@@ -54,12 +54,64 @@ impl Bitmap {
     }
 }
 
-/// Reads and validates the bitmap directory the extension points to.
+/// QEMU's limit on a bitmap table's entries.
+const MAX_TABLE_ENTRIES: u32 = 0x800_0000;
+
+/// The checks QEMU makes of each directory entry before it loads a bitmap (and refuses the
+/// image when one fails): a table that exists, is cluster aligned, not larger than the
+/// bitmap of a disk of `disk_size` bytes needs, and lies inside the file; known flags and type.
+fn validate_entry(
+    i: u32,
+    e: &Entry,
+    cluster_size: u64,
+    disk_size: u64,
+    file_len: u64,
+) -> Result<(), ErrorKind> {
+    let bad = |what: String| Err(corrupt(format!("bitmap {i}: {what}")));
+    if e.table_size == 0 || e.table_size > MAX_TABLE_ENTRIES {
+        return bad(format!("table of {} entries", e.table_size));
+    }
+    if e.table_offset == 0 || e.table_offset % cluster_size != 0 {
+        return bad(format!(
+            "table offset {:#x} is not a cluster-aligned offset past the header",
+            e.table_offset
+        ));
+    }
+    if e.flags & !(FLAG_IN_USE | FLAG_AUTO) != 0 {
+        return bad(format!("reserved flags set ({:#x})", e.flags));
+    }
+    if e.kind != 1 {
+        return bad(format!(
+            "type {} (only dirty tracking bitmaps exist)",
+            e.kind
+        ));
+    }
+    let bits = disk_size.div_ceil(1 << e.granularity_bits.min(63));
+    let needed = bits.div_ceil(8).div_ceil(cluster_size);
+    if e.table_size as u64 > needed.max(1) {
+        return bad(format!(
+            "table of {} entries, more than a {disk_size}-byte disk needs",
+            e.table_size
+        ));
+    }
+    if e.table_offset.saturating_add(e.table_size as u64 * 8) > file_len {
+        return bad(format!(
+            "table at {:#x} extends past the end of the file",
+            e.table_offset
+        ));
+    }
+    Ok(())
+}
+
+/// Reads and validates the bitmap directory the extension points to, for a disk of
+/// `disk_size` bytes.
 pub fn read_directory(
     storage: &dyn Storage,
     ext: &BitmapsExt,
     cluster_size: u64,
+    disk_size: u64,
 ) -> Result<Vec<Bitmap>, ErrorKind> {
+    let file_len = storage.size()?;
     if ext.directory_offset % cluster_size != 0 {
         return Err(corrupt(format!(
             "bitmap directory offset {:#x} is not cluster aligned",
@@ -83,6 +135,7 @@ pub fn read_directory(
         if !(9..=31).contains(&gran) {
             return Err(corrupt(format!("bitmap {i}: granularity bits {gran}")));
         }
+        validate_entry(i, &e, cluster_size, disk_size, file_len)?;
         let name_start = pos + Entry::LEN + extra_len;
         let name = dir
             .get(name_start..name_start + name_len)

@@ -82,7 +82,14 @@ impl Extensions {
         let mut ext = Extensions::default();
         let mut seen = Vec::new();
         let mut pos = 0usize;
-        while pos + Record::LEN <= area.len() {
+        while pos < area.len() {
+            // As QEMU: a record head that does not fit before the end is an overrun too.
+            if area.len() - pos < Record::LEN {
+                return Err(corrupt(format!(
+                    "header extension too large: {} bytes left for an 8-byte record head",
+                    area.len() - pos
+                )));
+            }
             let Record { kind, len } = Record::read(&area[pos..]);
             let len = len as usize;
             pos += Record::LEN;
@@ -103,10 +110,21 @@ impl Extensions {
             let data = &area[pos..pos + len];
             match kind {
                 BACKING_FORMAT => {
+                    // QEMU keeps format names in 16 bytes and refuses longer ones.
+                    if len >= 16 {
+                        return Err(corrupt(format!(
+                            "backing format name of {len} bytes is too long (at most 15)"
+                        )));
+                    }
                     ext.backing_format = Some(String::from_utf8_lossy(data).into_owned())
                 }
                 FEATURE_TABLE => ext.feature_names = parse_feature_table(data),
-                BITMAPS => ext.bitmaps = Some(parse_bitmaps_ext(data)?),
+                BITMAPS => {
+                    if len != BitmapsExt::LEN {
+                        return Err(corrupt("bitmaps header extension has a wrong length"));
+                    }
+                    ext.bitmaps = Some(BitmapsExt::read(data));
+                }
                 DATA_FILE => ext.data_file = Some(OsString::from_vec(data.to_vec())),
                 CRYPTO => {
                     if len != CryptoExt::LEN {
@@ -186,27 +204,27 @@ pub fn feature_table<'a>(entries: impl IntoIterator<Item = (u8, u8, &'a str)>) -
     table
 }
 
-fn parse_bitmaps_ext(data: &[u8]) -> Result<BitmapsExt, ErrorKind> {
-    if data.len() != BitmapsExt::LEN {
-        return Err(corrupt("bitmaps header extension has a wrong length"));
+impl BitmapsExt {
+    /// The checks QEMU makes of a bitmaps extension it uses (autoclear bit 0 set); an
+    /// extension a program without bitmap support left behind is ignored unchecked.
+    pub fn validate(&self) -> Result<(), ErrorKind> {
+        if self.reserved != 0 {
+            return Err(corrupt("bitmaps extension: reserved field is not zero"));
+        }
+        if self.nb_bitmaps == 0 || self.nb_bitmaps > MAX_BITMAPS {
+            return Err(corrupt(format!(
+                "bitmaps extension: {} bitmaps (1 to {MAX_BITMAPS} allowed)",
+                self.nb_bitmaps
+            )));
+        }
+        if self.directory_size == 0 || self.directory_size > MAX_BITMAP_DIRECTORY {
+            return Err(corrupt(format!(
+                "bitmap directory of {} bytes (at most 64 MiB)",
+                self.directory_size
+            )));
+        }
+        Ok(())
     }
-    let b = BitmapsExt::read(data);
-    if b.reserved != 0 {
-        return Err(corrupt("bitmaps extension: reserved field is not zero"));
-    }
-    if b.nb_bitmaps == 0 || b.nb_bitmaps > MAX_BITMAPS {
-        return Err(corrupt(format!(
-            "bitmaps extension: {} bitmaps (1 to {MAX_BITMAPS} allowed)",
-            b.nb_bitmaps
-        )));
-    }
-    if b.directory_size == 0 || b.directory_size > MAX_BITMAP_DIRECTORY {
-        return Err(corrupt(format!(
-            "bitmap directory of {} bytes (at most 64 MiB)",
-            b.directory_size
-        )));
-    }
-    Ok(b)
 }
 
 /// Serialises one extension record with its padding.

@@ -53,13 +53,19 @@ pub fn scratch_dir() -> std::path::PathBuf {
 }
 
 /// The body of the `check_image` fuzz target: `data` written to a scratch file (in `/dev/shm`
-/// where there is one) and checked as `qmprestore check` does. Returns whether it was checked.
+/// where there is one), checked as `qmprestore check` does and, when it is corrupt, repaired
+/// as `check -r all` does (a rebuilt refcount structure, a rewritten snapshot table) and
+/// checked again. Returns whether it was checked.
 pub fn check_bytes(data: &[u8]) -> bool {
+    use super::check::{check, repair, Repair};
     let path = scratch_dir().join(format!("qmpbackup-fuzz-check-{}.img", std::process::id()));
     if std::fs::write(&path, data).is_err() {
         return false;
     }
-    let checked = super::check::check(&path).is_ok();
+    let report = check(&path);
+    if report.as_ref().is_ok_and(|r| r.exit_code() != 0) && repair(&path, Repair::All).is_ok() {
+        let _ = check(&path);
+    }
     let _ = std::fs::remove_file(&path);
-    checked
+    report.is_ok()
 }

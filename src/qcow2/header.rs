@@ -280,6 +280,9 @@ impl Header {
         }
         if h.l1_size > 0 {
             h.check_table_offset(h.l1_table_offset, "L1 table")?;
+        } else if h.l1_table_offset % h.cluster_size() != 0 {
+            // QEMU checks the offset of an empty table too ("Active L1 table offset invalid").
+            h.check_table_offset(h.l1_table_offset, "L1 table")?;
         }
         if h.refcount_table_clusters as u64 * h.cluster_size() > MAX_REFCOUNT_TABLE_BYTES {
             return Err(corrupt(format!(

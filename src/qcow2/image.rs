@@ -175,6 +175,9 @@ impl Qcow2 {
             OsStr::from_bytes(&cluster0[o..o + header.backing_file_size as usize]).to_os_string()
         });
 
+        if header.data_file_raw() && !header.has_data_file() {
+            return Err(at(corrupt("data-file-raw requires a data file")));
+        }
         let data_file = if header.has_data_file() {
             let name = ext.data_file.clone().ok_or_else(|| {
                 at(corrupt(
@@ -217,7 +220,8 @@ impl Qcow2 {
         };
         let bitmaps = match &ext.bitmaps {
             Some(b) if header.autoclear_features & header::autoclear::BITMAPS != 0 => {
-                bitmap::read_directory(&*file, b, cs).map_err(at)?
+                b.validate().map_err(at)?;
+                bitmap::read_directory(&*file, b, cs, header.size).map_err(at)?
             }
             _ => Vec::new(),
         };
