@@ -220,8 +220,8 @@ pub fn fold(
     let mut buf = vec![0u8; STEP as usize];
     for e in ranges {
         if e.zero && !e.data {
+            // Metadata only: nothing for `--rate-limit` to pace.
             w.write_zeroes(e.start, e.length)?;
-            throttle.pace(e.length);
             bar.inc(e.length);
             continue;
         }

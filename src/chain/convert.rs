@@ -124,6 +124,9 @@ struct Produced {
     /// The whole chunk is stored contiguously in one layer: (layer, host offset) to copy from
     /// inside the kernel instead.
     copy: Option<(u32, u64)>,
+    /// Bytes of the chunk the metadata shows as data: what was read (and what `--rate-limit`
+    /// paces; holes cost no I/O).
+    data_bytes: u64,
 }
 
 fn write_qcow2(disk: &Disk, mut w: Writer, opts: &ConvertOptions, out: &Qcow2Output) -> Result<()> {
@@ -143,19 +146,24 @@ fn write_qcow2(disk: &Disk, mut w: Writer, opts: &ConvertOptions, out: &Qcow2Out
     let pool = &pool;
     std::thread::scope(|scope| -> Result<()> {
         scope.spawn(move || {
-            let mut start = 0;
-            while start < size {
-                let end = (start + batch).min(size);
-                let chunks: Vec<u64> = (start..end).step_by(chunk as usize).collect();
-                let produced = chunks
-                    .par_iter()
-                    .map(|&c| produce(disk, c, chunk.min(size - c), cs, out, pool))
-                    .collect::<Result<Vec<_>>>();
-                let failed = produced.is_err();
-                if tx.send(produced).is_err() || failed {
+            // Only chunks holding data are visited: the new image reads zeros elsewhere.
+            let mut data_chunks = disk.data_chunks(chunk);
+            let per_batch = (batch / chunk) as usize;
+            loop {
+                let produced = data_chunks
+                    .by_ref()
+                    .take(per_batch)
+                    .collect::<Result<Vec<u64>>>()
+                    .and_then(|starts| {
+                        starts
+                            .par_iter()
+                            .map(|&c| produce(disk, c, chunk.min(size - c), cs, out, pool))
+                            .collect::<Result<Vec<_>>>()
+                    });
+                let done = produced.as_ref().map_or(true, |p| p.is_empty());
+                if tx.send(produced).is_err() || done {
                     return;
                 }
-                start = end;
             }
         });
         // Consecutive in-kernel copies from one contiguous source range become one call (of
@@ -169,7 +177,7 @@ fn write_qcow2(disk: &Disk, mut w: Writer, opts: &ConvertOptions, out: &Qcow2Out
                     .expect("copy only planned for files");
                 w.copy_from(src, host, start, len)?;
                 w.write_behind_dropping();
-                bar.inc(len);
+                bar.set_position(start + len);
                 throttle.pace(len);
             }
             Ok(())
@@ -197,8 +205,8 @@ fn write_qcow2(disk: &Disk, mut w: Writer, opts: &ConvertOptions, out: &Qcow2Out
                 if !p.compressed.is_empty() {
                     w.write_compressed(&p.compressed)?;
                 }
-                bar.inc(p.len);
-                throttle.pace(p.len);
+                bar.set_position(p.start + p.len);
+                throttle.pace(p.data_bytes);
                 pool.put(p.data);
             }
             w.write_behind_dropping();
@@ -227,13 +235,15 @@ fn produce(
         plain: Vec::new(),
         compressed: Vec::new(),
         copy: None,
+        data_bytes: 0,
     };
     let mut extents = Vec::new();
     disk.for_each_extent(start, len, |e| {
         extents.push(e);
         Ok(())
     })?;
-    if extents.iter().all(|e| e.zero) {
+    p.data_bytes = extents.iter().filter(|e| !e.zero).map(|e| e.length).sum();
+    if p.data_bytes == 0 {
         return Ok(p);
     }
     if let [e] = extents[..] {
@@ -339,7 +349,12 @@ fn write_raw(disk: &Disk, out: &File, dst: &Path, opts: &ConvertOptions) -> Resu
     }
     let bar = progress::bytes(size, "convert", opts.progress);
     let throttle = Throttle::new(opts.rate_limit);
-    let chunks: Vec<u64> = (0..size.div_ceil(CHUNK)).map(|i| i * CHUNK).collect();
+    // A sparse file gets only the chunks holding data; a device gets zeros everywhere else.
+    let chunks: Vec<u64> = if sparse {
+        disk.data_chunks(CHUNK).collect::<Result<_>>()?
+    } else {
+        (0..size.div_ceil(CHUNK)).map(|i| i * CHUNK).collect()
+    };
     chunks.par_iter().try_for_each_init(
         || (vec![0u8; CHUNK as usize], None),
         |(buf, behind), &start| -> Result<()> {
@@ -349,6 +364,7 @@ fn write_raw(disk: &Disk, out: &File, dst: &Path, opts: &ConvertOptions) -> Resu
                 extents.push(e);
                 Ok(())
             })?;
+            let mut moved = 0;
             for e in extents {
                 let slice = &mut buf[..e.length as usize];
                 if e.zero {
@@ -359,6 +375,7 @@ fn write_raw(disk: &Disk, out: &File, dst: &Path, opts: &ConvertOptions) -> Resu
                 } else {
                     disk.read_at(slice, e.start)?;
                 }
+                moved += e.length;
                 write_nonzero(out, slice, e.start, sparse).map_err(at)?;
             }
             // This chunk starts going to disk, and this worker's previous one leaves the page
@@ -369,7 +386,7 @@ fn write_raw(disk: &Disk, out: &File, dst: &Path, opts: &ConvertOptions) -> Resu
                 pagecache::drop_written(out, s, l);
             }
             bar.inc(len);
-            throttle.pace(len);
+            throttle.pace(moved);
             Ok(())
         },
     )?;

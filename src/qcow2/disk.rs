@@ -430,6 +430,18 @@ impl Disk {
         Ok(())
     }
 
+    /// The chunks of `chunk` bytes (at multiples of `chunk`) that hold anything but zeros,
+    /// in order, found from the metadata: holes and zero ranges are stepped over an extent at
+    /// a time, so the cost follows the allocated data and the metadata, not the virtual size.
+    pub fn data_chunks(&self, chunk: u64) -> DataChunks<'_> {
+        DataChunks {
+            disk: self,
+            chunk,
+            pos: 0,
+            end: self.size(),
+        }
+    }
+
     /// Reads every range the metadata says holds data (decompressing compressed clusters), so
     /// that damage anywhere in the mapped data surfaces as an error. Stops after `budget`
     /// bytes; returns the bytes read.
@@ -448,16 +460,6 @@ impl Disk {
             Ok(())
         })?;
         Ok(done)
-    }
-
-    /// Whether the whole range reads as zeros, judged from metadata alone.
-    pub fn is_zero(&self, offset: u64, len: u64) -> Result<bool> {
-        let mut zero = true;
-        self.for_each_extent(offset, len, |e| {
-            zero &= e.zero;
-            Ok(())
-        })?;
-        Ok(zero)
     }
 }
 
@@ -521,6 +523,38 @@ fn backing_of(path: &Path, q: &Qcow2, name: &OsStr) -> Result<(PathBuf, Option<F
 
 /// Where a backing file name points, resolved like QEMU: protocol and `json:` names are
 /// refused, absolute names used as they are, relative ones joined to the image's directory.
+/// See [`Disk::data_chunks`].
+pub struct DataChunks<'a> {
+    disk: &'a Disk,
+    chunk: u64,
+    pos: u64,
+    end: u64,
+}
+
+impl Iterator for DataChunks<'_> {
+    /// A chunk's start; an error ends the iteration.
+    type Item = Result<u64>;
+
+    fn next(&mut self) -> Option<Result<u64>> {
+        while self.pos < self.end {
+            let e = match self.disk.extent_at(self.pos, self.end - self.pos) {
+                Ok(e) => e,
+                Err(err) => {
+                    self.pos = self.end;
+                    return Some(Err(err));
+                }
+            };
+            if !e.zero {
+                let start = self.pos / self.chunk * self.chunk;
+                self.pos = start + self.chunk;
+                return Some(Ok(start));
+            }
+            self.pos += e.length;
+        }
+        None
+    }
+}
+
 pub fn backing_path(image: &Path, name: &OsStr) -> Result<PathBuf, ErrorKind> {
     let bytes = name.as_bytes();
     if bytes.starts_with(b"json:") {
