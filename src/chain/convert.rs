@@ -255,27 +255,45 @@ fn produce(
         }
     }
     p.data = pool.take(len as usize);
-    disk.read_at(&mut p.data, start)?;
-    let mut run: Option<std::ops::Range<usize>> = None;
-    for (i, cluster) in p.data.chunks(cs as usize).enumerate() {
-        let at = i * cs as usize;
-        let zero = is_zero(cluster);
-        if zero || out.compress && cluster.len() as u64 == cs {
-            p.plain.extend(run.take());
-            if !zero {
-                p.compressed.push((
-                    (start + at as u64) / cs,
-                    compress_cluster(out.compression_type, cluster),
-                ));
-            }
-            continue;
-        }
-        match &mut run {
-            Some(r) => r.end = at + cluster.len(),
-            None => run = Some(at..at + cluster.len()),
+    // Only the clusters the metadata shows holding data are read and scanned: a chunk with a
+    // little data in a hole costs that data, not the chunk.
+    let mut spans: Vec<std::ops::Range<u64>> = Vec::new();
+    for e in extents.iter().filter(|e| !e.zero) {
+        let first = (e.start - start) / cs;
+        let end = (e.start + e.length - start).div_ceil(cs);
+        match spans.last_mut() {
+            Some(last) if last.end >= first => last.end = last.end.max(end),
+            _ => spans.push(first..end),
         }
     }
-    p.plain.extend(run);
+    for span in spans {
+        let (from, to) = (
+            (span.start * cs) as usize,
+            ((span.end * cs).min(len)) as usize,
+        );
+        let data = &mut p.data[from..to];
+        disk.read_at(data, start + from as u64)?;
+        let mut run: Option<std::ops::Range<usize>> = None;
+        for (i, cluster) in data.chunks(cs as usize).enumerate() {
+            let at = from + i * cs as usize;
+            let zero = is_zero(cluster);
+            if zero || out.compress && cluster.len() as u64 == cs {
+                p.plain.extend(run.take());
+                if !zero {
+                    p.compressed.push((
+                        (start + at as u64) / cs,
+                        compress_cluster(out.compression_type, cluster),
+                    ));
+                }
+                continue;
+            }
+            match &mut run {
+                Some(r) => r.end = at + cluster.len(),
+                None => run = Some(at..at + cluster.len()),
+            }
+        }
+        p.plain.extend(run);
+    }
     Ok(p)
 }
 

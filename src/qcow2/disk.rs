@@ -10,6 +10,7 @@
 use super::error::{ErrorKind, Result};
 use super::header::MAGIC;
 use super::image::{resolve_relative, Qcow2, Status};
+use super::merged::Windows;
 use super::raw::Raw;
 use super::storage::Storage;
 use serde::Serialize;
@@ -151,6 +152,8 @@ impl Image {
 /// of a thousand backups needs no deep stack.
 pub struct Disk {
     images: Vec<Image>,
+    /// The merged map, built a window at a time (see [`super::merged`]).
+    windows: Windows,
 }
 
 impl Disk {
@@ -192,7 +195,7 @@ impl Disk {
             }
             images.push(image);
         }
-        let mut disk = Disk { images };
+        let mut disk = Disk::of(images);
         if let Some(key) = &opts.snapshot {
             disk.select_snapshot(key)?;
         }
@@ -212,7 +215,23 @@ impl Disk {
         if images.is_empty() {
             return Err(ErrorKind::NotFound("no images to stack".into()).at(Path::new(".")));
         }
-        Ok(Disk { images })
+        Ok(Disk::of(images))
+    }
+
+    fn of(mut images: Vec<Image>) -> Disk {
+        if images.len() > 1 {
+            // One budget for the chain's L2 tables, however deep it is.
+            let shared = std::sync::Arc::new(super::cache::L2Cache::new(super::cache::BUDGET));
+            for image in &mut images {
+                if let Layer::Qcow2(q) = &mut image.layer {
+                    q.share_cache(shared.clone());
+                }
+            }
+        }
+        Disk {
+            windows: Windows::new(&images),
+            images,
+        }
     }
 
     /// Opens a qcow2 image held in memory, without backing file or data file (for fuzzing).
@@ -224,24 +243,26 @@ impl Disk {
                 "no files available",
             ))
         })?;
-        Ok(Disk {
-            images: vec![Image {
-                path: path.to_path_buf(),
-                layer: Layer::Qcow2(Box::new(q)),
-            }],
-        })
+        Ok(Disk::of(vec![Image {
+            path: path.to_path_buf(),
+            layer: Layer::Qcow2(Box::new(q)),
+        }]))
     }
 
     /// Switches the top image to its view at an internal snapshot (id or name).
     pub fn select_snapshot(&mut self, key: &str) -> Result<()> {
         let top = &mut self.images[0];
         match &mut top.layer {
-            Layer::Qcow2(q) => q.select_snapshot(key),
-            Layer::Raw(_) => Err(ErrorKind::Unsupported(
-                "raw images have no internal snapshots".into(),
-            )
-            .at(&top.path)),
+            Layer::Qcow2(q) => q.select_snapshot(key)?,
+            Layer::Raw(_) => {
+                return Err(
+                    ErrorKind::Unsupported("raw images have no internal snapshots".into())
+                        .at(&top.path),
+                )
+            }
         }
+        self.windows = Windows::new(&self.images);
+        Ok(())
     }
 
     /// The top image.
@@ -296,108 +317,51 @@ impl Disk {
 
     /// Reads guest data at `offset`; bytes past the end of the disk read as zeros.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        // Pending (layer, buffer start, length) pieces: an unallocated run of one layer
-        // becomes a piece of the next. Pieces are disjoint parts of `buf`.
-        let mut pending = vec![(0usize, 0usize, buf.len())];
-        while let Some((depth, start, len)) = pending.pop() {
-            let image = &self.images[depth];
-            let size = image.size();
-            let mut pos = start;
-            let end = start + len;
-            while pos < end {
-                let off = offset + pos as u64;
-                if off >= size {
-                    buf[pos..end].fill(0);
-                    break;
-                }
-                let max = ((end - pos) as u64).min(size - off);
-                let q = match &image.layer {
-                    Layer::Raw(r) => {
-                        r.read(&mut buf[pos..pos + max as usize], off)?;
-                        pos += max as usize;
-                        continue;
-                    }
-                    Layer::Qcow2(q) => q,
-                };
-                let (status, n) = q.status(off, max)?;
-                let dst = &mut buf[pos..pos + n as usize];
-                match status {
-                    Status::Data { host } => q.read_data(dst, host)?,
-                    Status::Zero { .. } => dst.fill(0),
-                    Status::Unallocated { .. } if depth + 1 < self.images.len() => {
-                        pending.push((depth + 1, pos, n as usize))
-                    }
-                    Status::Unallocated { .. } => dst.fill(0),
-                    Status::Compressed(d) => {
-                        let cs = q.cluster_size();
-                        let mut cluster = vec![0u8; cs as usize];
-                        q.read_compressed(d, &mut cluster)?;
-                        let within = (off % cs) as usize;
-                        dst.copy_from_slice(&cluster[within..within + n as usize]);
-                    }
-                }
-                pos += n as usize;
-            }
+        let inside = (buf.len() as u64).min(self.size().saturating_sub(offset));
+        buf[inside as usize..].fill(0);
+        let mut pos = 0u64;
+        while pos < inside {
+            let e = self.extent_at(offset + pos, inside - pos)?;
+            self.read_extent(&e, &mut buf[pos as usize..(pos + e.length) as usize])?;
+            pos += e.length;
         }
+        Ok(())
+    }
+
+    /// Reads the bytes of one extent (as [`Disk::extent_at`] returned it) into `dst`.
+    fn read_extent(&self, e: &Extent, dst: &mut [u8]) -> Result<()> {
+        if !e.data {
+            dst.fill(0);
+            return Ok(());
+        }
+        let q = match &self.images[e.depth as usize].layer {
+            Layer::Raw(r) => return r.read(dst, e.start),
+            Layer::Qcow2(q) => q,
+        };
+        if !e.compressed {
+            let host = e.offset.expect("uncompressed data has a host offset");
+            return q.read_data(dst, host);
+        }
+        // Extents of compressed data never cross a cluster: its descriptor is the layer's.
+        let Status::Compressed(d) = q.status(e.start, e.length)?.0 else {
+            return Err(ErrorKind::Corrupt(format!(
+                "guest offset {:#x}: the mapping changed while the image was read",
+                e.start
+            ))
+            .at(&self.images[e.depth as usize].path));
+        };
+        let cs = q.cluster_size();
+        let mut cluster = vec![0u8; cs as usize];
+        q.read_compressed(d, &mut cluster)?;
+        let within = (e.start % cs) as usize;
+        dst.copy_from_slice(&cluster[within..within + dst.len()]);
         Ok(())
     }
 
     /// Describes the guest range starting at `offset` (< size): the extent covers 1..=`max`
     /// bytes and is not necessarily maximal (see [`Disk::for_each_extent`]).
-    pub fn extent_at(&self, offset: u64, mut max: u64) -> Result<Extent> {
-        let mut depth = 0usize;
-        loop {
-            let mut e = Extent {
-                start: offset,
-                length: max,
-                depth: depth as u32,
-                present: true,
-                zero: false,
-                data: false,
-                compressed: false,
-                offset: None,
-            };
-            let q = match &self.images[depth].layer {
-                Layer::Raw(r) => {
-                    let (data, n) = r.allocation(offset, max)?;
-                    e.length = n;
-                    e.data = data;
-                    e.zero = !data;
-                    e.offset = Some(offset);
-                    return Ok(e);
-                }
-                Layer::Qcow2(q) => q,
-            };
-            let (status, n) = q.status(offset, max)?;
-            e.length = n;
-            match status {
-                Status::Data { host } => {
-                    e.data = true;
-                    e.offset = Some(host);
-                }
-                Status::Compressed(_) => {
-                    e.data = true;
-                    e.compressed = true;
-                }
-                Status::Zero { host } => {
-                    e.zero = true;
-                    e.offset = host;
-                }
-                Status::Unallocated { host } => match self.images.get(depth + 1) {
-                    Some(b) if offset < b.size() => {
-                        max = n.min(b.size() - offset);
-                        depth += 1;
-                        continue;
-                    }
-                    _ => {
-                        e.present = false;
-                        e.zero = true;
-                        e.offset = host;
-                    }
-                },
-            }
-            return Ok(e);
-        }
+    pub fn extent_at(&self, offset: u64, max: u64) -> Result<Extent> {
+        self.windows.extent_at(&self.images, offset, max)
     }
 
     /// Calls `f` with the maximal extents covering `[offset, offset + len)` (clipped to the

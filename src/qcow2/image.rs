@@ -7,7 +7,7 @@
 //! metadata actually touched, never to the data.
 
 use super::bitmap::{self, Bitmap};
-use super::cache::L2Cache;
+use super::cache::{self, ImageId, L2Cache};
 use super::error::{corrupt, Error, ErrorKind, Result};
 use super::ext::Extensions;
 use super::header::{self, Header};
@@ -22,9 +22,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-
-/// L2 tables kept in memory per image (at most 2 MiB each).
-const L2_CACHE_TABLES: usize = 64;
+use std::sync::Arc;
 
 /// An external data file: guest data lives there, metadata in the qcow2 file.
 pub struct DataFile {
@@ -53,7 +51,9 @@ pub struct Qcow2 {
     l1: Vec<L1Entry>,
     snapshots: Vec<Snapshot>,
     bitmaps: Vec<Bitmap>,
-    cache: L2Cache,
+    /// Decoded L2 tables: this image's own cache, or one its chain shares.
+    cache: Arc<L2Cache>,
+    cache_key: ImageId,
     metadata: super::overlap::Metadata,
 }
 
@@ -252,7 +252,8 @@ impl Qcow2 {
             l1,
             snapshots,
             bitmaps,
-            cache: L2Cache::new(L2_CACHE_TABLES),
+            cache: Arc::new(L2Cache::new(cache::BUDGET)),
+            cache_key: ImageId::unique(),
         })
     }
 
@@ -338,13 +339,19 @@ impl Qcow2 {
         self.l1 = l1::read_table(&*self.file, snap.l1_table_offset, snap.l1_size)
             .and_then(|t| l1::check_distinct(&t).map(|_| t))
             .map_err(|k| k.at(&self.path))?;
-        self.cache = L2Cache::new(L2_CACHE_TABLES);
+        self.cache.forget(self.cache_key);
         Ok(())
     }
 
     /// How the guest range starting at `guest` is stored here: a status and the length
     /// (1..=`max`) of the run it applies to. Runs end at L2 table boundaries, at the end of a
     /// compressed cluster, and where host offsets stop being contiguous.
+    /// Keeps this image's L2 tables in `cache` (shared with the other images of a chain, so
+    /// that one budget bounds them all).
+    pub fn share_cache(&mut self, cache: Arc<L2Cache>) {
+        self.cache = cache;
+    }
+
     pub fn status(&self, guest: u64, max: u64) -> Result<(Status, u64)> {
         let f = &self.format;
         let span = self.header.l1_span();
@@ -365,7 +372,7 @@ impl Qcow2 {
     }
 
     fn l2_table(&self, offset: u64) -> Result<std::sync::Arc<L2Table>> {
-        self.cache.get_or_load(offset, || {
+        self.cache.get_or_load(self.cache_key, offset, || {
             let mut bytes = vec![0u8; self.cluster_size() as usize];
             read_exact(&*self.file, &mut bytes, offset, "L2 table")
                 .map_err(|e| ErrorKind::Io(e).at(&self.path))?;

@@ -221,6 +221,11 @@ impl L2Table {
         }
     }
 
+    /// Memory the decoded table takes.
+    pub fn bytes(&self) -> usize {
+        self.words.len() * 8
+    }
+
     pub fn len(&self) -> usize {
         if self.extended {
             self.words.len() / 2
@@ -231,6 +236,16 @@ impl L2Table {
 
     pub fn is_empty(&self) -> bool {
         self.words.is_empty()
+    }
+
+    /// How many entries from `index` on (at most to `end`) are all zero: unallocated, with no
+    /// subcluster bits. A plain word scan, for the long empty stretches of incremental images.
+    pub fn zero_entries(&self, index: usize, end: usize) -> usize {
+        let per = if self.extended { 2 } else { 1 };
+        self.words[index * per..end * per]
+            .iter()
+            .position(|&w| w != 0)
+            .map_or(end - index, |p| p / per)
     }
 
     pub fn entry(&self, index: usize) -> L2Entry {

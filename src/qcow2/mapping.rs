@@ -64,6 +64,14 @@ pub fn run(
     };
     let end_limit = guest + limit;
     let mut end = (first_unit + 1) * unit;
+    if first == Subcluster::UnallocatedPlain {
+        // Long empty stretches (incremental images are mostly empty) in one word scan.
+        let cluster = first_unit / per_cluster;
+        let index = (cluster % per_table) as usize;
+        let last = ((end_limit - 1) / f.cluster_size() % per_table) as usize + 1;
+        let empty = table.zero_entries(index, last) as u64;
+        end = end.max((cluster + empty) * f.cluster_size());
+    }
     while end < end_limit {
         let next = classify(end / unit)?;
         if !continues(first, next, end - first_unit * unit) {

@@ -28,6 +28,7 @@ pub mod l1;
 pub mod l2;
 pub mod lock;
 pub mod mapping;
+pub mod merged;
 pub mod overlap;
 pub mod pagecache;
 pub mod raw;
