@@ -320,28 +320,42 @@ SH
         echo "serve: skipped (needs nbdcopy and qemu-nbd: scripts/install-nbd-tools, qemu-utils)"
     fi
 fi
-# deep_chain DIR DEPTH SIZE EVERY MIB STEP_MIB: a chain of DEPTH files of SIZE virtual bytes in
-# qmpbackup's naming; every EVERY-th file (the FULL included) holds MIB MiB of random data at
-# i * STEP_MIB MiB. Data files are written alone and then linked, so that making the chain
-# never opens it deep; the rest are empty overlays.
+# deep_chain DIR DEPTH SIZE_GIB EVERY PIECES PIECE_KIB: a chain of DEPTH files of SIZE_GIB GiB
+# in qmpbackup's naming; every EVERY-th file (the FULL included) holds PIECES pieces of
+# PIECE_KIB KiB of random data spread evenly over the disk (each file's a little further into
+# its stretch than the one before, so they overlap partly). Data files are written alone and
+# then linked, so that making the chain never opens it deep; the rest are empty overlays.
 deep_chain() {
-    local dir=$1 depth=$2 size=$3 every=$4 mib=$5 step=$6 prev="" i name
+    local dir=$1 depth=$2 gib=$3 every=$4 pieces=$5 kib=$6
     [ -f "$dir.done" ] && return
     rm -rf "$dir"; mkdir -p "$dir"
-    for i in $(seq 0 $((depth - 1))); do
-        if [ "$i" = 0 ]; then name=FULL-1700000000-disk.qcow2
-        else name=INC-$((1700000000 + i * 600))-disk.qcow2; fi
-        if [ $((i % every)) = 0 ]; then
-            qemu-img create -q -f qcow2 "$dir/$name" "$size"
-            python3 -c "import os,sys; sys.stdout.buffer.write(os.urandom($mib << 20))" > piece.bin
-            qemu-io -f qcow2 -c "write -s piece.bin $((i * step))M ${mib}M" "$dir/$name" >/dev/null
-            [ -z "$prev" ] || qemu-img rebase -u -b "$prev" -F qcow2 "$dir/$name"
-        else
-            qemu-img create -q -f qcow2 -u -b "$prev" -F qcow2 "$dir/$name" "$size"
-        fi
-        prev=$name
-    done
-    rm -f piece.bin
+    python3 - "$dir" "$depth" "$gib" "$every" "$pieces" "$kib" <<'PY'
+import os, subprocess, sys
+d, depth, gib, every, pieces, kib = sys.argv[1], *map(int, sys.argv[2:])
+name = lambda i: "FULL-1700000000-disk.qcow2" if i == 0 else f"INC-{1700000000 + i * 600}-disk.qcow2"
+stretch = (gib << 30) // pieces
+with open("piece.bin", "wb") as f:
+    f.write(os.urandom(kib << 10))
+prev = None
+for i in range(depth):
+    f = f"{d}/{name(i)}"
+    if i % every == 0:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", f, f"{gib}G"], check=True)
+        shift = ((i // every) * (kib << 9)) % max(stretch - (kib << 10), 1) // 65536 * 65536
+        cmds = []
+        for k in range(pieces):
+            cmds += ["-c", f"write -s piece.bin {k * stretch + shift} {kib}k"]
+        for at in range(0, len(cmds), 400):
+            subprocess.run(["qemu-io", "-f", "qcow2", *cmds[at:at + 400], f], check=True,
+                           stdout=subprocess.DEVNULL)
+        if prev:
+            subprocess.run(["qemu-img", "rebase", "-u", "-b", prev, "-F", "qcow2", f], check=True)
+    else:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", prev, "-F",
+                        "qcow2", f, f"{gib}G"], check=True)
+    prev = name(i)
+os.remove("piece.bin")
+PY
     touch "$dir.done"
 }
 
@@ -363,13 +377,14 @@ if [ -z "$filter" ] || [[ scale == *$filter* ]]; then
     compare "sparse 4 TiB: compare" none \
         "$ours compare sparse4t.qcow2 sparse4t.qcow2" \
         "qemu-img compare sparse4t.qcow2 sparse4t.qcow2"
-    # 4 TiB, 4 files: a FULL and 3 INCs of 32 MiB each, 1 TiB apart.
-    deep_chain chain4t 4 4T 1 32 1048576
+    # 4 TiB, 4 files: each 4 pieces of 8 MiB, one per TiB (128 MiB in all).
+    deep_chain chain4t 4 4096 1 4 8192
     bench_merge "4 TiB 4-file" chain4t
-    # 200 files of a 1 TiB disk, each holding 2 MiB (400 MiB in all).
-    deep_chain chain200 200 1T 1 2 5000
+    # 200 files of a 1 TiB disk, each 64 pieces of 32 KiB spread over it (400 MiB in all).
+    deep_chain chain200 200 1024 1 64 32
     bench_merge "200-deep 1 TiB" chain200
-    # 1000 files of a 64 GiB disk, 1 MiB of data in every 10th (100 MiB in all).
-    deep_chain chain1000x 1000 64G 10 1 64
+    # 1000 files of a 64 GiB disk; every 10th holds 64 KiB in every 512 MiB of the disk (one
+    # piece per L2 table of every data file: 800 MiB in all).
+    deep_chain chain1000x 1000 64 10 128 64
     bench_merge "1000-deep 64 GiB" chain1000x
 fi

@@ -8,7 +8,7 @@
 
 use super::bitmap::{self, Bitmap};
 use super::cache::{self, ImageId, L2Cache};
-use super::error::{corrupt, Error, ErrorKind, Result};
+use super::error::{corrupt, ErrorKind, Result};
 use super::ext::Extensions;
 use super::header::{self, Header};
 use super::l1::{self, L1Entry};
@@ -373,10 +373,13 @@ impl Qcow2 {
 
     fn l2_table(&self, offset: u64) -> Result<std::sync::Arc<L2Table>> {
         self.cache.get_or_load(self.cache_key, offset, || {
-            let mut bytes = vec![0u8; self.cluster_size() as usize];
-            read_exact(&*self.file, &mut bytes, offset, "L2 table")
-                .map_err(|e| ErrorKind::Io(e).at(&self.path))?;
-            Ok::<_, Error>(L2Table::parse(&bytes, self.format.extended))
+            L2Table::read(
+                &*self.file,
+                offset,
+                self.cluster_size(),
+                self.format.extended,
+            )
+            .map_err(|e| ErrorKind::Io(e).at(&self.path))
         })
     }
 

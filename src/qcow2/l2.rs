@@ -7,7 +7,6 @@
 
 use super::error::{corrupt, ErrorKind};
 use super::header::Header;
-use byteorder::{BigEndian, ByteOrder};
 
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const COPIED: u64 = 1 << 63;
@@ -197,6 +196,10 @@ impl L2Entry {
 }
 
 /// One L2 table, decoded to native integers.
+///
+/// Words are kept as they are on disk (big-endian) and swapped when an entry is read: a table
+/// is usually read for a few entries and long empty stretches (which need no swapping to be
+/// recognised), so decoding all of it on every load was the bulk of reading deep chains.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct L2Table {
     words: Box<[u64]>,
@@ -204,12 +207,30 @@ pub struct L2Table {
 }
 
 impl L2Table {
-    /// Decodes one cluster of L2 entries.
+    /// One cluster of L2 entries as stored.
     pub fn parse(bytes: &[u8], extended: bool) -> L2Table {
         L2Table {
-            words: bytes.chunks_exact(8).map(BigEndian::read_u64).collect(),
+            words: bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
             extended,
         }
+    }
+
+    /// Reads the table of `bytes` bytes at `offset` straight into its words.
+    pub fn read(
+        storage: &dyn super::storage::Storage,
+        offset: u64,
+        bytes: u64,
+        extended: bool,
+    ) -> std::io::Result<L2Table> {
+        let mut words = vec![0u64; (bytes / 8) as usize].into_boxed_slice();
+        // SAFETY: any bit pattern is a valid u64, and u8 has no alignment requirement, so
+        // the words' memory viewed as bytes is entirely the middle part.
+        let (_, raw, _) = unsafe { words.align_to_mut::<u8>() };
+        super::storage::read_exact(storage, raw, offset, "L2 table")?;
+        Ok(L2Table { words, extended })
     }
 
     /// A table with every entry zero (unallocated).
@@ -251,12 +272,12 @@ impl L2Table {
     pub fn entry(&self, index: usize) -> L2Entry {
         if self.extended {
             L2Entry {
-                word: self.words[index * 2],
-                bitmap: self.words[index * 2 + 1],
+                word: u64::from_be(self.words[index * 2]),
+                bitmap: u64::from_be(self.words[index * 2 + 1]),
             }
         } else {
             L2Entry {
-                word: self.words[index],
+                word: u64::from_be(self.words[index]),
                 bitmap: 0,
             }
         }
@@ -264,15 +285,15 @@ impl L2Table {
 
     pub fn set(&mut self, index: usize, e: L2Entry) {
         if self.extended {
-            self.words[index * 2] = e.word;
-            self.words[index * 2 + 1] = e.bitmap;
+            self.words[index * 2] = e.word.to_be();
+            self.words[index * 2 + 1] = e.bitmap.to_be();
         } else {
-            self.words[index] = e.word;
+            self.words[index] = e.word.to_be();
         }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.words.iter().flat_map(|w| w.to_be_bytes()).collect()
+        self.words.iter().flat_map(|w| w.to_ne_bytes()).collect()
     }
 }
 

@@ -17,8 +17,9 @@ use std::sync::{Arc, Mutex};
 
 /// Allocation units (clusters, or subclusters with extended L2) a window spans.
 const WINDOW_UNITS: u64 = 8192;
-/// Windows kept.
-const KEPT: usize = 4;
+/// Windows kept: enough for the producer of a pipeline to run a few windows ahead of its
+/// workers without either building one twice.
+const KEPT: usize = 16;
 
 /// The merged map of `[start, start + span)` (clipped to the disk): runs in guest order,
 /// covering it without gaps.
