@@ -380,11 +380,16 @@ if [ -z "$filter" ] || [[ scale == *$filter* ]]; then
     # 4 TiB, 4 files: each 4 pieces of 8 MiB, one per TiB (128 MiB in all).
     deep_chain chain4t 4 4096 1 4 8192
     bench_merge "4 TiB 4-file" chain4t
-    # 200 files of a 1 TiB disk, each 64 pieces of 32 KiB spread over it (400 MiB in all).
-    deep_chain chain200 200 1024 1 64 32
-    bench_merge "200-deep 1 TiB" chain200
-    # 1000 files of a 64 GiB disk; every 10th holds 64 KiB in every 512 MiB of the disk (one
-    # piece per L2 table of every data file: 800 MiB in all).
-    deep_chain chain1000x 1000 64 10 128 64
-    bench_merge "1000-deep 64 GiB" chain1000x
+    # 200 files of a 1 TiB disk, each 32 pieces of 256 KiB spread over it (1.6 GiB stored,
+    # 820 MiB visible).
+    deep_chain chain200r 200 1024 1 32 256
+    bench_merge "200-deep 1 TiB" chain200r
+    # 1000 files of a 64 GiB disk; every 10th holds 32 pieces of 512 KiB (1.6 GiB stored,
+    # 820 MiB visible).
+    deep_chain chain1000r 1000 64 10 32 512
+    bench_merge "1000-deep 64 GiB" chain1000r
+    # The worst case for metadata: every 10th file holds one 64 KiB cluster in every 512 MiB,
+    # so each L2 table read (64 KiB) yields 64 KiB of data, most of it overwritten above.
+    deep_chain chain1000w 1000 64 10 128 64
+    bench_merge "1000-deep, 1 cluster per L2 table" chain1000w
 fi

@@ -1003,10 +1003,7 @@ fn a_stale_bitmaps_extension_is_ignored_unchecked() {
     qemu_img(d.path(), &["bitmap", "--add", "t.qcow2", "b0"]);
     let mut bytes = std::fs::read(&img).unwrap();
     let h = Header::parse(&bytes).unwrap();
-    let mut pos = h.header_length as usize;
-    while BigEndian::read_u32(&bytes[pos..]) != 0x2385_2875 {
-        pos += 8 + (BigEndian::read_u32(&bytes[pos + 4..]) as usize).div_ceil(8) * 8;
-    }
+    let pos = bitmaps_extension(&bytes, &h);
     set_u32(&mut bytes, pos + 12, 7); // the reserved field
     bytes[95] &= !1;
     std::fs::write(&img, &bytes).unwrap();
@@ -1038,10 +1035,7 @@ fn bitmap_entries_are_validated_like_qemu() {
     qemu_img(d.path(), &["bitmap", "--add", "t.qcow2", "b0"]);
     let base = std::fs::read(&img).unwrap();
     let h = Header::parse(&base).unwrap();
-    let mut pos = h.header_length as usize;
-    while BigEndian::read_u32(&base[pos..]) != 0x2385_2875 {
-        pos += 8 + (BigEndian::read_u32(&base[pos + 4..]) as usize).div_ceil(8) * 8;
-    }
+    let pos = bitmaps_extension(&base, &h);
     let dir = BigEndian::read_u64(&base[pos + 24..]) as usize;
     type Poke = Box<dyn Fn(&mut Vec<u8>)>;
     let cases: Vec<(&str, Poke, &str)> = vec![
@@ -1088,4 +1082,13 @@ fn bitmap_entries_are_validated_like_qemu() {
             "{name}: {err}"
         );
     }
+}
+
+/// Where the bitmaps header extension's record starts in an image's first cluster.
+fn bitmaps_extension(bytes: &[u8], h: &Header) -> usize {
+    let mut pos = h.header_length as usize;
+    while BigEndian::read_u32(&bytes[pos..]) != 0x2385_2875 {
+        pos += 8 + (BigEndian::read_u32(&bytes[pos + 4..]) as usize).div_ceil(8) * 8;
+    }
+    pos
 }
