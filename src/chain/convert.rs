@@ -121,9 +121,9 @@ struct Produced {
     plain: Vec<std::ops::Range<usize>>,
     /// Guest clusters to write compressed.
     compressed: Vec<(u64, Compressed)>,
-    /// The whole chunk is stored contiguously in one layer: (layer, host offset) to copy from
-    /// inside the kernel instead.
-    copy: Option<(u32, u64)>,
+    /// The chunk's data, when all of it lies uncompressed in local files: (layer, host offset,
+    /// guest offset, length) to copy inside the kernel instead of reading it.
+    copies: Vec<(u32, u64, u64, u64)>,
     /// Bytes of the chunk the metadata shows as data: what was read (and what `--rate-limit`
     /// paces; holes cost no I/O).
     data_bytes: u64,
@@ -184,18 +184,20 @@ fn write_qcow2(disk: &Disk, mut w: Writer, opts: &ConvertOptions, out: &Qcow2Out
         };
         for batch in rx {
             for p in batch? {
-                if let Some((depth, host)) = p.copy {
+                for &(depth, host, start, len) in &p.copies {
                     match &mut pending {
                         Some((d, h, s, l))
                             if *d == depth
                                 && *h + *l == host
-                                && *s + *l == p.start
+                                && *s + *l == start
                                 && *l < MAX_COPY =>
                         {
-                            *l += p.len
+                            *l += len
                         }
-                        _ => copy(&mut w, pending.replace((depth, host, p.start, p.len)))?,
+                        _ => copy(&mut w, pending.replace((depth, host, start, len)))?,
                     }
+                }
+                if !p.copies.is_empty() {
                     continue;
                 }
                 copy(&mut w, pending.take())?;
@@ -234,7 +236,7 @@ fn produce(
         data: Vec::new(),
         plain: Vec::new(),
         compressed: Vec::new(),
-        copy: None,
+        copies: Vec::new(),
         data_bytes: 0,
     };
     let mut extents = Vec::new();
@@ -246,12 +248,19 @@ fn produce(
     if p.data_bytes == 0 {
         return Ok(p);
     }
-    if let [e] = extents[..] {
-        if let (true, false, false, Some(host)) = (e.data, e.zero, out.compress, e.offset) {
-            if disk.data_file_of(e.depth).is_some() {
-                p.copy = Some((e.depth, host));
-                return Ok(p);
+    if !out.compress {
+        // All data uncompressed in local files (checked as reads check it): copied inside the
+        // kernel, holes between the pieces left alone.
+        let mut copies = Vec::new();
+        for e in extents.iter().filter(|e| !e.zero) {
+            match (e.compressed, disk.direct_source(e)?) {
+                (false, Some((_, host))) => copies.push((e.depth, host, e.start, e.length)),
+                _ => break,
             }
+        }
+        if copies.len() == extents.iter().filter(|e| !e.zero).count() {
+            p.copies = copies;
+            return Ok(p);
         }
     }
     p.data = pool.take(len as usize);

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Bytes of decoded tables a cache holds (at least one table is always kept).
-pub const BUDGET: usize = 32 << 20;
+pub const BUDGET: usize = 16 << 20;
 
 /// Identifies one image's tables in a shared cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
