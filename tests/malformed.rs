@@ -92,6 +92,15 @@ fn expect_error(path: &Path, needle: &str) {
         !tmp.path().join("out.raw").exists(),
         "a failed convert must not leave output"
     );
+    // To qcow2 too, whose in-kernel copies check their sources as reads do.
+    let out = limited_as(
+        Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+            .args(["convert", "-O", "qcow2"])
+            .arg(path)
+            .arg(tmp.path().join("out.qcow2")),
+    );
+    assert_eq!(out.status.code(), Some(1), "{} to qcow2", path.display());
+    assert!(!tmp.path().join("out.qcow2").exists());
     assert_eq!(sha256_file(path), before, "{} was modified", path.display());
 }
 
