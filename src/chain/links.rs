@@ -3,7 +3,7 @@
 //! must go before a file changes or disappears.
 
 use super::error::Result;
-use crate::qcow2::write::Writer;
+use crate::qcow2::write::{self, Writer};
 use crate::qcow2::{Disk, ErrorKind, Format};
 use crate::store::manifest;
 use crate::store::place::{Folder, Place};
@@ -33,6 +33,8 @@ pub fn set_backing(file: &Path, backing: &str, format: Format) -> Result<bool> {
     if backing_of(file)? == Some((backing.to_string(), Some(format.name().to_string()))) {
         return Ok(false);
     }
+    // The new backing must open before anything changes, the manifest included.
+    write::open_backing(file, std::ffi::OsStr::new(backing), Some(format.name()))?;
     forget_manifest(file)?;
     Writer::open(file)?.set_backing(Some((backing, Some(format))))?;
     Ok(true)

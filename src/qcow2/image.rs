@@ -327,9 +327,8 @@ impl Qcow2 {
                 ErrorKind::NotFound(format!("no snapshot with id or name '{key}'")).at(&self.path)
             })?
             .clone();
-        if snap.l1_table_offset == 0
-            || snap.l1_table_offset + snap.l1_size as u64 * 8 > self.file_len
-        {
+        let end = snap.l1_table_offset.checked_add(snap.l1_size as u64 * 8);
+        if snap.l1_table_offset == 0 || end.is_none_or(|end| end > self.file_len) {
             return Err(corrupt(format!(
                 "snapshot '{}': L1 table at {:#x} lies outside the file",
                 snap.name, snap.l1_table_offset

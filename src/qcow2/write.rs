@@ -1037,7 +1037,9 @@ fn refuse_corruptions(reader: &Qcow2, path: &Path) -> Result<()> {
 }
 
 /// Opens the backing chain of the image at `path` read-only (for copy-on-write reads).
-fn open_backing(path: &Path, name: &std::ffi::OsStr, format: Option<&str>) -> Result<Disk> {
+/// Opens the backing chain `name` (with `format`) would give the image at `path`: what a
+/// new backing link must pass before anything is written.
+pub fn open_backing(path: &Path, name: &std::ffi::OsStr, format: Option<&str>) -> Result<Disk> {
     let target = super::disk::backing_path(path, name).map_err(|k| k.at(path))?;
     let format = match format {
         Some(f) => Some(super::Format::from_name(f).ok_or_else(|| {
