@@ -240,7 +240,10 @@ impl Header {
                     h.backing_file_size
                 )));
             }
-            if h.backing_file_offset + h.backing_file_size as u64 > h.cluster_size() {
+            if h.backing_file_offset
+                .saturating_add(h.backing_file_size as u64)
+                > h.cluster_size()
+            {
                 return Err(corrupt("backing file name lies outside the header cluster"));
             }
         }
