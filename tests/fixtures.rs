@@ -142,3 +142,18 @@ fn refcounts_cover_every_mapped_cluster() {
         assert_eq!(q.refcount(q.file_len() / cs + 1000).unwrap(), 0, "{name}");
     }
 }
+
+/// The merged map answers for every offset of the disk and refuses one past its end with an
+/// error naming the image (never an index out of bounds).
+#[test]
+fn extents_end_at_the_end_of_the_disk() {
+    let disk = Disk::open(&fixtures().join("cs512.qcow2")).unwrap();
+    let size = disk.size();
+    let last = disk.extent_at(size - 1, 1).unwrap();
+    assert_eq!((last.start, last.length), (size - 1, 1));
+    let err = disk.extent_at(size, 1).unwrap_err().to_string();
+    assert!(
+        err.contains("past the end of the disk") && err.contains("cs512.qcow2"),
+        "{err}"
+    );
+}

@@ -11,7 +11,7 @@
 //! windows are kept: the pipelines walk the disk in order, and parallel workers share a window.
 
 use super::disk::{Extent, Image, Layer};
-use super::error::Result;
+use super::error::{ErrorKind, Result};
 use super::image::Status;
 use std::sync::{Arc, Mutex};
 
@@ -60,7 +60,13 @@ impl Windows {
     pub fn extent_at(&self, images: &[Image], offset: u64, max: u64) -> Result<Extent> {
         let w = self.window(images, offset)?;
         let i = w.runs.partition_point(|r| r.start + r.length <= offset);
-        let r = w.runs[i];
+        let Some(&r) = w.runs.get(i) else {
+            // Only an offset past the end of the disk finds no run (callers clip to it).
+            return Err(ErrorKind::Unsupported(format!(
+                "guest offset {offset:#x} lies past the end of the disk"
+            ))
+            .at(images[0].path()));
+        };
         let delta = offset - r.start;
         Ok(Extent {
             start: offset,
