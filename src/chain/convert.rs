@@ -18,7 +18,7 @@ use crate::qcow2::fault::pwrite;
 use crate::qcow2::header::CompressionType;
 use crate::qcow2::pagecache;
 use crate::qcow2::write::{compress_cluster, Compressed, Writer};
-use crate::qcow2::{Disk, Error, ErrorKind, OpenOptions, Result};
+use crate::qcow2::{Disk, Error, ErrorKind, Extent, OpenOptions, Result};
 use rayon::prelude::*;
 use std::fs::{File, OpenOptions as FileOpen};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -244,21 +244,22 @@ fn produce(
         extents.push(e);
         Ok(())
     })?;
-    p.data_bytes = extents.iter().filter(|e| !e.zero).map(|e| e.length).sum();
-    if p.data_bytes == 0 {
+    let data: Vec<&Extent> = extents.iter().filter(|e| !e.zero).collect();
+    p.data_bytes = data.iter().map(|e| e.length).sum();
+    if data.is_empty() {
         return Ok(p);
     }
     if !out.compress {
         // All data uncompressed in local files (checked as reads check it): copied inside the
         // kernel, holes between the pieces left alone.
-        let mut copies = Vec::new();
-        for e in extents.iter().filter(|e| !e.zero) {
-            match (e.compressed, disk.direct_source(e)?) {
-                (false, Some((_, host))) => copies.push((e.depth, host, e.start, e.length)),
-                _ => break,
+        let mut copies = Vec::with_capacity(data.len());
+        for e in &data {
+            match disk.direct_source(e)? {
+                Some((_, host)) => copies.push((e.depth, host, e.start, e.length)),
+                None => break,
             }
         }
-        if copies.len() == extents.iter().filter(|e| !e.zero).count() {
+        if copies.len() == data.len() {
             p.copies = copies;
             return Ok(p);
         }
@@ -267,7 +268,7 @@ fn produce(
     // Only the clusters the metadata shows holding data are read and scanned: a chunk with a
     // little data in a hole costs that data, not the chunk.
     let mut spans: Vec<std::ops::Range<u64>> = Vec::new();
-    for e in extents.iter().filter(|e| !e.zero) {
+    for e in &data {
         let first = (e.start - start) / cs;
         let end = (e.start + e.length - start).div_ceil(cs);
         match spans.last_mut() {

@@ -72,10 +72,6 @@ pub struct CheckReport {
     /// opening an image with the dirty bit set.
     #[serde(skip)]
     pub refcount_corruptions: u64,
-    /// Version 3 snapshot table entries without the 16 bytes of extra data the version requires
-    /// (included in `corruptions`): a repair rewrites the table.
-    #[serde(skip)]
-    pub incomplete_snapshots: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -378,19 +374,11 @@ pub fn check_open(q: &Qcow2, path: &Path) -> Result<CheckReport> {
 /// Checks and repairs an image in place; the report counts what was found and fixed.
 pub fn repair(path: &Path, mode: Repair) -> Result<CheckReport> {
     let q = Qcow2::open_for_check(path)?;
-    let incomplete = q
-        .snapshots()
-        .iter()
-        .filter(|s| s.disk_size.is_none())
-        .count() as u64;
-    // Version 3 entries need their extra data: the table is written anew first (as QEMU's
-    // repair does), then refcounts are repaired for the new table and the old one. Not when
-    // entries were left out: rewriting would drop them.
-    if mode == Repair::All
-        && q.header().version >= 3
-        && incomplete > 0
-        && q.check_findings().is_empty()
-    {
+    let incomplete = incomplete_snapshots(&q).count() as u64;
+    // The table is written anew first (as QEMU's repair does), then refcounts are repaired
+    // for the new table and the old one. Not when entries were left out: rewriting would drop
+    // them.
+    if mode == Repair::All && incomplete > 0 && q.check_findings().is_empty() {
         complete_snapshot_table(path, &q)?;
         drop(q);
         let mut report = run(&Qcow2::open_for_check(path)?, path, Some(mode))?;
@@ -401,6 +389,17 @@ pub fn repair(path: &Path, mode: Repair) -> Result<CheckReport> {
         return Ok(report);
     }
     run(&q, path, Some(mode))
+}
+
+/// Indices of the snapshot table entries a version 3 image lacks the 16 bytes of extra data
+/// for (the version requires them; older versions may omit them).
+fn incomplete_snapshots(q: &Qcow2) -> impl Iterator<Item = usize> + '_ {
+    let v3 = q.header().version >= 3;
+    q.snapshots()
+        .iter()
+        .enumerate()
+        .filter(move |(_, s)| v3 && s.disk_size.is_none())
+        .map(|(i, _)| i)
 }
 
 /// Writes the snapshot table again with full extra data past the end of the file and switches
@@ -464,16 +463,8 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
             h.nb_snapshots
         ));
     }
-    if h.version >= 3 {
-        for (i, _) in q
-            .snapshots()
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.disk_size.is_none())
-        {
-            w.report.incomplete_snapshots += 1;
-            w.corrupt(format!("snapshot table entry {i} is incomplete"));
-        }
+    for i in incomplete_snapshots(q) {
+        w.corrupt(format!("snapshot table entry {i} is incomplete"));
     }
     for s in q.snapshots() {
         w.reference(s.l1_table_offset, s.l1_size as u64 * 8, "snapshot L1 table");
@@ -721,12 +712,9 @@ fn rebuild_repairs(
 ) -> Result<()> {
     let at = |k: ErrorKind| k.at(path);
     let (file, _ours) = super::lock::open_for_write(path).map_err(at)?;
-    let new = super::rebuild::rebuild(&file, h, refs, file_len).map_err(at)?;
+    let switched = super::rebuild::rebuild(&file, h, refs, file_len).map_err(at)?;
     write_copied(&file, copied).map_err(at)?;
-    let mut nh = h.clone();
-    nh.refcount_table_offset = new.table_offset;
-    nh.refcount_table_clusters = new.table_clusters;
-    clear_flags(&file, &nh).map_err(at)
+    clear_flags(&file, &switched).map_err(at)
 }
 
 /// Writes corrected L1/L2 entries (COPIED flags), durably.

@@ -18,13 +18,6 @@ use super::refcount::{self, RefcountFormat};
 use std::collections::BTreeSet;
 use std::fs::File;
 
-/// Where the new refcount table is (the header was switched to it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rebuilt {
-    pub table_offset: u64,
-    pub table_clusters: u32,
-}
-
 /// The layout of the new structure: which table indices get a block, where blocks and table go.
 struct Layout {
     /// Table indices with a block, ascending; block `j` is at cluster `start + j`.
@@ -76,9 +69,10 @@ impl Layout {
 }
 
 /// Writes a refcount structure holding `refs` (one count per cluster of the file) past the end
-/// of `file`, makes it durable and switches the header `h` to it. On failure before the switch
-/// the file is cut back to `file_len`: nothing else was written.
-pub fn rebuild(file: &File, h: &Header, refs: &[u16], file_len: u64) -> Result<Rebuilt, ErrorKind> {
+/// of `file`, makes it durable and switches the header `h` to it; returns the header as now on
+/// disk. On failure before the switch the file is cut back to `file_len`: nothing else was
+/// written.
+pub fn rebuild(file: &File, h: &Header, refs: &[u16], file_len: u64) -> Result<Header, ErrorKind> {
     let cs = h.cluster_size();
     let fmt = RefcountFormat {
         cluster_bits: h.cluster_bits,
@@ -110,17 +104,12 @@ pub fn rebuild(file: &File, h: &Header, refs: &[u16], file_len: u64) -> Result<R
         let _ = file.set_len(file_len);
         return Err(e);
     }
-    let table_offset = layout.table_cluster() * cs;
-    let table_clusters = layout.table_clusters as u32;
-    let mut nh = h.clone();
-    nh.refcount_table_offset = table_offset;
-    nh.refcount_table_clusters = table_clusters;
-    pwrite(file, &nh.to_bytes(), 0)?;
+    let mut switched = h.clone();
+    switched.refcount_table_offset = layout.table_cluster() * cs;
+    switched.refcount_table_clusters = layout.table_clusters as u32;
+    pwrite(file, &switched.to_bytes(), 0)?;
     file.sync_data()?;
-    Ok(Rebuilt {
-        table_offset,
-        table_clusters,
-    })
+    Ok(switched)
 }
 
 fn write_structure(
