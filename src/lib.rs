@@ -15,5 +15,6 @@ pub mod cli;
 pub mod net;
 pub mod qcow2;
 pub mod qmp;
+pub mod s3;
 pub mod serve;
 pub mod store;

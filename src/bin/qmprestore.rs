@@ -487,6 +487,7 @@ fn main() -> ExitCode {
         _ => {}
     }
     init_logging(cli.debug);
+    qmpbackup::store::bucket::register();
     qmpbackup::cli::restrict_new_files(cli.group_readable);
     // A write past the file size limit (ulimit -f) must fail with EFBIG, which we report and
     // clean up after, instead of killing the process with SIGXFSZ halfway through.

@@ -62,6 +62,7 @@ impl CommitReport {
 }
 
 pub fn commit(dir: &Path, opts: &FoldOptions) -> Result<CommitReport> {
+    crate::store::bucket::refuse_in_place(dir, "commit")?;
     let (bd, chain) = restore_chain(dir, &opts.select)?;
     let full_chain = bd.chain()?;
     let full = chain.files[0].path.clone();

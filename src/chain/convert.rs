@@ -464,8 +464,15 @@ fn block_device_size(f: &File) -> std::io::Result<u64> {
     Ok(n)
 }
 
-/// Refuses to write over any file the source disk reads from.
+/// Refuses to write over any file the source disk reads from, and outputs that are not local
+/// files (an object store takes whole uploaded files: write locally, then push).
 pub fn refuse_chain_member(disk: &Disk, dst: &Path) -> Result<()> {
+    if !crate::qcow2::protocol::is_local(dst) {
+        return Err(ErrorKind::Unsupported(
+            "images are written to local files or devices only; to store one in an object store, write it locally and upload it (qmpbackup push)".into(),
+        )
+        .at(dst));
+    }
     let Ok(target) = std::fs::metadata(dst) else {
         return Ok(());
     };

@@ -53,6 +53,7 @@ impl std::fmt::Display for Change {
 
 /// Rebases the chain in `dir`; returns the changes (made, or planned with `dry_run`).
 pub fn rebase(dir: &Path, opts: &RebaseOptions) -> Result<Vec<Change>> {
+    crate::store::bucket::refuse_in_place(dir, "rebase")?;
     let (_, chain) = restore_chain(dir, &opts.select)?;
     // Validates every file (and refuses raw INCs) before anything changes.
     let disk = open_chain(&chain)?;

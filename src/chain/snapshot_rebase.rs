@@ -32,6 +32,7 @@ pub struct Step {
 
 /// Returns the steps in order; with `dry_run` what would be done.
 pub fn snapshot_rebase(dir: &Path, opts: &FoldOptions) -> Result<Vec<Step>> {
+    crate::store::bucket::refuse_in_place(dir, "snapshotrebase")?;
     let (bd, chain) = restore_chain(dir, &opts.select)?;
     let all = bd.chain()?;
     // Validates every file (and refuses raw INCs) before anything changes.

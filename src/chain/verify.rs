@@ -13,7 +13,8 @@ use super::error::Result;
 use crate::qcow2::{check, Disk, OpenOptions};
 use crate::store::folder::{BackupDir, BackupFile};
 use crate::store::manifest::{self, Manifest};
-use crate::store::place::{Folder, Place};
+use crate::store::folder::read_small;
+use crate::store::place;
 use crate::store::Level;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -79,7 +80,8 @@ impl Report {
 
 /// Verifies `dir`, or with `recursive` every backup directory below it.
 pub fn verify(dir: &Path, recursive: bool, filter: Option<&str>) -> Result<Report> {
-    std::fs::read_dir(dir).map_err(|e| crate::store::StoreError::Io(dir.to_path_buf(), e))?;
+    let io = |e| crate::store::StoreError::Io(dir.to_path_buf(), e);
+    crate::store::place::at(dir).and_then(|p| p.list("")).map_err(io)?;
     let dirs = if recursive {
         crate::store::folder::backup_dirs_below(dir, 8)?
     } else {
@@ -203,7 +205,7 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
             prev = Some((size, f.name.clone()));
         }
     }
-    check_uuid(dir, &bd, &mut r);
+    check_uuid(&bd, &mut r);
     r.restorable = r.problems.is_empty();
     r
 }
@@ -218,11 +220,11 @@ struct ManifestCheck {
 impl ManifestCheck {
     /// Reads `file`'s manifest (when qmpbackup wrote one) and compares the file's checksums.
     fn of(file: &Path) -> Option<ManifestCheck> {
-        let (place, name) = Folder::of_file(file);
-        if !manifest::exists(&place, &name) {
+        let (place, name) = place::of_file(file).ok()?;
+        if !manifest::exists(&*place, &name) {
             return None;
         }
-        let manifest = Manifest::read(&place, &name);
+        let manifest = Manifest::read(&*place, &name);
         let found = match &manifest {
             Ok(m) => place
                 .open(&name)
@@ -286,9 +288,12 @@ fn check_manifest(
     if let (Some(mp), Some(p)) = (&m.parent, parent) {
         // commit and snapshotrebase fold the predecessors into the FULL, delete them, and drop
         // the FULL's manifest (it changed in place): what follows then builds on the FULL.
-        let folded = p.level == Level::Full
-            && !f.path.with_file_name(mp).exists()
-            && !manifest::exists(&Folder::of_file(&p.path).0, &p.name);
+        let gone = |name: &str| {
+            place::of_file(&p.path).is_ok_and(|(place, _)| {
+                matches!(place.open(name), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            })
+        };
+        let folded = p.level == Level::Full && gone(mp) && gone(&manifest::name_for(&p.name));
         if folded {
             notes.push(format!(
                 "{}: predecessor {mp} was folded into {}",
@@ -397,16 +402,16 @@ fn verify_file(f: &BackupFile) -> FileResult {
 
 /// The `uuid` file names the chain; the source disk's bitmaps (from `<disk>.config`, the
 /// qemu-img info the backup saved) must include `qmpbackup-<uuid>` when they name any.
-fn check_uuid(dir: &Path, bd: &BackupDir, r: &mut DirReport) {
+fn check_uuid(bd: &BackupDir, r: &mut DirReport) {
     let Some(uuid) = &bd.uuid else { return };
     let Some(disk) = bd.files.first().map(|f| f.disk.clone()) else {
         return;
     };
-    let config = [
-        dir.join(format!("{disk}.config")),
-        dir.join("..").join(format!("{disk}.config")),
-    ];
-    let Some(text) = config.iter().find_map(|p| std::fs::read_to_string(p).ok()) else {
+    let config = [format!("{disk}.config"), format!("../{disk}.config")];
+    let Some(text) = config
+        .iter()
+        .find_map(|n| read_small(&*bd.place, n, 16 << 20))
+    else {
         return;
     };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {

@@ -22,7 +22,7 @@ use super::l1::{self, L1Entry};
 use super::l2::{self, L2Entry, L2Format, L2Table, Subcluster};
 use super::refcount;
 use super::snapshot;
-use super::storage::read_exact;
+use super::storage::{read_exact, Storage};
 use crate::qcow2::fault::pwrite;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -156,7 +156,7 @@ impl Copied {
 
 struct Walk<'a> {
     q: &'a Qcow2,
-    file: &'a File,
+    file: &'a dyn Storage,
     cs: u64,
     /// References counted per host cluster (saturating).
     refs: Vec<u16>,
@@ -422,7 +422,8 @@ fn complete_snapshot_table(path: &Path, q: &Qcow2) -> Result<()> {
 
 fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     let at = |k: ErrorKind| k.at(path);
-    let file = File::open(path).map_err(|e| at(e.into()))?;
+    let file = super::protocol::open(path).map_err(|e| at(e.into()))?;
+    let file = &*file;
     let h = q.header().clone();
     let cs = h.cluster_size();
     let file_len = q.file_len();
@@ -435,7 +436,7 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     }
     let mut w = Walk {
         q,
-        file: &file,
+        file,
         cs,
         refs: vec![0; nb as usize],
         report: CheckReport {
@@ -453,7 +454,7 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
         w.corrupt(finding.clone());
     }
     w.reference(0, cs, "header");
-    let active = l1::read_table(&file, h.l1_table_offset, h.l1_size).map_err(at)?;
+    let active = l1::read_table(file, h.l1_table_offset, h.l1_size).map_err(at)?;
     w.reference(h.l1_table_offset, h.l1_size as u64 * 8, "L1 table");
     w.walk_l1(&active, true);
     w.reference(h.snapshots_offset, q.snapshot_table_len(), "snapshot table");
@@ -468,13 +469,13 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
     }
     for s in q.snapshots() {
         w.reference(s.l1_table_offset, s.l1_size as u64 * 8, "snapshot L1 table");
-        match l1::read_table(&file, s.l1_table_offset, s.l1_size) {
+        match l1::read_table(file, s.l1_table_offset, s.l1_size) {
             Ok(t) => w.walk_l1(&t, false),
             Err(_) => w.report.check_errors += 1,
         }
     }
     let entries = refcount::read_entries(
-        &file,
+        file,
         h.refcount_table_offset,
         h.refcount_table_clusters,
         h.cluster_bits,
@@ -490,7 +491,7 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
             for b in q.bitmaps() {
                 w.reference(b.table_offset, b.table_size as u64 * 8, "bitmap table");
                 let mut t = vec![0u8; b.table_size as usize * 8];
-                if read_exact(&file, &mut t, b.table_offset, "bitmap table").is_ok() {
+                if read_exact(file, &mut t, b.table_offset, "bitmap table").is_ok() {
                     for e in t.chunks_exact(8) {
                         let off = u64::from_be_bytes(e.try_into().unwrap()) & l2::OFFSET_MASK;
                         if off != 0 {
@@ -537,7 +538,7 @@ fn run(q: &Qcow2, path: &Path, repair: Option<Repair>) -> Result<CheckReport> {
         let first = t * per_block;
         let have = match rt.get(t as usize) {
             Some(&b) if b != 0 => {
-                let ok = read_exact(&file, &mut block, b, "refcount block").is_ok();
+                let ok = read_exact(file, &mut block, b, "refcount block").is_ok();
                 if !ok {
                     w.report.check_errors += 1;
                 }

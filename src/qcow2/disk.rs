@@ -429,9 +429,11 @@ impl Disk {
 
 /// Opens one file of a chain, refusing one already seen (a loop).
 fn open_image(path: &Path, format: Option<Format>, seen: &mut Vec<PathBuf>) -> Result<Image> {
-    let file = File::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
-    super::lock::warn_if_written(&file, path);
-    let canonical = std::fs::canonicalize(path).map_err(|e| ErrorKind::Io(e).at(path))?;
+    let file = super::protocol::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
+    if let Some(f) = file.as_file() {
+        super::lock::warn_if_written(f, path);
+    }
+    let canonical = super::protocol::identity(path).map_err(|e| ErrorKind::Io(e).at(path))?;
     // Canonical paths compare as bytes (fast: a 1000-file chain checks half a million pairs).
     if let Some(first) = seen
         .iter()
@@ -449,14 +451,14 @@ fn open_image(path: &Path, format: Option<Format>, seen: &mut Vec<PathBuf>) -> R
     seen.push(canonical);
     let format = match format {
         Some(f) => f,
-        None => probe(&file).map_err(|k| k.at(path))?,
+        None => probe(&*file).map_err(|k| k.at(path))?,
     };
     let layer = match format {
-        Format::Raw => Layer::Raw(Raw::from_storage(path, Box::new(file))?),
+        Format::Raw => Layer::Raw(Raw::from_storage(path, file)?),
         Format::Qcow2 => Layer::Qcow2(Box::new(Qcow2::from_storage(
             path,
-            Box::new(file),
-            &super::image::open_file,
+            file,
+            &super::protocol::open,
         )?)),
     };
     Ok(Image {
@@ -474,7 +476,7 @@ fn backing_of(path: &Path, q: &Qcow2, name: &OsStr) -> Result<(PathBuf, Option<F
         })?),
         None => None,
     };
-    if !target.exists() {
+    if super::protocol::is_local(&target) && !target.exists() {
         return Err(ErrorKind::Backing(format!(
             "backing file '{}' (resolved to {}) does not exist",
             name.to_string_lossy(),
@@ -540,9 +542,9 @@ pub fn backing_path(image: &Path, name: &OsStr) -> Result<PathBuf, ErrorKind> {
 
 /// Recognises qcow2 by its magic; refuses other image formats rather than reading their
 /// metadata as guest data; anything else is raw.
-fn probe(file: &File) -> Result<Format, ErrorKind> {
+fn probe(file: &dyn Storage) -> Result<Format, ErrorKind> {
     let mut magic = [0u8; 8];
-    let n = Storage::read_at(file, &mut magic, 0)?;
+    let n = file.read_at(&mut magic, 0)?;
     let magic = &magic[..n];
     if magic.len() >= 4 && u32::from_be_bytes(magic[..4].try_into().unwrap()) == MAGIC {
         return Ok(Format::Qcow2);

@@ -19,7 +19,6 @@ use super::refcount::{self, RefcountFormat};
 use super::snapshot::{self, Snapshot};
 use super::storage::{read_exact, read_zero_padded, Storage};
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,11 +65,6 @@ enum Mode {
     Check,
 }
 
-/// Opens an external data file from the local file system.
-pub fn open_file(p: &Path) -> std::io::Result<Box<dyn Storage>> {
-    Ok(Box::new(File::open(p)?))
-}
-
 impl Qcow2 {
     /// Opens a qcow2 file read-only; an external data file is looked up next to it.
     pub fn open(path: &Path) -> Result<Qcow2> {
@@ -85,8 +79,8 @@ impl Qcow2 {
     }
 
     fn open_as(path: &Path, mode: Mode) -> Result<Qcow2> {
-        let file = File::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
-        Qcow2::from_storage_as(path, Box::new(file), &open_file, mode)
+        let file = super::protocol::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
+        Qcow2::from_storage_as(path, file, &super::protocol::open, mode)
     }
 
     /// Parses an image from any storage. `open_data_file` opens an external data file by its

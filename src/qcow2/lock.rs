@@ -126,6 +126,11 @@ impl Drop for Ours {
 /// Opens `path` read-write with QEMU's write locks held (see [`lock_for_write`]) until the
 /// file is closed.
 pub fn open_for_write(path: &Path) -> Result<(File, Ours), ErrorKind> {
+    if !super::protocol::is_local(path) {
+        return Err(ErrorKind::Unsupported(
+            "images are changed in place only in local files (an object store cannot); work on a local copy".into(),
+        ));
+    }
     let file = File::options().read(true).write(true).open(path)?;
     lock_for_write(&file).map_err(ErrorKind::InUse)?;
     let id = id_of(&file)?;

@@ -31,6 +31,7 @@ pub mod mapping;
 pub mod merged;
 pub mod overlap;
 pub mod pagecache;
+pub mod protocol;
 pub mod raw;
 pub mod rebuild;
 pub mod refcount;

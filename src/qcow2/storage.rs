@@ -37,6 +37,11 @@ pub trait Storage: Send + Sync {
     fn as_file(&self) -> Option<&File> {
         None
     }
+    /// Whether each read is a round trip over the network: callers then keep more reads in
+    /// flight.
+    fn is_remote(&self) -> bool {
+        false
+    }
 }
 
 impl Storage for File {

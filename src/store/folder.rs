@@ -122,7 +122,6 @@ pub fn newest_epoch(places: &[&dyn Place]) -> u64 {
     newest
 }
 
-/// A small text file of `place` (at most 4 KiB: a chain id), if it can be read.
 /// The backup directories at or below `dir` (folders holding backup file names), at most
 /// `max_depth` levels down, sorted. Dot-directories hold side files (manifests, quarantined
 /// partials), not backups, and are skipped.
@@ -131,30 +130,37 @@ pub fn backup_dirs_below(dir: &Path, max_depth: usize) -> Result<Vec<PathBuf>, S
     let mut todo = vec![(dir.to_path_buf(), 0)];
     while let Some((dir, depth)) = todo.pop() {
         let io = |e| StoreError::Io(dir.clone(), e);
+        let place = super::place::at(&dir).map_err(io)?;
         let mut has_backups = false;
-        let mut subdirs = Vec::new();
-        for entry in std::fs::read_dir(&dir).map_err(io)? {
-            let entry = entry.map_err(io)?;
-            let ft = entry.file_type().map_err(io)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if ft.is_dir() && depth < max_depth && !name.starts_with('.') {
-                subdirs.push(entry.path());
-            } else if ft.is_file() && parse_name(strip_partial(&name).unwrap_or(&name)).is_some() {
-                has_backups = true;
+        for entry in place.list("").map_err(io)? {
+            let name = &entry.name;
+            match entry.kind {
+                Kind::Folder if depth < max_depth && !name.starts_with('.') => {
+                    todo.push((place.locate(name), depth + 1))
+                }
+                Kind::File => {
+                    has_backups |= parse_name(strip_partial(name).unwrap_or(name)).is_some()
+                }
+                _ => {}
             }
         }
         if has_backups {
             found.push(dir.clone());
         }
-        todo.extend(subdirs.into_iter().map(|s| (s, depth + 1)));
     }
     found.sort();
     Ok(found)
 }
 
-fn read_text(place: &dyn Place, name: &str) -> Option<String> {
+/// A text file of `place` of at most `limit` bytes (a larger one is not the file meant), if
+/// it can be read.
+pub fn read_small(place: &dyn Place, name: &str, limit: u64) -> Option<String> {
     let data = place.open(name).ok()?;
-    let mut buf = vec![0u8; data.size().ok()?.min(4096) as usize];
+    let size = data.size().ok()?;
+    if size > limit {
+        return None;
+    }
+    let mut buf = vec![0u8; size as usize];
     let n = data.read_at(&mut buf, 0).ok()?;
     String::from_utf8(buf[..n].to_vec()).ok()
 }
@@ -163,7 +169,8 @@ impl BackupDir {
     /// Reads `dir`. With `filter`, only files whose name contains it are considered (to pick
     /// one disk in a flat directory, as the original's `--filter`).
     pub fn scan(dir: &Path, filter: Option<&str>) -> Result<BackupDir, StoreError> {
-        Self::scan_place(Arc::new(Folder::new(dir)), filter)
+        let place = super::place::at(dir).map_err(|e| StoreError::Io(dir.to_path_buf(), e))?;
+        Self::scan_place(place, filter)
     }
 
     /// [`BackupDir::scan`] of any place that holds backup files.
@@ -277,7 +284,7 @@ impl BackupDir {
         // The chain id, beside the backups (flat layout) or one level up (a disk's folder).
         let uuid = ["uuid", "../uuid"]
             .iter()
-            .find_map(|n| read_text(&*place, n))
+            .find_map(|n| read_small(&*place, n, 4096))
             .map(|s| s.trim().to_string());
         Ok(BackupDir {
             dir: dir.to_path_buf(),

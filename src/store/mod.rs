@@ -10,6 +10,7 @@
 //!
 //! Dependencies: `bin → backup, chain → store → qcow2`; `backup → qmp`.
 
+pub mod bucket;
 pub mod error;
 pub mod folder;
 pub mod fuzz;

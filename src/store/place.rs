@@ -10,6 +10,7 @@
 use crate::qcow2::storage::{sync_parent, Storage};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 /// What a listing shows of one name.
@@ -48,6 +49,31 @@ pub trait Place: Send + Sync {
     fn delete(&self, name: &str) -> io::Result<()>;
     /// Makes the renames and deletions of `name`'s folder durable.
     fn sync(&self, name: &str) -> io::Result<()>;
+}
+
+/// The place `dir` names: a folder in an object store (`s3://BUCKET/PREFIX`), else a local
+/// folder.
+pub fn at(dir: &Path) -> io::Result<Arc<dyn Place>> {
+    if crate::s3::url::is_s3(dir) {
+        let url = crate::s3::S3Url::of_path(dir)?;
+        return Ok(Arc::new(super::bucket::Prefix::new(url)?));
+    }
+    Ok(Arc::new(Folder::new(dir)))
+}
+
+/// The place that holds `file`, and the file's name in it.
+pub fn of_file(file: &Path) -> io::Result<(Arc<dyn Place>, String)> {
+    if crate::s3::url::is_s3(file) {
+        let url = crate::s3::S3Url::of_path(file)?;
+        let (dir, name) = url.key.rsplit_once('/').unwrap_or(("", &url.key));
+        let dir = crate::s3::S3Url {
+            bucket: url.bucket.clone(),
+            key: dir.to_string(),
+        };
+        return Ok((Arc::new(super::bucket::Prefix::new(dir)?), name.to_string()));
+    }
+    let (folder, name) = Folder::of_file(file);
+    Ok((Arc::new(folder), name))
 }
 
 /// A local folder.

@@ -1,0 +1,145 @@
+//! An object read at any offset, as the format engine reads a file.
+//!
+//! The object's size and ETag are taken once, when it is opened, and every read asks for that
+//! version only (`If-Match`): if the object is replaced while a restore runs, the next read
+//! fails with [`S3Error::Changed`] instead of mixing bytes of two backups into one disk.
+//!
+//! Small reads (qcow2 headers, L1/L2 and refcount tables, compressed clusters) go through a
+//! block cache shared by all objects of a store: a store reads whole blocks anyway (Garage
+//! 1 MiB), each request costs a round trip, and neighbouring tables usually share a block.
+//! The cache has a fixed byte budget, so it stays bounded however many objects a chain has.
+//! Large reads (data chunks) go straight to the store.
+
+use super::client::{Client, Head};
+use super::error::S3Error;
+use crate::qcow2::storage::Storage;
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Reads up to this size are served by whole cached blocks.
+const SMALL: usize = 256 << 10;
+/// The cached unit (and the store's own read unit on Garage).
+const BLOCK: u64 = 1 << 20;
+/// The cache's budget, in blocks: 32 MiB.
+const BLOCKS: usize = 32;
+
+/// Recently read blocks of any object of one store, least recently used evicted first.
+#[derive(Default)]
+pub struct BlockCache {
+    inner: Mutex<Blocks>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Blocks {
+    /// (object id, block index) → (last use, bytes).
+    map: HashMap<(u64, u64), (u64, Arc<Vec<u8>>)>,
+    tick: u64,
+}
+
+impl BlockCache {
+    fn get(&self, key: (u64, u64)) -> Option<Arc<Vec<u8>>> {
+        let mut b = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        b.tick += 1;
+        let tick = b.tick;
+        let entry = b.map.get_mut(&key)?;
+        entry.0 = tick;
+        Some(entry.1.clone())
+    }
+
+    fn put(&self, key: (u64, u64), data: Arc<Vec<u8>>) {
+        let mut b = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        b.tick += 1;
+        let tick = b.tick;
+        b.map.insert(key, (tick, data));
+        while b.map.len() > BLOCKS {
+            let oldest = b.map.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                b.map.remove(&k);
+            }
+        }
+    }
+}
+
+pub struct Object {
+    client: Arc<Client>,
+    key: String,
+    head: Head,
+    cache: Arc<BlockCache>,
+    /// This object's name in the cache.
+    id: u64,
+}
+
+impl Object {
+    /// Opens `key`, pinning its current version.
+    pub fn open(client: Arc<Client>, key: &str, cache: Arc<BlockCache>) -> Result<Object, S3Error> {
+        let head = client.head(key)?.ok_or_else(|| S3Error::Status {
+            what: client.url(key),
+            status: 404,
+            problem: "no such object".into(),
+        })?;
+        Ok(Object::pinned(client, key, head, cache))
+    }
+
+    /// An object whose size and ETag are known already (from a listing).
+    pub fn pinned(client: Arc<Client>, key: &str, head: Head, cache: Arc<BlockCache>) -> Object {
+        let id = cache.next_id.fetch_add(1, Ordering::Relaxed);
+        Object {
+            client,
+            key: key.to_string(),
+            head,
+            cache,
+            id,
+        }
+    }
+
+    pub fn etag(&self) -> &str {
+        &self.head.etag
+    }
+
+    fn block(&self, index: u64) -> Result<Arc<Vec<u8>>, S3Error> {
+        if let Some(b) = self.cache.get((self.id, index)) {
+            return Ok(b);
+        }
+        let start = index * BLOCK;
+        let mut data = vec![0u8; BLOCK.min(self.head.size - start) as usize];
+        self.client.read(&self.key, &self.head.etag, &mut data, start)?;
+        let data = Arc::new(data);
+        self.cache.put((self.id, index), data.clone());
+        Ok(data)
+    }
+}
+
+impl Storage for Object {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.head.size {
+            return Ok(0);
+        }
+        let n = buf.len().min((self.head.size - offset) as usize);
+        let buf = &mut buf[..n];
+        if n > SMALL {
+            self.client.read(&self.key, &self.head.etag, buf, offset)?;
+            return Ok(n);
+        }
+        let mut done = 0;
+        while done < n {
+            let pos = offset + done as u64;
+            let block = self.block(pos / BLOCK)?;
+            let within = (pos % BLOCK) as usize;
+            let take = (n - done).min(block.len() - within);
+            buf[done..done + take].copy_from_slice(&block[within..within + take]);
+            done += take;
+        }
+        Ok(n)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.head.size)
+    }
+
+    fn is_remote(&self) -> bool {
+        true
+    }
+}

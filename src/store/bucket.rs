@@ -1,0 +1,216 @@
+//! A backup folder in an object store: `s3://BUCKET/PREFIX` as a [`Place`].
+//!
+//! The folder's files are the objects directly below `PREFIX/`; sub-folders (`.manifest/`) are
+//! the next level of key prefixes. Reading is what restores need: listings (paginated, so
+//! folders of any size list completely) and objects opened with their version pinned (see
+//! [`crate::s3::object`]). Writing is whole objects (`write`, `delete`); an object store cannot
+//! rename, so the commands that change a backup folder in place refuse `s3://` before they
+//! start (see [`refuse_in_place`]).
+//!
+//! [`register`] makes the format engine open `s3://` names through the same clients, so an
+//! image in a bucket opens wherever a local image does.
+
+use super::place::{Entry, Kind, Place};
+use crate::qcow2::protocol::{self, Protocol};
+use crate::qcow2::storage::Storage;
+use crate::s3::client::Head;
+use crate::s3::object::BlockCache;
+use crate::s3::url::{is_s3, SCHEME};
+use crate::s3::{Client, Config, Object, S3Error, S3Url};
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// The clients of this process: one configuration (from the environment), one client per
+/// bucket, one block cache for all objects, and what listings said of each object
+/// (`s3://bucket/key` → size, ETag): an object opened after a listing is pinned to the
+/// version the listing showed, with no request of its own.
+struct Stores {
+    config: OnceLock<Result<Config, String>>,
+    clients: Mutex<HashMap<String, Arc<Client>>>,
+    cache: Arc<BlockCache>,
+    listed: Mutex<HashMap<String, Head>>,
+}
+
+fn stores() -> &'static Stores {
+    static STORES: OnceLock<Stores> = OnceLock::new();
+    STORES.get_or_init(|| Stores {
+        config: OnceLock::new(),
+        clients: Mutex::new(HashMap::new()),
+        cache: Arc::new(BlockCache::default()),
+        listed: Mutex::new(HashMap::new()),
+    })
+}
+
+/// The client for `bucket`, made on first use.
+pub fn client(bucket: &str) -> Result<Arc<Client>, S3Error> {
+    let s = stores();
+    let config = s
+        .config
+        .get_or_init(|| Config::from_env().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| S3Error::Config(e.clone()))?;
+    let mut clients = s.clients.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = clients.get(bucket) {
+        return Ok(c.clone());
+    }
+    let c = Arc::new(Client::new(config, bucket)?);
+    clients.insert(bucket.to_string(), c.clone());
+    Ok(c)
+}
+
+/// Opens the object `url` names, pinned to the version a listing showed if there was one.
+fn open_object(url: &S3Url) -> Result<Object, S3Error> {
+    let client = client(&url.bucket)?;
+    let s = stores();
+    let known = s
+        .listed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&url.to_string())
+        .cloned();
+    Ok(match known {
+        Some(head) => Object::pinned(client, &url.key, head, s.cache.clone()),
+        None => Object::open(client, &url.key, s.cache.clone())?,
+    })
+}
+
+/// Opens `s3://` names for the format engine.
+struct S3Protocol;
+
+impl Protocol for S3Protocol {
+    fn open(&self, name: &Path) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(open_object(&S3Url::of_path(name)?)?))
+    }
+}
+
+/// Makes `s3://BUCKET/KEY` names open as images everywhere (call once, early).
+pub fn register() {
+    protocol::register(SCHEME, Arc::new(S3Protocol));
+}
+
+/// Refuses `dir` when it is in an object store: `command` changes backup files in place.
+pub fn refuse_in_place(dir: &Path, command: &str) -> Result<(), super::StoreError> {
+    if is_s3(dir) {
+        return Err(super::StoreError::Refused(format!(
+            "{}: {command} changes backup files in place, which an object store cannot do; restore from it with merge (or serve), or run {command} on a local copy",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A folder in a bucket.
+pub struct Prefix {
+    client: Arc<Client>,
+    url: S3Url,
+}
+
+impl Prefix {
+    pub fn new(url: S3Url) -> Result<Prefix, S3Error> {
+        Ok(Prefix {
+            client: client(&url.bucket)?,
+            url,
+        })
+    }
+
+    pub fn url(&self) -> &S3Url {
+        &self.url
+    }
+
+    fn key(&self, name: &str) -> io::Result<String> {
+        Ok(self.url.join(name)?.key)
+    }
+
+    /// Forgets what listings said of `key` (it is being written or deleted).
+    fn unlist(&self, key: &str) {
+        let url = S3Url {
+            bucket: self.url.bucket.clone(),
+            key: key.to_string(),
+        };
+        stores()
+            .listed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&url.to_string());
+    }
+}
+
+impl Place for Prefix {
+    fn locate(&self, name: &str) -> PathBuf {
+        match self.url.join(name) {
+            Ok(u) => PathBuf::from(u.to_string()),
+            Err(_) => PathBuf::from(format!("{}/{name}", self.url)),
+        }
+    }
+
+    fn list(&self, sub: &str) -> io::Result<Vec<Entry>> {
+        let dir = self.url.join(sub)?;
+        let prefix = dir.folder_prefix();
+        let listing = self.client.list(&prefix, true)?;
+        let mut listed = stores().listed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for o in listing.objects {
+            let Some(name) = o.key.strip_prefix(&prefix).filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            out.push(Entry {
+                name: name.to_string(),
+                kind: Kind::File,
+                size: o.size,
+                mtime: o.mtime,
+            });
+            let url = S3Url {
+                bucket: self.url.bucket.clone(),
+                key: o.key.clone(),
+            };
+            listed.insert(
+                url.to_string(),
+                Head {
+                    size: o.size,
+                    etag: o.etag,
+                },
+            );
+        }
+        for f in listing.folders {
+            if let Some(name) = f.strip_prefix(&prefix) {
+                out.push(Entry {
+                    name: name.trim_end_matches('/').to_string(),
+                    kind: Kind::Folder,
+                    size: 0,
+                    mtime: 0,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn open(&self, name: &str) -> io::Result<Box<dyn Storage>> {
+        Ok(Box::new(open_object(&self.url.join(name)?)?))
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let key = self.key(name)?;
+        self.unlist(&key);
+        Ok(self.client.put(&key, bytes)?)
+    }
+
+    fn rename(&self, from: &str, _to: &str) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("{}: an object store cannot rename", self.locate(from).display()),
+        ))
+    }
+
+    fn delete(&self, name: &str) -> io::Result<()> {
+        let key = self.key(name)?;
+        self.unlist(&key);
+        Ok(self.client.delete(&key)?)
+    }
+
+    fn sync(&self, _name: &str) -> io::Result<()> {
+        // A completed PUT or DELETE is durable as far as the store promises anything.
+        Ok(())
+    }
+}
