@@ -17,6 +17,9 @@ pub enum BackupError {
     /// A backup job failed or was cancelled; the run was rolled back.
     #[error("{0}")]
     Failed(String),
+    /// Uploading to an object store failed; the local backup files are untouched.
+    #[error(transparent)]
+    Push(#[from] crate::s3::S3Error),
     #[error("interrupted by a signal: the backup jobs were cancelled and everything they created was removed")]
     Interrupted,
 }

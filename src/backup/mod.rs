@@ -6,7 +6,8 @@
 //! [`job`] waits for the jobs, [`state`] guards the target directory and records what a run
 //! has created, and [`run`] puts them in the order that makes the backup exact and safe.
 //! [`admin`] holds the `info` and `cleanup` commands, [`vm`] the pre-flight all commands share,
-//! [`log`] the log in the original's format.
+//! [`log`] the log in the original's format, [`push`] the upload of a target folder to an
+//! object store.
 
 pub mod admin;
 pub mod device;
@@ -17,6 +18,7 @@ pub mod job;
 pub mod layout;
 pub mod log;
 pub mod plan;
+pub mod push;
 pub mod run;
 pub mod state;
 pub mod vm;

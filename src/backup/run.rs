@@ -925,9 +925,12 @@ fn chain_state(
     let last = match chain {
         Some(chain) => {
             let f = chain.files.last().expect("a chain has a FULL");
-            let size = Disk::open_alone(&f.path).map(|d| d.size()).map_err(|e| {
-                BackupError::Refused(format!("the chain's newest file is unreadable: {e}"))
-            })?;
+            let size = match &f.pushed {
+                Some(p) => p.virtual_size,
+                None => Disk::open_alone(&f.path).map(|d| d.size()).map_err(|e| {
+                    BackupError::Refused(format!("the chain's newest file is unreadable: {e}"))
+                })?,
+            };
             Some((f.name.clone(), size))
         }
         None => None,
@@ -1002,7 +1005,12 @@ fn create_target(d: &Disk_, link: bool) -> Result<()> {
     }
     let backing = match d.decision.parent.as_ref().filter(|_| link) {
         Some(parent) => {
-            let fmt = Disk::open_alone(&d.dir.join(parent))?.format();
+            let path = d.dir.join(parent);
+            // A predecessor uploaded and removed (--push-only) is described by its manifest.
+            let fmt = match Manifest::read(&Folder::new(&d.dir), parent) {
+                Ok(m) if !path.exists() => Format::from_name(&m.format).unwrap_or(Format::Qcow2),
+                _ => Disk::open_alone(&path)?.format(),
+            };
             Some((
                 parent.clone(),
                 Some(if fmt == Format::Raw {

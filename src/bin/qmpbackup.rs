@@ -8,6 +8,7 @@ use qmpbackup::backup::fleece::FileIo;
 use qmpbackup::backup::job::Progress;
 use qmpbackup::backup::log::{self, Console};
 use qmpbackup::backup::plan::Requested;
+use qmpbackup::backup::push;
 use qmpbackup::backup::run::{self, Options};
 use qmpbackup::backup::vm;
 use qmpbackup::backup::{admin, BackupError};
@@ -116,6 +117,18 @@ enum Command {
         #[arg(long)]
         human: bool,
     },
+    /// Upload a backup target folder to an object store: what it lacks, verified; an
+    /// interrupted push is completed by the next.
+    #[command(
+        after_help = "Examples:\n  qmpbackup push --target /backup/vm1 --push s3://backups/vm1\n  qmpbackup push --target /backup/vm1 --push s3://backups/vm1 --push-only"
+    )]
+    Push {
+        /// The backup target folder (as given to backup --target).
+        #[arg(short, long)]
+        target: PathBuf,
+        #[command(flatten)]
+        push: PushArgs,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         #[arg(value_enum)]
@@ -196,6 +209,21 @@ struct BackupArgs {
     /// restores both kinds.
     #[arg(long)]
     link_incs: bool,
+    #[command(flatten)]
+    push: PushArgs,
+}
+
+#[derive(clap::Args)]
+struct PushArgs {
+    /// After a successful run, upload the target folder to an object store
+    /// (s3://BUCKET/PREFIX, same layout below PREFIX) what the store does not hold yet.
+    /// Credentials, region and endpoint come from AWS_* variables or ~/.aws (see README).
+    #[arg(long, value_name = "URL")]
+    push: Option<String>,
+    /// With --push: remove the local backup files once they are uploaded and verified,
+    /// keeping their manifests (what the next incremental needs).
+    #[arg(long, requires = "push")]
+    push_only: bool,
 }
 
 fn main() -> ExitCode {
@@ -213,13 +241,17 @@ fn main() -> ExitCode {
         Command::Man => return qmpbackup::cli::print_man(Cli::command()),
         _ => {}
     }
-    let Some(socket) = cli.socket.clone() else {
-        Cli::command()
+    qmpbackup::store::bucket::register();
+    let socket = match (&cli.socket, command) {
+        (Some(s), _) => s.clone(),
+        // A push talks to the object store only.
+        (None, Command::Push { .. }) => String::new(),
+        (None, _) => Cli::command()
             .error(
                 clap::error::ErrorKind::MissingRequiredArgument,
                 "the following required arguments were not provided:\n  --socket <SOCKET>",
             )
-            .exit();
+            .exit(),
     };
     // A report on standard output that a script parses keeps the log off it.
     let console = match command {
@@ -285,6 +317,10 @@ fn run(cli: Cli, socket: &str) -> Result<()> {
             anyhow::bail!("Specify either included or excluded devices");
         }
     }
+    if let Some(Command::Push { target, push }) = &cli.command {
+        anyhow::ensure!(push.push.is_some(), "give --push s3://BUCKET/PREFIX");
+        return push_cmd(target, push);
+    }
     let mut qmp = connect(socket, Duration::from_secs(cli.connect_timeout.max(1)))?;
     let state = vm::preflight(&mut qmp)?;
     match cli.command.expect("checked in main") {
@@ -333,6 +369,9 @@ fn run(cli: Cli, socket: &str) -> Result<()> {
                 link_incs: a.link_incs,
             };
             run::run(&mut qmp, &opts, &state, &interrupted)?;
+            // Only a successful run is pushed; a failed push leaves the local chain whole.
+            drop(qmp);
+            push_cmd(&opts.target, &a.push)?;
         }
         Command::Cleanup { uuid, .. } => {
             admin::remove_bitmaps(&mut qmp, uuid.as_deref())?;
@@ -347,8 +386,31 @@ fn run(cli: Cli, socket: &str) -> Result<()> {
                 log_original(show, &devices);
             }
         }
-        Command::Completions { .. } | Command::Man => unreachable!("handled in main"),
+        Command::Push { .. } | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled before")
+        }
     }
+    Ok(())
+}
+
+/// Uploads `target` when `--push` asks for it.
+fn push_cmd(target: &std::path::Path, args: &PushArgs) -> Result<()> {
+    let Some(url) = &args.push else {
+        return Ok(());
+    };
+    let done = push::push(target, url, args.push_only)
+        .with_context(|| format!("pushing {} to {url}", target.display()))?;
+    tracing::info!(
+        "Pushed {} to {url}: {} files uploaded, {} already there{}",
+        target.display(),
+        done.uploaded.len(),
+        done.present.len(),
+        if done.removed.is_empty() {
+            String::new()
+        } else {
+            format!(", {} local backup files removed", done.removed.len())
+        }
+    );
     Ok(())
 }
 

@@ -27,23 +27,26 @@ pub fn compare(a: &Disk, b: &Disk, show_progress: bool) -> Result<Comparison> {
     chunks.extend(b.data_chunks(CHUNK).collect::<Result<Vec<_>>>()?);
     chunks.sort_unstable();
     chunks.dedup();
-    chunks.par_iter().try_for_each_init(
-        || (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]),
-        |(ba, bb), &start| -> Result<()> {
-            let len = CHUNK.min(size - start);
-            bar.inc(len);
-            if start >= first.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            let (ba, bb) = (&mut ba[..len as usize], &mut bb[..len as usize]);
-            a.read_at(ba, start)?;
-            b.read_at(bb, start)?;
-            if let Some(i) = ba.iter().zip(bb.iter()).position(|(x, y)| x != y) {
-                first.fetch_min(start + i as u64, Ordering::Relaxed);
-            }
-            Ok(())
-        },
-    )?;
+    let remote = a.is_remote() || b.is_remote();
+    super::workers::run(remote, || {
+        chunks.par_iter().try_for_each_init(
+            || (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]),
+            |(ba, bb), &start| -> Result<()> {
+                let len = CHUNK.min(size - start);
+                bar.inc(len);
+                if start >= first.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let (ba, bb) = (&mut ba[..len as usize], &mut bb[..len as usize]);
+                a.read_at(ba, start)?;
+                b.read_at(bb, start)?;
+                if let Some(i) = ba.iter().zip(bb.iter()).position(|(x, y)| x != y) {
+                    first.fetch_min(start + i as u64, Ordering::Relaxed);
+                }
+                Ok(())
+            },
+        )
+    })?;
     bar.finish_and_clear();
     Ok(match first.into_inner() {
         u64::MAX => Comparison::Identical,

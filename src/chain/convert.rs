@@ -103,7 +103,11 @@ pub fn disk_to_qcow2(
             ..Default::default()
         },
     )
-    .and_then(|w| write_qcow2(disk, w.unordered(), opts, out));
+    .and_then(|w| {
+        super::workers::run(disk.is_remote(), || {
+            write_qcow2(disk, w.unordered(), opts, out)
+        })
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(dst);
     }
@@ -383,41 +387,43 @@ fn write_raw(disk: &Disk, out: &File, dst: &Path, opts: &ConvertOptions) -> Resu
     } else {
         (0..size.div_ceil(CHUNK)).map(|i| i * CHUNK).collect()
     };
-    chunks.par_iter().try_for_each_init(
-        || (vec![0u8; CHUNK as usize], None),
-        |(buf, behind), &start| -> Result<()> {
-            let len = CHUNK.min(size - start);
-            let mut extents = Vec::new();
-            disk.for_each_extent(start, len, |e| {
-                extents.push(e);
-                Ok(())
-            })?;
-            let mut moved = 0;
-            for e in extents {
-                let slice = &mut buf[..e.length as usize];
-                if e.zero {
-                    if sparse {
-                        continue;
+    super::workers::run(disk.is_remote(), || {
+        chunks.par_iter().try_for_each_init(
+            || (vec![0u8; CHUNK as usize], None),
+            |(buf, behind), &start| -> Result<()> {
+                let len = CHUNK.min(size - start);
+                let mut extents = Vec::new();
+                disk.for_each_extent(start, len, |e| {
+                    extents.push(e);
+                    Ok(())
+                })?;
+                let mut moved = 0;
+                for e in extents {
+                    let slice = &mut buf[..e.length as usize];
+                    if e.zero {
+                        if sparse {
+                            continue;
+                        }
+                        slice.fill(0);
+                    } else {
+                        disk.read_at(slice, e.start)?;
                     }
-                    slice.fill(0);
-                } else {
-                    disk.read_at(slice, e.start)?;
+                    moved += e.length;
+                    write_nonzero(out, slice, e.start, sparse).map_err(at)?;
                 }
-                moved += e.length;
-                write_nonzero(out, slice, e.start, sparse).map_err(at)?;
-            }
-            // This chunk starts going to disk, and this worker's previous one leaves the page
-            // cache once written: the output's cache stays two chunks per worker (see
-            // `pagecache`), however large the disk.
-            pagecache::start_writeback(out, start, len);
-            if let Some((s, l)) = behind.replace((start, len)) {
-                pagecache::drop_written(out, s, l);
-            }
-            bar.inc(len);
-            throttle.pace(moved);
-            Ok(())
-        },
-    )?;
+                // This chunk starts going to disk, and this worker's previous one leaves the page
+                // cache once written: the output's cache stays two chunks per worker (see
+                // `pagecache`), however large the disk.
+                pagecache::start_writeback(out, start, len);
+                if let Some((s, l)) = behind.replace((start, len)) {
+                    pagecache::drop_written(out, s, l);
+                }
+                bar.inc(len);
+                throttle.pace(moved);
+                Ok(())
+            },
+        )
+    })?;
     out.sync_all().map_err(at)?;
     bar.finish_and_clear();
     Ok(())

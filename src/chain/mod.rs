@@ -20,3 +20,4 @@ pub mod snapshot_rebase;
 pub mod throttle;
 pub mod units;
 pub mod verify;
+pub mod workers;

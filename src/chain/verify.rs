@@ -11,9 +11,9 @@
 
 use super::error::Result;
 use crate::qcow2::{check, Disk, OpenOptions};
+use crate::store::folder::read_small;
 use crate::store::folder::{BackupDir, BackupFile};
 use crate::store::manifest::{self, Manifest};
-use crate::store::folder::read_small;
 use crate::store::place;
 use crate::store::Level;
 use rayon::prelude::*;
@@ -81,7 +81,9 @@ impl Report {
 /// Verifies `dir`, or with `recursive` every backup directory below it.
 pub fn verify(dir: &Path, recursive: bool, filter: Option<&str>) -> Result<Report> {
     let io = |e| crate::store::StoreError::Io(dir.to_path_buf(), e);
-    crate::store::place::at(dir).and_then(|p| p.list("")).map_err(io)?;
+    crate::store::place::at(dir)
+        .and_then(|p| p.list(""))
+        .map_err(io)?;
     let dirs = if recursive {
         crate::store::folder::backup_dirs_below(dir, 8)?
     } else {
@@ -93,7 +95,10 @@ pub fn verify(dir: &Path, recursive: bool, filter: Option<&str>) -> Result<Repor
             dir.display()
         )));
     }
-    let reports: Vec<DirReport> = dirs.iter().map(|d| verify_dir(d, filter)).collect();
+    let remote = crate::s3::url::is_s3(dir);
+    let reports: Vec<DirReport> = super::workers::run(remote, || {
+        dirs.iter().map(|d| verify_dir(d, filter)).collect()
+    });
     Ok(Report {
         restorable: reports.iter().all(|r| r.restorable),
         dirs: reports,

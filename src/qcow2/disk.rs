@@ -138,6 +138,14 @@ impl Image {
         }
     }
 
+    /// Whether reads of this file are network round trips (see [`Storage::is_remote`]).
+    pub fn is_remote(&self) -> bool {
+        match &self.layer {
+            Layer::Qcow2(q) => q.is_remote(),
+            Layer::Raw(r) => r.storage().is_remote(),
+        }
+    }
+
     /// Bytes the file occupies on the host.
     pub fn allocated_bytes(&self) -> Option<u64> {
         match &self.layer {
@@ -247,6 +255,11 @@ impl Disk {
             path: path.to_path_buf(),
             layer: Layer::Qcow2(Box::new(q)),
         }]))
+    }
+
+    /// Whether any layer is read over the network.
+    pub fn is_remote(&self) -> bool {
+        self.images.iter().any(Image::is_remote)
     }
 
     /// Switches the top image to its view at an internal snapshot (id or name).

@@ -376,6 +376,11 @@ impl Qcow2 {
         })
     }
 
+    /// Whether the image or its data file is read over the network.
+    pub fn is_remote(&self) -> bool {
+        self.file.is_remote() || self.data_storage().is_remote()
+    }
+
     /// The storage uncompressed data lives in (the data file, or the image itself).
     pub fn data_storage(&self) -> &dyn Storage {
         match &self.data_file {

@@ -75,7 +75,10 @@ mod tests {
         let s = open(Path::new("mem-test:abc")).unwrap();
         assert_eq!(s.size().unwrap(), 12);
         assert!(!is_local(Path::new("mem-test:x")) && is_local(Path::new("/x/mem-test:")));
-        assert_eq!(identity(Path::new("mem-test:x")).unwrap(), Path::new("mem-test:x"));
+        assert_eq!(
+            identity(Path::new("mem-test:x")).unwrap(),
+            Path::new("mem-test:x")
+        );
         assert!(open(Path::new("/nonexistent/file")).is_err());
     }
 }

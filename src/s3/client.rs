@@ -27,6 +27,14 @@ pub struct Head {
     pub etag: String,
 }
 
+/// A [`Head`] with the object's CRC-32 as qmpbackup's uploads record it (user metadata), if
+/// it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    pub head: Head,
+    pub crc32: Option<String>,
+}
+
 /// One object of a listing.
 #[derive(Debug, Clone)]
 pub struct Listed {
@@ -92,7 +100,10 @@ fn error_words(body: &str) -> (String, String) {
         let end = body[start..].find(&format!("</{name}>"))? + start;
         Some(body[start..end].to_string())
     };
-    (field("Code").unwrap_or_default(), field("Message").unwrap_or_default())
+    (
+        field("Code").unwrap_or_default(),
+        field("Message").unwrap_or_default(),
+    )
 }
 
 /// What a status answer means for the user.
@@ -130,8 +141,13 @@ impl Client {
         } else {
             UrlStyle::VirtualHost
         };
-        let bucket = Bucket::new(config.endpoint.clone(), style, bucket.to_string(), config.region.clone())
-            .map_err(|e| S3Error::Config(format!("bucket {bucket}: {e}")))?;
+        let bucket = Bucket::new(
+            config.endpoint.clone(),
+            style,
+            bucket.to_string(),
+            config.region.clone(),
+        )
+        .map_err(|e| S3Error::Config(format!("bucket {bucket}: {e}")))?;
         let credentials = match &config.session_token {
             Some(t) => Credentials::new_with_token(&config.access_key, &config.secret_key, t),
             None => Credentials::new(&config.access_key, &config.secret_key),
@@ -182,7 +198,13 @@ impl Client {
                 }
             }
             ureq::Error::Transport(t) => {
-                let err = S3Error::Transport(what.to_string(), t.to_string());
+                // Not `t.to_string()`: that holds the presigned URL, a credential for an hour.
+                let detail = match (t.message(), std::error::Error::source(&t)) {
+                    (_, Some(src)) => src.to_string(),
+                    (Some(m), None) => m.to_string(),
+                    (None, None) => String::new(),
+                };
+                let err = S3Error::Transport(what.to_string(), format!("{}: {detail}", t.kind()));
                 match t.kind() {
                     ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => {
                         Failure::Fatal(err)
@@ -216,6 +238,11 @@ impl Client {
 
     /// Size and ETag of `key`, or `None` when there is no such object.
     pub fn head(&self, key: &str) -> Result<Option<Head>, S3Error> {
+        Ok(self.describe(key)?.map(|d| d.head))
+    }
+
+    /// What [`Client::head`] says, with the recorded CRC-32.
+    pub fn describe(&self, key: &str) -> Result<Option<Described>, S3Error> {
         let what = self.url(key);
         let action = HeadObject::new(&self.bucket, Some(&self.credentials), key);
         let got = self.call(|| match self.request("HEAD", &action).call() {
@@ -232,7 +259,11 @@ impl Client {
             .header("etag")
             .ok_or_else(|| S3Error::Reply(what.clone(), "no ETag".into()))?
             .to_string();
-        Ok(Some(Head { size, etag }))
+        let crc32 = resp.header(CRC_META).map(str::to_string);
+        Ok(Some(Described {
+            head: Head { size, etag },
+            crc32,
+        }))
     }
 
     /// Reads `buf.len()` bytes of `key` at `offset` (all inside the object), only from the
@@ -321,16 +352,26 @@ impl Client {
         }
     }
 
-    /// Stores `body` as `key` in one request, the server checking its CRC-32.
-    pub fn put(&self, key: &str, body: &[u8]) -> Result<(), S3Error> {
+    /// Stores `body` as `key` in one request, the server checking its CRC-32, with user
+    /// metadata `meta` (`x-amz-meta-…` headers).
+    pub fn put(&self, key: &str, body: &[u8], meta: &[(&str, String)]) -> Result<(), S3Error> {
         let what = self.url(key);
         let crc = crc32_header(body);
         let mut action = PutObject::new(&self.bucket, Some(&self.credentials), key);
-        action.headers_mut().insert("x-amz-checksum-crc32", crc.clone());
+        action
+            .headers_mut()
+            .insert("x-amz-checksum-crc32", crc.clone());
+        for (k, v) in meta {
+            action.headers_mut().insert(*k, v.clone());
+        }
         self.call(|| {
-            self.request("PUT", &action)
-                .set("x-amz-checksum-crc32", &crc)
-                .send_bytes(body)
+            let mut req = self
+                .request("PUT", &action)
+                .set("x-amz-checksum-crc32", &crc);
+            for (k, v) in meta {
+                req = req.set(k, v);
+            }
+            req.send_bytes(body)
                 .map(drop)
                 .map_err(|e| self.failure(&what, e))
         })
@@ -350,9 +391,17 @@ impl Client {
 
 /// The `x-amz-checksum-crc32` value of `data`: its CRC-32 big-endian, in base64.
 pub fn crc32_header(data: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(crc32fast::hash(data).to_be_bytes())
+    crc32_value(crc32fast::hash(data))
 }
+
+/// The `x-amz-checksum-crc32` value of a CRC-32: big-endian, in base64.
+pub fn crc32_value(crc: u32) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
+}
+
+/// The user metadata where uploads record the object's CRC-32 (8 hex digits, as manifests).
+pub const CRC_META: &str = "x-amz-meta-qmpbackup-crc32";
 
 /// A key of a listing asked with `encoding-type=url`.
 fn decode(what: &str, key: &str) -> Result<String, S3Error> {
@@ -382,7 +431,10 @@ mod tests {
         let (code, msg) = error_words(
             "<?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>Bucket not found: x</Message></Error>",
         );
-        assert_eq!((code.as_str(), msg.as_str()), ("NoSuchBucket", "Bucket not found: x"));
+        assert_eq!(
+            (code.as_str(), msg.as_str()),
+            ("NoSuchBucket", "Bucket not found: x")
+        );
         assert!(explain(404, &code, &msg, "x").ends_with("bucket 'x' does not exist"));
         assert!(explain(403, "AccessDenied", "", "x").contains("AWS_ACCESS_KEY_ID"));
         assert_eq!(parse_mtime("2023-11-14T22:13:20.000Z"), 1_700_000_000);

@@ -162,8 +162,10 @@ mod tests {
     use super::*;
 
     fn resolve(vars: &[(&str, String)]) -> Result<Config, S3Error> {
-        let map: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         Config::resolve(&|k| map.get(k).cloned())
     }
 
@@ -185,12 +187,18 @@ mod tests {
         let home = ("HOME", t.path().display().to_string());
 
         let c = resolve(std::slice::from_ref(&home)).unwrap();
-        assert_eq!((c.access_key.as_str(), c.region.as_str()), ("AKDEF", "eu-west-1"));
+        assert_eq!(
+            (c.access_key.as_str(), c.region.as_str()),
+            ("AKDEF", "eu-west-1")
+        );
         assert_eq!(c.endpoint.as_str(), "https://s3.eu-west-1.amazonaws.com/");
         assert!(!c.path_style && !c.plain_http_off_host());
 
         let c = resolve(&[home.clone(), ("AWS_PROFILE", "lab".into())]).unwrap();
-        assert_eq!((c.access_key.as_str(), c.session_token.as_deref()), ("AKLAB", Some("tok")));
+        assert_eq!(
+            (c.access_key.as_str(), c.session_token.as_deref()),
+            ("AKLAB", Some("tok"))
+        );
         assert_eq!((c.region.as_str(), c.path_style), ("garage", true));
         assert!(c.plain_http_off_host());
 

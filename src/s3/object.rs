@@ -105,7 +105,8 @@ impl Object {
         }
         let start = index * BLOCK;
         let mut data = vec![0u8; BLOCK.min(self.head.size - start) as usize];
-        self.client.read(&self.key, &self.head.etag, &mut data, start)?;
+        self.client
+            .read(&self.key, &self.head.etag, &mut data, start)?;
         let data = Arc::new(data);
         self.cache.put((self.id, index), data.clone());
         Ok(data)

@@ -1,0 +1,234 @@
+//! Uploads of backup files: whole objects appear only when complete, and every byte the
+//! store keeps was checked by the store against a CRC-32 we computed from the local file.
+//!
+//! Files up to one part go up in one `PUT`; larger ones in a multipart upload whose parts
+//! (16 MiB, larger for files beyond 160 GiB so 10,000 parts suffice) are read, checksummed and
+//! sent by several workers at once, each part carrying `x-amz-checksum-crc32`, which the store
+//! verifies before it accepts the part. Before the upload is completed, the caller sees the
+//! parts' CRCs (to compare them with the backup's manifest); an upload that fails or is
+//! refused is aborted, so nothing half-written is ever visible under the key. The object's
+//! CRC-32 is kept as user metadata ([`CRC_META`]) so a later push can tell an uploaded file
+//! from another one of the same size without downloading it.
+
+use super::client::{crc32_value, Client, Failure, CRC_META};
+use super::error::S3Error;
+use rayon::prelude::*;
+use rusty_s3::actions::{AbortMultipartUpload, CreateMultipartUpload, S3Action, UploadPart};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+
+/// The part size for files up to [`PART`] × [`MAX_PARTS`].
+pub const PART: u64 = 16 << 20;
+const MAX_PARTS: u64 = 10_000;
+/// Parts in flight at once (each holds one part in memory).
+const WORKERS: usize = 8;
+
+/// The part size for a file of `size` bytes: [`PART`], or a multiple of 64 MiB (a manifest
+/// extent) when the file needs more than [`MAX_PARTS`] parts of that size.
+pub fn part_size(size: u64) -> u64 {
+    if size <= PART * MAX_PARTS {
+        return PART;
+    }
+    let unit = 64 << 20;
+    size.div_ceil(MAX_PARTS).div_ceil(unit) * unit
+}
+
+/// Checks the CRC-32 of each part (parts of the given size, the last maybe short) before the
+/// upload is completed; an error aborts it.
+pub type PartCheck<'a> = &'a (dyn Fn(u64, &[u32]) -> Result<(), String> + Sync);
+
+fn read_part(file: &File, buf: &mut [u8], offset: u64, what: &str) -> Result<(), S3Error> {
+    file.read_exact_at(buf, offset)
+        .map_err(|e| S3Error::Transport(what.to_string(), format!("reading the local file: {e}")))
+}
+
+/// Uploads the `size` bytes of `file` as `key`, recording `crc` (the whole file's CRC-32) as
+/// metadata.
+pub fn upload(
+    client: &Client,
+    key: &str,
+    file: &File,
+    size: u64,
+    crc: u32,
+    check: PartCheck,
+) -> Result<(), S3Error> {
+    let what = client.url(key);
+    let meta = [(CRC_META, format!("{crc:08x}"))];
+    let part = part_size(size);
+    if size <= part {
+        let mut body = vec![0u8; size as usize];
+        read_part(file, &mut body, 0, &what)?;
+        check(part, &[crc32fast::hash(&body)]).map_err(|p| S3Error::Reply(what.clone(), p))?;
+        return client.put(key, &body, &meta);
+    }
+    let upload_id = create(client, key, &meta)?;
+    let result = send_parts(client, key, &upload_id, file, size, part, check)
+        .and_then(|etags| complete(client, key, &upload_id, &etags));
+    if result.is_err() {
+        // Best effort: the store would otherwise keep the parts until its own cleanup.
+        let abort =
+            AbortMultipartUpload::new(&client.bucket, Some(&client.credentials), key, &upload_id);
+        let _ = client.request("DELETE", &abort).call();
+    }
+    result
+}
+
+fn create(client: &Client, key: &str, meta: &[(&str, String)]) -> Result<String, S3Error> {
+    let what = client.url(key);
+    let mut action = CreateMultipartUpload::new(&client.bucket, Some(&client.credentials), key);
+    action
+        .headers_mut()
+        .insert("x-amz-checksum-algorithm", "CRC32");
+    for (k, v) in meta {
+        action.headers_mut().insert(*k, v.clone());
+    }
+    client.call(|| {
+        let mut req = client
+            .request("POST", &action)
+            .set("x-amz-checksum-algorithm", "CRC32");
+        for (k, v) in meta {
+            req = req.set(k, v);
+        }
+        let resp = req.call().map_err(|e| client.failure(&what, e))?;
+        let mut body = String::new();
+        resp.into_reader()
+            .take(1 << 20)
+            .read_to_string(&mut body)
+            .map_err(|e| Failure::Retry(S3Error::Transport(what.clone(), e.to_string())))?;
+        CreateMultipartUpload::parse_response(&body)
+            .map(|r| r.upload_id().to_string())
+            .map_err(|e| Failure::Fatal(S3Error::Reply(what.clone(), e.to_string())))
+    })
+}
+
+/// Sends every part; returns (ETag, CRC-32 value) by part number.
+fn send_parts(
+    client: &Client,
+    key: &str,
+    upload_id: &str,
+    file: &File,
+    size: u64,
+    part: u64,
+    check: PartCheck,
+) -> Result<Vec<(String, String)>, S3Error> {
+    let what = client.url(key);
+    let count = size.div_ceil(part);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(WORKERS)
+        .build()
+        .map_err(|e| S3Error::Transport(what.clone(), e.to_string()))?;
+    let sent: Vec<(String, u32)> = pool.install(|| {
+        (0..count)
+            .into_par_iter()
+            .map(|i| {
+                let start = i * part;
+                let mut buf = vec![0u8; part.min(size - start) as usize];
+                read_part(file, &mut buf, start, &what)?;
+                let crc = crc32fast::hash(&buf);
+                let value = crc32_value(crc);
+                let number = u16::try_from(i + 1).expect("at most 10,000 parts");
+                let mut action = UploadPart::new(
+                    &client.bucket,
+                    Some(&client.credentials),
+                    key,
+                    number,
+                    upload_id,
+                );
+                action
+                    .headers_mut()
+                    .insert("x-amz-checksum-crc32", value.clone());
+                let etag = client.call(|| {
+                    let resp = client
+                        .request("PUT", &action)
+                        .set("x-amz-checksum-crc32", &value)
+                        .send_bytes(&buf)
+                        .map_err(|e| client.failure(&what, e))?;
+                    resp.header("etag").map(str::to_string).ok_or_else(|| {
+                        Failure::Fatal(S3Error::Reply(what.clone(), "part without ETag".into()))
+                    })
+                })?;
+                Ok((etag, crc))
+            })
+            .collect::<Result<_, S3Error>>()
+    })?;
+    let crcs: Vec<u32> = sent.iter().map(|(_, c)| *c).collect();
+    check(part, &crcs).map_err(|p| S3Error::Reply(what.clone(), p))?;
+    Ok(sent
+        .into_iter()
+        .map(|(etag, crc)| (etag, crc32_value(crc)))
+        .collect())
+}
+
+/// Completes the upload. The request body lists each part's CRC-32 too (stores that keep
+/// per-part checksums, AWS among them, require it once the upload declared CRC32).
+fn complete(
+    client: &Client,
+    key: &str,
+    upload_id: &str,
+    parts: &[(String, String)],
+) -> Result<(), S3Error> {
+    let what = client.url(key);
+    let action = rusty_s3::actions::CompleteMultipartUpload::new(
+        &client.bucket,
+        Some(&client.credentials),
+        key,
+        upload_id,
+        std::iter::empty(),
+    );
+    let mut body = String::from("<CompleteMultipartUpload>");
+    for (i, (etag, crc)) in parts.iter().enumerate() {
+        body += &format!(
+            "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag><ChecksumCRC32>{crc}</ChecksumCRC32></Part>",
+            i + 1,
+            etag.replace('&', "&amp;").replace('<', "&lt;")
+        );
+    }
+    body += "</CompleteMultipartUpload>";
+    client.call(|| {
+        let resp = client
+            .request("POST", &action)
+            .send_string(&body)
+            .map_err(|e| client.failure(&what, e))?;
+        let mut answer = String::new();
+        resp.into_reader()
+            .take(1 << 20)
+            .read_to_string(&mut answer)
+            .map_err(|e| Failure::Retry(S3Error::Transport(what.clone(), e.to_string())))?;
+        // S3 may report a failed completion inside a 200 answer.
+        if answer.contains("<Error>") {
+            return Err(Failure::Retry(S3Error::Reply(what.clone(), answer)));
+        }
+        Ok(())
+    })
+}
+
+/// The CRC-32 of `size` bytes of `file`, read in parts.
+pub fn file_crc(file: &File, size: u64) -> std::io::Result<u32> {
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; (4 << 20).min(size.max(1)) as usize];
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], pos)?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::s3::client::crc32_header;
+
+    #[test]
+    fn part_sizes_keep_within_ten_thousand_parts_and_align_to_manifest_extents() {
+        assert_eq!(part_size(1), PART);
+        assert_eq!(part_size(PART * MAX_PARTS), PART);
+        let big = 4u64 << 40;
+        let p = part_size(big);
+        assert!(big.div_ceil(p) <= MAX_PARTS && p % (64 << 20) == 0);
+        assert_eq!(crc32_header(b"abc"), crc32_value(crc32fast::hash(b"abc")));
+    }
+}

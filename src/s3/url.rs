@@ -16,7 +16,9 @@ pub struct S3Url {
 
 /// Whether `path` names an object-store location rather than a local file.
 pub fn is_s3(path: &Path) -> bool {
-    path.as_os_str().as_encoded_bytes().starts_with(SCHEME.as_bytes())
+    path.as_os_str()
+        .as_encoded_bytes()
+        .starts_with(SCHEME.as_bytes())
 }
 
 impl S3Url {
@@ -35,7 +37,9 @@ impl S3Url {
             && bucket.as_bytes()[0].is_ascii_alphanumeric()
             && bucket.as_bytes()[bucket.len() - 1].is_ascii_alphanumeric();
         if !valid {
-            return Err(bad("not a valid bucket name (3-63 characters: a-z, 0-9, '.', '-')"));
+            return Err(bad(
+                "not a valid bucket name (3-63 characters: a-z, 0-9, '.', '-')",
+            ));
         }
         Ok(S3Url {
             bucket: bucket.to_string(),
@@ -101,14 +105,24 @@ mod tests {
     #[test]
     fn locations_parse_join_and_print() {
         let u = S3Url::parse("s3://backups/vm1//disk1.qcow2/").unwrap();
-        assert_eq!((u.bucket.as_str(), u.key.as_str()), ("backups", "vm1/disk1.qcow2"));
+        assert_eq!(
+            (u.bucket.as_str(), u.key.as_str()),
+            ("backups", "vm1/disk1.qcow2")
+        );
         assert_eq!(u.to_string(), "s3://backups/vm1/disk1.qcow2");
         assert_eq!(u.join("../uuid").unwrap().key, "vm1/uuid");
         assert_eq!(u.folder_prefix(), "vm1/disk1.qcow2/");
         let top = S3Url::parse("s3://backups").unwrap();
         assert_eq!((top.key.as_str(), top.folder_prefix()), ("", String::new()));
         assert!(top.join("../x").is_err());
-        for bad in ["s3://", "s3://A_b/x", "s3://ab", "s3://-ab/x", "/local/dir", "s3://b../"] {
+        for bad in [
+            "s3://",
+            "s3://A_b/x",
+            "s3://ab",
+            "s3://-ab/x",
+            "/local/dir",
+            "s3://b../",
+        ] {
             assert!(S3Url::parse(bad).is_err(), "{bad}");
         }
         assert!(is_s3(Path::new("s3://b/k")) && !is_s3(Path::new("./s3:/x")));

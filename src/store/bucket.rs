@@ -193,13 +193,16 @@ impl Place for Prefix {
     fn write(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let key = self.key(name)?;
         self.unlist(&key);
-        Ok(self.client.put(&key, bytes)?)
+        Ok(self.client.put(&key, bytes, &[])?)
     }
 
     fn rename(&self, from: &str, _to: &str) -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            format!("{}: an object store cannot rename", self.locate(from).display()),
+            format!(
+                "{}: an object store cannot rename",
+                self.locate(from).display()
+            ),
         ))
     }
 

@@ -33,6 +33,16 @@ pub struct BackupFile {
     pub disk: String,
     pub size: u64,
     mtime: u64,
+    /// Uploaded and removed here (`qmpbackup --push-only`): only its manifest is left.
+    pub pushed: Option<Pushed>,
+}
+
+/// What the manifest of a file uploaded and removed says of it: what a next incremental
+/// backup needs to know of its predecessor.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    pub virtual_size: u64,
+    pub format: String,
 }
 
 fn layout(dir: &Path, problem: impl Into<String>) -> StoreError {
@@ -256,6 +266,38 @@ impl BackupDir {
                 disk,
                 size: entry.size,
                 mtime,
+                pushed: None,
+            });
+        }
+        // A manifest whose file is gone: the file was uploaded and removed (--push-only).
+        // Commands that delete backup files drop their manifests first, so nothing else
+        // leaves one behind.
+        for e in place.list(super::manifest::FOLDER).unwrap_or_default() {
+            let Some(name) = e.name.strip_suffix(".json") else {
+                continue;
+            };
+            let Some((level, epoch, disk)) = parse_name(name) else {
+                continue;
+            };
+            if !wanted(name) || files.iter().any(|f| f.name == name) {
+                continue;
+            }
+            let Ok(m) = super::manifest::Manifest::read(&*place, name) else {
+                continue;
+            };
+            files.push(BackupFile {
+                path: place.locate(name),
+                name: name.to_string(),
+                level,
+                epoch,
+                named_epoch: true,
+                disk,
+                size: m.file_size,
+                mtime: epoch,
+                pushed: Some(Pushed {
+                    virtual_size: m.virtual_size,
+                    format: m.format,
+                }),
             });
         }
         // A symlink names the level of a timestamp-less file.

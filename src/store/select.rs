@@ -28,6 +28,13 @@ pub fn restore_chain(dir: &Path, select: &ChainSelect) -> Result<(BackupDir, Cha
     if let Some(u) = &select.until {
         chain = chain.until(u, dir)?;
     }
+    if let Some(f) = chain.files.iter().find(|f| f.pushed.is_some()) {
+        return Err(StoreError::Refused(format!(
+            "{}: {} was uploaded to an object store and removed here (qmpbackup --push-only); only its manifest is left: restore from the object store (--dir s3://BUCKET/PREFIX/...)",
+            dir.display(),
+            f.name
+        )));
+    }
     if !select.allow_outside_backing {
         for f in &chain.files {
             refuse_outside_backing(&f.path)?;

@@ -1,0 +1,227 @@
+//! `--push s3://BUCKET/PREFIX`: a backup target folder uploaded to an object store in the same
+//! layout, so `qmprestore … --dir s3://BUCKET/PREFIX/<disk>` restores from there.
+//!
+//! What to upload is decided from a listing of the prefix, never from local state: a file is
+//! skipped when an object of the same size carries the same CRC-32 (recorded as metadata by
+//! the upload that made it), and uploaded otherwise. So a push is idempotent, and one that was
+//! interrupted (even by SIGKILL: an unfinished upload never shows under its key) is completed
+//! by the next run. Backup files go up before their manifests, so an object with a manifest
+//! beside it is complete. A backup file's parts are checked against its manifest's CRCs before
+//! the upload completes: a file damaged on local disk is refused, not archived.
+//!
+//! `--push-only` then removes the local backup files that are verified in the store, keeping
+//! their manifests: the next incremental learns its predecessor (name, size, format) from
+//! them, and local restores say where the files went.
+
+use super::error::{BackupError, Result};
+use crate::s3::upload::{file_crc, upload};
+use crate::s3::{S3Error, S3Url};
+use crate::store::manifest::{self, Manifest, EXTENT_SIZE};
+use crate::store::name::{parse_name, strip_partial};
+use crate::store::place::Folder;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// What a push did.
+#[derive(Debug, Default)]
+pub struct Pushed {
+    /// Files uploaded (paths relative to the target folder).
+    pub uploaded: Vec<String>,
+    /// Files the store already held.
+    pub present: Vec<String>,
+    /// Local backup files removed (`--push-only`).
+    pub removed: Vec<PathBuf>,
+}
+
+/// One local file to push.
+struct Local {
+    /// Path relative to the target folder, with `/`.
+    rel: String,
+    path: PathBuf,
+    size: u64,
+    /// The manifest of a backup file, when it describes the file as it is.
+    manifest: Option<Manifest>,
+}
+
+/// Whether a folder entry is pushed: backups, manifests, `uuid`, `<disk>.config` are; partial
+/// files, fleece images, quarantined partials, run records and other dot files are not.
+fn pushed_name(name: &str, is_dir: bool) -> bool {
+    if is_dir {
+        return !name.starts_with('.') || name == manifest::FOLDER;
+    }
+    !name.starts_with('.') && strip_partial(name).is_none() && !name.contains(".fleece.")
+}
+
+/// The regular files below `dir` that a push uploads, data files first, manifests last.
+fn local_files(dir: &Path) -> Result<Vec<Local>> {
+    let mut out = Vec::new();
+    let mut todo = vec![(dir.to_path_buf(), String::new())];
+    while let Some((d, rel)) = todo.pop() {
+        for entry in std::fs::read_dir(&d).map_err(BackupError::io(&d))? {
+            let entry = entry.map_err(BackupError::io(&d))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ft = entry.file_type().map_err(BackupError::io(entry.path()))?;
+            let child = format!("{rel}{name}");
+            if ft.is_dir() && pushed_name(&name, true) {
+                todo.push((entry.path(), format!("{child}/")));
+            } else if ft.is_file() && pushed_name(&name, false) {
+                let path = entry.path();
+                let size = entry.metadata().map_err(BackupError::io(&path))?.len();
+                let manifest = parse_name(&name)
+                    .and_then(|_| Manifest::read(&Folder::new(&d), &name).ok())
+                    .filter(|m| m.file_size == size && m.extent_size == EXTENT_SIZE);
+                out.push(Local {
+                    rel: child,
+                    path,
+                    size,
+                    manifest,
+                });
+            }
+        }
+    }
+    let is_manifest = |l: &Local| l.rel.contains(&format!("{}/", manifest::FOLDER));
+    out.sort_by(|a, b| (is_manifest(a), &a.rel).cmp(&(is_manifest(b), &b.rel)));
+    Ok(out)
+}
+
+/// The CRC-32 of a whole file from its manifest's extent CRCs, without reading it.
+fn combined(manifest: &Manifest) -> Option<u32> {
+    let mut whole = crc32fast::Hasher::new();
+    for (i, hex) in manifest.crc32.iter().enumerate() {
+        let crc = u32::from_str_radix(hex, 16).ok()?;
+        let start = i as u64 * EXTENT_SIZE;
+        let len = EXTENT_SIZE.min(manifest.file_size.checked_sub(start)?);
+        whole.combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
+    }
+    Some(whole.finalize())
+}
+
+/// Compares the CRCs of uploaded parts with the manifest's extents (parts either divide an
+/// extent or are multiples of it).
+fn check_parts(m: &Manifest, part: u64, crcs: &[u32]) -> std::result::Result<(), String> {
+    let unit = part.min(EXTENT_SIZE).max(1);
+    let per_part = part / unit;
+    // The CRC of every `unit` bytes is known only when parts are no larger than extents;
+    // larger parts (files over 160 GiB) are compared per part, combining extents instead.
+    let mut pos = 0u64;
+    if per_part == 1 {
+        // part <= extent: combine parts into extents.
+        for (i, want) in m.crc32.iter().enumerate() {
+            let end = ((i as u64 + 1) * EXTENT_SIZE).min(m.file_size);
+            let mut h = crc32fast::Hasher::new();
+            while pos < end {
+                let idx = (pos / part) as usize;
+                let len = part.min(m.file_size - pos);
+                let crc = *crcs.get(idx).ok_or("fewer parts than the file has")?;
+                h.combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
+                pos += len;
+            }
+            let got = format!("{:08x}", h.finalize());
+            if &got != want {
+                return Err(format!(
+                    "bytes {}..{end} read crc32 {got}, the backup's manifest recorded {want}: the local file is damaged; not uploaded",
+                    i as u64 * EXTENT_SIZE
+                ));
+            }
+        }
+        return Ok(());
+    }
+    for (i, got) in crcs.iter().enumerate() {
+        let start = i as u64 * part;
+        let end = (start + part).min(m.file_size);
+        let mut h = crc32fast::Hasher::new();
+        let mut e = start;
+        while e < end {
+            let idx = (e / EXTENT_SIZE) as usize;
+            let len = EXTENT_SIZE.min(m.file_size - e);
+            let crc = m
+                .crc32
+                .get(idx)
+                .and_then(|x| u32::from_str_radix(x, 16).ok());
+            let crc = crc.ok_or("the manifest has fewer extents than the file")?;
+            h.combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
+            e += len;
+        }
+        if h.finalize() != *got {
+            return Err(format!(
+                "bytes {start}..{end} differ from the backup's manifest: the local file is damaged; not uploaded"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Uploads what `target` holds and `url` lacks; with `only`, removes the uploaded backup
+/// files here afterwards.
+pub fn push(target: &Path, url: &str, only: bool) -> Result<Pushed> {
+    let url = S3Url::parse(url)?;
+    let client = crate::store::bucket::client(&url.bucket)?;
+    let prefix = url.folder_prefix();
+    let listing = client.list(&prefix, false)?;
+    let remote: HashMap<&str, u64> = listing
+        .objects
+        .iter()
+        .filter_map(|o| Some((o.key.strip_prefix(&prefix)?, o.size)))
+        .collect();
+    let mut report = Pushed::default();
+    let mut verified = Vec::new();
+    for local in local_files(target)? {
+        let key = format!("{prefix}{}", local.rel);
+        let file = File::open(&local.path).map_err(BackupError::io(&local.path))?;
+        let crc = match local.manifest.as_ref().and_then(combined) {
+            Some(c) => c,
+            None => file_crc(&file, local.size).map_err(BackupError::io(&local.path))?,
+        };
+        let want = format!("{crc:08x}");
+        let held = remote.get(local.rel.as_str()) == Some(&local.size)
+            && client.describe(&key)?.and_then(|d| d.crc32).as_deref() == Some(&want);
+        if held {
+            report.present.push(local.rel.clone());
+        } else {
+            let check = |part: u64, crcs: &[u32]| match &local.manifest {
+                Some(m) => check_parts(m, part, crcs),
+                None => {
+                    let mut h = crc32fast::Hasher::new();
+                    for (i, c) in crcs.iter().enumerate() {
+                        let len = part.min(local.size - i as u64 * part);
+                        h.combine(&crc32fast::Hasher::new_with_initial_len(*c, len));
+                    }
+                    (h.finalize() == crc)
+                        .then_some(())
+                        .ok_or_else(|| "the file changed while it was uploaded".to_string())
+                }
+            };
+            upload(&client, &key, &file, local.size, crc, &check)?;
+            // What the store says it holds now, not what we sent.
+            let after = client.describe(&key)?;
+            let ok = after
+                .as_ref()
+                .is_some_and(|d| d.head.size == local.size && d.crc32.as_deref() == Some(&want));
+            if !ok {
+                return Err(S3Error::Reply(
+                    client.url(&key),
+                    format!(
+                        "after the upload the store does not hold {} bytes with crc32 {want}",
+                        local.size
+                    ),
+                )
+                .into());
+            }
+            tracing::info!("Uploaded {} to {}", local.path.display(), client.url(&key));
+            report.uploaded.push(local.rel.clone());
+        }
+        if local.manifest.is_some() {
+            verified.push(local.path.clone());
+        }
+    }
+    if only {
+        for path in verified {
+            std::fs::remove_file(&path).map_err(BackupError::io(&path))?;
+            crate::qcow2::storage::sync_parent(&path).map_err(BackupError::io(&path))?;
+            tracing::info!("Removed {} (kept in {url})", path.display());
+            report.removed.push(path);
+        }
+    }
+    Ok(report)
+}
