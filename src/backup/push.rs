@@ -100,13 +100,10 @@ fn combined(manifest: &Manifest) -> Option<u32> {
 /// Compares the CRCs of uploaded parts with the manifest's extents (parts either divide an
 /// extent or are multiples of it).
 fn check_parts(m: &Manifest, part: u64, crcs: &[u32]) -> std::result::Result<(), String> {
-    let unit = part.min(EXTENT_SIZE).max(1);
-    let per_part = part / unit;
-    // The CRC of every `unit` bytes is known only when parts are no larger than extents;
-    // larger parts (files over 160 GiB) are compared per part, combining extents instead.
+    // Parts no larger than an extent are combined into extents; larger ones (files over
+    // 160 GiB) are compared per part, combining the manifest's extents instead.
     let mut pos = 0u64;
-    if per_part == 1 {
-        // part <= extent: combine parts into extents.
+    if part <= EXTENT_SIZE {
         for (i, want) in m.crc32.iter().enumerate() {
             let end = ((i as u64 + 1) * EXTENT_SIZE).min(m.file_size);
             let mut h = crc32fast::Hasher::new();

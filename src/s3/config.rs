@@ -211,7 +211,10 @@ mod tests {
             ("AWS_ENDPOINT_URL", "http://127.0.0.1:3900".into()),
         ])
         .unwrap();
-        assert_eq!((c.access_key.as_str(), c.session_token), ("AKENV", None));
+        assert_eq!(
+            (c.access_key.as_str(), c.session_token.as_deref()),
+            ("AKENV", None)
+        );
         assert_eq!(c.region, "r2");
         assert!(!c.plain_http_off_host());
         assert!(!format!("{c:?}").contains("senv"));

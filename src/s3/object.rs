@@ -32,10 +32,13 @@ pub struct BlockCache {
     next_id: AtomicU64,
 }
 
+/// A cached block: when it was last used, and its bytes.
+type Cached = (u64, Arc<Vec<u8>>);
+
 #[derive(Default)]
 struct Blocks {
-    /// (object id, block index) → (last use, bytes).
-    map: HashMap<(u64, u64), (u64, Arc<Vec<u8>>)>,
+    /// (object id, block index) → the block.
+    map: HashMap<(u64, u64), Cached>,
     tick: u64,
 }
 

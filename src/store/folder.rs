@@ -115,14 +115,16 @@ pub fn quarantined(place: &dyn Place) -> std::io::Result<Vec<(String, u64)>> {
         .collect())
 }
 
-/// The newest epoch named by any file in `places` (backups, partials, quarantined partials),
-/// so a run can take a later one: two runs within one second must not share a name.
+/// The newest epoch named by any file in `places` (backups, partials, quarantined partials,
+/// manifests of files pushed away), so a run can take a later one: two runs within one second
+/// must not share a name.
 pub fn newest_epoch(places: &[&dyn Place]) -> u64 {
     let mut newest = 0;
     for place in places {
-        for sub in ["", QUARANTINE] {
+        for sub in ["", QUARANTINE, super::manifest::FOLDER] {
             for e in place.list(sub).unwrap_or_default() {
-                let name = strip_partial(&e.name).unwrap_or(&e.name);
+                let name = e.name.strip_suffix(".json").unwrap_or(&e.name);
+                let name = strip_partial(name).unwrap_or(name);
                 if let Some((_, epoch, _)) = parse_name(name) {
                     newest = newest.max(epoch);
                 }

@@ -239,6 +239,7 @@ impl Lcg {
     }
 }
 pub mod chains;
+pub mod garage;
 pub mod nbd;
 pub mod qemu;
 

@@ -71,13 +71,21 @@ node_id() {
     done
     echo "$id"
 }
+# The first node's id is readable before it listens: wait until the CLI reaches it.
+node_id 1 > /dev/null
+i=0
+until g status > /dev/null 2>&1; do
+    i=$((i + 1))
+    [ $i -lt 400 ] || { echo "garage-cluster: node 1 does not answer; see $dir/node1/log" >&2; exit 1; }
+    sleep 0.05
+done
 for n in $(seq 1 "$nodes"); do
     id=$(node_id "$n")
     # A node's id is readable before it listens: retry the connection until it does.
     i=0
     while [ "$n" != 1 ] && ! g node connect "$id" > /dev/null 2>&1; do
         i=$((i + 1))
-        [ $i -lt 200 ] || { echo "garage-cluster: node $n refuses connections; see $dir/node$n/log" >&2; exit 1; }
+        [ $i -lt 400 ] || { echo "garage-cluster: node $n refuses connections; see $dir/node$n/log" >&2; exit 1; }
         sleep 0.05
     done
     g layout assign -z "dc$n" -c 1G "${id%%@*}" > /dev/null

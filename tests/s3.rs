@@ -1,0 +1,537 @@
+//! Backups on an object store: pushed by qmpbackup from a real QEMU 10, listed, verified,
+//! merged and served by qmprestore straight from a real Garage cluster (one node, or three
+//! with replication factor 3 for the fault tests); rclone as the independent client that
+//! damages, replaces and inspects objects behind our back.
+
+mod common;
+
+use common::garage::Garage;
+use common::qemu::Vm;
+use common::{have, needs_qemu, succeeded};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+fn out(cmd: &mut Command) -> Output {
+    cmd.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn qemu_compare(a: &Path, b: &str) {
+    let o = out(Command::new("qemu-img")
+        .args(["compare", "-f", "raw"])
+        .arg(a)
+        .arg(b));
+    assert!(
+        o.status.success(),
+        "{} differs from {b}: {}",
+        a.display(),
+        text(&o)
+    );
+}
+
+/// A VM with one 64 MiB qcow2 disk on virtio-blk (`vd0`, node `disk0`).
+fn vm(dir: &Path) -> Vm {
+    common::qemu_img_create(dir, "-f qcow2 d0.qcow2 64M");
+    let file = dir.join("d0.qcow2").display().to_string();
+    Vm::start(
+        dir,
+        &[
+            "-blockdev".into(),
+            format!("driver=file,filename={file},node-name=file0"),
+            "-blockdev".into(),
+            "driver=qcow2,file=file0,node-name=disk0".into(),
+            "-device".into(),
+            "virtio-blk-pci,drive=disk0,id=vd0".into(),
+        ],
+    )
+}
+
+/// Writes `n` MiB of incompressible data at `at` MiB through qemu-io in QEMU.
+fn write_random(vm: &mut Vm, dir: &Path, at: u64, n: u64, seed: u64) {
+    let mut rng = common::Lcg(seed);
+    let data: Vec<u8> = (0..n * MIB / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    let f = dir.join(format!("pattern-{seed}.bin"));
+    std::fs::write(&f, &data).unwrap();
+    // qemu-io cannot write a file's bytes; write them as a pattern per 64 KiB instead, varied
+    // by seed and position so the store's deduplication does not collapse them.
+    for k in 0..n * 16 {
+        let p = data[(k * 65536) as usize] | 1;
+        vm.io(
+            "-d vd0/virtio-backend",
+            &format!("write -P 0x{p:02x} {} 65536", at * MIB + k * 65536),
+        );
+    }
+}
+
+/// Serves `url` over NBD from the store until dropped; returns the URI.
+struct Serve(std::process::Child, PathBuf);
+
+impl Serve {
+    fn start(g: &Garage, dir: &Path, url: &str) -> Serve {
+        let sock = dir.join("nbd.sock");
+        let child = g
+            .qmprestore(&["serve", "--dir", url, "--socket", sock.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "serve did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Serve(child, sock)
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.1.display())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A chain pushed from a real backup: restore points from the store equal the disk at each
+/// backup (merge and serve), verify passes, and names the file and offset of bytes changed
+/// behind its back; --push-only keeps what the next incremental needs.
+#[test]
+fn pushed_backups_restore_verify_and_serve_from_the_store() {
+    let Some(t) = needs_qemu() else { return };
+    if !have("rclone") {
+        return;
+    }
+    let Some(g) = Garage::start(1) else { return };
+    let dir = t.path();
+    let mut vm = vm(dir);
+    let target = dir.join("b");
+    let tgt = target.to_str().unwrap();
+    let url = g.url("vm1");
+    let socket = vm.socket();
+    let backup = |level: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--socket", &socket, "backup", "-l", level, "-t", tgt, "--push", &url,
+        ];
+        args.extend(extra);
+        let o = out(&mut g.qmpbackup(&args));
+        assert!(o.status.success(), "{}", text(&o));
+        text(&o)
+    };
+    let mut expected = Vec::new();
+    for (k, level) in ["full", "inc", "inc"].iter().enumerate() {
+        write_random(&mut vm, dir, k as u64 * 10, 3, k as u64 + 1);
+        let push_only: &[&str] = if k == 2 { &["--push-only"] } else { &[] };
+        let log = backup(level, push_only);
+        assert!(log.contains("Pushed"), "{log}");
+        let raw = dir.join(format!("expected{k}.raw"));
+        vm.capture("-d vd0/virtio-backend", "d0.qcow2", "qcow2", &raw);
+        expected.push(raw);
+    }
+    let disk_url = format!("{url}/d0.qcow2");
+    // --push-only removed the backup files here and kept their manifests.
+    let dd = target.join("d0.qcow2");
+    let left: Vec<String> = std::fs::read_dir(&dd)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(common::manifest_names(&dd).len(), 3);
+    let local = out(Command::new(env!("CARGO_BIN_EXE_qmprestore")).args([
+        "merge",
+        "--dir",
+        dd.to_str().unwrap(),
+        "--targetfile",
+        dir.join("local.qcow2").to_str().unwrap(),
+    ]));
+    assert_eq!(local.status.code(), Some(1));
+    assert!(
+        text(&local).contains("restore from the object store"),
+        "{}",
+        text(&local)
+    );
+    // The chain continues: one more incremental after --push-only.
+    write_random(&mut vm, dir, 40, 2, 9);
+    backup("inc", &[]);
+    let raw = dir.join("expected3.raw");
+    vm.capture("-d vd0/virtio-backend", "d0.qcow2", "qcow2", &raw);
+    expected.push(raw);
+    vm.quit();
+
+    let list = succeeded(out(
+        &mut g.qmprestore(&["list", "--dir", &disk_url, "--json"])
+    ));
+    let points: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let names: Vec<&str> = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4, "{list}");
+    let verify = out(&mut g.qmprestore(&["verify", "--dir", &disk_url]));
+    assert!(verify.status.success(), "{}", text(&verify));
+    for (k, name) in names.iter().enumerate() {
+        let merged = dir.join(format!("m{k}.raw"));
+        succeeded(out(&mut g.qmprestore(&[
+            "merge",
+            "--dir",
+            &disk_url,
+            "--until",
+            name,
+            "--format",
+            "raw",
+            "--targetfile",
+            merged.to_str().unwrap(),
+        ])));
+        qemu_compare(&expected[k], merged.to_str().unwrap());
+    }
+    {
+        let s = Serve::start(&g, dir, &disk_url);
+        qemu_compare(&expected[3], &s.uri());
+    }
+
+    // Bytes changed behind our back (same size): verify names the file and the offset.
+    let victim = names[1];
+    let local_copy = dir.join("victim");
+    succeeded(out(&mut g.rclone(&[
+        "copyto",
+        "--ignore-times",
+        &g.remote(&format!("vm1/d0.qcow2/{victim}")),
+        local_copy.to_str().unwrap(),
+    ])));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(&local_copy)
+        .unwrap();
+    let at = f.metadata().unwrap().len() - 4096;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+    succeeded(out(&mut g.rclone(&[
+        "copyto",
+        "--ignore-times",
+        local_copy.to_str().unwrap(),
+        &g.remote(&format!("vm1/d0.qcow2/{victim}")),
+    ])));
+    let o = out(&mut g.qmprestore(&["verify", "--json", "--dir", &disk_url]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let problems = report["dirs"][0]["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["file"] == victim && p["offset"].as_u64().is_some()),
+        "{report}"
+    );
+}
+
+/// Pushes the bundled sample chain to `prefix`; returns its disk folder's URL.
+fn push_sample(g: &Garage, work: &Path, prefix: &str) -> String {
+    let local = work.join(prefix);
+    let o = out(Command::new("cp")
+        .arg("-r")
+        .arg(common::sample_chain())
+        .arg(&local));
+    assert!(o.status.success());
+    let url = g.url(prefix);
+    succeeded(out(&mut g.qmpbackup(&[
+        "push",
+        "--target",
+        local.to_str().unwrap(),
+        "--push",
+        &url,
+    ])));
+    format!("{url}/disk.qcow2")
+}
+
+/// Wrong credentials, a missing bucket: a clear error, exit 1, nothing written.
+#[test]
+fn wrong_credentials_or_bucket_fail_cleanly() {
+    let Some(g) = Garage::start(1) else { return };
+    let work = tempfile::tempdir().unwrap();
+    let disk = push_sample(&g, work.path(), "sample");
+    let target = work.path().join("out.qcow2");
+    let t = target.to_str().unwrap();
+    let mut wrong = g.qmprestore(&["merge", "--dir", &disk, "--targetfile", t]);
+    wrong.env("AWS_SECRET_ACCESS_KEY", "0".repeat(64));
+    let o = out(&mut wrong);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("AWS_SECRET_ACCESS_KEY"), "{}", text(&o));
+    let o = out(&mut g.qmprestore(&["merge", "--dir", "s3://no-such-bucket/x", "--targetfile", t]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("does not exist"), "{}", text(&o));
+    let o = out(&mut g.qmprestore(&["commit", "--dir", &disk]));
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("object store cannot"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_dir(work.path()).unwrap().count(),
+        1,
+        "only the pushed copy"
+    );
+    // The right credentials restore what the local chain restores.
+    succeeded(out(&mut g.qmprestore(&[
+        "merge",
+        "--dir",
+        &disk,
+        "--targetfile",
+        t,
+    ])));
+    let reference = work.path().join("ref.qcow2");
+    succeeded(out(Command::new(env!("CARGO_BIN_EXE_qmprestore")).args([
+        "merge",
+        "--dir",
+        common::sample_chain().join("disk.qcow2").to_str().unwrap(),
+        "--targetfile",
+        reference.to_str().unwrap(),
+    ])));
+    common::assert_same(&target, &reference);
+}
+
+/// A folder of more than 1000 objects (the store's page size) lists completely.
+#[test]
+fn folders_of_more_than_a_thousand_objects_list_completely() {
+    let Some(g) = Garage::start(1) else { return };
+    if !have("rclone") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let d = work.path().join("many");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..1100u64 {
+        let level = if i == 0 { "FULL" } else { "INC" };
+        std::fs::write(
+            d.join(format!("{level}-{}-disk.qcow2", 1_700_000_000 + i)),
+            b"x",
+        )
+        .unwrap();
+    }
+    succeeded(out(&mut g.rclone(&[
+        "copy",
+        "--transfers",
+        "32",
+        d.to_str().unwrap(),
+        &g.remote("many"),
+    ])));
+    let list = succeeded(out(&mut g.qmprestore(&[
+        "list",
+        "--json",
+        "--dir",
+        &g.url("many"),
+    ])));
+    let points: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(points.as_array().unwrap().len(), 1100);
+}
+
+/// A chain big enough that a rate-limited merge from the store runs for seconds.
+fn push_big_chain(g: &Garage, work: &Path, prefix: &str) -> (String, PathBuf) {
+    let local = work.join(prefix);
+    let dd = local.join("disk.qcow2");
+    std::fs::create_dir_all(&dd).unwrap();
+    let full = dd.join("FULL-1700000000-disk.qcow2");
+    common::qemu_img_create(&dd, "-f qcow2 FULL-1700000000-disk.qcow2 64M");
+    // Data at the end of the FULL too: a merge (guest order) reads from it last.
+    common::qemu_io(
+        &dd,
+        full.file_name().unwrap().to_str().unwrap(),
+        &["write -P 0x11 0 24M", "write -P 0x12 48M 16M"],
+    );
+    for (k, off) in [(1, 8), (2, 30)] {
+        let name = format!("INC-{}-disk.qcow2", 1_700_000_000 + k * 600);
+        common::qemu_img_create(&dd, &format!("-f qcow2 {name} 64M"));
+        common::qemu_io(
+            &dd,
+            &name,
+            &[format!("write -P 0x{:02x} {off}M 8M", 0x20 + k)],
+        );
+    }
+    let url = g.url(prefix);
+    succeeded(out(&mut g.qmpbackup(&[
+        "push",
+        "--target",
+        local.to_str().unwrap(),
+        "--push",
+        &url,
+    ])));
+    let reference = work.join(format!("{prefix}-ref.raw"));
+    succeeded(out(Command::new(env!("CARGO_BIN_EXE_qmprestore")).args([
+        "merge",
+        "--format",
+        "raw",
+        "--dir",
+        dd.to_str().unwrap(),
+        "--targetfile",
+        reference.to_str().unwrap(),
+    ])));
+    (format!("{url}/disk.qcow2"), reference)
+}
+
+/// One of three nodes (replication factor 3) killed during a merge: the merge completes and
+/// is right.
+#[test]
+fn a_node_killed_during_a_merge_does_not_stop_it() {
+    if needs_qemu().is_none() {
+        return;
+    }
+    let Some(g) = Garage::start(3) else { return };
+    let work = tempfile::tempdir().unwrap();
+    let (disk, reference) = push_big_chain(&g, work.path(), "big");
+    let target = work.path().join("merged.raw");
+    let mut merge = g
+        .qmprestore(&[
+            "merge",
+            "--format",
+            "raw",
+            "--rate-limit",
+            "4M",
+            "--dir",
+            &disk,
+            "--targetfile",
+            target.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        merge.try_wait().unwrap().is_none(),
+        "the merge ended too soon to test anything"
+    );
+    g.kill_node(3);
+    let o = merge.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    common::assert_same(&target, &reference);
+}
+
+/// An object replaced during a merge: a clear error and no output left.
+#[test]
+fn an_object_replaced_during_a_merge_fails_and_leaves_no_output() {
+    if needs_qemu().is_none() || !have("rclone") {
+        return;
+    }
+    let Some(g) = Garage::start(1) else { return };
+    let work = tempfile::tempdir().unwrap();
+    let (disk, _) = push_big_chain(&g, work.path(), "big");
+    let target = work.path().join("out").join("merged.raw");
+    let mut merge = g
+        .qmprestore(&[
+            "merge",
+            "--format",
+            "raw",
+            "--rate-limit",
+            "4M",
+            "--dir",
+            &disk,
+            "--targetfile",
+            target.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        merge.try_wait().unwrap().is_none(),
+        "the merge ended too soon to test anything"
+    );
+    // The FULL replaced by another file of the same size (an older backup, say).
+    let other = work.path().join("other");
+    let f = std::fs::File::create(&other).unwrap();
+    f.set_len(
+        std::fs::metadata(
+            work.path()
+                .join("big/disk.qcow2/FULL-1700000000-disk.qcow2"),
+        )
+        .unwrap()
+        .len(),
+    )
+    .unwrap();
+    succeeded(out(&mut g.rclone(&[
+        "copyto",
+        "--ignore-times",
+        other.to_str().unwrap(),
+        &g.remote("big/disk.qcow2/FULL-1700000000-disk.qcow2"),
+    ])));
+    let o = merge.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("replaced since it was opened"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !work.path().join("out").exists(),
+        "the merge left output behind"
+    );
+}
+
+/// A push killed with SIGKILL mid-upload: nothing half-written is visible, and the next push
+/// completes it.
+#[test]
+fn a_killed_push_is_completed_by_the_next() {
+    let Some(g) = Garage::start(1) else { return };
+    if !have("rclone") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let dd = work.path().join("t/disk.qcow2");
+    std::fs::create_dir_all(&dd).unwrap();
+    let big = dd.join("FULL-1700000000-disk.qcow2");
+    let mut rng = common::Lcg(5);
+    let data: Vec<u8> = (0..(192 * MIB) / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    std::fs::write(&big, &data).unwrap();
+    drop(data);
+    let url = g.url("t");
+    let args = [
+        "push",
+        "--target",
+        work.path().join("t").to_str().unwrap().to_string().leak(),
+        "--push",
+        url.as_str().to_string().leak(),
+    ];
+    let mut push = g.qmpbackup(&args).stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let killed = push.try_wait().unwrap().is_none();
+    push.kill().unwrap();
+    push.wait().unwrap();
+    let listed = succeeded(out(&mut g.rclone(&["lsf", "-R", &g.remote("t")])));
+    if killed {
+        assert!(
+            !listed.contains("FULL-1700000000"),
+            "a half-pushed file is visible: {listed}"
+        );
+    }
+    let o = out(&mut g.qmpbackup(&args));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("1 files uploaded"), "{}", text(&o));
+    let o = out(&mut g.qmprestore(&[
+        "compare",
+        &g.url("t/disk.qcow2/FULL-1700000000-disk.qcow2"),
+        big.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
+    // And once more: nothing left to do.
+    let o = out(&mut g.qmpbackup(&args));
+    assert!(
+        text(&o).contains("0 files uploaded, 1 already there"),
+        "{}",
+        text(&o)
+    );
+}
