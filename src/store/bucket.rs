@@ -159,7 +159,7 @@ impl Place for Prefix {
                 name: name.to_string(),
                 kind: Kind::File,
                 size: o.size,
-                mtime: o.mtime,
+                mtime: parse_mtime(&o.last_modified),
             });
             let url = S3Url {
                 bucket: self.url.bucket.clone(),
@@ -215,5 +215,26 @@ impl Place for Prefix {
     fn sync(&self, _name: &str) -> io::Result<()> {
         // A completed PUT or DELETE is durable as far as the store promises anything.
         Ok(())
+    }
+}
+
+/// `2026-12-01T17:19:40.000Z` → epoch seconds (0 when unreadable: it only breaks ties).
+fn parse_mtime(s: &str) -> u64 {
+    let whole = match s.split_once('.') {
+        Some((head, _)) => format!("{head}Z"),
+        None => s.to_string(),
+    };
+    super::time::parse_time(&whole).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn listing_times_read_as_epochs() {
+        assert_eq!(
+            super::parse_mtime("2023-11-14T22:13:20.000Z"),
+            1_700_000_000
+        );
+        assert_eq!(super::parse_mtime("garbage"), 0);
     }
 }
