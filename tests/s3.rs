@@ -382,6 +382,32 @@ fn push_big_chain(g: &Garage, work: &Path, prefix: &str) -> (String, PathBuf) {
     (format!("{url}/disk.qcow2"), reference)
 }
 
+/// A raw merge of `disk` into `target` paced at 4 MiB/s (reads spread over seconds), still
+/// running `ms` milliseconds after it started.
+fn slow_merge(g: &Garage, disk: &str, target: &Path, ms: u64) -> std::process::Child {
+    let mut merge = g
+        .qmprestore(&[
+            "merge",
+            "--format",
+            "raw",
+            "--rate-limit",
+            "4M",
+            "--dir",
+            disk,
+            "--targetfile",
+            target.to_str().unwrap(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(ms));
+    assert!(
+        merge.try_wait().unwrap().is_none(),
+        "the merge ended too soon to test anything"
+    );
+    merge
+}
+
 /// One of three nodes (replication factor 3) killed during a merge: the merge completes and
 /// is right.
 #[test]
@@ -393,26 +419,7 @@ fn a_node_killed_during_a_merge_does_not_stop_it() {
     let work = tempfile::tempdir().unwrap();
     let (disk, reference) = push_big_chain(&g, work.path(), "big");
     let target = work.path().join("merged.raw");
-    let mut merge = g
-        .qmprestore(&[
-            "merge",
-            "--format",
-            "raw",
-            "--rate-limit",
-            "4M",
-            "--dir",
-            &disk,
-            "--targetfile",
-            target.to_str().unwrap(),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(
-        merge.try_wait().unwrap().is_none(),
-        "the merge ended too soon to test anything"
-    );
+    let merge = slow_merge(&g, &disk, &target, 1500);
     g.kill_node(3);
     let o = merge.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
@@ -429,26 +436,7 @@ fn an_object_replaced_during_a_merge_fails_and_leaves_no_output() {
     let work = tempfile::tempdir().unwrap();
     let (disk, _) = push_big_chain(&g, work.path(), "big");
     let target = work.path().join("out").join("merged.raw");
-    let mut merge = g
-        .qmprestore(&[
-            "merge",
-            "--format",
-            "raw",
-            "--rate-limit",
-            "4M",
-            "--dir",
-            &disk,
-            "--targetfile",
-            target.to_str().unwrap(),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
-    assert!(
-        merge.try_wait().unwrap().is_none(),
-        "the merge ended too soon to test anything"
-    );
+    let merge = slow_merge(&g, &disk, &target, 1000);
     // The FULL replaced by another file of the same size (an older backup, say).
     let other = work.path().join("other");
     let f = std::fs::File::create(&other).unwrap();
