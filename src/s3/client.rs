@@ -215,6 +215,17 @@ impl Client {
         }
     }
 
+    /// The body of an answer, read up to `limit` bytes; a connection that breaks while it is
+    /// read is a transient failure.
+    pub(crate) fn text(resp: ureq::Response, limit: u64, what: &str) -> Result<String, Failure> {
+        let mut body = String::new();
+        resp.into_reader()
+            .take(limit)
+            .read_to_string(&mut body)
+            .map_err(|e| Failure::Retry(S3Error::Transport(what.to_string(), e.to_string())))?;
+        Ok(body)
+    }
+
     /// Runs `attempt` until it succeeds, fails for good, or has failed [`ATTEMPTS`] times.
     pub(crate) fn call<T>(
         &self,
@@ -326,11 +337,7 @@ impl Client {
                     .request("GET", &action)
                     .call()
                     .map_err(|e| self.failure(&what, e))?;
-                let mut body = String::new();
-                resp.into_reader()
-                    .take(64 << 20)
-                    .read_to_string(&mut body)
-                    .map_err(|e| Failure::Retry(S3Error::Transport(what.clone(), e.to_string())))?;
+                let body = Client::text(resp, 64 << 20, &what)?;
                 ListObjectsV2::parse_response(&body)
                     .map_err(|e| Failure::Fatal(S3Error::Reply(what.clone(), e.to_string())))
             })?;

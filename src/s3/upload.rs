@@ -15,7 +15,6 @@ use super::error::S3Error;
 use rayon::prelude::*;
 use rusty_s3::actions::{AbortMultipartUpload, CreateMultipartUpload, S3Action, UploadPart};
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
 
 /// The part size for files up to [`PART`] × [`MAX_PARTS`].
@@ -91,11 +90,7 @@ fn create(client: &Client, key: &str, meta: &[(&str, String)]) -> Result<String,
             req = req.set(k, v);
         }
         let resp = req.call().map_err(|e| client.failure(&what, e))?;
-        let mut body = String::new();
-        resp.into_reader()
-            .take(1 << 20)
-            .read_to_string(&mut body)
-            .map_err(|e| Failure::Retry(S3Error::Transport(what.clone(), e.to_string())))?;
+        let body = Client::text(resp, 1 << 20, &what)?;
         CreateMultipartUpload::parse_response(&body)
             .map(|r| r.upload_id().to_string())
             .map_err(|e| Failure::Fatal(S3Error::Reply(what.clone(), e.to_string())))
@@ -190,11 +185,7 @@ fn complete(
             .request("POST", &action)
             .send_string(&body)
             .map_err(|e| client.failure(&what, e))?;
-        let mut answer = String::new();
-        resp.into_reader()
-            .take(1 << 20)
-            .read_to_string(&mut answer)
-            .map_err(|e| Failure::Retry(S3Error::Transport(what.clone(), e.to_string())))?;
+        let answer = Client::text(resp, 1 << 20, &what)?;
         // S3 may report a failed completion inside a 200 answer.
         if answer.contains("<Error>") {
             return Err(Failure::Retry(S3Error::Reply(what.clone(), answer)));
