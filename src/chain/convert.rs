@@ -139,86 +139,64 @@ fn write_qcow2(disk: &Disk, mut w: Writer, opts: &ConvertOptions, out: &Qcow2Out
     let bar = progress::bytes(size, "convert", opts.progress);
     let throttle = Throttle::new(opts.rate_limit);
     let chunk = CHUNK.max(cs);
-    // A batch is what the workers produce while the writer consumes the previous one: a few
-    // chunks per thread, so memory stays bounded whatever the disk size, and reading,
-    // compressing and writing overlap.
-    let batch = chunk * 2 * rayon::current_num_threads() as u64;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Produced>>>(1);
+    // Workers read, scan and compress chunks while the writer appends earlier ones in guest
+    // order; at most a few chunks per thread are held, so memory stays bounded whatever the
+    // disk size.
+    let window = 2 * rayon::current_num_threads();
     // Chunk buffers go round between workers and writer: fresh allocations would cost a page
     // fault per 4 KiB every time.
     let pool = BufferPool::default();
     let pool = &pool;
-    std::thread::scope(|scope| -> Result<()> {
-        scope.spawn(move || {
-            // Only chunks holding data are visited: the new image reads zeros elsewhere.
-            let mut data_chunks = disk.data_chunks(chunk);
-            let per_batch = (batch / chunk) as usize;
-            loop {
-                let produced = data_chunks
-                    .by_ref()
-                    .take(per_batch)
-                    .collect::<Result<Vec<u64>>>()
-                    .and_then(|starts| {
-                        starts
-                            .par_iter()
-                            .map(|&c| produce(disk, c, chunk.min(size - c), cs, out, pool))
-                            .collect::<Result<Vec<_>>>()
-                    });
-                let done = produced.as_ref().map_or(true, |p| p.is_empty());
-                if tx.send(produced).is_err() || done {
-                    return;
-                }
-            }
-        });
-        // Consecutive in-kernel copies from one contiguous source range become one call (of
-        // at most MAX_COPY bytes, so the page cache behind it is dropped as it goes).
-        const MAX_COPY: u64 = 32 << 20;
-        let mut pending: Option<(u32, u64, u64, u64)> = None;
-        let copy = |w: &mut Writer, run: Option<(u32, u64, u64, u64)>| -> Result<()> {
-            if let Some((depth, host, start, len)) = run {
-                let src = disk
-                    .data_file_of(depth)
-                    .expect("copy only planned for files");
-                w.copy_from(src, host, start, len)?;
-                w.write_behind_dropping();
-                bar.set_position(start + len);
-                throttle.pace(len);
-            }
-            Ok(())
-        };
-        for batch in rx {
-            for p in batch? {
-                for &(depth, host, start, len) in &p.copies {
-                    match &mut pending {
-                        Some((d, h, s, l))
-                            if *d == depth
-                                && *h + *l == host
-                                && *s + *l == start
-                                && *l < MAX_COPY =>
-                        {
-                            *l += len
-                        }
-                        _ => copy(&mut w, pending.replace((depth, host, start, len)))?,
+    // Consecutive in-kernel copies from one contiguous source range become one call (of at
+    // most MAX_COPY bytes, so the page cache behind it is dropped as it goes).
+    const MAX_COPY: u64 = 32 << 20;
+    let mut pending: Option<(u32, u64, u64, u64)> = None;
+    let copy = |w: &mut Writer, run: Option<(u32, u64, u64, u64)>| -> Result<()> {
+        if let Some((depth, host, start, len)) = run {
+            let src = disk
+                .data_file_of(depth)
+                .expect("copy only planned for files");
+            w.copy_from(src, host, start, len)?;
+            w.write_behind_dropping();
+            bar.set_position(start + len);
+            throttle.pace(len);
+        }
+        Ok(())
+    };
+    // Only chunks holding data are visited: the new image reads zeros elsewhere.
+    super::workers::ordered(
+        disk.data_chunks(chunk),
+        window,
+        |c| produce(disk, c, chunk.min(size - c), cs, out, pool),
+        |p| {
+            for &(depth, host, start, len) in &p.copies {
+                match &mut pending {
+                    Some((d, h, s, l))
+                        if *d == depth && *h + *l == host && *s + *l == start && *l < MAX_COPY =>
+                    {
+                        *l += len
                     }
+                    _ => copy(&mut w, pending.replace((depth, host, start, len)))?,
                 }
-                if !p.copies.is_empty() {
-                    continue;
-                }
-                copy(&mut w, pending.take())?;
-                for r in &p.plain {
-                    w.write_at(&p.data[r.clone()], p.start + r.start as u64)?;
-                }
-                if !p.compressed.is_empty() {
-                    w.write_compressed(&p.compressed)?;
-                }
-                bar.set_position(p.start + p.len);
-                throttle.pace(p.data_bytes);
-                pool.put(p.data);
+            }
+            if !p.copies.is_empty() {
+                return Ok(());
+            }
+            copy(&mut w, pending.take())?;
+            for r in &p.plain {
+                w.write_at(&p.data[r.clone()], p.start + r.start as u64)?;
+            }
+            if !p.compressed.is_empty() {
+                w.write_compressed(&p.compressed)?;
             }
             w.write_behind_dropping();
-        }
-        copy(&mut w, pending.take())
-    })?;
+            bar.set_position(p.start + p.len);
+            throttle.pace(p.data_bytes);
+            pool.put(p.data);
+            Ok(())
+        },
+    )?;
+    copy(&mut w, pending.take())?;
     w.finish()?;
     bar.finish_and_clear();
     Ok(())

@@ -287,6 +287,7 @@ impl Client {
         let mut action = GetObject::new(&self.bucket, Some(&self.credentials), key);
         action.headers_mut().insert("if-match", etag);
         let range = format!("bytes={}-{}", offset, offset + buf.len() as u64 - 1);
+        tracing::trace!("GET {what} {range}");
         self.call(|| {
             let resp = match self
                 .request("GET", &action)
