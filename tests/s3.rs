@@ -322,6 +322,12 @@ fn folders_of_more_than_a_thousand_objects_list_completely() {
         )
         .unwrap();
     }
+    // An interrupted backup's file: listed as partial, with its size from the listing.
+    std::fs::write(
+        d.join("INC-1700009999-disk.qcow2.partial"),
+        vec![7u8; 12345],
+    )
+    .unwrap();
     succeeded(out(&mut g.rclone(&[
         "copy",
         "--transfers",
@@ -336,7 +342,11 @@ fn folders_of_more_than_a_thousand_objects_list_completely() {
         &g.url("many"),
     ])));
     let points: serde_json::Value = serde_json::from_str(&list).unwrap();
-    assert_eq!(points.as_array().unwrap().len(), 1100);
+    let points = points.as_array().unwrap();
+    assert_eq!(points.len(), 1101);
+    let partial = points.iter().find(|p| p["status"] == "partial").unwrap();
+    assert_eq!(partial["file"], "INC-1700009999-disk.qcow2.partial");
+    assert_eq!(partial["size"], 12345);
 }
 
 /// A chain big enough that a rate-limited merge from the store runs for seconds.

@@ -895,7 +895,7 @@ fn chain_state(
 ) -> Result<ChainState> {
     let bd = BackupDir::scan_disk(dir, name).map_err(|e| BackupError::Refused(e.to_string()))?;
     let mut partials = Vec::new();
-    for p in &bd.partials {
+    for p in bd.partials.iter().map(|p| &p.path) {
         if ours.contains(p) {
             std::fs::remove_file(p).map_err(BackupError::io(p))?;
             tracing::warn!(

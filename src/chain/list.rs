@@ -46,20 +46,20 @@ pub fn list(dir: &Path, filter: Option<&str>) -> Result<Vec<Point>> {
         })
         .collect();
     for p in &bd.partials {
-        let meta = std::fs::metadata(p).ok();
         out.push(Point {
             file: p
+                .path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            level: if p.to_string_lossy().contains("INC-") {
+            level: if p.path.to_string_lossy().contains("INC-") {
                 Level::Inc
             } else {
                 Level::Full
             },
             epoch: 0,
             time: String::new(),
-            size: meta.map_or(0, |m| m.len()),
+            size: p.size,
             status: "partial",
         });
     }

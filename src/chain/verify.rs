@@ -132,7 +132,7 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
     for p in &bd.partials {
         problem(
             &mut r,
-            &p.display().to_string(),
+            &p.path.display().to_string(),
             "partial backup: a backup was interrupted or failed".into(),
         );
     }

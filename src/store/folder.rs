@@ -60,9 +60,17 @@ pub struct BackupDir {
     /// Backup files in backup order.
     pub files: Vec<BackupFile>,
     /// Interrupted or failed backups (`*.partial`), of any disk: `--filter` does not hide them.
-    pub partials: Vec<PathBuf>,
+    pub partials: Vec<Partial>,
     /// The chain id, from `uuid` here or one level up.
     pub uuid: Option<String>,
+}
+
+/// An interrupted or failed backup's file (`*.partial`).
+#[derive(Debug, Clone)]
+pub struct Partial {
+    pub path: PathBuf,
+    /// Bytes stored, from the folder's listing.
+    pub size: u64,
 }
 
 impl std::fmt::Debug for BackupDir {
@@ -226,7 +234,10 @@ impl BackupDir {
             // Every partial file counts, whatever disk it names (as in the original): a
             // folder with an interrupted backup in it is not to be trusted blindly.
             if strip_partial(&name).is_some() && entry.kind != Kind::Folder {
-                partials.push(path);
+                partials.push(Partial {
+                    path,
+                    size: entry.size,
+                });
                 continue;
             }
             if !wanted(&name) {
@@ -312,7 +323,7 @@ impl BackupDir {
             }
         }
         files.sort_by(|a, b| (a.epoch, a.mtime, &a.name).cmp(&(b.epoch, b.mtime, &b.name)));
-        partials.sort();
+        partials.sort_by(|a, b| a.path.cmp(&b.path));
         let mut disks: Vec<&str> = files.iter().map(|f| f.disk.as_str()).collect();
         disks.sort_unstable();
         disks.dedup();
@@ -370,7 +381,7 @@ impl BackupDir {
                 &self.dir,
                 format!(
                     "partial backup {} found: a backup was interrupted; remove or finish it first",
-                    p.display()
+                    p.path.display()
                 ),
             )),
         }
