@@ -8,6 +8,7 @@ mod common;
 use common::garage::Garage;
 use common::qemu::Vm;
 use common::{have, needs_qemu, succeeded};
+use qmpbackup::s3::resume::{self, Record};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -478,8 +479,68 @@ fn an_object_replaced_during_a_merge_fails_and_leaves_no_output() {
     );
 }
 
+/// A folder `t/disk.qcow2` in `work` with one 384 MiB backup file (24 parts) of random bytes,
+/// and the arguments that push `t` to the store.
+fn big_target(g: &Garage, work: &Path, seed: u64) -> (PathBuf, [&'static str; 5]) {
+    let dd = work.join("t/disk.qcow2");
+    std::fs::create_dir_all(&dd).unwrap();
+    let big = dd.join("FULL-1700000000-disk.qcow2");
+    let mut rng = common::Lcg(seed);
+    let data: Vec<u8> = (0..(384 * MIB) / 8)
+        .flat_map(|_| rng.next().to_le_bytes())
+        .collect();
+    std::fs::write(&big, &data).unwrap();
+    let args = [
+        "push",
+        "--target",
+        work.join("t").to_str().unwrap().to_string().leak(),
+        "--push",
+        g.url("t").leak(),
+    ];
+    (big, args)
+}
+
+/// Starts `args` (a push of `big`) and SIGKILLs it once the store holds a part of the upload;
+/// returns the parts held then, or `None` when the push finished first.
+fn kill_push_with_parts(g: &Garage, args: &[&str], big: &Path) -> Option<resume::Held> {
+    let journal = journal_of(big);
+    let client = g.client();
+    let mut push = g.qmpbackup(args).stdout(Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    let mut held = None;
+    while started.elapsed() < Duration::from_secs(60) && push.try_wait().unwrap().is_none() {
+        held = Record::read(&journal)
+            .and_then(|r| resume::held_parts(&client, &r.key, &r.upload_id).unwrap())
+            .filter(|p| !p.is_empty());
+        if held.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = push.try_wait().unwrap().is_none();
+    push.kill().unwrap();
+    push.wait().unwrap();
+    if !killed {
+        // Only a machine much faster than these uploads 384 MiB before a part is listed.
+        assert!(
+            std::env::var("CI").is_err(),
+            "the push finished before it could be killed"
+        );
+        eprintln!("the push finished before it could be killed: resumption not tested");
+        return None;
+    }
+    held
+}
+
+fn journal_of(file: &Path) -> PathBuf {
+    file.with_file_name(format!(
+        ".{}.upload",
+        file.file_name().unwrap().to_str().unwrap()
+    ))
+}
+
 /// A push killed with SIGKILL mid-upload: nothing half-written is visible, and the next push
-/// completes it.
+/// completes it, sending only the parts the store does not hold yet.
 #[test]
 fn a_killed_push_is_completed_by_the_next() {
     let Some(g) = Garage::start(1) else { return };
@@ -487,38 +548,33 @@ fn a_killed_push_is_completed_by_the_next() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let dd = work.path().join("t/disk.qcow2");
-    std::fs::create_dir_all(&dd).unwrap();
-    let big = dd.join("FULL-1700000000-disk.qcow2");
-    let mut rng = common::Lcg(5);
-    let data: Vec<u8> = (0..(192 * MIB) / 8)
-        .flat_map(|_| rng.next().to_le_bytes())
-        .collect();
-    std::fs::write(&big, &data).unwrap();
-    drop(data);
-    let url = g.url("t");
-    let args = [
-        "push",
-        "--target",
-        work.path().join("t").to_str().unwrap().to_string().leak(),
-        "--push",
-        url.as_str().to_string().leak(),
-    ];
-    let mut push = g.qmpbackup(&args).stdout(Stdio::null()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(400));
-    let killed = push.try_wait().unwrap().is_none();
-    push.kill().unwrap();
-    push.wait().unwrap();
-    let listed = succeeded(out(&mut g.rclone(&["lsf", "-R", &g.remote("t")])));
+    let (big, args) = big_target(&g, work.path(), 5);
+    let journal = journal_of(&big);
+    let killed = kill_push_with_parts(&g, &args, &big).is_some();
     if killed {
+        let listed = succeeded(out(&mut g.rclone(&["lsf", "-R", &g.remote("t")])));
         assert!(
             !listed.contains("FULL-1700000000"),
             "a half-pushed file is visible: {listed}"
         );
+        assert!(journal.exists(), "the unfinished upload was not recorded");
     }
     let o = out(&mut g.qmpbackup(&args));
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("1 files uploaded"), "{}", text(&o));
+    if killed {
+        let resumed = text(&o)
+            .lines()
+            .find_map(|l| {
+                let l = l.split("Resuming the upload of ").nth(1)?;
+                let n: u64 = l.split(": ").nth(1)?.split(' ').next()?.parse().ok()?;
+                Some(n)
+            })
+            .unwrap_or_else(|| panic!("the upload was not resumed: {}", text(&o)));
+        assert!(resumed >= 1, "no part was reused: {}", text(&o));
+        eprintln!("resumed with {resumed} of 24 parts in the store");
+    }
+    assert!(!journal.exists(), "the journal outlived the upload");
     let o = out(&mut g.qmprestore(&[
         "compare",
         &g.url("t/disk.qcow2/FULL-1700000000-disk.qcow2"),
@@ -532,4 +588,39 @@ fn a_killed_push_is_completed_by_the_next() {
         "{}",
         text(&o)
     );
+}
+
+/// A resumed upload whose parts in the store no longer match the local file (changed with
+/// its size and time kept): the store refuses the completion, and the push starts over
+/// rather than archive a mix.
+#[test]
+fn a_resumed_upload_the_store_refuses_starts_over() {
+    let Some(g) = Garage::start(1) else { return };
+    let work = tempfile::tempdir().unwrap();
+    let (big, args) = big_target(&g, work.path(), 6);
+    let Some(held) = kill_push_with_parts(&g, &args, &big) else {
+        return;
+    };
+    let part = *held.keys().min().unwrap() as u64;
+    let f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+    let mtime = f.metadata().unwrap().modified().unwrap();
+    f.write_all_at(b"changed", (part - 1) * 16 * MIB + 4096)
+        .unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let o = out(&mut g.qmpbackup(&args));
+    assert!(o.status.success(), "{}", text(&o));
+    let log = text(&o);
+    assert!(log.contains("Resuming the upload of"), "{log}");
+    assert!(log.contains("starting the upload over"), "{log}");
+    assert!(
+        !journal_of(&big).exists(),
+        "the journal outlived the upload"
+    );
+    let o = out(&mut g.qmprestore(&[
+        "compare",
+        &g.url("t/disk.qcow2/FULL-1700000000-disk.qcow2"),
+        big.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "{}", text(&o));
 }

@@ -5,8 +5,9 @@
 //! skipped when an object of the same size carries the same CRC-32 (recorded as metadata by
 //! the upload that made it), and uploaded otherwise. So a push is idempotent, and one that was
 //! interrupted (even by SIGKILL: an unfinished upload never shows under its key) is completed
-//! by the next run. Backup files go up before their manifests, so an object with a manifest
-//! beside it is complete. A backup file's parts are checked against its manifest's CRCs before
+//! by the next run; a large file's unfinished multipart upload is recorded beside it (a dot
+//! file, `.<name>.upload`), so that run sends only the parts the store lacks. Backup files go
+//! up before their manifests, so an object with a manifest beside it is complete. A backup file's parts are checked against its manifest's CRCs before
 //! the upload completes: a file damaged on local disk is refused, not archived.
 //!
 //! `--push-only` then removes the local backup files that are verified in the store, keeping
@@ -189,7 +190,11 @@ pub fn push(target: &Path, url: &str, only: bool) -> Result<Pushed> {
                         .ok_or_else(|| "the file changed while it was uploaded".to_string())
                 }
             };
-            upload(&client, &key, &file, local.size, crc, &check)?;
+            let journal = local.path.with_file_name(format!(
+                ".{}.upload",
+                local.path.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            upload(&client, &key, &file, local.size, crc, &check, &journal)?;
             // What the store says it holds now, not what we sent.
             let after = client.describe(&key)?;
             let ok = after

@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod object;
+pub mod resume;
 pub mod upload;
 pub mod url;
 

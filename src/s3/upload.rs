@@ -5,17 +5,21 @@
 //! (16 MiB, larger for files beyond 160 GiB so 10,000 parts suffice) are read, checksummed and
 //! sent by several workers at once, each part carrying `x-amz-checksum-crc32`, which the store
 //! verifies before it accepts the part. Before the upload is completed, the caller sees the
-//! parts' CRCs (to compare them with the backup's manifest); an upload that fails or is
-//! refused is aborted, so nothing half-written is ever visible under the key. The object's
+//! parts' CRCs (to compare them with the backup's manifest). Nothing half-written is ever
+//! visible under the key: an unfinished upload is not an object. One the store or the checks
+//! refuse is aborted; one cut off by the network or a kill is resumed by the next push
+//! ([`super::resume`]). The object's
 //! CRC-32 is kept as user metadata ([`CRC_META`]) so a later push can tell an uploaded file
 //! from another one of the same size without downloading it.
 
 use super::client::{crc32_value, Client, Failure, CRC_META};
 use super::error::S3Error;
+use super::resume::{self, Held, Record};
 use rayon::prelude::*;
 use rusty_s3::actions::{AbortMultipartUpload, CreateMultipartUpload, S3Action, UploadPart};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 /// The part size for files up to [`PART`] × [`MAX_PARTS`].
 pub const PART: u64 = 16 << 20;
@@ -43,7 +47,8 @@ fn read_part(file: &File, buf: &mut [u8], offset: u64, what: &str) -> Result<(),
 }
 
 /// Uploads the `size` bytes of `file` as `key`, recording `crc` (the whole file's CRC-32) as
-/// metadata.
+/// metadata. A multipart upload is recorded in `journal` while it runs: if it is cut off, the
+/// next call for the same file resumes it (see [`super::resume`]).
 pub fn upload(
     client: &Client,
     key: &str,
@@ -51,6 +56,7 @@ pub fn upload(
     size: u64,
     crc: u32,
     check: PartCheck,
+    journal: &Path,
 ) -> Result<(), S3Error> {
     let what = client.url(key);
     let meta = [(CRC_META, format!("{crc:08x}"))];
@@ -61,16 +67,74 @@ pub fn upload(
         check(part, &[crc32fast::hash(&body)]).map_err(|p| S3Error::Reply(what.clone(), p))?;
         return client.put(key, &body, &meta);
     }
-    let upload_id = create(client, key, &meta)?;
-    let result = send_parts(client, key, &upload_id, file, size, part, check)
-        .and_then(|etags| complete(client, key, &upload_id, &etags));
-    if result.is_err() {
-        // Best effort: the store would otherwise keep the parts until its own cleanup.
-        let abort =
-            AbortMultipartUpload::new(&client.bucket, Some(&client.credentials), key, &upload_id);
-        let _ = client.request("DELETE", &abort).call();
+    let mtime = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let mut record = Record {
+        key: key.to_string(),
+        upload_id: String::new(),
+        part,
+        size,
+        mtime,
+    };
+    let mut held = Held::new();
+    match Record::read(journal) {
+        Some(old) if old.same_file(&record) => {
+            if let Some(parts) = resume::held_parts(client, key, &old.upload_id)? {
+                record.upload_id = old.upload_id;
+                held = parts;
+            }
+        }
+        // An upload of another file (or of this one before it changed) is of no use.
+        Some(old) => abort(client, &old.key, &old.upload_id),
+        None => {}
+    }
+    if record.upload_id.is_empty() {
+        record.upload_id = create(client, key, &meta)?;
+        if let Err(e) = record.write(journal) {
+            tracing::warn!(
+                "cannot record the upload in {} ({e}): an interrupted upload will start over",
+                journal.display()
+            );
+        }
+    } else {
+        tracing::info!(
+            "Resuming the upload of {what}: {} of {} parts are in the store already",
+            held.len(),
+            size.div_ceil(part)
+        );
+    }
+    let result = send_parts(client, &record, file, &held, check)
+        .and_then(|etags| complete(client, key, &record.upload_id, &etags));
+    match &result {
+        Ok(()) => resume::forget(journal),
+        // Unreachable stores and broken connections: the parts sent so far stay for the next
+        // push to resume from.
+        Err(S3Error::Transport(..)) => {}
+        Err(e) if e.status().is_some_and(|s| s >= 500 || s == 429 || s == 408) => {}
+        // Refused (a damaged local file, a part the store holds otherwise): given up.
+        Err(e) => {
+            abort(client, key, &record.upload_id);
+            resume::forget(journal);
+            // The store refused the parts it held for us: one fresh upload settles it.
+            if !held.is_empty() && matches!(e, S3Error::Status { .. }) {
+                tracing::warn!("{e}; starting the upload over");
+                return upload(client, key, file, size, crc, check, journal);
+            }
+        }
     }
     result
+}
+
+/// Aborts an upload, best effort: the store would otherwise keep its parts until its own
+/// cleanup.
+fn abort(client: &Client, key: &str, upload_id: &str) {
+    let action =
+        AbortMultipartUpload::new(&client.bucket, Some(&client.credentials), key, upload_id);
+    let _ = client.request("DELETE", &action).call();
 }
 
 fn create(client: &Client, key: &str, meta: &[(&str, String)]) -> Result<String, S3Error> {
@@ -97,16 +161,17 @@ fn create(client: &Client, key: &str, meta: &[(&str, String)]) -> Result<String,
     })
 }
 
-/// Sends every part; returns (ETag, CRC-32 value) by part number.
+/// Sends every part the store does not hold already (`held`: part number → ETag and size);
+/// returns (ETag, CRC-32 value) by part number. Held parts are read and checksummed too: the
+/// completion names their CRCs, which the store checks against what it holds.
 fn send_parts(
     client: &Client,
-    key: &str,
-    upload_id: &str,
+    upload: &Record,
     file: &File,
-    size: u64,
-    part: u64,
+    held: &Held,
     check: PartCheck,
 ) -> Result<Vec<(String, String)>, S3Error> {
+    let (key, upload_id, size, part) = (&upload.key, &upload.upload_id, upload.size, upload.part);
     let what = client.url(key);
     let count = size.div_ceil(part);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -123,6 +188,9 @@ fn send_parts(
                 let crc = crc32fast::hash(&buf);
                 let value = crc32_value(crc);
                 let number = u16::try_from(i + 1).expect("at most 10,000 parts");
+                if let Some((etag, _)) = held.get(&number).filter(|(_, n)| *n == buf.len() as u64) {
+                    return Ok((etag.clone(), crc));
+                }
                 let mut action = UploadPart::new(
                     &client.bucket,
                     Some(&client.credentials),

@@ -87,6 +87,22 @@ impl Garage {
         self.env.iter().find(|(k, _)| k == key).unwrap().1.clone()
     }
 
+    /// A client of the cluster's bucket in this process (configured like the commands).
+    #[allow(dead_code)]
+    pub fn client(&self) -> qmpbackup::s3::client::Client {
+        let home = self.dir.path().to_path_buf();
+        let config = qmpbackup::s3::config::Config::resolve(&|k| match k {
+            "HOME" => Some(home.to_string_lossy().into_owned()),
+            _ => self
+                .env
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone()),
+        })
+        .unwrap();
+        qmpbackup::s3::client::Client::new(&config, &self.bucket).unwrap()
+    }
+
     /// `s3://BUCKET/<rest>`.
     pub fn url(&self, rest: &str) -> String {
         format!("s3://{}/{rest}", self.bucket)
