@@ -81,11 +81,15 @@ fn write_random(vm: &mut Vm, dir: &Path, at: u64, n: u64, seed: u64) {
 struct Serve(std::process::Child, PathBuf);
 
 impl Serve {
-    fn start(g: &Garage, dir: &Path, url: &str) -> Serve {
+    /// Starts the server; its log (every GET it makes, at trace level) goes to `log`.
+    fn start(g: &Garage, dir: &Path, url: &str, log: &Path) -> Serve {
         let sock = dir.join("nbd.sock");
+        let _ = std::fs::remove_file(&sock);
         let child = g
             .qmprestore(&["serve", "--dir", url, "--socket", sock.to_str().unwrap()])
+            .env("QMPRESTORE_LOG", "warn,qmpbackup::s3=trace")
             .stdin(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -203,8 +207,36 @@ fn pushed_backups_restore_verify_and_serve_from_the_store() {
         qemu_compare(&expected[k], merged.to_str().unwrap());
     }
     {
-        let s = Serve::start(&g, dir, &disk_url);
+        let s = Serve::start(&g, dir, &disk_url, &dir.join("serve1.log"));
         qemu_compare(&expected[3], &s.uri());
+    }
+    // Many requests at once over several connections (nbdcopy): each block of the store is
+    // fetched once, not once per request that wants part of it.
+    if have("nbdcopy") {
+        let log = dir.join("serve2.log");
+        let copy = dir.join("served.raw");
+        {
+            let s = Serve::start(&g, dir, &disk_url, &log);
+            succeeded(out(Command::new("nbdcopy")
+                .args(["--requests=16", "--request-size=262144"])
+                .arg(s.uri())
+                .arg(&copy)));
+        }
+        qemu_compare(&expected[3], copy.to_str().unwrap());
+        let gets: Vec<String> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| Some(l.split_once("GET ")?.1.to_string()))
+            .collect();
+        let mut unique = gets.clone();
+        unique.sort();
+        unique.dedup();
+        assert!(
+            !gets.is_empty() && gets.len() <= unique.len() * 3 / 2,
+            "{} GETs for {} ranges: blocks fetched again and again",
+            gets.len(),
+            unique.len()
+        );
     }
 
     // Bytes changed behind our back (same size): verify names the file and the offset.

@@ -16,7 +16,7 @@ use crate::qcow2::storage::Storage;
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Reads up to this size are served by whole cached blocks.
 const SMALL: usize = 256 << 10;
@@ -26,6 +26,10 @@ const BLOCK: u64 = 1 << 20;
 const BLOCKS: usize = 32;
 
 /// Recently read blocks of any object of one store, least recently used evicted first.
+///
+/// A block is fetched once however many readers want it at the same time: an NBD client
+/// reading a disk sends neighbouring requests at once (nbdcopy: four 256 KiB reads of one
+/// MiB), and without this every one of them fetched the whole block.
 #[derive(Default)]
 pub struct BlockCache {
     inner: Mutex<Blocks>,
@@ -35,32 +39,93 @@ pub struct BlockCache {
 /// A cached block: when it was last used, and its bytes.
 type Cached = (u64, Arc<Vec<u8>>);
 
+/// A block being fetched: its readers wait for `done`; `None` after a failed fetch (each
+/// waiter then reads for itself and gets its own error).
+#[derive(Default)]
+struct Loading {
+    result: Mutex<Option<Option<Arc<Vec<u8>>>>>,
+    done: Condvar,
+}
+
 #[derive(Default)]
 struct Blocks {
     /// (object id, block index) → the block.
     map: HashMap<(u64, u64), Cached>,
+    loading: HashMap<(u64, u64), Arc<Loading>>,
     tick: u64,
 }
 
+/// What a reader of a block is to do.
+enum Lookup {
+    Hit(Arc<Vec<u8>>),
+    /// Another reader fetches it: wait for that.
+    Wait(Arc<Loading>),
+    /// Fetch it, then [`BlockCache::put`] or [`BlockCache::failed`].
+    Fetch,
+}
+
 impl BlockCache {
-    fn get(&self, key: (u64, u64)) -> Option<Arc<Vec<u8>>> {
+    fn lookup(&self, key: (u64, u64)) -> Lookup {
         let mut b = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         b.tick += 1;
         let tick = b.tick;
-        let entry = b.map.get_mut(&key)?;
-        entry.0 = tick;
-        Some(entry.1.clone())
+        if let Some(entry) = b.map.get_mut(&key) {
+            entry.0 = tick;
+            return Lookup::Hit(entry.1.clone());
+        }
+        if let Some(l) = b.loading.get(&key) {
+            return Lookup::Wait(l.clone());
+        }
+        b.loading.insert(key, Arc::default());
+        Lookup::Fetch
     }
 
     fn put(&self, key: (u64, u64), data: Arc<Vec<u8>>) {
         let mut b = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         b.tick += 1;
         let tick = b.tick;
-        b.map.insert(key, (tick, data));
+        b.map.insert(key, (tick, data.clone()));
         while b.map.len() > BLOCKS {
             let oldest = b.map.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| *k);
             if let Some(k) = oldest {
                 b.map.remove(&k);
+            }
+        }
+        Self::wake(b.loading.remove(&key), Some(data));
+    }
+
+    fn failed(&self, key: (u64, u64)) {
+        let mut b = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        Self::wake(b.loading.remove(&key), None);
+    }
+
+    fn wake(loading: Option<Arc<Loading>>, data: Option<Arc<Vec<u8>>>) {
+        if let Some(l) = loading {
+            *l.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(data);
+            l.done.notify_all();
+        }
+    }
+}
+
+/// A fetch in progress; dropped unfinished, it tells the waiters it failed.
+struct Pending<'a> {
+    cache: &'a BlockCache,
+    key: (u64, u64),
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.cache.failed(self.key);
+    }
+}
+
+impl Loading {
+    fn wait(&self) -> Option<Arc<Vec<u8>>> {
+        let mut r = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match &*r {
+                Some(data) => return data.clone(),
+                None => r = self.done.wait(r).unwrap_or_else(|p| p.into_inner()),
             }
         }
     }
@@ -103,15 +168,34 @@ impl Object {
     }
 
     fn block(&self, index: u64) -> Result<Arc<Vec<u8>>, S3Error> {
-        if let Some(b) = self.cache.get((self.id, index)) {
-            return Ok(b);
+        let key = (self.id, index);
+        match self.cache.lookup(key) {
+            Lookup::Hit(b) => return Ok(b),
+            Lookup::Wait(l) => {
+                if let Some(b) = l.wait() {
+                    return Ok(b);
+                }
+                // The fetch failed; this reader's own attempt reports its own error.
+                return self.fetch(index).map(Arc::new);
+            }
+            Lookup::Fetch => {}
         }
+        // Whatever ends this fetch (an error, a panic) wakes the readers waiting for it.
+        let pending = Pending {
+            cache: &self.cache,
+            key,
+        };
+        let data = Arc::new(self.fetch(index)?);
+        self.cache.put(key, data.clone());
+        std::mem::forget(pending);
+        Ok(data)
+    }
+
+    fn fetch(&self, index: u64) -> Result<Vec<u8>, S3Error> {
         let start = index * BLOCK;
         let mut data = vec![0u8; BLOCK.min(self.head.size - start) as usize];
         self.client
             .read(&self.key, &self.head.etag, &mut data, start)?;
-        let data = Arc::new(data);
-        self.cache.put((self.id, index), data.clone());
         Ok(data)
     }
 }
