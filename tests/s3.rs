@@ -77,6 +77,13 @@ fn write_random(vm: &mut Vm, dir: &Path, at: u64, n: u64, seed: u64) {
     }
 }
 
+/// A cluster of `nodes` for a test that also uses rclone; `None` (after the loud skip) when
+/// either is missing.
+fn garage_with_rclone(nodes: usize) -> Option<Garage> {
+    let g = Garage::start(nodes)?;
+    have("rclone").then_some(g)
+}
+
 /// Serves `url` over NBD from the store until dropped; returns the URI.
 struct Serve(std::process::Child, PathBuf);
 
@@ -340,10 +347,9 @@ fn wrong_credentials_or_bucket_fail_cleanly() {
 /// A folder of more than 1000 objects (the store's page size) lists completely.
 #[test]
 fn folders_of_more_than_a_thousand_objects_list_completely() {
-    let Some(g) = Garage::start(1) else { return };
-    if !have("rclone") {
+    let Some(g) = garage_with_rclone(1) else {
         return;
-    }
+    };
     let work = tempfile::tempdir().unwrap();
     let d = work.path().join("many");
     std::fs::create_dir(&d).unwrap();
@@ -575,10 +581,9 @@ fn journal_of(file: &Path) -> PathBuf {
 /// completes it, sending only the parts the store does not hold yet.
 #[test]
 fn a_killed_push_is_completed_by_the_next() {
-    let Some(g) = Garage::start(1) else { return };
-    if !have("rclone") {
+    let Some(g) = garage_with_rclone(1) else {
         return;
-    }
+    };
     let work = tempfile::tempdir().unwrap();
     let (big, args) = big_target(&g, work.path(), 5);
     let journal = journal_of(&big);
