@@ -47,10 +47,12 @@ where
 {
     use std::collections::BTreeMap;
     use std::sync::{Condvar, Mutex, PoisonError};
-    struct State<S, T, E> {
-        source: S,
+    struct State<T, E> {
         /// Sequence number of the next item to claim.
         claimed: u64,
+        /// A worker is advancing the source (outside the lock: that may read metadata from a
+        /// store, and results must keep flowing meanwhile).
+        claiming: bool,
         /// Sequence number of the next result for `sink`.
         next: u64,
         /// The source has no more items.
@@ -62,9 +64,10 @@ where
         panic: Option<Box<dyn std::any::Any + Send>>,
     }
     let window = window.max(1) as u64;
+    let source = Mutex::new(source);
     let state = Mutex::new(State {
-        source,
         claimed: 0,
+        claiming: false,
         next: 0,
         exhausted: false,
         stop: false,
@@ -74,27 +77,39 @@ where
     let changed = Condvar::new();
     let lock = || state.lock().unwrap_or_else(PoisonError::into_inner);
     let wait = |g| changed.wait(g).unwrap_or_else(PoisonError::into_inner);
+    use std::panic::{catch_unwind, AssertUnwindSafe};
     let worker = || loop {
         let mut s = lock();
-        while !s.stop && !s.exhausted && s.claimed >= s.next + window {
+        while !s.stop && !s.exhausted && (s.claiming || s.claimed >= s.next + window) {
             s = wait(s);
         }
         if s.stop || s.exhausted {
             return;
         }
         let seq = s.claimed;
-        let item = match s.source.next() {
-            None => {
-                s.exhausted = true;
-                changed.notify_all();
+        s.claiming = true;
+        drop(s);
+        let taken = catch_unwind(AssertUnwindSafe(|| {
+            source.lock().unwrap_or_else(PoisonError::into_inner).next()
+        }));
+        let mut s = lock();
+        s.claiming = false;
+        changed.notify_all();
+        let item = match taken {
+            Err(panic) => {
+                s.panic = Some(panic);
+                s.stop = true;
                 return;
             }
-            Some(item) => item,
+            Ok(None) => {
+                s.exhausted = true;
+                return;
+            }
+            Ok(Some(item)) => item,
         };
         s.claimed += 1;
         drop(s);
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| item.and_then(&work)));
+        let result = catch_unwind(AssertUnwindSafe(|| item.and_then(&work)));
         let mut s = lock();
         match result {
             Ok(result) => {
@@ -241,6 +256,24 @@ mod tests {
                     (0..50u64).map(Ok::<_, ()>),
                     4,
                     |i| if i == 7 { panic!("worker {i}") } else { Ok(i) },
+                    |_| Ok(()),
+                )
+            })
+        });
+        assert!(caught.is_err());
+        // A source that panics, too.
+        let caught = std::panic::catch_unwind(|| {
+            pool(2).install(|| {
+                ordered(
+                    (0..50u64).map(|i| {
+                        if i == 9 {
+                            panic!("source {i}")
+                        } else {
+                            Ok::<_, ()>(i)
+                        }
+                    }),
+                    4,
+                    Ok,
                     |_| Ok(()),
                 )
             })
