@@ -77,6 +77,63 @@ fn write_random(vm: &mut Vm, dir: &Path, at: u64, n: u64, seed: u64) {
     }
 }
 
+/// `info`, `map`, `check`, `convert` and `compare` of image `top` in the store folder
+/// `folder_url` against qemu-img on a downloaded copy of the folder.
+fn image_commands_read_the_store_as_qemu_img_reads_a_copy(
+    g: &Garage,
+    dir: &Path,
+    folder_url: &str,
+    top: &str,
+) {
+    let copy = dir.join("downloaded");
+    let prefix = folder_url.strip_prefix(&g.url("")).unwrap();
+    succeeded(out(&mut g.rclone(&[
+        "copy",
+        &g.remote(prefix),
+        copy.to_str().unwrap(),
+    ])));
+    let image = format!("{folder_url}/{top}");
+    let local = copy.join(top);
+    let local = local.to_str().unwrap();
+
+    let json = |o: String| -> serde_json::Value { serde_json::from_str(&o).unwrap() };
+    let ours = json(succeeded(out(
+        &mut g.qmprestore(&["info", "--output", "json", &image])
+    )));
+    let theirs = json(common::qemu_img(dir, &["info", "--output=json", local]));
+    for field in [
+        "format",
+        "virtual-size",
+        "cluster-size",
+        "backing-filename",
+        "backing-filename-format",
+        "format-specific",
+        "dirty-flag",
+    ] {
+        assert_eq!(ours[field], theirs[field], "info: {field}");
+    }
+    // Byte for byte what qemu-img prints (no file names in the JSON form).
+    let ours = succeeded(out(&mut g.qmprestore(&["map", "--output", "json", &image])));
+    assert_eq!(
+        ours,
+        common::qemu_img(dir, &["map", "--output=json", local])
+    );
+
+    succeeded(out(&mut g.qmprestore(&["check", &image])));
+    for format in ["raw", "qcow2"] {
+        let converted = dir.join(format!("converted.{format}"));
+        let c = converted.to_str().unwrap();
+        succeeded(out(&mut g.qmprestore(&["convert", "-O", format, &image, c])));
+        common::qemu_img(dir, &["compare", local, c]);
+    }
+    let check = common::qemu_img(
+        dir,
+        &["check", dir.join("converted.qcow2").to_str().unwrap()],
+    );
+    assert!(check.starts_with("No errors"), "{check}");
+    succeeded(out(&mut g.qmprestore(&["compare", &image, local])));
+}
+
 /// A cluster of `nodes` for a test that also uses rclone; `None` (after the loud skip) when
 /// either is missing.
 fn garage_with_rclone(nodes: usize) -> Option<Garage> {
@@ -217,6 +274,7 @@ fn pushed_backups_restore_verify_and_serve_from_the_store() {
         let s = Serve::start(&g, dir, &disk_url, &dir.join("serve1.log"));
         qemu_compare(&expected[3], &s.uri());
     }
+    image_commands_read_the_store_as_qemu_img_reads_a_copy(&g, dir, &disk_url, names[3]);
     // Many requests at once over several connections (nbdcopy): each block of the store is
     // fetched once, not once per request that wants part of it.
     if have("nbdcopy") {
@@ -280,6 +338,36 @@ fn pushed_backups_restore_verify_and_serve_from_the_store() {
             .any(|p| p["file"] == victim && p["offset"].as_u64().is_some()),
         "{report}"
     );
+}
+
+/// A chain whose images name their predecessors as backing files (made by qemu-img),
+/// uploaded by rclone: the image commands follow the backing files through the store and
+/// agree with qemu-img on a downloaded copy.
+#[test]
+fn image_commands_follow_backing_files_in_the_store() {
+    if needs_qemu().is_none() {
+        return;
+    }
+    let Some(g) = garage_with_rclone(1) else {
+        return;
+    };
+    let chain = common::chains::build(3, true, "", None);
+    succeeded(out(&mut g.rclone(&[
+        "copy",
+        chain.dir.to_str().unwrap(),
+        &g.remote("linked/disk.qcow2"),
+    ])));
+    let work = tempfile::tempdir().unwrap();
+    let top = chain.names.last().unwrap();
+    image_commands_read_the_store_as_qemu_img_reads_a_copy(
+        &g,
+        work.path(),
+        &g.url("linked/disk.qcow2"),
+        top,
+    );
+    // What the top image reads as is the live disk at the last backup.
+    let raw = work.path().join("converted.raw");
+    common::assert_same(&raw, chain.expected.last().unwrap());
 }
 
 /// Pushes the bundled sample chain to `prefix`; returns its disk folder's URL.
