@@ -56,7 +56,18 @@ pub struct Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path.display(), self.kind)
+        f.write_str(&named(&self.path, &self.kind))
+    }
+}
+
+/// `path: detail`, or `detail` alone when it already starts by naming `path` (an object
+/// store's errors name the object they are about; the name twice helps nobody).
+pub fn named(path: &Path, detail: &dyn fmt::Display) -> String {
+    let name = path.display().to_string();
+    let detail = detail.to_string();
+    match detail.strip_prefix(name.as_str()) {
+        Some(rest) if rest.starts_with(": ") || rest.starts_with("/: ") => detail,
+        _ => format!("{name}: {detail}"),
     }
 }
 

@@ -16,6 +16,12 @@ use std::time::Duration;
 
 /// How long a signed request stays valid: long enough for a slow upload of one part.
 const VALIDITY: Duration = Duration::from_secs(3600);
+/// The most entries (objects and folders) a listing takes: a backup folder holds a few
+/// thousand; a store that pages on without end is hostile or broken, and is not followed
+/// into unbounded memory.
+pub const MAX_LISTED: usize = 1_000_000;
+/// The most pages in a row that bring nothing and still promise more.
+const MAX_EMPTY_PAGES: usize = 100;
 /// Attempts per request; the waits between them double from [`FIRST_WAIT`] up to 5 s.
 const ATTEMPTS: u32 = 8;
 const FIRST_WAIT: Duration = Duration::from_millis(100);
@@ -305,11 +311,8 @@ impl Client {
             if resp.header("etag").is_some_and(|t| t != etag) {
                 return Err(Failure::Fatal(S3Error::Changed(what.clone(), etag.into())));
             }
-            if resp.status() != 206 && offset != 0 {
-                return Err(Failure::Fatal(S3Error::Reply(
-                    what.clone(),
-                    format!("HTTP {} to a range request", resp.status()),
-                )));
+            if let Err(problem) = range_answered(&resp, offset, buf.len() as u64) {
+                return Err(Failure::Fatal(S3Error::Reply(what.clone(), problem)));
             }
             // A body cut short is a broken connection: read it again.
             resp.into_reader()
@@ -324,6 +327,7 @@ impl Client {
         let what = self.url(prefix);
         let mut out = Listing::default();
         let mut token: Option<String> = None;
+        let mut empty_pages = 0;
         loop {
             let mut action = ListObjectsV2::new(&self.bucket, Some(&self.credentials));
             action.with_prefix(prefix);
@@ -339,9 +343,26 @@ impl Client {
                     .call()
                     .map_err(|e| self.failure(&what, e))?;
                 let body = Client::text(resp, 64 << 20, &what)?;
+                // Any XML parses as an empty page (every field is optional): a proxy's or
+                // portal's page must not read as an empty folder.
+                if !body.contains("<ListBucketResult") {
+                    let start: String = body.chars().take(80).collect();
+                    return Err(Failure::Fatal(S3Error::Reply(
+                        what.clone(),
+                        format!("not an object listing: {start:?}"),
+                    )));
+                }
                 ListObjectsV2::parse_response(&body)
                     .map_err(|e| Failure::Fatal(S3Error::Reply(what.clone(), e.to_string())))
             })?;
+            let found = page.contents.len() + page.common_prefixes.len();
+            if out.objects.len() + out.folders.len() + found > MAX_LISTED {
+                return Err(S3Error::Reply(
+                    what,
+                    format!("the listing goes on past {MAX_LISTED} entries; refusing to read more"),
+                ));
+            }
+            empty_pages = if found == 0 { empty_pages + 1 } else { 0 };
             for c in page.contents {
                 out.objects.push(Listed {
                     key: decode(&what, &c.key)?,
@@ -354,7 +375,24 @@ impl Client {
                 out.folders.push(decode(&what, &p.prefix)?);
             }
             match page.next_continuation_token {
-                Some(t) if !t.is_empty() => token = Some(t),
+                Some(t) if !t.is_empty() => {
+                    if token.as_deref() == Some(t.as_str()) {
+                        return Err(S3Error::Reply(
+                            what,
+                            "the listing repeats its continuation token (it would never end)"
+                                .into(),
+                        ));
+                    }
+                    if empty_pages >= MAX_EMPTY_PAGES {
+                        return Err(S3Error::Reply(
+                            what,
+                            format!(
+                                "{empty_pages} listing pages in a row were empty and promised more"
+                            ),
+                        ));
+                    }
+                    token = Some(t)
+                }
                 _ => return Ok(out),
             }
         }
@@ -394,6 +432,32 @@ impl Client {
                 .map(drop)
                 .map_err(|e| self.failure(&what, e))
         })
+    }
+}
+
+/// Whether `resp` answers a request for `len` bytes at `offset`: 206 with a `Content-Range`
+/// that starts there and covers them, or 200 (a store that ignores `Range` sends the whole
+/// object) only when they start the object. Anything else (a redirect's page, a range that
+/// is not the one asked for) would be read as the object's bytes.
+fn range_answered(resp: &ureq::Response, offset: u64, len: u64) -> Result<(), String> {
+    match resp.status() {
+        200 if offset == 0 => Ok(()),
+        206 => {
+            let header = resp.header("content-range").unwrap_or("");
+            let range = header
+                .strip_prefix("bytes ")
+                .and_then(|r| r.split_once('/'))
+                .and_then(|(r, _)| r.split_once('-'))
+                .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+            match range {
+                Some((first, last)) if first == offset && last >= offset + len - 1 => Ok(()),
+                _ => Err(format!(
+                    "Content-Range \"{header}\" to a request for bytes {offset}-{}",
+                    offset + len - 1
+                )),
+            }
+        }
+        status => Err(format!("HTTP {status} to a range request")),
     }
 }
 

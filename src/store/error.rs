@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{0}: {1}")]
+    #[error("{}", crate::qcow2::error::named(.0, .1))]
     Io(PathBuf, std::io::Error),
     /// The folder's contents do not make a restorable chain.
     #[error("{dir}: {problem}")]

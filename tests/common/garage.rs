@@ -110,13 +110,8 @@ impl Garage {
 
     /// `cmd` with every inherited AWS_* variable removed and the cluster's set.
     pub fn with_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
-        for (k, _) in std::env::vars() {
-            if k.starts_with("AWS_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.env("HOME", self.dir.path());
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
+        let vars: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (&**k, &**v)).collect();
+        super::aws_env(cmd, self.dir.path(), &vars)
     }
 
     pub fn qmprestore(&self, args: &[&str]) -> Command {

@@ -47,6 +47,19 @@ pub fn needs_qemu() -> Option<tempfile::TempDir> {
     needs("qemu-system-x86_64").filter(|_| have("qemu-img"))
 }
 
+/// `cmd` with every inherited AWS_* variable removed (these machines carry some, such as
+/// AWS_CA_BUNDLE, that change what S3 clients do), `vars` set and HOME at `home` (no
+/// `~/.aws` files but the test's own).
+pub fn aws_env<'a>(cmd: &'a mut Command, home: &Path, vars: &[(&str, &str)]) -> &'a mut Command {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("HOME", home);
+    cmd.envs(vars.iter().copied())
+}
+
 /// Runs a command, panicking with its output if it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -239,6 +252,7 @@ impl Lcg {
     }
 }
 pub mod chains;
+pub mod fake_s3;
 pub mod garage;
 pub mod nbd;
 pub mod qemu;
