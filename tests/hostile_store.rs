@@ -267,3 +267,47 @@ fn an_object_of_garbage_or_of_a_size_it_does_not_have_fails() {
         );
     }
 }
+
+/// A store that answers 200 to every upload and keeps nothing: the push fails naming the
+/// object, and the backup folder is left exactly as it was.
+#[test]
+fn a_store_that_loses_what_it_accepted_fails_the_push_and_keeps_the_files() {
+    let c =
+        case(|req, _| (req.method == "PUT").then(|| Reply::new(200, "").header("ETag", "\"x\"")));
+    let target = c._tmp.path().join("target");
+    let o = Command::new("cp")
+        .arg("-r")
+        .arg(common::sample_chain())
+        .arg(&target)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmpbackup"));
+    cmd.args([
+        "push",
+        "--target",
+        target.to_str().unwrap(),
+        "--push",
+        "s3://bkt/pushed",
+    ]);
+    c.store.with_env(&mut cmd);
+    let o = cmd.output().unwrap();
+    // qmpbackup logs to stdout, as the original does.
+    let err = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("after the upload the store does not hold"),
+        "{err}"
+    );
+    assert!(err.contains("s3://bkt/pushed/"), "{err}");
+    let sums = std::fs::read_to_string(target.join("SHA256SUMS")).unwrap();
+    assert_eq!(
+        sums,
+        std::fs::read_to_string(common::sample_chain().join("SHA256SUMS")).unwrap()
+    );
+    for e in std::fs::read_dir(common::sample_chain().join("disk.qcow2")).unwrap() {
+        let e = e.unwrap();
+        let kept = target.join("disk.qcow2").join(e.file_name());
+        assert!(std::fs::read(kept).unwrap() == std::fs::read(e.path()).unwrap());
+    }
+}

@@ -130,8 +130,12 @@ impl FakeS3Files {
         Reply::new(200, x)
     }
 
-    /// What an honest store answers.
+    /// What an honest store answers (to reads: this store is read-only unless a hook
+    /// pretends otherwise).
     pub fn honest(&self, req: &Req) -> Reply {
+        if !matches!(req.method.as_str(), "GET" | "HEAD") {
+            return Reply::new(501, "<Error><Code>NotImplemented</Code></Error>");
+        }
         if req.key.is_empty() {
             let prefix = req.query.get("prefix").cloned().unwrap_or_default();
             let mut contents = Vec::new();
@@ -183,8 +187,9 @@ fn unescape(s: &str) -> String {
         .into_owned()
 }
 
-/// Reads one request's head; `None` when the client went away first.
-fn read_head(s: &mut TcpStream) -> Option<String> {
+/// Reads one request's head, and its body (which this store never keeps); `None` when the
+/// client went away first.
+fn read_request(s: &mut TcpStream) -> Option<String> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") && head.len() < 64 << 10 {
@@ -193,12 +198,24 @@ fn read_head(s: &mut TcpStream) -> Option<String> {
         }
         head.push(byte[0]);
     }
-    Some(String::from_utf8_lossy(&head).into_owned())
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let body: u64 = header(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    std::io::copy(&mut s.take(body), &mut std::io::sink()).ok()?;
+    Some(head)
+}
+
+/// The value of header `name` in a request head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
 }
 
 fn parse(head: &str, seq: usize) -> Req {
-    let mut lines = head.lines();
-    let mut first = lines.next().unwrap_or("").split(' ');
+    let mut first = head.lines().next().unwrap_or("").split(' ');
     let method = first.next().unwrap_or("").to_string();
     let target = first.next().unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -209,10 +226,8 @@ fn parse(head: &str, seq: usize) -> Req {
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (unescape(k), unescape(v)))
         .collect();
-    let range = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.eq_ignore_ascii_case("range"))
-        .and_then(|(_, v)| v.trim().strip_prefix("bytes=")?.split_once('-'))
+    let range = header(head, "range")
+        .and_then(|v| v.strip_prefix("bytes=")?.split_once('-'))
         .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
     Req {
         method,
@@ -259,7 +274,7 @@ impl FakeS3 {
                 let Ok(mut s) = conn else { continue };
                 let (f, hook, n) = (f.clone(), hook.clone(), n.clone());
                 std::thread::spawn(move || {
-                    let Some(head) = read_head(&mut s) else {
+                    let Some(head) = read_request(&mut s) else {
                         return;
                     };
                     let req = parse(&head, n.fetch_add(1, Ordering::SeqCst));
