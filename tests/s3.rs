@@ -389,6 +389,58 @@ fn push_sample(g: &Garage, work: &Path, prefix: &str) -> String {
     format!("{url}/disk.qcow2")
 }
 
+/// On a terminal a push shows a progress bar over the folder's bytes; off one, none.
+#[test]
+fn a_push_shows_progress_on_a_terminal_only() {
+    if !have("script") {
+        return;
+    }
+    let Some(g) = Garage::start(1) else { return };
+    let work = tempfile::tempdir().unwrap();
+    let local = work.path().join("vm");
+    succeeded(out(Command::new("cp")
+        .arg("-r")
+        .arg(common::sample_chain())
+        .arg(&local)));
+    let push = format!(
+        "{} push --target {} --push {}",
+        env!("CARGO_BIN_EXE_qmpbackup"),
+        local.display(),
+        g.url("tty")
+    );
+    let plain = text(&out(Command::new("sh")
+        .args(["-c", &push])
+        .env_clear()
+        .envs(g.env.iter().map(|(k, v)| (k, v)))));
+    assert!(
+        plain.contains("Pushed") && !plain.contains("MiB"),
+        "{plain}"
+    );
+    // Again on a terminal (script gives the command one), into another prefix.
+    let push = push.replace("/tty", "/tty2");
+    let o = out(g.with_env(Command::new("script").args(["-qec", &push, "/dev/null"])));
+    let shown = text(&o);
+    assert!(o.status.success(), "{shown}");
+    assert!(
+        shown.contains("push disk.qcow2/") && shown.contains("2.69 MiB"),
+        "{shown}"
+    );
+    // Log lines are written with the bar hidden: each starts a line of its own (after a
+    // newline or the bar's erase sequence), never after a bar's text.
+    let mut lines = 0;
+    for (at, _) in shown.match_indices("    INFO") {
+        let stamp = shown[..at].rfind("[20").unwrap();
+        let before = shown[..stamp].trim_end_matches("\u{1b}[32m");
+        assert!(
+            before.is_empty() || before.ends_with(['\n', 'A', 'K']),
+            "a log line drawn into the bar: {:?}",
+            &shown[stamp.saturating_sub(80)..at]
+        );
+        lines += 1;
+    }
+    assert!(lines >= 6, "{shown}");
+}
+
 /// Wrong credentials, a missing bucket: a clear error, exit 1, nothing written.
 #[test]
 fn wrong_credentials_or_bucket_fail_cleanly() {

@@ -39,6 +39,7 @@ pub fn wait(
     interrupted: &AtomicBool,
 ) -> Result<()> {
     let multi = progress.bars.then(MultiProgress::new);
+    let _shown = multi.as_ref().map(super::log::around_bars);
     let style = ProgressStyle::with_template(
         "{prefix:>16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
     )

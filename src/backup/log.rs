@@ -9,6 +9,7 @@
 //! never with `NO_COLOR` (the original coloured piped output too). Syslog gets the message
 //! with the usual `qmpbackup[pid]:` tag.
 
+use indicatif::MultiProgress;
 use std::io::{IsTerminal, Write};
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
@@ -146,6 +147,43 @@ impl Write for Sink {
     }
 }
 
+/// The progress bars on the terminal while a run shows them: console lines are written with
+/// the bars hidden for a moment, so a line is never drawn into a bar nor wiped by its redraw.
+static BARS: Mutex<Option<MultiProgress>> = Mutex::new(None);
+
+/// Console lines go around `bars` until the guard is dropped.
+pub fn around_bars(bars: &MultiProgress) -> BarsShown {
+    *BARS.lock().unwrap_or_else(|p| p.into_inner()) = Some(bars.clone());
+    BarsShown
+}
+
+/// While it lives, console lines go around the bars given to [`around_bars`].
+pub struct BarsShown;
+
+impl Drop for BarsShown {
+    fn drop(&mut self) {
+        *BARS.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// A console stream that writes each line around the bars on the terminal, if any.
+struct AroundBars<W>(W);
+
+impl<W: Write> Write for AroundBars<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bars = BARS.lock().unwrap_or_else(|p| p.into_inner());
+        match bars.as_ref() {
+            Some(m) => m.suspend(|| self.0.write_all(buf))?,
+            None => self.0.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Installs the log: `console` always, `logfile` (appended; its folder created) and syslog
 /// when asked. `QMPBACKUP_LOG` overrides the level filter (tracing's syntax).
 pub fn init(
@@ -168,13 +206,13 @@ pub fn init(
         Console::Stdout => fmt_layer(Style::Console {
             colour: crate::cli::colour_for(std::io::stdout().is_terminal()),
         })
-        .with_writer(std::io::stdout)
+        .with_writer(|| AroundBars(std::io::stdout()))
         .with_filter(filter())
         .boxed(),
         Console::Stderr => fmt_layer(Style::Console {
             colour: crate::cli::colour_for(std::io::stderr().is_terminal()),
         })
-        .with_writer(std::io::stderr)
+        .with_writer(|| AroundBars(std::io::stderr()))
         .with_filter(filter())
         .boxed(),
     };

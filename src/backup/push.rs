@@ -15,11 +15,12 @@
 //! them, and local restores say where the files went.
 
 use super::error::{BackupError, Result};
-use crate::s3::upload::{file_crc, upload};
+use crate::s3::upload::{file_crc, upload, Source};
 use crate::s3::{S3Error, S3Url};
 use crate::store::manifest::{self, Manifest, EXTENT_SIZE};
 use crate::store::name::{parse_name, strip_partial};
 use crate::store::place::Folder;
+use indicatif::ProgressBar;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -151,8 +152,9 @@ fn check_parts(m: &Manifest, part: u64, crcs: &[u32]) -> std::result::Result<(),
 }
 
 /// Uploads what `target` holds and `url` lacks; with `only`, removes the uploaded backup
-/// files here afterwards.
-pub fn push(target: &Path, url: &str, only: bool) -> Result<Pushed> {
+/// files here afterwards. `bar` is set to the bytes of the folder and advanced as they are
+/// found in the store or uploaded.
+pub fn push(target: &Path, url: &str, only: bool, bar: &ProgressBar) -> Result<Pushed> {
     let url = S3Url::parse(url)?;
     let client = crate::store::bucket::client(&url.bucket)?;
     let prefix = url.folder_prefix();
@@ -164,7 +166,10 @@ pub fn push(target: &Path, url: &str, only: bool) -> Result<Pushed> {
         .collect();
     let mut report = Pushed::default();
     let mut verified = Vec::new();
-    for local in local_files(target)? {
+    let files = local_files(target)?;
+    bar.set_length(files.iter().map(|l| l.size).sum());
+    for local in files {
+        bar.set_message(format!("push {}", local.rel));
         let key = format!("{prefix}{}", local.rel);
         let file = File::open(&local.path).map_err(BackupError::io(&local.path))?;
         let crc = match local.manifest.as_ref().and_then(combined) {
@@ -175,6 +180,7 @@ pub fn push(target: &Path, url: &str, only: bool) -> Result<Pushed> {
         let held = remote.get(local.rel.as_str()) == Some(&local.size)
             && client.describe(&key)?.and_then(|d| d.crc32).as_deref() == Some(&want);
         if held {
+            bar.inc(local.size);
             report.present.push(local.rel.clone());
         } else {
             let check = |part: u64, crcs: &[u32]| match &local.manifest {
@@ -194,7 +200,12 @@ pub fn push(target: &Path, url: &str, only: bool) -> Result<Pushed> {
                 ".{}.upload",
                 local.path.file_name().unwrap_or_default().to_string_lossy()
             ));
-            upload(&client, &key, &file, local.size, crc, &check, &journal)?;
+            let source = Source {
+                file: &file,
+                size: local.size,
+                crc,
+            };
+            upload(&client, &key, source, &check, &|n| bar.inc(n), &journal)?;
             // What the store says it holds now, not what we sent.
             let after = client.describe(&key)?;
             let ok = after

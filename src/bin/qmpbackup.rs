@@ -398,8 +398,15 @@ fn push_cmd(target: &std::path::Path, args: &PushArgs) -> Result<()> {
     let Some(url) = &args.push else {
         return Ok(());
     };
-    let done = push::push(target, url, args.push_only)
+    let bar = qmpbackup::chain::progress::bytes(0, "push", true);
+    let multi = (!bar.is_hidden()).then(indicatif::MultiProgress::new);
+    let _shown = multi.as_ref().map(|m| {
+        m.add(bar.clone());
+        log::around_bars(m)
+    });
+    let done = push::push(target, url, args.push_only, &bar)
         .with_context(|| format!("pushing {} to {url}", target.display()))?;
+    bar.finish_and_clear();
     tracing::info!(
         "Pushed {} to {url}: {} files uploaded, {} already there{}",
         target.display(),

@@ -46,18 +46,29 @@ fn read_part(file: &File, buf: &mut [u8], offset: u64, what: &str) -> Result<(),
         .map_err(|e| S3Error::Transport(what.to_string(), format!("reading the local file: {e}")))
 }
 
-/// Uploads the `size` bytes of `file` as `key`, recording `crc` (the whole file's CRC-32) as
-/// metadata. A multipart upload is recorded in `journal` while it runs: if it is cut off, the
-/// next call for the same file resumes it (see [`super::resume`]).
+/// Told the size of each piece of the file once the store holds it (for progress bars).
+pub type Sent<'a> = &'a (dyn Fn(u64) + Sync);
+
+/// A local file to upload: its `size` bytes and their CRC-32.
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    pub file: &'a File,
+    pub size: u64,
+    pub crc: u32,
+}
+
+/// Uploads `source` as `key`, recording its CRC-32 as metadata. A multipart upload is
+/// recorded in `journal` while it runs: if it is cut off, the next call for the same file
+/// resumes it (see [`super::resume`]).
 pub fn upload(
     client: &Client,
     key: &str,
-    file: &File,
-    size: u64,
-    crc: u32,
+    source: Source,
     check: PartCheck,
+    sent: Sent,
     journal: &Path,
 ) -> Result<(), S3Error> {
+    let Source { file, size, crc } = source;
     let what = client.url(key);
     let meta = [(CRC_META, format!("{crc:08x}"))];
     let part = part_size(size);
@@ -65,7 +76,9 @@ pub fn upload(
         let mut body = vec![0u8; size as usize];
         read_part(file, &mut body, 0, &what)?;
         check(part, &[crc32fast::hash(&body)]).map_err(|p| S3Error::Reply(what.clone(), p))?;
-        return client.put(key, &body, &meta);
+        client.put(key, &body, &meta)?;
+        sent(size);
+        return Ok(());
     }
     let mtime = file
         .metadata()
@@ -107,7 +120,7 @@ pub fn upload(
             size.div_ceil(part)
         );
     }
-    let result = send_parts(client, &record, file, &held, check)
+    let result = send_parts(client, &record, file, &held, (check, sent))
         .and_then(|etags| complete(client, key, &record.upload_id, &etags));
     match &result {
         Ok(()) => resume::forget(journal),
@@ -122,7 +135,7 @@ pub fn upload(
             // The store refused the parts it held for us: one fresh upload settles it.
             if !held.is_empty() && matches!(e, S3Error::Status { .. }) {
                 tracing::warn!("{e}; starting the upload over");
-                return upload(client, key, file, size, crc, check, journal);
+                return upload(client, key, source, check, sent, journal);
             }
         }
     }
@@ -169,7 +182,7 @@ fn send_parts(
     upload: &Record,
     file: &File,
     held: &Held,
-    check: PartCheck,
+    (check, sent): (PartCheck, Sent),
 ) -> Result<Vec<(String, String)>, S3Error> {
     let (key, upload_id, size, part) = (&upload.key, &upload.upload_id, upload.size, upload.part);
     let what = client.url(key);
@@ -189,6 +202,7 @@ fn send_parts(
                 let value = crc32_value(crc);
                 let number = u16::try_from(i + 1).expect("at most 10,000 parts");
                 if let Some((etag, _)) = held.get(&number).filter(|(_, n)| *n == buf.len() as u64) {
+                    sent(buf.len() as u64);
                     return Ok((etag.clone(), crc));
                 }
                 let mut action = UploadPart::new(
@@ -211,6 +225,7 @@ fn send_parts(
                         Failure::Fatal(S3Error::Reply(what.clone(), "part without ETag".into()))
                     })
                 })?;
+                sent(buf.len() as u64);
                 Ok((etag, crc))
             })
             .collect::<Result<_, S3Error>>()
