@@ -23,15 +23,8 @@ struct Case {
 /// The sample chain in bucket `bkt` below `vm/`, served with `hook`.
 fn case(hook: impl Fn(&Req, &FakeS3Files) -> Option<Reply> + Send + Sync + 'static) -> Case {
     let tmp = tempfile::tempdir().unwrap();
-    let vm = tmp.path().join("root/bkt/vm");
-    std::fs::create_dir_all(&vm).unwrap();
-    let o = Command::new("cp")
-        .arg("-r")
-        .arg(common::sample_chain().join("disk.qcow2"))
-        .arg(&vm)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    std::fs::create_dir_all(tmp.path().join("root/bkt")).unwrap();
+    common::copy_sample_chain(&tmp.path().join("root/bkt/vm"));
     let store = FakeS3::start(&tmp.path().join("root"), Box::new(hook));
     let out = tmp.path().join("restored.raw");
     Case {
@@ -275,13 +268,7 @@ fn a_store_that_loses_what_it_accepted_fails_the_push_and_keeps_the_files() {
     let c =
         case(|req, _| (req.method == "PUT").then(|| Reply::new(200, "").header("ETag", "\"x\"")));
     let target = c._tmp.path().join("target");
-    let o = Command::new("cp")
-        .arg("-r")
-        .arg(common::sample_chain())
-        .arg(&target)
-        .output()
-        .unwrap();
-    assert!(o.status.success());
+    common::copy_sample_chain(&target);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_qmpbackup"));
     cmd.args([
         "push",

@@ -373,11 +373,12 @@ fn image_commands_follow_backing_files_in_the_store() {
 /// Pushes the bundled sample chain to `prefix`; returns its disk folder's URL.
 fn push_sample(g: &Garage, work: &Path, prefix: &str) -> String {
     let local = work.join(prefix);
-    let o = out(Command::new("cp")
-        .arg("-r")
-        .arg(common::sample_chain())
-        .arg(&local));
-    assert!(o.status.success());
+    common::copy_sample_chain(&local);
+    format!("{}/disk.qcow2", push_folder(g, &local, prefix))
+}
+
+/// `qmpbackup push` of the target folder `local` to `prefix`; returns the prefix's URL.
+fn push_folder(g: &Garage, local: &Path, prefix: &str) -> String {
     let url = g.url(prefix);
     succeeded(out(&mut g.qmpbackup(&[
         "push",
@@ -386,7 +387,7 @@ fn push_sample(g: &Garage, work: &Path, prefix: &str) -> String {
         "--push",
         &url,
     ])));
-    format!("{url}/disk.qcow2")
+    url
 }
 
 /// On a terminal a push shows a progress bar over the folder's bytes; off one, none.
@@ -398,10 +399,7 @@ fn a_push_shows_progress_on_a_terminal_only() {
     let Some(g) = Garage::start(1) else { return };
     let work = tempfile::tempdir().unwrap();
     let local = work.path().join("vm");
-    succeeded(out(Command::new("cp")
-        .arg("-r")
-        .arg(common::sample_chain())
-        .arg(&local)));
+    common::copy_sample_chain(&local);
     let push = format!(
         "{} push --target {} --push {}",
         env!("CARGO_BIN_EXE_qmpbackup"),
@@ -550,14 +548,7 @@ fn push_big_chain(g: &Garage, work: &Path, prefix: &str) -> (String, PathBuf) {
             &[format!("write -P 0x{:02x} {off}M 8M", 0x20 + k)],
         );
     }
-    let url = g.url(prefix);
-    succeeded(out(&mut g.qmpbackup(&[
-        "push",
-        "--target",
-        local.to_str().unwrap(),
-        "--push",
-        &url,
-    ])));
+    let url = push_folder(g, &local, prefix);
     let reference = work.join(format!("{prefix}-ref.raw"));
     succeeded(out(Command::new(env!("CARGO_BIN_EXE_qmprestore")).args([
         "merge",

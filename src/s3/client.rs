@@ -19,7 +19,7 @@ const VALIDITY: Duration = Duration::from_secs(3600);
 /// The most entries (objects and folders) a listing takes: a backup folder holds a few
 /// thousand; a store that pages on without end is hostile or broken, and is not followed
 /// into unbounded memory.
-pub const MAX_LISTED: usize = 1_000_000;
+const MAX_LISTED: usize = 1_000_000;
 /// The most pages in a row that bring nothing and still promise more.
 const MAX_EMPTY_PAGES: usize = 100;
 /// Attempts per request; the waits between them double from [`FIRST_WAIT`] up to 5 s.

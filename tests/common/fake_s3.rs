@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// One request, as the store understood it.
@@ -175,9 +175,7 @@ impl FakeS3Files {
 
 pub struct FakeS3 {
     pub port: u16,
-    pub files: Arc<FakeS3Files>,
     stop: Arc<AtomicBool>,
-    pub requests: Arc<AtomicUsize>,
     home: tempfile::TempDir,
 }
 
@@ -263,21 +261,21 @@ impl FakeS3 {
             root: root.to_path_buf(),
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let requests = Arc::new(AtomicUsize::new(0));
         let hook: Arc<Hook> = Arc::from(hook);
-        let (f, st, n) = (files.clone(), stop.clone(), requests.clone());
+        let st = stop.clone();
         std::thread::spawn(move || {
-            for conn in listener.incoming() {
+            // One request per connection: the connections' count numbers the requests.
+            for (seq, conn) in listener.incoming().enumerate() {
                 if st.load(Ordering::SeqCst) {
                     return;
                 }
                 let Ok(mut s) = conn else { continue };
-                let (f, hook, n) = (f.clone(), hook.clone(), n.clone());
+                let (f, hook) = (files.clone(), hook.clone());
                 std::thread::spawn(move || {
                     let Some(head) = read_request(&mut s) else {
                         return;
                     };
-                    let req = parse(&head, n.fetch_add(1, Ordering::SeqCst));
+                    let req = parse(&head, seq);
                     let reply = hook(&req, &f).unwrap_or_else(|| f.honest(&req));
                     answer(&mut s, &req, reply);
                 });
@@ -285,9 +283,7 @@ impl FakeS3 {
         });
         FakeS3 {
             port,
-            files,
             stop,
-            requests,
             home: tempfile::tempdir().unwrap(),
         }
     }

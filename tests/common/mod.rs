@@ -14,6 +14,12 @@ pub fn sample_chain() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/sample-chain")
 }
 
+/// A copy of the bundled sample chain (its target folder: `disk.qcow2/`, `uuid`, sums) at
+/// `dest`, for a test that changes or uploads it.
+pub fn copy_sample_chain(dest: &Path) {
+    run(Command::new("cp").arg("-r").arg(sample_chain()).arg(dest));
+}
+
 /// Whether a reference tool is installed. Missing locally: a loud skip. Missing in CI
 /// (`CI=true`): a failure, because there the tools are installed and must be used.
 pub fn have(tool: &str) -> bool {
