@@ -15,7 +15,7 @@ use super::throttle::Throttle;
 use crate::qcow2::pagecache::forget_cached;
 use crate::qcow2::write::Writer;
 use crate::qcow2::{Disk, Extent, Format};
-use crate::store::{open_chain, restore_chain};
+use crate::store::{open_restore_point, RestorePoint};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
@@ -63,8 +63,12 @@ impl CommitReport {
 
 pub fn commit(dir: &Path, opts: &FoldOptions) -> Result<CommitReport> {
     crate::store::bucket::refuse_in_place(dir, "commit")?;
-    let (bd, chain) = restore_chain(dir, &opts.select)?;
-    let full_chain = bd.chain()?;
+    let RestorePoint {
+        folder,
+        chain,
+        disk,
+    } = open_restore_point(dir, &opts.select)?;
+    let full_chain = folder.chain()?;
     let full = chain.files[0].path.clone();
     let folded: Vec<PathBuf> = chain.files[1..].iter().map(|f| f.path.clone()).collect();
     let next = full_chain
@@ -81,7 +85,6 @@ pub fn commit(dir: &Path, opts: &FoldOptions) -> Result<CommitReport> {
     if folded.is_empty() {
         return Ok(report);
     }
-    let disk = open_chain(&chain)?;
     let full_image = disk.chain().last().expect("chain has a FULL");
     if full_image.format() != Format::Qcow2 {
         return Err(ChainError::Refused(format!(

@@ -10,7 +10,7 @@ use super::convert::{self, ConvertOptions, Qcow2Output};
 use super::error::{ChainError, Result};
 use super::outdir::NewDirs;
 use crate::qcow2::header::CompressionType;
-use crate::store::{open_chain, restore_chain, ChainSelect};
+use crate::store::{open_restore_point, ChainSelect, RestorePoint};
 use std::path::{Path, PathBuf};
 
 /// Output format of a merge.
@@ -34,8 +34,7 @@ pub struct MergeOptions {
 
 /// Merges the chain in `dir` into `target_file`; returns the files merged, oldest first.
 pub fn merge(dir: &Path, target_file: &Path, opts: &MergeOptions) -> Result<Vec<PathBuf>> {
-    let (_, chain) = restore_chain(dir, &opts.select)?;
-    let disk = open_chain(&chain)?;
+    let RestorePoint { chain, disk, .. } = open_restore_point(dir, &opts.select)?;
     convert::refuse_chain_member(&disk, target_file)?;
     let exists = std::fs::symlink_metadata(target_file).is_ok();
     let is_device = std::fs::metadata(target_file)

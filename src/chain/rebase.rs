@@ -9,7 +9,7 @@
 use super::error::{ChainError, Result};
 use super::links::{backing_of, set_backing};
 use crate::qcow2::Format;
-use crate::store::{open_chain, restore_chain};
+use crate::store::{open_restore_point, RestorePoint};
 use std::path::{Path, PathBuf};
 
 pub struct RebaseOptions {
@@ -54,9 +54,8 @@ impl std::fmt::Display for Change {
 /// Rebases the chain in `dir`; returns the changes (made, or planned with `dry_run`).
 pub fn rebase(dir: &Path, opts: &RebaseOptions) -> Result<Vec<Change>> {
     crate::store::bucket::refuse_in_place(dir, "rebase")?;
-    let (_, chain) = restore_chain(dir, &opts.select)?;
     // Validates every file (and refuses raw INCs) before anything changes.
-    let disk = open_chain(&chain)?;
+    let RestorePoint { chain, disk, .. } = open_restore_point(dir, &opts.select)?;
     let formats: Vec<Format> = disk.chain().map(|i| i.format()).rev().collect();
     let link = dir.join("image");
     if std::fs::symlink_metadata(&link).is_ok() && !opts.force {

@@ -12,7 +12,7 @@ use super::throttle::Throttle;
 use crate::qcow2::write::Writer;
 use crate::qcow2::{Disk, Format};
 use crate::store::time::local_time;
-use crate::store::{open_chain, restore_chain};
+use crate::store::{open_restore_point, RestorePoint};
 use std::path::{Path, PathBuf};
 
 pub const FULL_SNAPSHOT: &str = "FULL-BACKUP";
@@ -33,10 +33,13 @@ pub struct Step {
 /// Returns the steps in order; with `dry_run` what would be done.
 pub fn snapshot_rebase(dir: &Path, opts: &FoldOptions) -> Result<Vec<Step>> {
     crate::store::bucket::refuse_in_place(dir, "snapshotrebase")?;
-    let (bd, chain) = restore_chain(dir, &opts.select)?;
-    let all = bd.chain()?;
     // Validates every file (and refuses raw INCs) before anything changes.
-    let disk = open_chain(&chain)?;
+    let RestorePoint {
+        folder,
+        chain,
+        disk,
+    } = open_restore_point(dir, &opts.select)?;
+    let all = folder.chain()?;
     let full = chain.files[0].path.clone();
     if disk.chain().last().map(|i| i.format()) != Some(Format::Qcow2) {
         return Err(ChainError::Refused(format!(

@@ -319,8 +319,7 @@ impl Exports {
 
 /// Opens the restore point of one disk folder, described for `NBD_OPT_LIST`.
 fn restore_point(dir: &Path, select: &ChainSelect) -> Result<(Disk, String), ServeError> {
-    let (_, chain) = store::restore_chain(dir, select)?;
-    let disk = store::open_chain(&chain)?;
+    let store::RestorePoint { chain, disk, .. } = store::open_restore_point(dir, select)?;
     let point = chain.files.last().map(|f| f.name.as_str()).unwrap_or("");
     let description = format!(
         "restore point {point} of {} ({} files)",

@@ -24,4 +24,4 @@ pub use error::StoreError;
 pub use folder::{BackupDir, BackupFile, Chain};
 pub use name::Level;
 pub use place::{Folder, Place};
-pub use select::{open_chain, restore_chain, ChainSelect};
+pub use select::{open_restore_point, ChainSelect, RestorePoint};

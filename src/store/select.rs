@@ -17,14 +17,22 @@ pub struct ChainSelect {
     pub allow_outside_backing: bool,
 }
 
-/// The backup files a restore of `dir` uses, up to the restore point. Backing file names that
-/// lead out of the directory (absolute, or through `..`) are refused unless allowed: a
+/// A restore point of a backup folder: the folder, the chain up to the point, and its files
+/// opened once as one disk.
+pub struct RestorePoint {
+    pub folder: BackupDir,
+    pub chain: Chain,
+    pub disk: Disk,
+}
+
+/// Opens the restore point of `dir` that `select` names, every file once. Backing file names
+/// that lead out of the directory (absolute, or through `..`) are refused unless allowed: a
 /// hostile or misplaced backup must not make a restore read (or a commit copy) files from
-/// elsewhere on the host.
-pub fn restore_chain(dir: &Path, select: &ChainSelect) -> Result<(BackupDir, Chain), StoreError> {
-    let bd = BackupDir::scan(dir, select.filter.as_deref())?;
-    bd.refuse_partials()?;
-    let mut chain = bd.chain()?;
+/// elsewhere on the host. Raw INCs are refused (see [`open_chain`]).
+pub fn open_restore_point(dir: &Path, select: &ChainSelect) -> Result<RestorePoint, StoreError> {
+    let folder = BackupDir::scan(dir, select.filter.as_deref())?;
+    folder.refuse_partials()?;
+    let mut chain = folder.chain()?;
     if let Some(u) = &select.until {
         chain = chain.until(u, dir)?;
     }
@@ -35,22 +43,23 @@ pub fn restore_chain(dir: &Path, select: &ChainSelect) -> Result<(BackupDir, Cha
             f.name
         )));
     }
+    let disk = open_chain(&chain)?;
     if !select.allow_outside_backing {
-        for f in &chain.files {
-            refuse_outside_backing(&f.path)?;
+        for image in disk.chain() {
+            let name = image.qcow2().and_then(|q| q.backing_name());
+            refuse_outside_backing(image.path(), name)?;
         }
     }
-    Ok((bd, chain))
+    Ok(RestorePoint {
+        folder,
+        chain,
+        disk,
+    })
 }
 
 /// Refuses `file` if its backing file name is absolute or climbs out of its directory.
-pub fn refuse_outside_backing(file: &Path) -> Result<(), StoreError> {
-    let opts = crate::qcow2::OpenOptions {
-        no_backing: true,
-        ..Default::default()
-    };
-    let disk = Disk::open_with(file, &opts)?;
-    let Some(name) = disk.qcow2().and_then(|q| q.backing_name()) else {
+fn refuse_outside_backing(file: &Path, name: Option<&std::ffi::OsStr>) -> Result<(), StoreError> {
+    let Some(name) = name else {
         return Ok(());
     };
     let name = Path::new(name);
@@ -83,7 +92,7 @@ pub fn refuse_outside_backing(file: &Path) -> Result<(), StoreError> {
 
 /// Opens the chain as one disk, refusing raw INCs: a raw file cannot tell "unchanged" from
 /// "zero", so it cannot be laid over its predecessor.
-pub fn open_chain(chain: &Chain) -> Result<Disk, StoreError> {
+fn open_chain(chain: &Chain) -> Result<Disk, StoreError> {
     let paths: Vec<PathBuf> = chain.paths();
     let disk = Disk::stack(&paths)?;
     let images: Vec<_> = disk.chain().collect();
