@@ -1,7 +1,7 @@
 //! `qmprestore commit` and `snapshotrebase`: the commands that fold INCs into the FULL in
 //! place. They take the same options and differ in what the FULL keeps.
 
-use crate::options::{ChainArgs, ProgressArg};
+use crate::options::{InPlaceArgs, ProgressArg};
 use crate::report::print;
 use anyhow::Result;
 use qmpbackup::chain::commit::{self, FoldOptions};
@@ -25,10 +25,7 @@ The FULL gets the snapshot FULL-BACKUP, then one snapshot per INC named after it
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    chain: ChainArgs,
-    /// Print what would be done and change nothing.
-    #[arg(long)]
-    dry_run: bool,
+    in_place: InPlaceArgs,
     #[command(flatten)]
     progress: ProgressArg,
 }
@@ -36,19 +33,19 @@ pub struct Args {
 impl Args {
     fn options(&self) -> FoldOptions {
         FoldOptions {
-            select: self.chain.select.select(),
-            dry_run: self.dry_run,
-            rate_limit: self.chain.rate_limit,
+            select: self.in_place.chain.select.select(),
+            dry_run: self.in_place.dry_run,
+            rate_limit: self.in_place.chain.rate_limit,
             progress: self.progress.progress,
         }
     }
 }
 
 pub fn commit(a: Args) -> Result<ExitCode> {
-    print(&commit::commit(&a.chain.dir, &a.options())?.human())
+    print(&commit::commit(&a.in_place.chain.dir, &a.options())?.human())
 }
 
 pub fn snapshot_rebase(a: Args) -> Result<ExitCode> {
-    let plan = snapshot_rebase::snapshot_rebase(&a.chain.dir, &a.options())?;
-    print(&snapshot_rebase::describe(&plan, a.dry_run))
+    let plan = snapshot_rebase::snapshot_rebase(&a.in_place.chain.dir, &a.options())?;
+    print(&snapshot_rebase::describe(&plan, a.in_place.dry_run))
 }

@@ -47,6 +47,16 @@ impl SelectArgs {
     }
 }
 
+/// What the commands that change backup files in place take: the chain, and `--dry-run`.
+#[derive(Args)]
+pub struct InPlaceArgs {
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    /// Print what would be done and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
 /// `-p/--progress`.
 #[derive(Args)]
 pub struct ProgressArg {

@@ -1,6 +1,6 @@
 //! `qmprestore rebase`: links each INC to its predecessor in place (headers only).
 
-use crate::options::ChainArgs;
+use crate::options::InPlaceArgs;
 use crate::report::print;
 use anyhow::Result;
 use qmpbackup::chain::rebase::{self, RebaseOptions};
@@ -15,10 +15,7 @@ Only headers change (backing file name and format, as qemu-img rebase -u); data 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    chain: ChainArgs,
-    /// Print the planned changes and change nothing.
-    #[arg(long)]
-    dry_run: bool,
+    in_place: InPlaceArgs,
     /// Replace an existing `image` symlink.
     #[arg(long)]
     force: bool,
@@ -26,10 +23,10 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<ExitCode> {
     let opts = RebaseOptions {
-        select: a.chain.select.select(),
-        dry_run: a.dry_run,
+        select: a.in_place.chain.select.select(),
+        dry_run: a.in_place.dry_run,
         force: a.force,
     };
-    let changes = rebase::rebase(&a.chain.dir, &opts)?;
-    print(&rebase::describe(&changes, a.dry_run))
+    let changes = rebase::rebase(&a.in_place.chain.dir, &opts)?;
+    print(&rebase::describe(&changes, a.in_place.dry_run))
 }
