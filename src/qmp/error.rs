@@ -4,11 +4,10 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    #[error("{addr}: {source}")]
-    Io {
-        addr: String,
-        source: std::io::Error,
-    },
+    /// The socket failed (the cause is in the message, not chained again: callers print
+    /// error chains, which would say it twice).
+    #[error("{addr}: {err}")]
+    Io { addr: String, err: std::io::Error },
     #[error("{addr}: no answer within {} s while waiting for {what} (is another client connected to this socket?)", .after.as_secs_f64())]
     Timeout {
         addr: String,
@@ -31,6 +30,14 @@ pub enum QmpError {
 }
 
 impl QmpError {
+    /// Turns an I/O error on the socket at `addr` into [`QmpError::Io`].
+    pub fn io(addr: &str) -> impl Fn(std::io::Error) -> QmpError + Copy + '_ {
+        move |err| QmpError::Io {
+            addr: addr.to_string(),
+            err,
+        }
+    }
+
     /// The text QEMU gave for a refused command, if this is one.
     pub fn desc(&self) -> Option<&str> {
         match self {

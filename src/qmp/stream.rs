@@ -25,10 +25,7 @@ pub(super) struct Conn {
 impl Conn {
     pub fn connect(addr: &Address, timeout: Duration) -> Result<Conn> {
         let name = addr.to_string();
-        let io_err = |source| QmpError::Io {
-            addr: name.clone(),
-            source,
-        };
+        let io_err = QmpError::io(&name);
         let socket = match addr {
             Address::Unix(path) => Socket::Unix(UnixStream::connect(path).map_err(io_err)?),
             Address::Tcp { host, port } => {
@@ -55,10 +52,7 @@ impl Conn {
     }
 
     fn over(socket: Socket, name: String, timeout: Duration) -> Result<Conn> {
-        let io_err = |source| QmpError::Io {
-            addr: name.clone(),
-            source,
-        };
+        let io_err = QmpError::io(&name);
         socket.set_write_timeout(timeout).map_err(io_err)?;
         let writer = socket.try_clone().map_err(io_err)?;
         Ok(Conn {
@@ -69,18 +63,14 @@ impl Conn {
         })
     }
 
-    fn io(&self, source: io::Error) -> QmpError {
-        QmpError::Io {
-            addr: self.addr.clone(),
-            source,
-        }
+    fn io(&self, err: io::Error) -> QmpError {
+        QmpError::io(&self.addr)(err)
     }
 
     pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
-        self.writer.write_all(bytes).map_err(|e| QmpError::Io {
-            addr: self.addr.clone(),
-            source: e,
-        })
+        self.writer
+            .write_all(bytes)
+            .map_err(QmpError::io(&self.addr))
     }
 
     /// Reads up to and including `delim`, or returns `None` when `deadline` passes first.

@@ -1,7 +1,7 @@
 //! `qmprestore convert`: an image's guest-visible contents into a new raw or qcow2 file.
 
 use crate::options::{compression_type, parse_size, ProgressArg};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::ValueEnum;
 use qmpbackup::chain::convert::{self, ConvertOptions, Qcow2Output};
 use qmpbackup::qcow2::header::CompressionType;
@@ -62,7 +62,6 @@ pub fn run(a: Args) -> Result<ExitCode> {
             };
             convert::to_qcow2(&a.src, &a.dst, &opts, &qcow2)
         }
-    }
-    .with_context(|| format!("converting {}", a.src.display()))?;
+    }?;
     Ok(ExitCode::SUCCESS)
 }
