@@ -2,6 +2,7 @@
 //! dirty and corrupt bits, a completed snapshot table. Each write is made durable before the
 //! next one depends on it.
 
+use super::compare::Fixes;
 use super::Repair;
 use crate::qcow2::alloc::Refcounts;
 use crate::qcow2::error::{ErrorKind, Result};
@@ -37,16 +38,19 @@ pub(super) fn apply_repairs(
     path: &Path,
     h: &Header,
     mode: Repair,
-    too_low: &[(u64, u64)],
-    too_high: &[(u64, u64)],
-    copied: &[(u64, u64)],
+    fixes: &Fixes,
 ) -> Result<(u64, u64)> {
+    let Fixes {
+        too_low,
+        too_high,
+        copied,
+    } = fixes;
     let at = |k: ErrorKind| k.at(path);
     let (file, _ours) = crate::qcow2::lock::open_for_write(path).map_err(at)?;
     let mut refs = Refcounts::load(&file, h).map_err(at)?;
     let mut fixed_corruptions = 0;
     if mode == Repair::All {
-        for &(c, r) in too_low {
+        for &(c, r) in too_low.iter() {
             refs.set(&file, c, r).map_err(at)?;
             fixed_corruptions += 1;
         }
@@ -59,7 +63,7 @@ pub(super) fn apply_repairs(
         write_copied(&file, copied).map_err(at)?;
         fixed_corruptions += copied.len() as u64;
     }
-    for &(c, r) in too_high {
+    for &(c, r) in too_high.iter() {
         refs.set(&file, c, r).map_err(at)?;
     }
     refs.write_back(&file).map_err(at)?;
