@@ -378,6 +378,13 @@ fn verify_file(f: &BackupFile) -> FileResult {
                         first.join("; ")
                     ));
                 }
+                if c.check_errors > 0 {
+                    // The check missed part of the image: it cannot vouch for it.
+                    res.problems.push(format!(
+                        "{} structures could not be read, so the check is incomplete",
+                        c.check_errors
+                    ));
+                }
                 if c.leaks > 0 {
                     res.notes.push(format!(
                         "{} leaked clusters (harmless; check --repair leaks frees them)",

@@ -42,6 +42,17 @@ impl ErrorKind {
     }
 }
 
+impl ErrorKind {
+    /// The problem alone, without the "corrupt image: " that says what kind it is: for
+    /// reports that list problems (`check`'s), where every line is one.
+    pub fn detail(&self) -> String {
+        match self {
+            ErrorKind::Corrupt(m) => m.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// Shorthand for a [`ErrorKind::Corrupt`] with a formatted message.
 pub(crate) fn corrupt(msg: impl Into<String>) -> ErrorKind {
     ErrorKind::Corrupt(msg.into())

@@ -27,6 +27,22 @@ pub const MAX_SNAPSHOTS: u32 = 65536;
 pub const MAX_BACKING_NAME: u32 = 1023;
 /// Host offsets must stay below 2^56 (bits 56.. of table entries are flags).
 pub const MAX_HOST_OFFSET: u64 = (1 << 56) - 1;
+/// Bytes of a snapshot table entry without its variable part (what QEMU bounds the table by).
+const SNAPSHOT_HEADER_LEN: u64 = 40;
+
+/// Why a structure of `len` bytes at `offset` cannot be read whole: it extends past the end of
+/// a file of `file_len` bytes. The reader refuses such a structure; `check` reports it in the
+/// same words and reads it as QEMU does, with zeros past the end.
+pub fn past_end(what: &str, offset: u64, len: u64, file_len: u64) -> Option<String> {
+    offset
+        .checked_add(len)
+        .is_none_or(|end| end > file_len)
+        .then(|| {
+            format!(
+                "{what} at {offset:#x} ({len} bytes) extends past the end of the file ({file_len} bytes)"
+            )
+        })
+}
 
 /// The three groups of feature bits, as the feature name table numbers them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +179,28 @@ impl Header {
     /// [`PROBE_LENGTH`] bytes or the whole file if shorter. Checks that need the file size or the
     /// feature name table are in [`Header::validate`] and the image open code.
     pub fn parse(buf: &[u8]) -> Result<Header, ErrorKind> {
+        Header::parse_with(buf, &mut |problem| Err(corrupt(problem)))
+    }
+
+    /// [`Header::parse`] for `check`, which examines what the reader refuses where QEMU opens
+    /// the image: a table placed on the header or beyond the largest host offset (QEMU only
+    /// asks for alignment and an offset that fits in 63 bits). Those placements are returned
+    /// as problems instead of errors; everything else fails as in [`Header::parse`].
+    pub fn parse_for_check(buf: &[u8]) -> Result<(Header, Vec<String>), ErrorKind> {
+        let mut problems = Vec::new();
+        let h = Header::parse_with(buf, &mut |problem| {
+            problems.push(problem);
+            Ok(())
+        })?;
+        Ok((h, problems))
+    }
+
+    /// The parser; `placement` decides whether a table placement QEMU accepts but the reader
+    /// refuses ends the parsing (its error) or is only recorded.
+    fn parse_with(
+        buf: &[u8],
+        placement: &mut dyn FnMut(String) -> Result<(), ErrorKind>,
+    ) -> Result<Header, ErrorKind> {
         if buf.len() < V2_HEADER_LENGTH as usize {
             return Err(corrupt(format!(
                 "file is {} bytes, too short for a qcow2 header",
@@ -254,7 +292,8 @@ impl Header {
             )));
         }
         if h.nb_snapshots > 0 {
-            h.check_table_offset(h.snapshots_offset, "snapshot table")?;
+            let len = h.nb_snapshots as u64 * SNAPSHOT_HEADER_LEN;
+            h.check_table_offset(h.snapshots_offset, len, "snapshot table", placement)?;
         } else if h.snapshots_offset % h.cluster_size() != 0 {
             // QEMU refuses this even without snapshots ("Snapshot table offset invalid").
             return Err(corrupt(format!(
@@ -281,11 +320,12 @@ impl Header {
                 h.l1_size, h.size
             )));
         }
+        let l1_len = h.l1_size as u64 * 8;
         if h.l1_size > 0 {
-            h.check_table_offset(h.l1_table_offset, "L1 table")?;
+            h.check_table_offset(h.l1_table_offset, l1_len, "L1 table", placement)?;
         } else if h.l1_table_offset % h.cluster_size() != 0 {
             // QEMU checks the offset of an empty table too ("Active L1 table offset invalid").
-            h.check_table_offset(h.l1_table_offset, "L1 table")?;
+            h.check_table_offset(h.l1_table_offset, l1_len, "L1 table", placement)?;
         }
         if h.refcount_table_clusters as u64 * h.cluster_size() > MAX_REFCOUNT_TABLE_BYTES {
             return Err(corrupt(format!(
@@ -296,7 +336,8 @@ impl Header {
         // QEMU opens an image whose refcount table lies on the header (offset 0): reads do not
         // use refcounts, so only `check` reports it and writers refuse it.
         if h.refcount_table_offset != 0 {
-            h.check_table_offset(h.refcount_table_offset, "refcount table")?;
+            let len = h.refcount_table_clusters as u64 * h.cluster_size();
+            h.check_table_offset(h.refcount_table_offset, len, "refcount table", placement)?;
         }
         if version == 3 && h.header_length > 112 {
             let end = (h.header_length as usize).min(buf.len());
@@ -305,30 +346,40 @@ impl Header {
         Ok(h)
     }
 
-    fn check_table_offset(&self, offset: u64, what: &str) -> Result<(), ErrorKind> {
-        let problem = if offset == 0 {
-            "overlaps the image header"
-        } else if offset % self.cluster_size() != 0 {
-            "is not cluster aligned"
+    /// Checks where a table of `len` bytes at `offset` lies. QEMU refuses an unaligned table
+    /// and one whose end does not fit in 63 bits ("offset invalid"): so does every open. A
+    /// table on the header or past the largest host offset goes to `placement`.
+    fn check_table_offset(
+        &self,
+        offset: u64,
+        len: u64,
+        what: &str,
+        placement: &mut dyn FnMut(String) -> Result<(), ErrorKind>,
+    ) -> Result<(), ErrorKind> {
+        let problem = |p: &str| format!("{what} offset {offset:#x} {p}");
+        const BEYOND: &str = "lies beyond the largest host offset qcow2 can address";
+        if offset % self.cluster_size() != 0 {
+            Err(corrupt(problem("is not cluster aligned")))
+        } else if offset
+            .checked_add(len)
+            .is_none_or(|end| end > i64::MAX as u64)
+        {
+            Err(corrupt(problem(BEYOND)))
+        } else if offset == 0 {
+            placement(problem("overlaps the image header"))
         } else if offset > MAX_HOST_OFFSET {
-            "lies beyond the largest host offset qcow2 can address"
+            placement(problem(BEYOND))
         } else {
-            return Ok(());
-        };
-        Err(corrupt(format!("{what} offset {offset:#x} {problem}")))
+            Ok(())
+        }
     }
 
-    /// Checks the tables the header points to against the file length (the snapshot table's
-    /// start too with `snapshots`).
-    pub fn validate(&self, file_len: u64, snapshots: bool) -> Result<(), ErrorKind> {
-        let fits = |offset: u64, len: u64, what: &str| {
-            if offset.checked_add(len).is_none_or(|end| end > file_len) {
-                Err(corrupt(format!(
-                    "{what} at {offset:#x} ({len} bytes) extends past the end of the file ({file_len} bytes)"
-                )))
-            } else {
-                Ok(())
-            }
+    /// Checks the tables the header points to against the file length (the snapshot table by
+    /// its first entry).
+    pub fn validate(&self, file_len: u64) -> Result<(), ErrorKind> {
+        let fits = |offset: u64, len: u64, what: &str| match past_end(what, offset, len, file_len) {
+            Some(problem) => Err(corrupt(problem)),
+            None => Ok(()),
         };
         if self.l1_size > 0 {
             fits(self.l1_table_offset, self.l1_size as u64 * 8, "L1 table")?;
@@ -338,8 +389,8 @@ impl Header {
             self.refcount_table_clusters as u64 * self.cluster_size(),
             "refcount table",
         )?;
-        if snapshots && self.nb_snapshots > 0 {
-            fits(self.snapshots_offset, 40, "snapshot table")?;
+        if self.nb_snapshots > 0 {
+            fits(self.snapshots_offset, SNAPSHOT_HEADER_LEN, "snapshot table")?;
         }
         Ok(())
     }

@@ -33,6 +33,23 @@ pub struct DataFile {
     len: u64,
 }
 
+/// Why the reader refuses a cluster of guest data; the message is the reader's error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// It starts past the end of the file: nothing of it can be read.
+    PastEnd(String),
+    /// It lies on metadata: read, it would hand that structure's bytes to the guest.
+    Overlap(String),
+}
+
+impl Refusal {
+    pub fn message(&self) -> &str {
+        match self {
+            Refusal::PastEnd(m) | Refusal::Overlap(m) => m,
+        }
+    }
+}
+
 /// A parsed qcow2 image (one file, without its backing chain).
 pub struct Qcow2 {
     /// What an open for `check` found and tolerated (empty for a normal open).
@@ -71,9 +88,15 @@ impl Qcow2 {
         Qcow2::open_as(path, Mode::Read)
     }
 
-    /// Opens an image for `check`, which must examine what a normal open refuses: a snapshot
-    /// table that cannot be read whole, or entries with unusable L1 tables, are left out and
-    /// listed in [`Qcow2::check_findings`] instead (as QEMU's check does).
+    /// Opens an image for `check`, which must examine what a normal open refuses wherever
+    /// QEMU opens the image: a table on the header or past the largest host offset, a backing
+    /// file name offset inside the header, an L2 table on other metadata are listed in
+    /// [`Qcow2::check_findings`]; a snapshot table that cannot be read whole, or entries with
+    /// unusable L1 tables, are left out and listed there too (as QEMU's check does). Tables
+    /// that extend past the end of the file read as zeros there, as in QEMU, and L1 entries
+    /// sharing an L2 table are kept: the check reports both. What QEMU cannot open either (a
+    /// header it does not understand, unknown features, bad extensions, encryption, an
+    /// unaligned table) fails as in [`Qcow2::open`].
     pub fn open_for_check(path: &Path) -> Result<Qcow2> {
         Qcow2::open_as(path, Mode::Check)
     }
@@ -103,15 +126,16 @@ impl Qcow2 {
         let file_len = file.size().map_err(|e| at(e.into()))?;
         let mut probe = vec![0u8; header::PROBE_LENGTH.min(file_len as usize)];
         read_exact(&*file, &mut probe, 0, "header").map_err(|e| at(e.into()))?;
-        let header = Header::parse(&probe).map_err(at)?;
-        header.validate(file_len, mode == Mode::Read).map_err(at)?;
-        let mut findings = Vec::new();
-        if header.refcount_table_clusters == 0 {
-            let problem = "the image does not contain a reference count table";
-            match mode {
-                // As QEMU: nothing could be written safely, and the image is not what it says.
-                Mode::Read => return Err(at(corrupt(problem))),
-                Mode::Check => findings.push(problem.to_string()),
+        let (header, mut findings) = match mode {
+            Mode::Read => (Header::parse(&probe).map_err(at)?, Vec::new()),
+            Mode::Check => Header::parse_for_check(&probe).map_err(at)?,
+        };
+        if mode == Mode::Read {
+            header.validate(file_len).map_err(at)?;
+            // As QEMU: nothing could be written safely, and the image is not what it says.
+            // (`check` reports it and repairs it with a new structure.)
+            if header.refcount_table_clusters == 0 {
+                return Err(at(corrupt(refcount::NO_TABLE)));
             }
         }
 
@@ -119,16 +143,24 @@ impl Qcow2 {
         let mut cluster0 = vec![0u8; cs.min(file_len) as usize];
         read_exact(&*file, &mut cluster0, 0, "header cluster").map_err(|e| at(e.into()))?;
         let ext_start = header.extensions_offset() as usize;
-        let ext_end = if header.backing_file_offset != 0 {
+        let mut ext_end = if header.backing_file_offset != 0 {
             header.backing_file_offset as usize
         } else {
             cluster0.len()
         };
         if ext_end < ext_start || ext_end > cluster0.len() {
-            return Err(at(corrupt(format!(
+            let problem = format!(
                 "backing file name offset {:#x} lies inside the header or past the end of the file",
                 header.backing_file_offset
-            ))));
+            );
+            // Inside the header, QEMU reads no extensions, and a name from the header's own
+            // bytes; `check` goes on as it does.
+            let inside_header = header.backing_file_offset != 0 && ext_start <= cluster0.len();
+            if mode == Mode::Read || !inside_header || ext_end > cluster0.len() {
+                return Err(at(corrupt(problem)));
+            }
+            findings.push(problem);
+            ext_end = ext_start;
         }
         let ext = Extensions::parse(&cluster0[ext_start..ext_end]).map_err(at)?;
 
@@ -164,10 +196,16 @@ impl Qcow2 {
             );
         }
 
-        let backing_name = header.has_backing_file().then(|| {
-            let o = header.backing_file_offset as usize;
-            OsStr::from_bytes(&cluster0[o..o + header.backing_file_size as usize]).to_os_string()
-        });
+        let backing_name = match header.has_backing_file() {
+            true => {
+                let o = header.backing_file_offset as usize;
+                let name = cluster0
+                    .get(o..o + header.backing_file_size as usize)
+                    .ok_or_else(|| at(corrupt("the file ends inside the backing file name")))?;
+                Some(OsStr::from_bytes(name).to_os_string())
+            }
+            false => None,
+        };
 
         if header.data_file_raw() && !header.has_data_file() {
             return Err(at(corrupt("data-file-raw requires a data file")));
@@ -196,8 +234,15 @@ impl Qcow2 {
             None
         };
 
-        let l1 = l1::read_table(&*file, header.l1_table_offset, header.l1_size).map_err(at)?;
-        l1::check_distinct(&l1).map_err(at)?;
+        let l1 = match mode {
+            Mode::Read => {
+                let l1 = l1::read_table(&*file, header.l1_table_offset, header.l1_size);
+                l1.and_then(|t| l1::check_distinct(&t).map(|_| t))
+                    .map_err(at)?
+            }
+            Mode::Check => l1::read_table_for_check(&*file, header.l1_table_offset, header.l1_size)
+                .map_err(|e| at(e.into()))?,
+        };
         let table = snapshot::TableAt {
             offset: header.snapshots_offset,
             count: header.nb_snapshots,
@@ -219,7 +264,7 @@ impl Qcow2 {
             }
             _ => Vec::new(),
         };
-        let metadata = super::overlap::Metadata::new(&super::overlap::Structures {
+        let structures = super::overlap::Structures {
             header: &header,
             l1: &l1,
             snapshots: &snapshots,
@@ -228,8 +273,15 @@ impl Qcow2 {
                 .as_ref()
                 .filter(|_| !bitmaps.is_empty())
                 .map(|e| (e, &bitmaps[..])),
-        })
-        .map_err(at)?;
+        };
+        let metadata = match mode {
+            Mode::Read => super::overlap::Metadata::new(&structures).map_err(at)?,
+            Mode::Check => {
+                let (metadata, overlaps) = super::overlap::Metadata::collect(&structures);
+                findings.extend(overlaps);
+                metadata
+            }
+        };
         findings.extend(problems);
         Ok(Qcow2 {
             check_findings: findings,
@@ -260,9 +312,16 @@ impl Qcow2 {
         self.snapshot_table_len
     }
 
-    /// The faults an open for `check` left out (see [`Qcow2::open_for_check`]).
+    /// The faults an open for `check` let through or left out (see
+    /// [`Qcow2::open_for_check`]).
     pub fn check_findings(&self) -> &[String] {
         &self.check_findings
+    }
+
+    /// The L1 table this view maps guest offsets through (the active one, or a snapshot's
+    /// after [`Qcow2::select_snapshot`]).
+    pub fn l1_table(&self) -> &[L1Entry] {
+        &self.l1
     }
 
     pub fn header(&self) -> &Header {
@@ -321,13 +380,8 @@ impl Qcow2 {
                 ErrorKind::NotFound(format!("no snapshot with id or name '{key}'")).at(&self.path)
             })?
             .clone();
-        let end = snap.l1_table_offset.checked_add(snap.l1_size as u64 * 8);
-        if snap.l1_table_offset == 0 || end.is_none_or(|end| end > self.file_len) {
-            return Err(corrupt(format!(
-                "snapshot '{}': L1 table at {:#x} lies outside the file",
-                snap.name, snap.l1_table_offset
-            ))
-            .at(&self.path));
+        if let Some(problem) = snap.l1_refusal(self.file_len) {
+            return Err(corrupt(problem).at(&self.path));
         }
         self.l1 = l1::read_table(&*self.file, snap.l1_table_offset, snap.l1_size)
             .and_then(|t| l1::check_distinct(&t).map(|_| t))
@@ -400,44 +454,59 @@ impl Qcow2 {
     /// after the checks every read makes: inside the file, not on metadata. Bytes past the
     /// end of the file read as zeros.
     pub fn data_source(&self, host: u64, len: u64) -> Result<(&dyn Storage, &Path)> {
-        let (storage, file_len, path) = match &self.data_file {
-            Some(d) => (&*d.storage, d.len, d.path.as_path()),
-            None => (&*self.file, self.file_len, self.path.as_path()),
+        let (storage, path) = match &self.data_file {
+            Some(d) => (&*d.storage, d.path.as_path()),
+            None => (&*self.file, self.path.as_path()),
         };
-        if host >= file_len {
-            return Err(corrupt(format!(
-                "data cluster at host offset {host:#x} lies past the end of the file ({file_len} bytes)"
-            ))
-            .at(path));
+        match self.data_refusal(host, len) {
+            Some(refusal) => Err(corrupt(refusal.message()).at(path)),
+            None => Ok((storage, path)),
         }
-        if self.data_file.is_none() {
-            self.refuse_overlap("data", host, len)?;
-        }
-        Ok((storage, path))
     }
 
-    /// Refuses guest data at `[host, host + len)` of the image file if metadata lives there.
-    fn refuse_overlap(&self, what: &str, host: u64, len: u64) -> Result<()> {
-        match self.metadata.overlap(host, len) {
-            Some(structure) => Err(corrupt(format!(
+    /// Why guest data at `[host, host + len)` (uncompressed, in the image or its data file)
+    /// is refused: it starts past the end of the file, or lies on metadata of the image file.
+    /// `check` reports the same of every allocated cluster.
+    pub fn data_refusal(&self, host: u64, len: u64) -> Option<Refusal> {
+        let file_len = self.data_file.as_ref().map_or(self.file_len, |d| d.len);
+        if host >= file_len {
+            return Some(Refusal::PastEnd(format!(
+                "data cluster at host offset {host:#x} lies past the end of the file ({file_len} bytes)"
+            )));
+        }
+        match self.data_file {
+            Some(_) => None,
+            None => self.overlap_refusal("data", host, len),
+        }
+    }
+
+    /// Why a compressed cluster is refused: it starts past the end of the file, or its bytes
+    /// (up to the end of the file) lie on metadata.
+    pub fn compressed_refusal(&self, d: CompressedDescriptor) -> Option<Refusal> {
+        if d.offset >= self.file_len {
+            return Some(Refusal::PastEnd(format!(
+                "compressed cluster at host offset {:#x} lies past the end of the file ({} bytes)",
+                d.offset, self.file_len
+            )));
+        }
+        let len = d.max_len.min(self.file_len - d.offset);
+        self.overlap_refusal("compressed", d.offset, len)
+    }
+
+    fn overlap_refusal(&self, what: &str, host: u64, len: u64) -> Option<Refusal> {
+        self.metadata.overlap(host, len).map(|structure| {
+            Refusal::Overlap(format!(
                 "{what} cluster at host offset {host:#x} overlaps {structure}"
             ))
-            .at(&self.path)),
-            None => Ok(()),
-        }
+        })
     }
 
     /// Decompresses one compressed cluster into `out` (one cluster long).
     pub fn read_compressed(&self, d: CompressedDescriptor, out: &mut [u8]) -> Result<()> {
-        if d.offset >= self.file_len {
-            return Err(corrupt(format!(
-                "compressed cluster at host offset {:#x} lies past the end of the file ({} bytes)",
-                d.offset, self.file_len
-            ))
-            .at(&self.path));
+        if let Some(refusal) = self.compressed_refusal(d) {
+            return Err(corrupt(refusal.message()).at(&self.path));
         }
         let len = d.max_len.min(self.file_len - d.offset) as usize;
-        self.refuse_overlap("compressed", d.offset, len as u64)?;
         let mut input = vec![0u8; len];
         read_exact(&*self.file, &mut input, d.offset, "compressed cluster")
             .map_err(|e| ErrorKind::Io(e).at(&self.path))?;
@@ -476,10 +545,8 @@ impl Qcow2 {
         if block == 0 {
             return Ok(0);
         }
-        if block % self.cluster_size() != 0 || block + self.cluster_size() > self.file_len {
-            return Err(at(corrupt(format!(
-                "refcount block at {block:#x} is unaligned or past the end of the file"
-            ))));
+        if let Some(problem) = refcount::block_refusal(block, self.cluster_size(), self.file_len) {
+            return Err(at(corrupt(problem)));
         }
         let mut bytes = vec![0u8; self.cluster_size() as usize];
         read_exact(&*self.file, &mut bytes, block, "refcount block").map_err(|e| at(e.into()))?;

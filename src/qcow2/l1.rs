@@ -1,7 +1,7 @@
 //! The L1 table: one 64-bit entry per L2 table, contiguous on disk.
 
 use super::error::{corrupt, ErrorKind};
-use super::storage::{read_exact, Storage};
+use super::storage::{read_exact, read_zero_padded, Storage};
 use byteorder::{BigEndian, ByteOrder};
 
 /// Bits 9..55 of an L1 entry: the L2 table's host offset.
@@ -59,10 +59,29 @@ pub fn read_table(
 ) -> Result<Vec<L1Entry>, ErrorKind> {
     let mut bytes = vec![0u8; entries as usize * 8];
     read_exact(storage, &mut bytes, offset, "L1 table")?;
-    Ok(bytes
+    Ok(decode(&bytes))
+}
+
+/// Reads an L1 table as QEMU reads one the reader refuses, for `check` (which reports the
+/// table's end separately): entries past the end of the file read as zeros, unallocated, so
+/// the table returned stops at the last entry the file holds. A table that claims to lie past
+/// the end costs no memory.
+pub fn read_table_for_check(
+    storage: &dyn Storage,
+    offset: u64,
+    entries: u32,
+) -> std::io::Result<Vec<L1Entry>> {
+    let inside = storage.size()?.saturating_sub(offset).div_ceil(8);
+    let mut bytes = vec![0u8; inside.min(entries as u64) as usize * 8];
+    read_zero_padded(storage, &mut bytes, offset)?;
+    Ok(decode(&bytes))
+}
+
+fn decode(bytes: &[u8]) -> Vec<L1Entry> {
+    bytes
         .chunks_exact(8)
         .map(|c| L1Entry(BigEndian::read_u64(c)))
-        .collect())
+        .collect()
 }
 
 /// Checks that no two entries of one L1 table point to the same L2 table. A valid image never

@@ -39,8 +39,9 @@ pub fn run(
             .classify(f, (u % per_cluster) as u32)
             .map_err(|k| {
                 corrupt(format!(
-                    "guest offset {:#x}: {k}",
-                    cluster * f.cluster_size()
+                    "guest offset {:#x}: {}",
+                    cluster * f.cluster_size(),
+                    k.detail()
                 ))
             })
     };

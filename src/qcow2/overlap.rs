@@ -36,6 +36,16 @@ impl Metadata {
     /// guest as data. A refcount block on an L2 table is the refcount table's damage: reads
     /// do not use refcounts and stay right, `check` reports it and writers refuse the image.
     pub fn new(s: &Structures) -> Result<Metadata, ErrorKind> {
+        let (metadata, problems) = Metadata::collect(s);
+        match problems.into_iter().next() {
+            Some(problem) => Err(corrupt(problem)),
+            None => Ok(metadata),
+        }
+    }
+
+    /// The ranges, and every L2 table that lies on another structure as a problem (what
+    /// [`Metadata::new`] refuses), for `check`, which reports them all.
+    pub fn collect(s: &Structures) -> (Metadata, Vec<String>) {
         let h = s.header;
         let cs = h.cluster_size();
         // Offsets come from the file: a snapshot's L1 offset is not validated on open (it is
@@ -73,19 +83,18 @@ impl Metadata {
             );
         }
         let others = Metadata::merged(r.clone());
+        let mut problems = Vec::new();
         for (i, e) in s.l1.iter().enumerate() {
             let o = e.l2_offset();
             if o == 0 {
                 continue;
             }
             if let Some(what) = others.overlap(o, cs) {
-                return Err(corrupt(format!(
-                    "L2 table at {o:#x} (L1 index {i}) overlaps {what}"
-                )));
+                problems.push(format!("L2 table at {o:#x} (L1 index {i}) overlaps {what}"));
             }
             r.push(range(o, cs, "an L2 table"));
         }
-        Ok(Metadata::merged(r))
+        (Metadata::merged(r), problems)
     }
 
     fn merged(mut r: Vec<(u64, u64, &'static str)>) -> Metadata {

@@ -4,11 +4,13 @@
 //! big-endian; narrower ones are packed least significant bits first within each byte.
 
 use super::error::{corrupt, ErrorKind};
-use super::storage::{read_exact, Storage};
+use super::storage::{read_exact, read_zero_padded, Storage};
 use byteorder::{BigEndian, ByteOrder};
 
 /// Bits 9..63 of a refcount table entry: the refcount block's offset.
 pub const OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Why an image without a refcount table is refused (and what `check` reports of it).
+pub const NO_TABLE: &str = "the image does not contain a reference count table";
 /// Bits 0..8 of a refcount table entry: reserved, must be zero.
 pub const RESERVED_MASK: u64 = 0x1ff;
 
@@ -80,9 +82,8 @@ pub fn set(block: &mut [u8], index: u64, order: u32, value: u64) {
     }
 }
 
-/// Reads the refcount table (`clusters` clusters at `offset`) as its raw entries, for
-/// `check`, which judges each entry itself.
-pub fn read_entries(
+/// Reads the refcount table (`clusters` clusters at `offset`) as its raw entries.
+fn read_entries(
     storage: &dyn Storage,
     offset: u64,
     clusters: u32,
@@ -91,6 +92,27 @@ pub fn read_entries(
     let mut bytes = vec![0u8; (clusters as usize) << cluster_bits];
     read_exact(storage, &mut bytes, offset, "refcount table")?;
     Ok(bytes.chunks_exact(8).map(BigEndian::read_u64).collect())
+}
+
+/// Reads the refcount table's raw entries for `check`, which judges each entry itself, as
+/// QEMU reads them: entries past the end of the file read as zeros (check reports the table's
+/// end separately).
+pub fn read_entries_padded(
+    storage: &dyn Storage,
+    offset: u64,
+    clusters: u32,
+    cluster_bits: u32,
+) -> std::io::Result<Vec<u64>> {
+    let mut bytes = vec![0u8; (clusters as usize) << cluster_bits];
+    read_zero_padded(storage, &mut bytes, offset)?;
+    Ok(bytes.chunks_exact(8).map(BigEndian::read_u64).collect())
+}
+
+/// Why the reader refuses the refcount block at `block` (non-zero) of a file of `file_len`
+/// bytes: unaligned, or not wholly inside the file.
+pub fn block_refusal(block: u64, cluster_size: u64, file_len: u64) -> Option<String> {
+    (block % cluster_size != 0 || block.saturating_add(cluster_size) > file_len)
+        .then(|| format!("refcount block at {block:#x} is unaligned or past the end of the file"))
 }
 
 /// Reads the refcount table as block offsets, refusing blocks that are not cluster aligned.

@@ -51,6 +51,18 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Why the reader refuses this snapshot's L1 table in a file of `file_len` bytes: on the
+    /// header, or not wholly inside the file.
+    pub fn l1_refusal(&self, file_len: u64) -> Option<String> {
+        let end = self.l1_table_offset.checked_add(self.l1_size as u64 * 8);
+        (self.l1_table_offset == 0 || end.is_none_or(|end| end > file_len)).then(|| {
+            format!(
+                "snapshot '{}': L1 table at {:#x} lies outside the file",
+                self.name, self.l1_table_offset
+            )
+        })
+    }
+
     /// Size of this entry on disk, padding included.
     pub fn encoded_len(&self) -> usize {
         (Entry::LEN + self.extra_len() + self.id.len() + self.name.len()).div_ceil(8) * 8
