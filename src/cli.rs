@@ -4,6 +4,7 @@
 
 use clap::Command;
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 
 /// Backups and restored images hold whole guest disks: every folder and file the process
@@ -27,14 +28,35 @@ pub fn completions(shell: clap_complete::Shell, mut cmd: Command, out: &mut dyn 
     clap_complete::generate(shell, &mut cmd, name, out);
 }
 
-/// Prints the manual page of `cmd` (roff, section 1) on standard output.
-pub fn print_man(cmd: Command) -> ExitCode {
+/// The manual: with `dir`, one page per command and subcommand (`qmprestore.1`,
+/// `qmprestore-merge.1`, …, the pages the main page's SUBCOMMANDS section names) written into
+/// `dir`, their paths printed; without, the main page (roff, section 1) on standard output.
+pub fn man(cmd: Command, dir: Option<&Path>) -> ExitCode {
     let name = cmd.get_name().to_string();
-    match clap_mangen::Man::new(cmd).render(&mut std::io::stdout()) {
+    let result = match dir {
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+        Some(dir) => write_pages(cmd, dir),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{name}: {e}");
+            let place = dir.map_or("standard output".into(), |d| d.display().to_string());
+            eprintln!("{name}: writing the manual to {place}: {e}");
             ExitCode::from(1)
         }
     }
+}
+
+fn write_pages(cmd: Command, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = cmd.disable_help_subcommand(true);
+    // Gives each subcommand its display name (`qmprestore-merge`), which names its page.
+    cmd.build();
+    let mut pages = vec![cmd.clone()];
+    pages.extend(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    for page in pages {
+        let path = clap_mangen::Man::new(page).generate_to(dir)?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }

@@ -89,8 +89,15 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff) on standard output.
-    Man,
+    /// Print the manual page (roff) on standard output, or write every page into a folder.
+    #[command(after_help = "Examples:
+  qmpbackup man > /usr/local/share/man/man1/qmpbackup.1
+  qmpbackup man --dir /usr/local/share/man/man1   (qmpbackup.1, qmpbackup-backup.1, ...)")]
+    Man {
+        /// Write one page per command (qmpbackup.1, qmpbackup-backup.1, …) into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,7 +112,7 @@ fn main() -> ExitCode {
             qmpbackup::cli::completions(*shell, Cli::command(), &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
-        Command::Man => return qmpbackup::cli::print_man(Cli::command()),
+        Command::Man { dir } => return qmpbackup::cli::man(Cli::command(), dir.as_deref()),
         _ => {}
     }
     qmpbackup::store::bucket::register();
@@ -197,7 +204,7 @@ fn run(cli: Cli, socket: &str) -> Result<()> {
         }
         Command::Cleanup(a) => cleanup::run(&mut qmp, &a),
         Command::Info(a) => info::run(&mut qmp, &a),
-        Command::Push(_) | Command::Completions { .. } | Command::Man => {
+        Command::Push(_) | Command::Completions { .. } | Command::Man { .. } => {
             unreachable!("handled before")
         }
     }

@@ -104,10 +104,15 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff) on standard output.
-    #[command(after_help = "Example:
-  qmprestore man > /usr/local/share/man/man1/qmprestore.1")]
-    Man,
+    /// Print the manual page (roff) on standard output, or write every page into a folder.
+    #[command(after_help = "Examples:
+  qmprestore man > /usr/local/share/man/man1/qmprestore.1
+  qmprestore man --dir /usr/local/share/man/man1   (qmprestore.1, qmprestore-merge.1, ...)")]
+    Man {
+        /// Write one page per command (qmprestore.1, qmprestore-merge.1, …) into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -117,7 +122,7 @@ fn main() -> ExitCode {
             qmpbackup::cli::completions(shell, Cli::command(), &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
-        Command::Man => return qmpbackup::cli::print_man(Cli::command()),
+        Command::Man { dir } => return qmpbackup::cli::man(Cli::command(), dir.as_deref()),
         _ => {}
     }
     init_logging(cli.debug);
@@ -169,6 +174,6 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Snapshot(a) => snapshot::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Serve(a) => serve::run(a),
-        Command::Completions { .. } | Command::Man => unreachable!("handled in main"),
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled in main"),
     }
 }
