@@ -729,8 +729,8 @@ struct LoopDevice {
 }
 
 impl LoopDevice {
-    /// Attaches `file`; `None` (with a loud message) where that is not permitted, a failure in
-    /// CI, where the tests run as root.
+    /// Attaches `file`; `None` (after the skip, a failure in CI, where the tests run as root)
+    /// where that is not permitted.
     fn attach(file: &Path) -> Option<LoopDevice> {
         let o = Command::new("losetup")
             .args(["--find", "--show"])
@@ -745,10 +745,9 @@ impl LoopDevice {
                     Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
                     Err(e) => e.to_string(),
                 };
-                if std::env::var("CI").as_deref() == Ok("true") {
-                    panic!("attaching a loop device is required in CI: {why}");
-                }
-                eprintln!("\n!!! SKIPPING: cannot attach a loop device ({why}); merge onto a block device was not tested !!!\n");
+                skip(&format!(
+                    "cannot attach a loop device ({why}); merge onto a block device was not tested"
+                ));
                 None
             }
         }

@@ -691,11 +691,7 @@ fn kill_push_with_parts(g: &Garage, args: &[&str], big: &Path) -> Option<resume:
     push.wait().unwrap();
     if !killed {
         // Only a machine much faster than these uploads 384 MiB before a part is listed.
-        assert!(
-            std::env::var("CI").is_err(),
-            "the push finished before it could be killed"
-        );
-        eprintln!("the push finished before it could be killed: resumption not tested");
+        common::skip("the push finished before it could be killed: resumption not tested");
         return None;
     }
     held

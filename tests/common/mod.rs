@@ -20,8 +20,8 @@ pub fn copy_sample_chain(dest: &Path) {
     run(Command::new("cp").arg("-r").arg(sample_chain()).arg(dest));
 }
 
-/// Whether a reference tool is installed. Missing locally: a loud skip. Missing in CI
-/// (`CI=true`): a failure, because there the tools are installed and must be used.
+/// Whether a reference tool is installed; when it is not, the test [`skip`]s (a failure in
+/// CI).
 pub fn have(tool: &str) -> bool {
     have_answering(tool, "--version")
 }
@@ -34,16 +34,50 @@ pub fn have_answering(tool: &str, version_arg: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{tool} is required in CI but is not installed");
-        }
-        eprintln!("\n!!! SKIPPING: {tool} is not installed; this oracle test did not run !!!\n");
+        skip(&format!("{tool} is not installed"));
     }
     ok
 }
 
-/// A temporary folder for a test that needs `tool`; `None` (after the loud skip, or a panic
-/// in CI) when it is missing.
+/// The file `scripts/test` names in this variable gets a line `SKIPPED: <binary>::<test>:
+/// <reason>` for every skip, so its summary counts skipped tests apart from passed ones.
+pub const SKIP_LOG: &str = "QMPBACKUP_SKIP_LOG";
+
+/// The one way a test says that its real component (a reference tool, a store, a loop
+/// device, ...) is missing and what it checks did not run (all of it: the caller returns
+/// early; or a part, which then says so in `reason`). Locally a loud message, and a line in
+/// the file [`SKIP_LOG`] names; with `CI=true` a failure, because there every component is
+/// installed and must be used.
+pub fn skip(reason: &str) {
+    let test = current_test();
+    let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {reason}: CI=true requires it, so this is a failure, not a skip");
+    }
+    eprintln!("\n!!! SKIPPED: {test}: {reason} !!!\n");
+    if let Some(log) = std::env::var_os(SKIP_LOG) {
+        use std::io::Write;
+        // One write of one line to a file opened for appending: lines of tests running at
+        // once (threads or processes) never interleave.
+        let line = format!("SKIPPED: {test}: {reason}\n");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .unwrap_or_else(|e| panic!("{SKIP_LOG}={}: {e}", Path::new(&log).display()));
+    }
+}
+
+/// `<test binary>::<test>`: libtest runs each test on a thread named after it.
+fn current_test() -> String {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("<unnamed thread>");
+    format!("{}::{name}", env!("CARGO_CRATE_NAME"))
+}
+
+/// A temporary folder for a test that needs `tool`; `None` (after the [`skip`]) when it is
+/// missing.
 pub fn needs(tool: &str) -> Option<tempfile::TempDir> {
     have(tool).then(|| tempfile::tempdir().unwrap())
 }
