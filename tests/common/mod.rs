@@ -100,6 +100,42 @@ pub fn aws_env<'a>(cmd: &'a mut Command, home: &Path, vars: &[(&str, &str)]) -> 
     cmd.envs(vars.iter().copied())
 }
 
+/// `qmprestore <args>`, whatever its outcome.
+pub fn qmprestore(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `qmprestore <args>`, which must succeed; returns its standard output.
+pub fn qmprestore_ok(args: &[&str]) -> String {
+    run(Command::new(env!("CARGO_BIN_EXE_qmprestore")).args(args))
+}
+
+/// The JSON document a command printed on standard output.
+pub fn json_of(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+/// Runs `bin args` under umask 022, the usual one, so the modes it creates are its own doing.
+pub fn with_umask_022(bin: &str, args: &[&str]) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg("umask 022; exec \"$0\" \"$@\"")
+        .arg(bin)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The permission bits of `p` (not of what a symbolic link points at).
+pub fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
 /// Runs a command, panicking with its output if it fails; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -291,6 +327,7 @@ impl Lcg {
         self.next() % n
     }
 }
+pub mod backup_vm;
 pub mod chains;
 pub mod fake_s3;
 pub mod garage;
