@@ -6,13 +6,6 @@ use common::*;
 use serde_json::Value;
 use std::process::{Command, Output};
 
-fn qmprestore(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qmprestore"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 fn fixture(name: &str) -> String {
     fixtures().join(name).display().to_string()
 }
@@ -280,22 +273,6 @@ fn progress_bars_show_on_a_terminal_only() {
     stdout(&o);
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(!log.contains('[') && !log.contains("running QEMU"), "{log}");
-}
-
-/// Runs `bin args` under umask 022, the usual one, so the modes it creates are its own doing.
-fn with_umask_022(bin: &str, args: &[&str]) -> Output {
-    Command::new("sh")
-        .arg("-c")
-        .arg("umask 022; exec \"$0\" \"$@\"")
-        .arg(bin)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn mode(p: &std::path::Path) -> u32 {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
 }
 
 /// merge and convert create the target's missing folders (durably, private under any umask),

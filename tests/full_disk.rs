@@ -61,10 +61,9 @@ impl Tmpfs {
             return Some(Tmpfs { dir });
         }
         let why = String::from_utf8_lossy(&o.stderr);
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("mounting a tmpfs is required in CI: {why}");
-        }
-        eprintln!("\n!!! SKIPPING: cannot mount a tmpfs ({why}); ENOSPC was not tested !!!\n");
+        skip(&format!(
+            "cannot mount a tmpfs ({why}); ENOSPC was not tested"
+        ));
         None
     }
 

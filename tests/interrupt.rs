@@ -10,23 +10,13 @@ mod common;
 
 use common::chains::{build, Backups};
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 fn qmprestore(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_qmprestore"));
     c.args(args);
     c
-}
-
-/// A fresh copy of the chain in `b` (the template is never touched).
-fn copy_chain(b: &Backups, to: &Path) -> PathBuf {
-    let _ = std::fs::remove_dir_all(to);
-    std::fs::create_dir_all(to).unwrap();
-    for n in &b.names {
-        std::fs::copy(b.dir.join(n), to.join(n)).unwrap();
-    }
-    to.to_path_buf()
 }
 
 /// The command under test on chain directory `dir`; `out` is merge's target.
@@ -131,7 +121,7 @@ fn crash_points(cmd: &str) {
         .collect();
     let mut points = 0;
     for n in (0..).map(|i: u64| if i < 80 { i } else { 80 + (i - 80) * 7 }) {
-        let dir = copy_chain(&b, &work);
+        let dir = b.copy_to(&work);
         let d = dir.to_str().unwrap();
         let o = qmprestore(&args(cmd, d, out.to_str().unwrap()))
             .env(qmpbackup::qcow2::fault::ENV, n.to_string())
@@ -169,13 +159,13 @@ fn crash_points(cmd: &str) {
     let start = std::time::Instant::now();
     run(&mut qmprestore(&args(
         cmd,
-        copy_chain(&b, &work).to_str().unwrap(),
+        b.copy_to(&work).to_str().unwrap(),
         out.to_str().unwrap(),
     )));
     let full_run = start.elapsed().as_micros() as u64;
     let _ = std::fs::remove_file(&out);
     for k in 0..10 {
-        let dir = copy_chain(&b, &work);
+        let dir = b.copy_to(&work);
         let mut child = qmprestore(&args(cmd, dir.to_str().unwrap(), out.to_str().unwrap()))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -6,7 +6,7 @@
 mod common;
 
 use common::garage::Garage;
-use common::qemu::Vm;
+use common::qemu::{one_disk_vm, Vm, VD0};
 use common::{have, needs_qemu, succeeded};
 use qmpbackup::s3::resume::{self, Record};
 use std::os::unix::fs::FileExt;
@@ -41,23 +41,6 @@ fn qemu_compare(a: &Path, b: &str) {
     );
 }
 
-/// A VM with one 64 MiB qcow2 disk on virtio-blk (`vd0`, node `disk0`).
-fn vm(dir: &Path) -> Vm {
-    common::qemu_img_create(dir, "-f qcow2 d0.qcow2 64M");
-    let file = dir.join("d0.qcow2").display().to_string();
-    Vm::start(
-        dir,
-        &[
-            "-blockdev".into(),
-            format!("driver=file,filename={file},node-name=file0"),
-            "-blockdev".into(),
-            "driver=qcow2,file=file0,node-name=disk0".into(),
-            "-device".into(),
-            "virtio-blk-pci,drive=disk0,id=vd0".into(),
-        ],
-    )
-}
-
 /// Writes `n` MiB of incompressible data at `at` MiB through qemu-io in QEMU.
 fn write_random(vm: &mut Vm, dir: &Path, at: u64, n: u64, seed: u64) {
     let mut rng = common::Lcg(seed);
@@ -71,7 +54,7 @@ fn write_random(vm: &mut Vm, dir: &Path, at: u64, n: u64, seed: u64) {
     for k in 0..n * 16 {
         let p = data[(k * 65536) as usize] | 1;
         vm.io(
-            "-d vd0/virtio-backend",
+            VD0,
             &format!("write -P 0x{p:02x} {} 65536", at * MIB + k * 65536),
         );
     }
@@ -187,7 +170,7 @@ fn pushed_backups_restore_verify_and_serve_from_the_store() {
     }
     let Some(g) = Garage::start(1) else { return };
     let dir = t.path();
-    let mut vm = vm(dir);
+    let mut vm = one_disk_vm(dir);
     let target = dir.join("b");
     let tgt = target.to_str().unwrap();
     let url = g.url("vm1");
@@ -208,7 +191,7 @@ fn pushed_backups_restore_verify_and_serve_from_the_store() {
         let log = backup(level, push_only);
         assert!(log.contains("Pushed"), "{log}");
         let raw = dir.join(format!("expected{k}.raw"));
-        vm.capture("-d vd0/virtio-backend", "d0.qcow2", "qcow2", &raw);
+        vm.capture(VD0, "d0.qcow2", "qcow2", &raw);
         expected.push(raw);
     }
     let disk_url = format!("{url}/d0.qcow2");
@@ -238,7 +221,7 @@ fn pushed_backups_restore_verify_and_serve_from_the_store() {
     write_random(&mut vm, dir, 40, 2, 9);
     backup("inc", &[]);
     let raw = dir.join("expected3.raw");
-    vm.capture("-d vd0/virtio-backend", "d0.qcow2", "qcow2", &raw);
+    vm.capture(VD0, "d0.qcow2", "qcow2", &raw);
     expected.push(raw);
     vm.quit();
 
@@ -691,11 +674,7 @@ fn kill_push_with_parts(g: &Garage, args: &[&str], big: &Path) -> Option<resume:
     push.wait().unwrap();
     if !killed {
         // Only a machine much faster than these uploads 384 MiB before a part is listed.
-        assert!(
-            std::env::var("CI").is_err(),
-            "the push finished before it could be killed"
-        );
-        eprintln!("the push finished before it could be killed: resumption not tested");
+        common::skip("the push finished before it could be killed: resumption not tested");
         return None;
     }
     held

@@ -1,7 +1,8 @@
 //! Backup chains made with qemu-img/qemu-io, with the live disk's contents at every backup.
 
 use super::{qemu_img, qemu_io, Lcg};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 pub struct Backups {
     pub _tmp: tempfile::TempDir,
@@ -91,5 +92,85 @@ pub fn build(rounds: usize, linked: bool, inc_opts: &str, resize_at: Option<usiz
         dir,
         expected,
         names,
+    }
+}
+
+impl Backups {
+    /// The folder above the disk folder (the backup target), for outputs next to the chain.
+    pub fn root(&self) -> &Path {
+        self.dir.parent().unwrap()
+    }
+
+    /// The disk folder, as an argument.
+    pub fn d(&self) -> &str {
+        self.dir.to_str().unwrap()
+    }
+
+    /// The live disk at the newest backup (raw).
+    pub fn last(&self) -> &Path {
+        self.expected.last().unwrap()
+    }
+
+    /// `qmprestore <command> --dir <disk folder> <args>`, whatever its outcome.
+    pub fn qmprestore(&self, command: &str, args: &[&str]) -> Output {
+        let mut all = vec![command, "--dir", self.d()];
+        all.extend_from_slice(args);
+        super::qmprestore(&all)
+    }
+
+    /// [`Backups::qmprestore`], which must succeed; returns its standard output.
+    pub fn qmprestore_ok(&self, command: &str, args: &[&str]) -> String {
+        super::succeeded(self.qmprestore(command, args))
+    }
+
+    /// `qmprestore merge` of the chain (with `args`) into `target`, which must succeed.
+    pub fn merge(&self, args: &[&str], target: &Path) {
+        let mut all = args.to_vec();
+        all.extend(["--targetfile", target.to_str().unwrap()]);
+        self.qmprestore_ok("merge", &all);
+    }
+
+    /// A fresh copy of the backup files in `to` (whatever was there is removed first).
+    pub fn copy_to(&self, to: &Path) -> PathBuf {
+        let _ = std::fs::remove_dir_all(to);
+        std::fs::create_dir_all(to).unwrap();
+        for n in &self.names {
+            std::fs::copy(self.dir.join(n), to.join(n)).unwrap();
+        }
+        to.to_path_buf()
+    }
+
+    /// Writes a manifest for each backup file, as qmpbackup does.
+    pub fn write_manifests(&self) {
+        use qmpbackup::store::manifest::{self, Manifest};
+        let names = &self.names;
+        for (i, n) in names.iter().enumerate() {
+            let f = self.dir.join(n);
+            let (file_size, crc32) =
+                manifest::checksums(&std::fs::File::open(&f).unwrap()).unwrap();
+            let level = if i == 0 { "full" } else { "inc" };
+            let m = Manifest {
+                manifest_version: manifest::MANIFEST_VERSION,
+                tool: "test".into(),
+                file: n.clone(),
+                level: serde_json::from_value(serde_json::Value::from(level)).unwrap(),
+                epoch: n.split('-').nth(1).unwrap().parse().unwrap(),
+                uuid: Some("test-chain".into()),
+                bitmap: None,
+                device: "disk".into(),
+                node: "disk".into(),
+                qdev: None,
+                source_file: "live.qcow2".into(),
+                qemu_version: "10.0.2".into(),
+                format: "qcow2".into(),
+                virtual_size: 8 << 20,
+                cluster_size: Some(65536),
+                parent: i.checked_sub(1).map(|p| names[p].clone()),
+                file_size,
+                extent_size: manifest::EXTENT_SIZE,
+                crc32,
+            };
+            m.write(&qmpbackup::store::Folder::new(&self.dir)).unwrap();
+        }
     }
 }

@@ -20,8 +20,8 @@ pub fn copy_sample_chain(dest: &Path) {
     run(Command::new("cp").arg("-r").arg(sample_chain()).arg(dest));
 }
 
-/// Whether a reference tool is installed. Missing locally: a loud skip. Missing in CI
-/// (`CI=true`): a failure, because there the tools are installed and must be used.
+/// Whether a reference tool is installed; when it is not, the test [`skip`]s (a failure in
+/// CI).
 pub fn have(tool: &str) -> bool {
     have_answering(tool, "--version")
 }
@@ -34,16 +34,50 @@ pub fn have_answering(tool: &str, version_arg: &str) -> bool {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{tool} is required in CI but is not installed");
-        }
-        eprintln!("\n!!! SKIPPING: {tool} is not installed; this oracle test did not run !!!\n");
+        skip(&format!("{tool} is not installed"));
     }
     ok
 }
 
-/// A temporary folder for a test that needs `tool`; `None` (after the loud skip, or a panic
-/// in CI) when it is missing.
+/// The file `scripts/test` names in this variable gets a line `SKIPPED: <binary>::<test>:
+/// <reason>` for every skip, so its summary counts skipped tests apart from passed ones.
+pub const SKIP_LOG: &str = "QMPBACKUP_SKIP_LOG";
+
+/// The one way a test says that its real component (a reference tool, a store, a loop
+/// device, ...) is missing and what it checks did not run (all of it: the caller returns
+/// early; or a part, which then says so in `reason`). Locally a loud message, and a line in
+/// the file [`SKIP_LOG`] names; with `CI=true` a failure, because there every component is
+/// installed and must be used.
+pub fn skip(reason: &str) {
+    let test = current_test();
+    let reason = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {reason}: CI=true requires it, so this is a failure, not a skip");
+    }
+    eprintln!("\n!!! SKIPPED: {test}: {reason} !!!\n");
+    if let Some(log) = std::env::var_os(SKIP_LOG) {
+        use std::io::Write;
+        // One write of one line to a file opened for appending: lines of tests running at
+        // once (threads or processes) never interleave.
+        let line = format!("SKIPPED: {test}: {reason}\n");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .unwrap_or_else(|e| panic!("{SKIP_LOG}={}: {e}", Path::new(&log).display()));
+    }
+}
+
+/// `<test binary>::<test>`: libtest runs each test on a thread named after it.
+fn current_test() -> String {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("<unnamed thread>");
+    format!("{}::{name}", env!("CARGO_CRATE_NAME"))
+}
+
+/// A temporary folder for a test that needs `tool`; `None` (after the [`skip`]) when it is
+/// missing.
 pub fn needs(tool: &str) -> Option<tempfile::TempDir> {
     have(tool).then(|| tempfile::tempdir().unwrap())
 }
@@ -64,6 +98,42 @@ pub fn aws_env<'a>(cmd: &'a mut Command, home: &Path, vars: &[(&str, &str)]) -> 
     }
     cmd.env("HOME", home);
     cmd.envs(vars.iter().copied())
+}
+
+/// `qmprestore <args>`, whatever its outcome.
+pub fn qmprestore(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qmprestore"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `qmprestore <args>`, which must succeed; returns its standard output.
+pub fn qmprestore_ok(args: &[&str]) -> String {
+    run(Command::new(env!("CARGO_BIN_EXE_qmprestore")).args(args))
+}
+
+/// The JSON document a command printed on standard output.
+pub fn json_of(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+/// Runs `bin args` under umask 022, the usual one, so the modes it creates are its own doing.
+pub fn with_umask_022(bin: &str, args: &[&str]) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg("umask 022; exec \"$0\" \"$@\"")
+        .arg(bin)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The permission bits of `p` (not of what a symbolic link points at).
+pub fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
 }
 
 /// Runs a command, panicking with its output if it fails; returns stdout.
@@ -257,6 +327,7 @@ impl Lcg {
         self.next() % n
     }
 }
+pub mod backup_vm;
 pub mod chains;
 pub mod fake_s3;
 pub mod garage;

@@ -8,6 +8,40 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How [`Vm::stop`] ends QEMU.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Stop {
+    /// QMP `quit`: persistent bitmaps are written.
+    Quit,
+    /// SIGKILL: persistent bitmaps stay flagged in-use.
+    Kill,
+}
+
+/// qemu-io's way to the disk of [`one_disk_args`]: its virtio-blk device `vd0`.
+pub const VD0: &str = "-d vd0/virtio-backend";
+
+/// QEMU arguments for one disk: the qcow2 image `dir/d0.qcow2` through -blockdev (file node
+/// `file0`, format node `disk0`) on virtio-blk `vd0`.
+pub fn one_disk_args(dir: &Path) -> Vec<String> {
+    vec![
+        "-blockdev".into(),
+        format!(
+            "driver=file,filename={},node-name=file0",
+            dir.join("d0.qcow2").display()
+        ),
+        "-blockdev".into(),
+        "driver=qcow2,file=file0,node-name=disk0".into(),
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0,id=vd0".into(),
+    ]
+}
+
+/// A VM with one new 64 MiB qcow2 disk, `d0.qcow2` (see [`one_disk_args`]), in `dir`.
+pub fn one_disk_vm(dir: &Path) -> Vm {
+    super::qemu_img_create(dir, "-f qcow2 d0.qcow2 64M");
+    Vm::start(dir, &one_disk_args(dir))
+}
+
 pub struct Vm {
     pub dir: PathBuf,
     pub args: Vec<String>,
@@ -121,18 +155,36 @@ impl Vm {
 
     /// Shuts QEMU down cleanly (persistent bitmaps are written).
     pub fn quit(mut self) {
-        let _ = self.qmp.execute("quit", json!({}));
-        if let Some(mut c) = self.child.take() {
-            let _ = c.wait();
-        }
+        self.stop(Stop::Quit);
     }
 
     /// Kills QEMU with SIGKILL (persistent bitmaps stay flagged in-use).
     pub fn kill(mut self) {
+        self.stop(Stop::Kill);
+    }
+
+    /// Ends QEMU as `how` says; [`Vm::start_again`] brings it back.
+    pub fn stop(&mut self, how: Stop) {
+        if how == Stop::Quit {
+            let _ = self.qmp.execute("quit", json!({}));
+        }
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
+            if how == Stop::Kill {
+                let _ = c.kill();
+            }
             let _ = c.wait();
         }
+    }
+
+    /// Starts QEMU again in the same folder with the same arguments (after [`Vm::stop`]).
+    pub fn start_again(&mut self) {
+        *self = Vm::start(&self.dir.clone(), &self.args.clone());
+    }
+
+    /// [`Vm::stop`], then [`Vm::start_again`].
+    pub fn restart(&mut self, how: Stop) {
+        self.stop(how);
+        self.start_again();
     }
 
     pub fn pid(&self) -> u32 {
