@@ -33,6 +33,10 @@ pub fn completions(shell: clap_complete::Shell, mut cmd: Command, out: &mut dyn 
 /// `dir`, their paths printed; without, the main page (roff, section 1) on standard output.
 pub fn man(cmd: Command, dir: Option<&Path>) -> ExitCode {
     let name = cmd.get_name().to_string();
+    // `help` is a subcommand of the command line, not a page: the main page names none.
+    let mut cmd = cmd.disable_help_subcommand(true);
+    // Gives each subcommand its display name (`qmprestore-merge`), which names its page.
+    cmd.build();
     let result = match dir {
         None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
         Some(dir) => write_pages(cmd, dir),
@@ -49,9 +53,6 @@ pub fn man(cmd: Command, dir: Option<&Path>) -> ExitCode {
 
 fn write_pages(cmd: Command, dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let mut cmd = cmd.disable_help_subcommand(true);
-    // Gives each subcommand its display name (`qmprestore-merge`), which names its page.
-    cmd.build();
     let mut pages = vec![cmd.clone()];
     pages.extend(cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
     for page in pages {

@@ -391,5 +391,34 @@ fn completions_and_manual_pages() {
             man.contains(&format!(".TH {name} 1")) && man.contains(sub),
             "{man}"
         );
+        // Every page the main page names in SUBCOMMANDS exists, with that command's options.
+        let t = tempfile::tempdir().unwrap();
+        let o = Command::new(bin)
+            .args(["man", "--dir"])
+            .arg(t.path())
+            .output()
+            .unwrap();
+        let listed = stdout(&o);
+        let main_page = std::fs::read_to_string(t.path().join(format!("{name}.1"))).unwrap();
+        assert_eq!(main_page, man);
+        let named: Vec<&str> = main_page
+            .split(&format!("{name}\\-"))
+            .skip(1)
+            .filter_map(|rest| rest.split_once("(1)").map(|(s, _)| s))
+            .collect();
+        assert!(named.contains(&sub), "{named:?}");
+        for s in &named {
+            let page = t.path().join(format!("{name}-{s}.1"));
+            assert!(listed.contains(page.to_str().unwrap()), "{listed}");
+            let text = std::fs::read_to_string(&page).unwrap();
+            assert!(text.contains(&format!(".TH {name}-{s} 1")), "{text}");
+        }
+        let sub_page = std::fs::read_to_string(t.path().join(format!("{name}-{sub}.1"))).unwrap();
+        let option = if sub == "merge" {
+            "targetfile"
+        } else {
+            "level"
+        };
+        assert!(sub_page.contains(option), "{sub_page}");
     }
 }
