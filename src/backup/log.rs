@@ -44,6 +44,19 @@ enum Style {
 
 struct LineFormat(Style);
 
+/// The name a log line gives where Python's logging gave the function: the component that
+/// logs, from the event's target (its module unless a call names another). A module of the
+/// backup half counts as one component with its submodules (`backup::run::graph` logs as
+/// `run`), so splitting a module into files changes no log line; elsewhere the innermost
+/// module names it.
+fn logger_name(target: &str) -> &str {
+    let mut parts = target.split("::");
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some("backup"), Some(component)) => component,
+        _ => target.rsplit("::").next().unwrap_or("main"),
+    }
+}
+
 /// Python's name for a level.
 fn level_name(level: &Level) -> &'static str {
     match *level {
@@ -79,10 +92,7 @@ where
     ) -> std::fmt::Result {
         let meta = event.metadata();
         let level = level_name(meta.level());
-        let func = meta
-            .module_path()
-            .and_then(|m| m.rsplit("::").next())
-            .unwrap_or("main");
+        let func = logger_name(meta.target());
         match self.0 {
             Style::Console { colour: false } => write!(w, "[{}] {level:>7} - {func}: ", asctime())?,
             Style::Console { colour: true } => {
@@ -246,4 +256,18 @@ pub fn init(
     }
     tracing_subscriber::registry().with(layers).init();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::logger_name;
+
+    #[test]
+    fn log_lines_name_the_component_not_the_file() {
+        assert_eq!(logger_name("qmpbackup::backup::run"), "run");
+        assert_eq!(logger_name("qmpbackup::backup::run::graph"), "run");
+        assert_eq!(logger_name("qmpbackup::backup::job"), "job");
+        assert_eq!(logger_name("qmpbackup::qmp::client"), "client");
+        assert_eq!(logger_name("qmpbackup"), "qmpbackup");
+    }
 }

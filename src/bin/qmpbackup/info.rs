@@ -50,21 +50,21 @@ pub fn run(qmp: &mut Qmp, a: &Args) -> Result<()> {
 fn log_original(show: Show, devices: &[(Device, serde_json::Value)]) {
     match show {
         Show::Blockdev => {
-            tracing::info!("Attached block devices:");
+            tracing::info!(target: crate::LOG, "Attached block devices:");
             for (d, entry) in devices {
                 let record = admin::original_record(d, entry);
-                tracing::info!("{}", admin::python_json(&record));
+                tracing::info!(target: crate::LOG, "{}", admin::python_json(&record));
             }
         }
         Show::Bitmaps => {
             for (d, entry) in devices {
                 if d.bitmaps.is_empty() {
-                    tracing::info!("No bitmaps found for device: \"{}:{}\"", d.node, d.filename);
+                    tracing::info!(target: crate::LOG, "No bitmaps found for device: \"{}:{}\"", d.node, d.filename);
                     continue;
                 }
-                tracing::info!("{} [{}]:", d.node, d.filename);
+                tracing::info!(target: crate::LOG, "{} [{}]:", d.node, d.filename);
                 let list = &entry["inserted"]["dirty-bitmaps"];
-                tracing::info!("{}", admin::python_json(list));
+                tracing::info!(target: crate::LOG, "{}", admin::python_json(list));
             }
         }
     }

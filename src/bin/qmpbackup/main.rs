@@ -41,6 +41,10 @@ Exit codes:
   2    invalid command line
   130  interrupted by SIGINT/SIGTERM (jobs cancelled, everything cleaned up)";
 
+/// The name the front end's log lines carry (`… INFO - qmpbackup: …`), whichever of its
+/// modules logs them.
+const LOG: &str = "qmpbackup";
+
 #[derive(Parser)]
 #[command(name = "qmpbackup", version, about = "Full, incremental and copy backups of running QEMU VMs over QMP", after_help = AFTER_HELP)]
 struct Cli {

@@ -50,7 +50,7 @@ pub fn push(target: &Path, args: &PushArgs) -> Result<()> {
     let done = push::push(target, url, args.push_only, &bar)
         .with_context(|| format!("pushing {} to {url}", target.display()))?;
     bar.finish_and_clear();
-    tracing::info!(
+    tracing::info!(target: crate::LOG,
         "Pushed {} to {url}: {} files uploaded, {} already there{}",
         target.display(),
         done.uploaded.len(),
