@@ -22,8 +22,64 @@ pub fn colour_for(is_terminal: bool) -> bool {
     is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
+/// The subcommands both programs have that describe the program instead of doing its work;
+/// flattened into each program's subcommands.
+#[derive(clap::Subcommand)]
+pub enum SelfDoc {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on standard output, or write every page into a folder.
+    Man {
+        /// Write one page per command (PROGRAM.1, PROGRAM-SUBCOMMAND.1, …) into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
+}
+
+impl SelfDoc {
+    /// Prints (or writes) what was asked of `cmd`, the program's command line.
+    pub fn run(self, cmd: Command) -> ExitCode {
+        match self {
+            SelfDoc::Completions { shell } => {
+                completions(shell, cmd, &mut std::io::stdout());
+                ExitCode::SUCCESS
+            }
+            SelfDoc::Man { dir } => man(cmd, dir.as_deref()),
+        }
+    }
+}
+
+/// Parses the process's arguments as `C`'s command line, returning that command line too (with
+/// the examples of [`SelfDoc`] that name the program) for help, errors and [`SelfDoc::run`].
+pub fn parse<C: clap::Parser>() -> (C, Command) {
+    let mut cmd = with_self_doc_examples(C::command());
+    let matches = cmd.clone().get_matches();
+    match C::from_arg_matches(&matches) {
+        Ok(cli) => (cli, cmd),
+        Err(e) => e.format(&mut cmd).exit(),
+    }
+}
+
+/// `cmd` with examples under `completions` and `man` that name the program.
+fn with_self_doc_examples(cmd: Command) -> Command {
+    let name = cmd.get_name().to_string();
+    cmd.mut_subcommand("completions", |c| {
+        c.after_help(format!(
+            "Example:\n  {name} completions bash > /etc/bash_completion.d/{name}"
+        ))
+    })
+    .mut_subcommand("man", |c| {
+        c.after_help(format!(
+            "Examples:\n  {name} man > /usr/local/share/man/man1/{name}.1\n  {name} man --dir /usr/local/share/man/man1   ({name}.1, {name}-<subcommand>.1, ...)"
+        ))
+    })
+}
+
 /// Writes the completion script of `cmd` for `shell`.
-pub fn completions(shell: clap_complete::Shell, mut cmd: Command, out: &mut dyn Write) {
+fn completions(shell: clap_complete::Shell, mut cmd: Command, out: &mut dyn Write) {
     let name = cmd.get_name().to_string();
     clap_complete::generate(shell, &mut cmd, name, out);
 }
@@ -31,7 +87,7 @@ pub fn completions(shell: clap_complete::Shell, mut cmd: Command, out: &mut dyn 
 /// The manual: with `dir`, one page per command and subcommand (`qmprestore.1`,
 /// `qmprestore-merge.1`, …, the pages the main page's SUBCOMMANDS section names) written into
 /// `dir`, their paths printed; without, the main page (roff, section 1) on standard output.
-pub fn man(cmd: Command, dir: Option<&Path>) -> ExitCode {
+fn man(cmd: Command, dir: Option<&Path>) -> ExitCode {
     let name = cmd.get_name().to_string();
     // `help` is a subcommand of the command line, not a page: the main page names none.
     let mut cmd = cmd.disable_help_subcommand(true);

@@ -10,7 +10,7 @@ mod info;
 mod push;
 
 use anyhow::{Context, Result};
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use qmpbackup::backup::log::{self, Console};
 use qmpbackup::backup::{vm, BackupError};
 use qmpbackup::qmp::{Address, Qmp};
@@ -88,43 +88,27 @@ enum Command {
     /// interrupted push is completed by the next.
     #[command(after_help = push::HELP)]
     Push(push::Args),
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions {
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
-    /// Print the manual page (roff) on standard output, or write every page into a folder.
-    #[command(after_help = "Examples:
-  qmpbackup man > /usr/local/share/man/man1/qmpbackup.1
-  qmpbackup man --dir /usr/local/share/man/man1   (qmpbackup.1, qmpbackup-backup.1, ...)")]
-    Man {
-        /// Write one page per command (qmpbackup.1, qmpbackup-backup.1, …) into DIR.
-        #[arg(long, value_name = "DIR")]
-        dir: Option<PathBuf>,
-    },
+    #[command(flatten)]
+    SelfDoc(qmpbackup::cli::SelfDoc),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let Some(command) = &cli.command else {
-        // As the original: no subcommand prints the help and fails.
-        let _ = Cli::command().print_help();
-        return ExitCode::from(1);
-    };
-    match command {
-        Command::Completions { shell } => {
-            qmpbackup::cli::completions(*shell, Cli::command(), &mut std::io::stdout());
-            return ExitCode::SUCCESS;
+    let (mut cli, mut cmd) = qmpbackup::cli::parse::<Cli>();
+    let command = match cli.command.take() {
+        None => {
+            // As the original: no subcommand prints the help and fails.
+            let _ = cmd.print_help();
+            return ExitCode::from(1);
         }
-        Command::Man { dir } => return qmpbackup::cli::man(Cli::command(), dir.as_deref()),
-        _ => {}
-    }
+        Some(Command::SelfDoc(doc)) => return doc.run(cmd),
+        Some(command) => command,
+    };
     qmpbackup::store::bucket::register();
-    let socket = match (&cli.socket, command) {
+    let socket = match (&cli.socket, &command) {
         (Some(s), _) => s.clone(),
         // A push talks to the object store only.
         (None, Command::Push(_)) => String::new(),
-        (None, _) => Cli::command()
+        (None, _) => cmd
             .error(
                 clap::error::ErrorKind::MissingRequiredArgument,
                 "the following required arguments were not provided:\n  --socket <SOCKET>",
@@ -132,7 +116,7 @@ fn main() -> ExitCode {
             .exit(),
     };
     // A report on standard output that a script parses keeps the log off it.
-    let console = match command {
+    let console = match &command {
         Command::Info(a) if a.prints_report() => Console::Stderr,
         _ => Console::Stdout,
     };
@@ -152,7 +136,7 @@ fn main() -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         argv.join(" ")
     );
-    match run(cli, &socket) {
+    match run(cli, command, &socket) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let backup_error = e.downcast_ref::<BackupError>();
@@ -184,12 +168,11 @@ fn connect(socket: &str, greeting: Duration) -> Result<Qmp> {
     Ok(qmp)
 }
 
-fn run(cli: Cli, socket: &str) -> Result<()> {
+fn run(cli: Cli, command: Command, socket: &str) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&interrupted)).context("signal handler")?;
     }
-    let command = cli.command.expect("checked in main");
     match &command {
         Command::Backup(a) => a.refuse()?,
         Command::Push(a) => return push::run(a),
@@ -208,7 +191,7 @@ fn run(cli: Cli, socket: &str) -> Result<()> {
         }
         Command::Cleanup(a) => cleanup::run(&mut qmp, &a),
         Command::Info(a) => info::run(&mut qmp, &a),
-        Command::Push(_) | Command::Completions { .. } | Command::Man { .. } => {
+        Command::Push(_) | Command::SelfDoc(_) => {
             unreachable!("handled before")
         }
     }

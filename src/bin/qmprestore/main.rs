@@ -19,7 +19,7 @@ mod serve;
 mod snapshot;
 mod verify;
 
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 const EXIT_CODES: &str = "\
@@ -97,33 +97,14 @@ enum Command {
     /// Serve a restore point (or any image with its backing chain) read-only over NBD.
     #[command(after_help = serve::HELP)]
     Serve(serve::Args),
-    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    #[command(after_help = "Example:
-  qmprestore completions bash > /etc/bash_completion.d/qmprestore")]
-    Completions {
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
-    /// Print the manual page (roff) on standard output, or write every page into a folder.
-    #[command(after_help = "Examples:
-  qmprestore man > /usr/local/share/man/man1/qmprestore.1
-  qmprestore man --dir /usr/local/share/man/man1   (qmprestore.1, qmprestore-merge.1, ...)")]
-    Man {
-        /// Write one page per command (qmprestore.1, qmprestore-merge.1, …) into DIR.
-        #[arg(long, value_name = "DIR")]
-        dir: Option<std::path::PathBuf>,
-    },
+    #[command(flatten)]
+    SelfDoc(qmpbackup::cli::SelfDoc),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Completions { shell } => {
-            qmpbackup::cli::completions(shell, Cli::command(), &mut std::io::stdout());
-            return ExitCode::SUCCESS;
-        }
-        Command::Man { dir } => return qmpbackup::cli::man(Cli::command(), dir.as_deref()),
-        _ => {}
+    let (cli, cmd) = qmpbackup::cli::parse::<Cli>();
+    if let Command::SelfDoc(doc) = cli.command {
+        return doc.run(cmd);
     }
     init_logging(cli.debug);
     qmpbackup::store::bucket::register();
@@ -174,6 +155,6 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Snapshot(a) => snapshot::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Serve(a) => serve::run(a),
-        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled in main"),
+        Command::SelfDoc(_) => unreachable!("handled in main"),
     }
 }
