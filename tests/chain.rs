@@ -124,7 +124,11 @@ fn rebase_links_the_chain_and_points_image_at_the_restore_point() {
         serde_json::from_str(&qemu_img(&b.dir, &["info", "--output=json", &b.names[2]])).unwrap();
     assert_eq!(info["backing-filename"], b.names[1].as_str());
     assert_eq!(info["backing-filename-format"], "qcow2");
-    // `image` exists now: refused without --force, then the whole chain.
+    // Run again for the same point (as after an interruption once `image` was made): done,
+    // nothing to change, no --force needed.
+    let again = b.qmprestore_ok("rebase", &["--until", &b.names[2]]);
+    assert_eq!(again, "", "{again}");
+    // `image` names another point: refused without --force, then the whole chain.
     assert_eq!(b.qmprestore("rebase", &[]).status.code(), Some(1));
     b.qmprestore_ok("rebase", &["--force"]);
     assert_same(&b.dir.join("image"), b.last());

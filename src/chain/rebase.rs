@@ -58,7 +58,11 @@ pub fn rebase(dir: &Path, opts: &RebaseOptions) -> Result<Vec<Change>> {
     let RestorePoint { chain, disk, .. } = open_restore_point(dir, &opts.select)?;
     let formats: Vec<Format> = disk.chain().map(|i| i.format()).rev().collect();
     let link = dir.join("image");
-    if std::fs::symlink_metadata(&link).is_ok() && !opts.force {
+    let top = chain.files.last().expect("a chain has a FULL").name.clone();
+    // A link to this restore point is what this run would make: an interrupted rebase that
+    // got that far is completed by running it again, with no --force.
+    let linked = std::fs::read_link(&link).is_ok_and(|t| t == Path::new(&top));
+    if std::fs::symlink_metadata(&link).is_ok() && !opts.force && !linked {
         return Err(ChainError::Refused(format!(
             "{} exists; use --force to replace it",
             link.display()
@@ -75,11 +79,12 @@ pub fn rebase(dir: &Path, opts: &RebaseOptions) -> Result<Vec<Change>> {
             });
         }
     }
-    let top = chain.files.last().expect("a chain has a FULL").name.clone();
-    changes.push(Change::Link {
-        link: link.clone(),
-        target: top,
-    });
+    if !linked {
+        changes.push(Change::Link {
+            link: link.clone(),
+            target: top,
+        });
+    }
     if opts.dry_run {
         return Ok(changes);
     }
