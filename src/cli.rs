@@ -7,6 +7,10 @@ use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
+/// What `--version` prints after the program's name: the crate's version and, when known, the
+/// commit it was built from (see build.rs), so a bug report names the exact code.
+pub const VERSION: &str = env!("QMPBACKUP_LONG_VERSION");
+
 /// Backups and restored images hold whole guest disks: every folder and file the process
 /// creates from now on is private to its owner (0700/0600), or shared with the owner's group
 /// for reading (`group_readable`: 0750/0640), whatever umask the caller had. Files and

@@ -422,3 +422,55 @@ fn completions_and_manual_pages() {
         assert!(sub_page.contains(option), "{sub_page}");
     }
 }
+
+/// The version lives in Cargo.toml only: `--version` of both programs says it, with the commit
+/// the binary was built from when the source is a git checkout, and CHANGELOG.md's newest
+/// release is that version.
+#[test]
+fn one_version_everywhere() {
+    let version = env!("CARGO_PKG_VERSION");
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| stdout(&o).trim().to_string());
+    let expected = match &commit {
+        Some(c) => format!("{version} (commit {c})"),
+        None => version.to_string(),
+    };
+    for (name, bin) in [
+        ("qmprestore", env!("CARGO_BIN_EXE_qmprestore")),
+        ("qmpbackup", env!("CARGO_BIN_EXE_qmpbackup")),
+    ] {
+        let o = Command::new(bin).arg("--version").output().unwrap();
+        assert_eq!(stdout(&o), format!("{name} {expected}\n"));
+    }
+    let read = |path: &str| {
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path))
+            .unwrap()
+    };
+    let newest = read("CHANGELOG.md")
+        .lines()
+        .find_map(|l| l.strip_prefix("## "))
+        .map(String::from);
+    assert_eq!(newest.as_deref(), Some(version), "CHANGELOG.md's newest release");
+    // Examples that name an artifact (the package's file name, the image's tag) name this one.
+    for doc in ["README.md", "deploy/kubernetes/qmprestore-job.yaml"] {
+        let text = read(doc);
+        for artifact in ["qmpbackup_", "qmprestore:"] {
+            for (at, _) in text.match_indices(artifact) {
+                let named: String = text[at + artifact.len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.')
+                    .collect();
+                let named = named.trim_end_matches('.');
+                assert!(
+                    named.is_empty() || named == version,
+                    "{doc} names {artifact}{named}, not version {version}"
+                );
+            }
+        }
+    }
+}

@@ -14,5 +14,7 @@ mod levels;
 /// The original's words, layouts and procedures: info and cleanup, its chains, its
 /// restore procedures on ours, file modes and the log.
 mod original;
+/// The packaged systemd unit and example config, run as systemd runs them.
+mod scheduled;
 /// How a run treats the VM: its run state, the guest agent, sockets and node names.
 mod vm;

@@ -46,7 +46,7 @@ Exit codes:
 const LOG: &str = "qmpbackup";
 
 #[derive(Parser)]
-#[command(name = "qmpbackup", version, about = "Full, incremental and copy backups of running QEMU VMs over QMP", after_help = AFTER_HELP)]
+#[command(name = "qmpbackup", version = qmpbackup::cli::VERSION, about = "Full, incremental and copy backups of running QEMU VMs over QMP", after_help = AFTER_HELP)]
 struct Cli {
     /// QMP socket: a unix socket path, or tcp:HOST:PORT (IPv6: tcp:[::1]:4444). Required by
     /// backup, cleanup and info.

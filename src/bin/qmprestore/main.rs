@@ -32,7 +32,7 @@ Exit codes:
 #[derive(Parser)]
 #[command(
     name = "qmprestore",
-    version,
+    version = qmpbackup::cli::VERSION,
     about = "Restore QEMU backups and inspect qcow2/raw images natively, without qemu-img",
     after_help = EXIT_CODES
 )]
