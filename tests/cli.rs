@@ -455,7 +455,11 @@ fn one_version_everywhere() {
         .lines()
         .find_map(|l| l.strip_prefix("## "))
         .map(String::from);
-    assert_eq!(newest.as_deref(), Some(version), "CHANGELOG.md's newest release");
+    assert_eq!(
+        newest.as_deref(),
+        Some(version),
+        "CHANGELOG.md's newest release"
+    );
     // Examples that name an artifact (the package's file name, the image's tag) name this one.
     for doc in ["README.md", "deploy/kubernetes/qmprestore-job.yaml"] {
         let text = read(doc);
