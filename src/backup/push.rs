@@ -17,7 +17,7 @@
 use super::error::{BackupError, Result};
 use crate::s3::upload::{file_crc, upload, Source};
 use crate::s3::{S3Error, S3Url};
-use crate::store::manifest::{self, Manifest, EXTENT_SIZE};
+use crate::store::manifest::{self, Manifest};
 use crate::store::name::{parse_name, strip_partial};
 use crate::store::place::Folder;
 use indicatif::ProgressBar;
@@ -72,7 +72,7 @@ fn local_files(dir: &Path) -> Result<Vec<Local>> {
                 let size = entry.metadata().map_err(BackupError::io(&path))?.len();
                 let manifest = parse_name(&name)
                     .and_then(|_| Manifest::read(&Folder::new(&d), &name).ok())
-                    .filter(|m| m.file_size == size && m.extent_size == EXTENT_SIZE);
+                    .filter(|m| m.sums.file_size == size && m.sums.crcs().is_ok());
                 out.push(Local {
                     rel: child,
                     path,
@@ -89,62 +89,64 @@ fn local_files(dir: &Path) -> Result<Vec<Local>> {
 
 /// The CRC-32 of a whole file from its manifest's extent CRCs, without reading it.
 fn combined(manifest: &Manifest) -> Option<u32> {
-    let mut whole = crc32fast::Hasher::new();
-    for (i, hex) in manifest.crc32.iter().enumerate() {
-        let crc = u32::from_str_radix(hex, 16).ok()?;
-        let start = i as u64 * EXTENT_SIZE;
-        let len = EXTENT_SIZE.min(manifest.file_size.checked_sub(start)?);
-        whole.combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
-    }
-    Some(whole.finalize())
+    let sums = &manifest.sums;
+    let crcs = sums.crcs().ok()?;
+    combine_into(
+        &crcs,
+        sums.extent_size,
+        sums.file_size,
+        sums.file_size.max(1),
+    )
+    .first()
+    .copied()
+    .or(Some(crc32fast::hash(&[])))
 }
 
-/// Compares the CRCs of uploaded parts with the manifest's extents (parts either divide an
-/// extent or are multiples of it).
-fn check_parts(m: &Manifest, part: u64, crcs: &[u32]) -> std::result::Result<(), String> {
-    // Parts no larger than an extent are combined into extents; larger ones (files over
-    // 160 GiB) are compared per part, combining the manifest's extents instead.
-    let mut pos = 0u64;
-    if part <= EXTENT_SIZE {
-        for (i, want) in m.crc32.iter().enumerate() {
-            let end = ((i as u64 + 1) * EXTENT_SIZE).min(m.file_size);
-            let mut h = crc32fast::Hasher::new();
-            while pos < end {
-                let idx = (pos / part) as usize;
-                let len = part.min(m.file_size - pos);
-                let crc = *crcs.get(idx).ok_or("fewer parts than the file has")?;
-                h.combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
-                pos += len;
-            }
-            let got = format!("{:08x}", h.finalize());
-            if &got != want {
-                return Err(format!(
-                    "bytes {}..{end} read crc32 {got}, the backup's manifest recorded {want}: the local file is damaged; not uploaded",
-                    i as u64 * EXTENT_SIZE
-                ));
-            }
+/// The CRCs of consecutive `piece`-byte pieces of a `size`-byte file, combined into the CRCs of
+/// `unit`-byte units (`piece` divides `unit`).
+fn combine_into(crcs: &[u32], piece: u64, size: u64, unit: u64) -> Vec<u32> {
+    let mut units: Vec<crc32fast::Hasher> = Vec::new();
+    for (i, &crc) in crcs.iter().enumerate() {
+        let start = i as u64 * piece;
+        let len = piece.min(size.saturating_sub(start));
+        let u = (start / unit) as usize;
+        if units.len() <= u {
+            units.resize_with(u + 1, crc32fast::Hasher::new);
         }
-        return Ok(());
+        units[u].combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
     }
-    for (i, got) in crcs.iter().enumerate() {
-        let start = i as u64 * part;
-        let end = (start + part).min(m.file_size);
-        let mut h = crc32fast::Hasher::new();
-        let mut e = start;
-        while e < end {
-            let idx = (e / EXTENT_SIZE) as usize;
-            let len = EXTENT_SIZE.min(m.file_size - e);
-            let crc = m
-                .crc32
-                .get(idx)
-                .and_then(|x| u32::from_str_radix(x, 16).ok());
-            let crc = crc.ok_or("the manifest has fewer extents than the file")?;
-            h.combine(&crc32fast::Hasher::new_with_initial_len(crc, len));
-            e += len;
-        }
-        if h.finalize() != *got {
+    units.into_iter().map(|h| h.finalize()).collect()
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Compares the CRCs of uploaded parts with the manifest's extents, both combined into the
+/// smallest ranges whole parts and whole extents make up.
+fn check_parts(m: &Manifest, part: u64, crcs: &[u32]) -> std::result::Result<(), String> {
+    let sums = &m.sums;
+    let extents = sums.crcs()?;
+    let unit = part / gcd(part, sums.extent_size) * sums.extent_size;
+    let read = combine_into(crcs, part, sums.file_size, unit);
+    let recorded = combine_into(&extents, sums.extent_size, sums.file_size, unit);
+    if read.len() != recorded.len() {
+        return Err(format!(
+            "{} parts for a file of {} bytes: not the file the manifest describes",
+            crcs.len(),
+            sums.file_size
+        ));
+    }
+    for (i, (got, want)) in read.iter().zip(&recorded).enumerate() {
+        if got != want {
+            let start = i as u64 * unit;
+            let end = (start + unit).min(sums.file_size);
             return Err(format!(
-                "bytes {start}..{end} differ from the backup's manifest: the local file is damaged; not uploaded"
+                "bytes {start}..{end} read crc32 {got:08x}, the backup's manifest recorded {want:08x}: the local file is damaged; not uploaded"
             ));
         }
     }

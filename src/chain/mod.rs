@@ -7,6 +7,7 @@ pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod create_opts;
+pub mod damage;
 pub mod error;
 pub mod info;
 pub mod links;

@@ -5,28 +5,74 @@
 //! predecessor, virtual sizes agree (growth is reported as a resize), the chain id agrees with
 //! the source's bitmap names where the `.config` tells them, and every stored cluster of every
 //! file is read (compressed ones decompressed), so bit rot anywhere is found. Where qmpbackup
-//! wrote a manifest, the file must match it: per-extent checksums (the offset of a damaged
-//! extent is reported), level, time, chain id, predecessor and size. Files are verified in
+//! wrote a manifest, the file must match it: per-extent checksums, level, time, chain id,
+//! predecessor and size. Damaged bytes are reported as what they held: the guest byte ranges
+//! or the metadata, and the restore points they affect (`damage`). Files are verified in
 //! parallel.
 
+use super::damage::{self, Finding, Kind};
 use super::error::Result;
 use crate::qcow2::{check, Disk, OpenOptions};
 use crate::store::folder::read_small;
 use crate::store::folder::{BackupDir, BackupFile};
-use crate::store::manifest::{self, Manifest};
+use crate::store::manifest::{self, Manifest, Mismatch};
 use crate::store::place;
 use crate::store::Level;
 use rayon::prelude::*;
 use serde::Serialize;
 use std::path::Path;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Problem {
     pub file: String,
     pub problem: String,
     /// Byte offset in the file, where the problem has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
+    /// For damaged bytes: what they held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
+    /// For damaged data: the guest bytes it held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_start: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_length: Option<u64>,
+    /// For damaged metadata: the structures it held.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub holds: Vec<&'static str>,
+    /// For damaged bytes: the restore points (backup file names) that read them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affected_restore_points: Option<Vec<String>>,
+}
+
+impl Problem {
+    fn new(file: &str, problem: String) -> Problem {
+        Problem {
+            file: file.to_string(),
+            problem,
+            ..Default::default()
+        }
+    }
+
+    /// The problem of `finding` in `file`, which affects `points`.
+    fn damage(file: &str, f: Finding, points: Vec<String>) -> Problem {
+        let what = match f.kind {
+            Kind::Data if f.snapshot.is_some() => "damaged data of an internal snapshot",
+            Kind::Data => "damaged guest data",
+            Kind::Metadata => "damaged metadata",
+            Kind::Unused => "damaged bytes that nothing uses",
+        };
+        Problem {
+            file: file.to_string(),
+            problem: format!("{what}: {}", f.problem),
+            offset: Some(f.start),
+            kind: Some(f.kind),
+            guest_start: f.guest.map(|g| g.0),
+            guest_length: f.guest.map(|g| g.1 - g.0),
+            holds: f.holds,
+            affected_restore_points: Some(points),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -66,9 +112,23 @@ impl Report {
             for p in &d.problems {
                 let at = p
                     .offset
+                    .filter(|_| p.kind.is_none())
                     .map(|o| format!(" (offset {o})"))
                     .unwrap_or_default();
                 s += &format!("  problem: {}: {}{at}\n", p.file, p.problem);
+                if let (Some(start), Some(len)) = (p.guest_start, p.guest_length) {
+                    s += &format!("    guest bytes {start}..{} ({len} bytes)\n", start + len);
+                }
+                if !p.holds.is_empty() {
+                    s += &format!("    holding: {}\n", p.holds.join(", "));
+                }
+                match p.affected_restore_points.as_deref() {
+                    Some([]) => s += "    affected restore points: none\n",
+                    Some(points) => {
+                        s += &format!("    affected restore points: {}\n", points.join(", "))
+                    }
+                    None => {}
+                }
             }
             for n in &d.notes {
                 s += &format!("  note: {n}\n");
@@ -115,13 +175,7 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
         problems: Vec::new(),
         notes: Vec::new(),
     };
-    let problem = |r: &mut DirReport, file: &str, p: String| {
-        r.problems.push(Problem {
-            file: file.to_string(),
-            problem: p,
-            offset: None,
-        })
-    };
+    let problem = |r: &mut DirReport, file: &str, p: String| r.problems.push(Problem::new(file, p));
     let bd = match BackupDir::scan(dir, filter) {
         Ok(b) => b,
         Err(e) => {
@@ -162,8 +216,13 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
     }
     // Per file, in parallel: structure, consistency, every stored byte.
     let results: Vec<FileResult> = chain.files.par_iter().map(verify_file).collect();
+    let paths: Vec<&Path> = chain.files.iter().map(|f| f.path.as_path()).collect();
     let mut prev: Option<(u64, String)> = None;
     for (i, (f, res)) in chain.files.iter().zip(results).enumerate() {
+        for finding in res.damage {
+            let points = damage::affected(&paths, i, &finding);
+            r.problems.push(Problem::damage(&f.name, finding, points));
+        }
         let parent = i.checked_sub(1).map(|p| &chain.files[p]);
         if let Some(m) = &res.manifest {
             check_manifest(f, m, parent, bd.uuid.as_deref(), &mut r);
@@ -218,8 +277,8 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
 /// A file's manifest and what comparing the file with its checksums found.
 struct ManifestCheck {
     manifest: Result<Manifest, String>,
-    /// (offset, problem) for each mismatch, or why the file could not be read.
-    found: Result<Vec<(u64, String)>, String>,
+    /// Each range that differs, or why the file could not be compared.
+    found: Result<Vec<Mismatch>, String>,
 }
 
 impl ManifestCheck {
@@ -234,7 +293,8 @@ impl ManifestCheck {
             Ok(m) => place
                 .open(&name)
                 .and_then(|data| m.check(&*data))
-                .map_err(|e| format!("reading for the manifest check: {e}")),
+                .map_err(|e| format!("reading for the manifest check: {e}"))
+                .and_then(|checked| checked),
             Err(_) => Ok(Vec::new()),
         };
         Some(ManifestCheck { manifest, found })
@@ -256,38 +316,26 @@ fn check_manifest(
     r: &mut DirReport,
 ) {
     let mut notes = Vec::new();
-    let mut push = |problem: String, offset: Option<u64>| {
-        r.problems.push(Problem {
-            file: f.name.clone(),
-            problem,
-            offset,
-        })
-    };
+    let mut push = |problem: String| r.problems.push(Problem::new(&f.name, problem));
     let m = match &mc.manifest {
         Ok(m) => m,
-        Err(e) => return push(e.clone(), None),
+        Err(e) => return push(e.clone()),
     };
     if m.file != f.name {
-        push(format!("its manifest describes {}", m.file), None);
+        push(format!("its manifest describes {}", m.file));
     }
     if m.level != f.level || (f.named_epoch && m.epoch != f.epoch) {
-        push(
-            format!(
-                "manifest says {} at {}, the name says {} at {}",
-                m.level.name(),
-                m.epoch,
-                f.level.name(),
-                f.epoch
-            ),
-            None,
-        );
+        push(format!(
+            "manifest says {} at {}, the name says {} at {}",
+            m.level.name(),
+            m.epoch,
+            f.level.name(),
+            f.epoch
+        ));
     }
     if let (Some(mu), Some(u)) = (&m.uuid, uuid) {
         if mu != u {
-            push(
-                format!("manifest chain id {mu}, directory chain id {u}"),
-                None,
-            );
+            push(format!("manifest chain id {mu}, directory chain id {u}"));
         }
     }
     if let (Some(mp), Some(p)) = (&m.parent, parent) {
@@ -305,22 +353,15 @@ fn check_manifest(
                 f.name, p.name
             ));
         } else if *mp != p.name {
-            push(
-                format!(
-                    "manifest names {mp} as predecessor, the chain has {}",
-                    p.name
-                ),
-                None,
-            );
+            push(format!(
+                "manifest names {mp} as predecessor, the chain has {}",
+                p.name
+            ));
         }
     }
-    match &mc.found {
-        Ok(found) => {
-            for (offset, p) in found {
-                push(p.clone(), Some(*offset));
-            }
-        }
-        Err(e) => push(e.clone(), None),
+    // Damage is reported with what it affects (verify_dir); here only a failed comparison.
+    if let Err(e) = &mc.found {
+        push(e.clone());
     }
     r.notes.extend(notes);
 }
@@ -333,6 +374,8 @@ struct FileResult {
     /// Virtual size and backing file name, when the file opened.
     shape: Option<(u64, Option<String>)>,
     manifest: Option<ManifestCheck>,
+    /// What the bytes that differ from the manifest held.
+    damage: Vec<Finding>,
 }
 
 /// Opens and checks one backup file and reads every stored byte: through its manifest's
@@ -346,15 +389,21 @@ fn verify_file(f: &BackupFile) -> FileResult {
         notes: Vec::new(),
         shape: None,
         manifest: ManifestCheck::of(path),
+        damage: Vec::new(),
     };
     let opts = OpenOptions {
         no_backing: true,
         ..Default::default()
     };
+    let mismatches = match res.manifest.as_ref().map(|m| &m.found) {
+        Some(Ok(found)) => found.clone(),
+        _ => Vec::new(),
+    };
     let disk = match Disk::open_with(path, &opts) {
         Ok(d) => d,
         Err(e) => {
             res.problems.push(e.to_string());
+            res.damage = damage::findings(path, None, &mismatches);
             return res;
         }
     };
@@ -397,13 +446,14 @@ fn verify_file(f: &BackupFile) -> FileResult {
     }
     match &res.manifest {
         Some(m) if m.matches() => {
-            res.bytes = m.manifest.as_ref().map_or(0, |m| m.file_size);
+            res.bytes = m.manifest.as_ref().map_or(0, |m| m.sums.file_size);
         }
         _ => match disk.read_stored(u64::MAX) {
             Ok(b) => res.bytes = b,
             Err(e) => res.problems.push(e.to_string()),
         },
     }
+    res.damage = damage::findings(path, Some(&disk), &mismatches);
     let backing = disk
         .qcow2()
         .and_then(|q| q.backing_name())
@@ -440,13 +490,12 @@ fn check_uuid(bd: &BackupDir, r: &mut DirReport) {
         .collect();
     // Older versions of the original named the bitmap qmpbackup-<device>-<uuid>.
     if !ours.is_empty() && !ours.iter().any(|n| n.ends_with(uuid.as_str())) {
-        r.problems.push(Problem {
-            file: "uuid".into(),
-            offset: None,
-            problem: format!(
+        r.problems.push(Problem::new(
+            "uuid",
+            format!(
                 "chain id {uuid} matches none of the source's backup bitmaps ({})",
                 ours.iter().map(|s| **s).collect::<Vec<_>>().join(", ")
             ),
-        });
+        ));
     }
 }

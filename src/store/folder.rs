@@ -305,7 +305,7 @@ impl BackupDir {
                 epoch,
                 named_epoch: true,
                 disk,
-                size: m.file_size,
+                size: m.sums.file_size,
                 mtime: epoch,
                 pushed: Some(Pushed {
                     virtual_size: m.virtual_size,

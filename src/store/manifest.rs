@@ -13,9 +13,17 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::io;
 
-/// Bytes covered by one checksum.
-pub const EXTENT_SIZE: u64 = 64 << 20;
-pub const MANIFEST_VERSION: u32 = 1;
+/// Bytes covered by one checksum in the manifests written now (version 2): small enough that
+/// a damaged extent names a few guest clusters, not 64 MiB of the disk.
+pub const EXTENT_SIZE: u64 = 1 << 20;
+/// Version 1 manifests have 64 MiB extents, their CRCs as a list; still read and checked.
+pub const MANIFEST_VERSION: u32 = 2;
+/// Extent sizes a manifest may declare: powers of two from 64 KiB to 1 GiB.
+const EXTENT_SIZES: std::ops::RangeInclusive<u64> = (64 << 10)..=(1 << 30);
+/// The size of the reads a checksum pass makes, whatever the extent size.
+const READ: u64 = 4 << 20;
+/// Extents checksummed by one parallel task: a few large sequential reads each.
+const GROUP: u64 = 64 << 20;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -39,10 +47,92 @@ pub struct Manifest {
     pub cluster_size: Option<u64>,
     /// The file this one builds on (an INC's predecessor), by name.
     pub parent: Option<String>,
+    #[serde(flatten)]
+    pub sums: Checksums,
+}
+
+/// The size of a file and a CRC-32 (IEEE) of each of its extents (the last may be short), as
+/// the manifest records them: version 2 as one string of 8 hex digits per extent (`crc32s`:
+/// 8 bytes per MiB, so a 2 TiB file's manifest stays at 16 MiB), version 1 as a list of such
+/// strings (`crc32`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checksums {
     pub file_size: u64,
     pub extent_size: u64,
-    /// CRC-32 (IEEE) of each extent, as 8 hex digits; the last extent may be short.
-    pub crc32: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    crc32: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    crc32s: String,
+}
+
+/// Bytes of a file that differ from what the manifest recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mismatch {
+    /// Byte range in the file.
+    pub start: u64,
+    pub end: u64,
+    pub problem: String,
+    /// The file's size differs (cut or grown): `[start, end)` is what is missing or added.
+    pub size: bool,
+}
+
+impl Checksums {
+    /// A record of `crcs`, one per `extent_size` bytes of a `file_size`-byte file.
+    fn new(file_size: u64, extent_size: u64, crcs: &[u32]) -> Checksums {
+        Checksums {
+            file_size,
+            extent_size,
+            crc32: Vec::new(),
+            crc32s: crcs.iter().map(|c| format!("{c:08x}")).collect(),
+        }
+    }
+
+    /// The CRC of each extent; `Err` names what is wrong with a record that is no record of
+    /// ours (a bad extent size, digits that are no hex, too few or too many extents).
+    pub fn crcs(&self) -> Result<Vec<u32>, String> {
+        if !EXTENT_SIZES.contains(&self.extent_size) || !self.extent_size.is_power_of_two() {
+            return Err(format!(
+                "the manifest's extents of {} bytes are none of ours (powers of two from 64 KiB to 1 GiB)",
+                self.extent_size
+            ));
+        }
+        let hex = |h: &str| {
+            (h.len() == 8)
+                .then(|| u32::from_str_radix(h, 16).ok())
+                .flatten()
+                .ok_or_else(|| format!("the manifest's checksum '{h}' is not 8 hex digits"))
+        };
+        let crcs = if self.crc32s.is_empty() {
+            self.crc32
+                .iter()
+                .map(|h| hex(h))
+                .collect::<Result<Vec<u32>, String>>()?
+        } else {
+            let text = self.crc32s.as_bytes();
+            if text.len() % 8 != 0 || !self.crc32s.is_ascii() {
+                return Err("the manifest's checksums are not 8 hex digits each".into());
+            }
+            text.chunks(8)
+                .map(|c| hex(std::str::from_utf8(c).unwrap_or_default()))
+                .collect::<Result<Vec<u32>, String>>()?
+        };
+        let want = self.file_size.div_ceil(self.extent_size);
+        if crcs.len() as u64 != want {
+            return Err(format!(
+                "the manifest has {} checksums for {} bytes in extents of {}: it should have {want}",
+                crcs.len(),
+                self.file_size,
+                self.extent_size
+            ));
+        }
+        Ok(crcs)
+    }
+
+    /// The byte range of extent `i`.
+    pub fn extent(&self, i: usize) -> (u64, u64) {
+        let start = i as u64 * self.extent_size;
+        (start, (start + self.extent_size).min(self.file_size))
+    }
 }
 
 /// The manifests' sub-folder in a disk's folder.
@@ -72,32 +162,58 @@ pub fn exists(place: &dyn Place, file: &str) -> bool {
     !matches!(place.open(&name_for(file)), Err(e) if e.kind() == io::ErrorKind::NotFound)
 }
 
-/// The CRC-32 of every extent of `data` and its size; extents are read in parallel.
-pub fn checksums(data: &dyn Storage) -> io::Result<(u64, Vec<String>)> {
+/// The checksums of `data` in the extents manifests are written with now.
+pub fn checksums(data: &dyn Storage) -> io::Result<Checksums> {
     let size = data.size()?;
-    let crcs = (0..size.div_ceil(EXTENT_SIZE))
-        .into_par_iter()
-        .map(|i| {
-            let start = i * EXTENT_SIZE;
-            let mut remaining = EXTENT_SIZE.min(size - start);
-            let mut buf = vec![0u8; 4 << 20];
-            let mut h = crc32fast::Hasher::new();
-            let mut pos = start;
-            while remaining > 0 {
-                let n = remaining.min(buf.len() as u64) as usize;
-                read_exact(data, &mut buf[..n], pos, "backup file")?;
-                h.update(&buf[..n]);
-                pos += n as u64;
-                remaining -= n as u64;
-            }
-            Ok(format!("{:08x}", h.finalize()))
-        })
-        .collect::<io::Result<Vec<_>>>()?;
-    Ok((size, crcs))
+    Ok(Checksums::new(
+        size,
+        EXTENT_SIZE,
+        &crcs_of(data, size, EXTENT_SIZE)?,
+    ))
 }
 
-/// Manifests are small; one that is not is no manifest of ours.
-const MAX_MANIFEST: u64 = 16 << 20;
+/// The CRC-32 of every `extent`-byte extent of the first `size` bytes of `data`. Groups of
+/// extents are read in parallel, each in [`READ`]-sized sequential reads whatever the extent
+/// size (a local disk streams them; a store answers few large GETs).
+fn crcs_of(data: &dyn Storage, size: u64, extent: u64) -> io::Result<Vec<u32>> {
+    let group = GROUP.max(extent);
+    let groups = (0..size.div_ceil(group))
+        .into_par_iter()
+        .map_init(
+            || vec![0u8; READ as usize],
+            |buf, g| {
+                let (start, end) = (g * group, ((g + 1) * group).min(size));
+                let mut crcs = Vec::with_capacity(((end - start) / extent + 1) as usize);
+                let mut h = crc32fast::Hasher::new();
+                let mut pos = start;
+                while pos < end {
+                    let n = READ.min(end - pos) as usize;
+                    let chunk = &mut buf[..n];
+                    read_exact(data, chunk, pos, "backup file")?;
+                    // Split the chunk at extent boundaries.
+                    let mut at = 0;
+                    while at < n {
+                        let boundary = (pos + at as u64) / extent * extent + extent;
+                        let take = ((boundary - (pos + at as u64)) as usize).min(n - at);
+                        h.update(&chunk[at..at + take]);
+                        at += take;
+                        let here = pos + at as u64;
+                        if here % extent == 0 || here == end {
+                            crcs.push(std::mem::take(&mut h).finalize());
+                        }
+                    }
+                    pos += n as u64;
+                }
+                Ok(crcs)
+            },
+        )
+        .collect::<io::Result<Vec<Vec<u32>>>>()?;
+    Ok(groups.concat())
+}
+
+/// Manifests are small (16 MiB for a 2 TiB file); one that is far larger is no manifest of
+/// ours.
+const MAX_MANIFEST: u64 = 128 << 20;
 
 impl Manifest {
     /// Reads the manifest of backup file `file` in `place`.
@@ -121,41 +237,43 @@ impl Manifest {
         place.write(&name_for(&self.file), &bytes)
     }
 
-    /// Compares `file` with the manifest; each problem is (offset, message).
-    pub fn check(&self, file: &dyn Storage) -> io::Result<Vec<(u64, String)>> {
-        let mut problems = Vec::new();
-        if self.extent_size != EXTENT_SIZE {
-            problems.push((
-                0,
-                format!(
-                    "manifest uses extents of {} bytes; this version checks {EXTENT_SIZE}",
-                    self.extent_size
-                ),
-            ));
-            return Ok(problems);
-        }
-        let (size, crcs) = checksums(file)?;
-        if size != self.file_size {
-            problems.push((
-                size.min(self.file_size),
-                format!(
+    /// Compares `file` with the manifest's checksums: each extent that differs, and a size
+    /// that differs. `Err(problem)` when the manifest's record is unusable.
+    pub fn check(&self, file: &dyn Storage) -> io::Result<Result<Vec<Mismatch>, String>> {
+        let sums = &self.sums;
+        let want = match sums.crcs() {
+            Ok(c) => c,
+            Err(problem) => return Ok(Err(problem)),
+        };
+        let size = file.size()?;
+        let mut found = Vec::new();
+        if size != sums.file_size {
+            let at = size.min(sums.file_size);
+            found.push(Mismatch {
+                start: at,
+                end: size.max(sums.file_size),
+                problem: format!(
                     "file is {size} bytes, the manifest recorded {}",
-                    self.file_size
+                    sums.file_size
                 ),
-            ));
+                size: true,
+            });
         }
-        for (i, (got, want)) in crcs.iter().zip(&self.crc32).enumerate() {
-            if got != want {
-                problems.push((
-                    i as u64 * EXTENT_SIZE,
-                    format!(
-                        "checksum mismatch in bytes {}..{}: crc32 {got}, manifest {want}",
-                        i as u64 * EXTENT_SIZE,
-                        ((i as u64 + 1) * EXTENT_SIZE).min(size)
+        let got = crcs_of(file, size.min(sums.file_size), sums.extent_size)?;
+        for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+            let (start, end) = sums.extent(i);
+            // A short last extent of a cut file differs without being damaged: the size says so.
+            if got != want && end <= size {
+                found.push(Mismatch {
+                    start,
+                    end,
+                    problem: format!(
+                        "checksum mismatch in bytes {start}..{end}: crc32 {got:08x}, manifest {want:08x}"
                     ),
-                ));
+                    size: false,
+                });
             }
         }
-        Ok(problems)
+        Ok(Ok(found))
     }
 }

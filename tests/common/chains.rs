@@ -146,8 +146,7 @@ impl Backups {
         let names = &self.names;
         for (i, n) in names.iter().enumerate() {
             let f = self.dir.join(n);
-            let (file_size, crc32) =
-                manifest::checksums(&std::fs::File::open(&f).unwrap()).unwrap();
+            let sums = manifest::checksums(&std::fs::File::open(&f).unwrap()).unwrap();
             let level = if i == 0 { "full" } else { "inc" };
             let m = Manifest {
                 manifest_version: manifest::MANIFEST_VERSION,
@@ -166,9 +165,7 @@ impl Backups {
                 virtual_size: 8 << 20,
                 cluster_size: Some(65536),
                 parent: i.checked_sub(1).map(|p| names[p].clone()),
-                file_size,
-                extent_size: manifest::EXTENT_SIZE,
-                crc32,
+                sums,
             };
             m.write(&qmpbackup::store::Folder::new(&self.dir)).unwrap();
         }

@@ -132,7 +132,7 @@ impl Run<'_> {
                 layout::update_symlink(&d.dir, d.decision.level, &d.name, &file_name)
                     .map_err(BackupError::io(&d.dir))?;
             }
-            let (file_size, crc32) = place
+            let sums = place
                 .open(&file_name)
                 .and_then(|data| manifest::checksums(&*data))
                 .map_err(BackupError::io(&d.final_path))?;
@@ -158,9 +158,7 @@ impl Run<'_> {
                 cluster_size: (d.target_format == Format::Qcow2)
                     .then(|| target_cluster_size(&d.dev)),
                 parent: d.decision.parent.clone(),
-                file_size,
-                extent_size: manifest::EXTENT_SIZE,
-                crc32,
+                sums,
             };
             m.write(&place)
                 .map_err(BackupError::io(place.locate(&manifest::name_for(&m.file))))?;
@@ -173,8 +171,9 @@ impl Run<'_> {
                 tracing::info!("Saved image info: [{}]", cpath.display());
             }
             tracing::info!(
-                "Saved backup file: [{}], size: [{file_size}]",
-                d.final_path.display()
+                "Saved backup file: [{}], size: [{}]",
+                d.final_path.display(),
+                m.sums.file_size
             );
         }
         self.rotate_bitmaps();

@@ -34,6 +34,7 @@ mod report;
 mod walk;
 
 pub use report::CheckReport;
+pub use walk::{Owner, Role};
 
 use super::error::{ErrorKind, Result};
 use super::image::Qcow2;
@@ -63,6 +64,23 @@ pub fn check(path: &Path) -> Result<CheckReport> {
 /// [`check`] of the image at `path`, already open as `q`.
 pub fn check_open(q: &Qcow2, path: &Path) -> Result<CheckReport> {
     run(q, path, None)
+}
+
+/// What holds the bytes `[start, end)` of each of `ranges` (disjoint) in the image at `path`:
+/// every counted structure and guest cluster whose host range overlaps one, found by the same
+/// walk that counts references, so damage found in a file's bytes can be told in the guest's
+/// terms. Bytes nothing counts get no owner.
+pub fn owners(path: &Path, ranges: &[(u64, u64)]) -> Result<Vec<Owner>> {
+    let q = Qcow2::open_for_check(path)?;
+    let file = super::protocol::open(path).map_err(|e| ErrorKind::from(e).at(path))?;
+    let mut w = Walk::new(&q, &*file, path)?;
+    w.probe = ranges.to_vec();
+    w.probe.sort_unstable();
+    let entries = w
+        .count_structures()
+        .map_err(|e| ErrorKind::from(e).at(path))?;
+    w.refcount_blocks(&entries);
+    Ok(std::mem::take(&mut w.owners))
 }
 
 /// Checks and repairs an image in place; the report counts what was found and fixed.

@@ -20,6 +20,36 @@ use crate::qcow2::refcount;
 use crate::qcow2::storage::{read_exact, read_zero_padded, Storage};
 use std::path::Path;
 
+/// What a counted host range holds: the role the walk found it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Metadata, by its name ("header", "L2 table", "refcount block", ...).
+    Structure(&'static str),
+    /// Guest data ("data cluster", "compressed cluster") of the guest cluster at `guest`, in
+    /// the active image (`snapshot` None) or in internal snapshot number `snapshot`.
+    Guest {
+        what: &'static str,
+        guest: u64,
+        snapshot: Option<usize>,
+    },
+}
+
+impl Role {
+    pub fn what(&self) -> &'static str {
+        match self {
+            Role::Structure(w) | Role::Guest { what: w, .. } => w,
+        }
+    }
+}
+
+/// A host range of the file that overlaps a probed range, and what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub host: u64,
+    pub len: u64,
+    pub role: Role,
+}
+
 /// A COPIED flag to verify once refcounts are known.
 pub(super) enum Copied {
     L1 {
@@ -60,6 +90,10 @@ pub(super) struct Walk<'a> {
     /// Where the refcount table and blocks were counted: a new structure replaces them, so a
     /// rebuild takes their references out again.
     pub(super) refcount_structure: Vec<(u64, u64)>,
+    /// Host ranges `[start, end)`, sorted, whose owners are wanted ([`super::owners`]).
+    pub(super) probe: Vec<(u64, u64)>,
+    /// The counted ranges that overlap [`Walk::probe`], with their roles.
+    pub(super) owners: Vec<Owner>,
 }
 
 impl<'a> Walk<'a> {
@@ -93,6 +127,8 @@ impl<'a> Walk<'a> {
             dropped: 0,
             rebuild: false,
             refcount_structure: Vec::new(),
+            probe: Vec::new(),
+            owners: Vec::new(),
         })
     }
 
@@ -145,14 +181,18 @@ impl<'a> Walk<'a> {
         for finding in q.check_findings() {
             self.unrepairable(finding.clone());
         }
-        self.reference(0, cs, "header");
+        self.reference(0, cs, Role::Structure("header"));
         let l1_len = h.l1_size as u64 * 8;
         let problem = (l1_len > 0)
             .then(|| past_end("L1 table", h.l1_table_offset, l1_len, self.file_len))
             .flatten();
         self.counted(problem, h.l1_table_offset, l1_len, "L1 table");
         self.walk_l1(q.l1_table(), None);
-        self.reference(h.snapshots_offset, q.snapshot_table_len(), "snapshot table");
+        self.reference(
+            h.snapshots_offset,
+            q.snapshot_table_len(),
+            Role::Structure("snapshot table"),
+        );
         if q.data_file().is_some() && h.nb_snapshots > 0 {
             self.corrupt(format!(
                 "{} snapshots in image with data file",
@@ -162,12 +202,12 @@ impl<'a> Walk<'a> {
         for i in super::incomplete_snapshots(q) {
             self.corrupt(format!("snapshot table entry {i} is incomplete"));
         }
-        for s in q.snapshots() {
+        for (index, s) in q.snapshots().iter().enumerate() {
             let len = s.l1_size as u64 * 8;
             let problem = s.l1_refusal(self.file_len);
             self.counted(problem, s.l1_table_offset, len, "snapshot L1 table");
             match l1::read_table_for_check(self.file, s.l1_table_offset, s.l1_size) {
-                Ok(t) => self.walk_l1(&t, Some(&s.name)),
+                Ok(t) => self.walk_l1(&t, Some(index)),
                 Err(e) => self.check_error(format!(
                     "snapshot '{}': reading the L1 table at {:#x}: {e}",
                     s.name, s.l1_table_offset
@@ -181,9 +221,9 @@ impl<'a> Walk<'a> {
         match past_end("refcount table", offset, table_len, self.file_len) {
             Some(problem) if table_len > 0 => {
                 self.corrupt_structure(problem);
-                self.add(offset, table_len);
+                self.add(offset, table_len, Role::Structure("refcount table"));
             }
-            _ => self.reference(offset, table_len, "refcount table"),
+            _ => self.reference(offset, table_len, Role::Structure("refcount table")),
         }
         self.refcount_structure.push((offset, table_len));
         if clusters == 0 {
@@ -203,9 +243,17 @@ impl<'a> Walk<'a> {
         if q.header().autoclear_features & header::autoclear::BITMAPS == 0 {
             return;
         }
-        self.reference(ext.directory_offset, ext.directory_size, "bitmap directory");
+        self.reference(
+            ext.directory_offset,
+            ext.directory_size,
+            Role::Structure("bitmap directory"),
+        );
         for b in q.bitmaps() {
-            self.reference(b.table_offset, b.table_size as u64 * 8, "bitmap table");
+            self.reference(
+                b.table_offset,
+                b.table_size as u64 * 8,
+                Role::Structure("bitmap table"),
+            );
             let mut t = vec![0u8; b.table_size as usize * 8];
             if let Err(e) = read_exact(self.file, &mut t, b.table_offset, "bitmap table") {
                 self.check_error(e.to_string());
@@ -214,7 +262,7 @@ impl<'a> Walk<'a> {
             for e in t.chunks_exact(8) {
                 let off = u64::from_be_bytes(e.try_into().expect("8 bytes")) & l2::OFFSET_MASK;
                 if off != 0 {
-                    self.reference(off, self.cs, "bitmap data");
+                    self.reference(off, self.cs, Role::Structure("bitmap data"));
                 }
             }
         }
@@ -247,7 +295,7 @@ impl<'a> Walk<'a> {
                     if let Some(problem) = refcount::block_refusal(off, self.cs, self.file_len) {
                         self.corrupt_structure(problem);
                     }
-                    self.add(off, self.cs);
+                    self.add(off, self.cs, Role::Structure("refcount block"));
                     self.refcount_structure.push((off, self.cs));
                     let r = self.refs[(off / self.cs) as usize];
                     if r != 1 {
@@ -261,10 +309,20 @@ impl<'a> Walk<'a> {
         blocks
     }
 
-    /// Counts one reference on every cluster of `[off, off + len)` inside the file.
-    fn add(&mut self, off: u64, len: u64) {
+    /// Counts one reference on every cluster of `[off, off + len)` inside the file, which
+    /// holds `role` (an owner when it overlaps the probe).
+    fn add(&mut self, off: u64, len: u64, role: Role) {
         if len == 0 {
             return;
+        }
+        let end = off.saturating_add(len);
+        let first = self.probe.partition_point(|&(_, e)| e <= off);
+        if self.probe.get(first).is_some_and(|&(s, _)| s < end) {
+            self.owners.push(Owner {
+                host: off,
+                len,
+                role,
+            });
         }
         let first = off / self.cs;
         let end = (off.saturating_add(len - 1) / self.cs + 1).min(self.refs.len() as u64);
@@ -276,37 +334,41 @@ impl<'a> Walk<'a> {
 
     /// Counts the clusters of `[off, off + len)`. As QEMU, a range that ends a cluster or
     /// more past the end of the file is a corruption and counts nothing.
-    fn reference(&mut self, off: u64, len: u64, what: &str) {
+    fn reference(&mut self, off: u64, len: u64, role: Role) {
         if len == 0 {
             return;
         }
         let end = off.saturating_add(len);
         if end.saturating_sub(self.file_len) >= self.cs {
             self.unrepairable(format!(
-                "{what} at {off:#x} lies beyond the end of the image file"
+                "{} at {off:#x} lies beyond the end of the image file",
+                role.what()
             ));
             return;
         }
-        self.add(off, len);
+        self.add(off, len, role);
     }
 
     /// Counts a structure the reader refuses with `problem` (reported instead of QEMU's
     /// end-of-file message), or else references it.
-    fn counted(&mut self, problem: Option<String>, off: u64, len: u64, what: &str) {
+    fn counted(&mut self, problem: Option<String>, off: u64, len: u64, what: &'static str) {
         match problem {
             Some(problem) => {
                 self.unrepairable(problem);
-                self.add(off, len);
+                self.add(off, len, Role::Structure(what));
             }
-            None => self.reference(off, len, what),
+            None => self.reference(off, len, Role::Structure(what)),
         }
     }
 
-    /// Walks an L1 table: the active one (`snapshot` None) or a snapshot's.
-    fn walk_l1(&mut self, table: &[L1Entry], snapshot: Option<&str>) {
+    /// Walks an L1 table: the active one (`snapshot` None) or that of snapshot number
+    /// `snapshot`.
+    fn walk_l1(&mut self, table: &[L1Entry], snapshot: Option<usize>) {
         let active = snapshot.is_none();
         if let Err(k) = l1::check_distinct(table) {
-            let whose = snapshot.map_or(String::new(), |name| format!("snapshot '{name}': "));
+            let whose = snapshot.map_or(String::new(), |i| {
+                format!("snapshot '{}': ", self.q.snapshots()[i].name)
+            });
             self.unrepairable(format!("{whose}{}", k.detail()));
         }
         let fmt = L2Format::of(self.q.header());
@@ -344,7 +406,7 @@ impl<'a> Walk<'a> {
                 continue;
             }
             let l2 = L2Table::parse(&bytes, fmt.extended);
-            self.walk_l2(&fmt, &l2, off, i as u64, active);
+            self.walk_l2(&fmt, &l2, off, i as u64, snapshot);
         }
     }
 
@@ -356,8 +418,9 @@ impl<'a> Walk<'a> {
         l2: &L2Table,
         table_off: u64,
         l1_index: u64,
-        active: bool,
+        snapshot: Option<usize>,
     ) {
+        let active = snapshot.is_none();
         let external = self.q.data_file().is_some();
         let mut last: Option<u64> = None;
         for idx in 0..l2.len() {
@@ -399,7 +462,12 @@ impl<'a> Walk<'a> {
                     }
                     let refusal = self.q.compressed_refusal(d);
                     let len = d.max_len.min(self.cs * 2);
-                    self.refused(refusal, d.offset, len, "compressed cluster");
+                    let role = Role::Guest {
+                        what: "compressed cluster",
+                        guest,
+                        snapshot,
+                    };
+                    self.refused(refusal, d.offset, len, role);
                 }
                 Subcluster::Normal(h)
                 | Subcluster::ZeroAlloc(h)
@@ -427,7 +495,12 @@ impl<'a> Walk<'a> {
                             self.unrepairable(r.message().to_string());
                         }
                     } else {
-                        self.refused(refusal, h, self.cs, "data cluster");
+                        let role = Role::Guest {
+                            what: "data cluster",
+                            guest,
+                            snapshot,
+                        };
+                        self.refused(refusal, h, self.cs, role);
                     }
                 }
                 Subcluster::ZeroPlain | Subcluster::UnallocatedPlain => {}
@@ -438,14 +511,14 @@ impl<'a> Walk<'a> {
     /// Counts guest data at `[off, off + len)` the reader refuses with `refusal`: on metadata
     /// it is counted too (the refcounts then show the sharing, as QEMU reports it); past the
     /// end of the file there is nothing to count.
-    fn refused(&mut self, refusal: Option<Refusal>, off: u64, len: u64, what: &str) {
+    fn refused(&mut self, refusal: Option<Refusal>, off: u64, len: u64, role: Role) {
         match refusal {
             Some(Refusal::PastEnd(m)) => self.unrepairable(m),
             Some(Refusal::Overlap(m)) => {
                 self.unrepairable(m);
-                self.reference(off, len, what);
+                self.reference(off, len, role);
             }
-            None => self.reference(off, len, what),
+            None => self.reference(off, len, role),
         }
     }
 }
