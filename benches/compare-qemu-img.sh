@@ -174,22 +174,28 @@ if [ -z "$filter" ] || [[ merge30 == *$filter* ]]; then
     fi
     bench_merge 30-deep chain30
 fi
+# start_qemu / stop_qemu: a prelaunch QEMU with img.qcow2 as its disk, QMP at qmp.sock.
+start_qemu() {
+    rm -f qmp.sock
+    qemu-system-x86_64 -S -nodefaults -display none -machine q35 -accel kvm -accel tcg -m 128 \
+        -qmp "unix:$work/qmp.sock,server=on,wait=off" \
+        -blockdev "driver=qcow2,node-name=disk0,file.driver=file,file.filename=$work/img.qcow2" \
+        -device virtio-blk-pci,drive=disk0,id=vd0 -daemonize -pidfile "$work/qemu.pid"
+}
+stop_qemu() { kill "$(cat qemu.pid)"; }
+
 if [ -z "$filter" ] || [[ backup == *$filter* ]]; then
     # A full backup of the image above from a prelaunch QEMU (fleecing, job, manifest), against
     # cp of the same disk file.
     if command -v qemu-system-x86_64 >/dev/null; then
-        rm -f qmp.sock
-        qemu-system-x86_64 -S -nodefaults -display none -machine q35 -accel kvm -accel tcg -m 128 \
-            -qmp "unix:$work/qmp.sock,server=on,wait=off" \
-            -blockdev "driver=qcow2,node-name=disk0,file.driver=file,file.filename=$work/img.qcow2" \
-            -device virtio-blk-pci,drive=disk0,id=vd0 -daemonize -pidfile "$work/qemu.pid"
+        start_qemu
         compare "backup full (${data_mib} MiB) vs cp" bk \
             "$backup --socket $work/qmp.sock backup -l full --uuid bench -t $work/bk" \
             "cp img.qcow2 bk" 2>/dev/null
         compare "  same, --blockdev-disable-cache" bk \
             "$backup --socket $work/qmp.sock backup -l full --blockdev-disable-cache --uuid bench -t $work/bk" \
             "cp img.qcow2 bk" 2>/dev/null
-        kill "$(cat qemu.pid)"
+        stop_qemu
     else
         echo "backup: skipped (no qemu-system-x86_64; scripts/install-qemu-system installs it)"
     fi
@@ -242,6 +248,20 @@ if [ -z "$filter" ] || [[ verify == *$filter* ]]; then
     printf '#!/bin/sh\ncat chain4/* >/dev/null\n' > cat-chain4.sh
     chmod +x cat-chain4.sh
     compare "verify 4-deep vs cat" none "$ours verify --dir chain4" ./cat-chain4.sh
+    # verify of a FULL backup (1 GiB of data) that qmpbackup made, through its manifest's
+    # checksums (one per MiB), against cat of the file.
+    if [ ! -d bkv ] && command -v qemu-system-x86_64 >/dev/null; then
+        start_qemu
+        "$backup" --socket "$work/qmp.sock" backup -l full --uuid bench -t "$work/bkv" >/dev/null
+        stop_qemu
+    fi
+    if [ -d bkv ]; then
+        printf '#!/bin/sh\ncat bkv/*/FULL-* >/dev/null\n' > cat-bkv.sh
+        chmod +x cat-bkv.sh
+        compare "verify FULL with manifest vs cat" none "$ours verify --recursive --dir bkv" ./cat-bkv.sh
+    else
+        echo "verify with manifest: skipped (no qemu-system-x86_64; scripts/install-qemu-system installs it)"
+    fi
 fi
 if [ -z "$filter" ] || [[ serve == *$filter* ]]; then
     # nbdcopy of the whole restore point of the 4-deep chain to a raw file, served by us vs by qemu-nbd
