@@ -95,3 +95,23 @@ fn nbd_session_findings_stay_fixed() {
         "the corpus samples are served ({answered} bytes)"
     );
 }
+
+#[test]
+fn manifest_fuzz_inputs_stay_fixed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/manifest");
+    let mut found = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        found.insert(
+            name,
+            qmpbackup::store::fuzz::manifest(&std::fs::read(&path).unwrap()),
+        );
+    }
+    // The seeds: both versions match their file, a flipped byte is one extent, a hostile
+    // record is refused.
+    assert_eq!(found["corpus-v1"], Some(0));
+    assert_eq!(found["corpus-v2"], Some(0));
+    assert_eq!(found["corpus-v2-damaged"], Some(1));
+    assert_eq!(found["corpus-hostile"], None);
+}

@@ -9,6 +9,7 @@ use crate::qcow2::check::{self, Owner, Role};
 use crate::qcow2::{Disk, OpenOptions};
 use crate::store::manifest::Mismatch;
 use serde::Serialize;
+use std::cell::OnceCell;
 use std::path::Path;
 
 /// What the damaged bytes held.
@@ -44,41 +45,51 @@ pub struct Finding {
 /// backing file), or `None` when it does not open (its header or tables are damaged).
 /// Adjacent damaged extents are taken together.
 pub fn findings(path: &Path, disk: Option<&Disk>, mismatches: &[Mismatch]) -> Vec<Finding> {
-    let mut out = Vec::new();
-    for m in merged(mismatches) {
-        if m.size {
-            out.push(finding(
-                &m,
-                Kind::Metadata,
-                None,
-                vec!["the file's end"],
-                None,
-            ));
-            continue;
+    let ranges = merged(mismatches);
+    // One walk of the image's metadata for all damaged ranges of a qcow2 file.
+    let owners = match disk.and_then(|d| d.qcow2()) {
+        Some(_) => {
+            let probe: Vec<(u64, u64)> = ranges
+                .iter()
+                .filter(|m| !m.size)
+                .map(|m| (m.start, m.end))
+                .collect();
+            Some(check::owners(path, &probe).map_err(|e| e.to_string()))
         }
-        let Some(disk) = disk else {
-            let holds = vec!["structures the image does not open without"];
-            out.push(finding(&m, Kind::Metadata, None, holds, None));
+        None => None,
+    };
+    let mut out = Vec::new();
+    for m in &ranges {
+        let (Some(disk), false) = (disk, m.size) else {
+            let holds = if m.size {
+                "the file's end"
+            } else {
+                "structures the image does not open without"
+            };
+            out.push(finding(m, Kind::Metadata, None, vec![holds], None));
             continue;
         };
-        match disk.qcow2() {
-            None => {
+        match (disk.qcow2(), &owners) {
+            (Some(q), Some(Ok(owners))) => {
+                let inside: Vec<Owner> = owners
+                    .iter()
+                    .filter(|o| o.host < m.end && o.host + o.len > m.start)
+                    .cloned()
+                    .collect();
+                let names = |i: usize| q.snapshots().get(i).map(|s| s.name.clone());
+                out.extend(of_owners(m, &inside, q.cluster_size(), names));
+            }
+            (Some(_), Some(Err(e))) => out.push(Finding {
+                problem: format!("{}; what the bytes held is unknown: {e}", m.problem),
+                ..finding(m, Kind::Metadata, None, Vec::new(), None)
+            }),
+            _ => {
                 // A raw file is the guest disk itself.
                 let end = m.end.min(disk.size());
                 let guest = (m.start < end).then_some((m.start, end));
                 let kind = guest.map_or(Kind::Unused, |_| Kind::Data);
-                out.push(finding(&m, kind, guest, Vec::new(), None));
+                out.push(finding(m, kind, guest, Vec::new(), None));
             }
-            Some(q) => match check::owners(path, &[(m.start, m.end)]) {
-                Ok(owners) => {
-                    let names = |i: usize| q.snapshots().get(i).map(|s| s.name.clone());
-                    out.extend(of_owners(&m, &owners, q.cluster_size(), names));
-                }
-                Err(e) => out.push(Finding {
-                    problem: format!("{}; what the bytes held is unknown: {e}", m.problem),
-                    ..finding(&m, Kind::Metadata, None, Vec::new(), None)
-                }),
-            },
         }
     }
     out
@@ -177,46 +188,67 @@ fn of_owners(
     out
 }
 
-/// The restore points (by file name) that read what `f`, found in `chain[index]`, damaged:
-/// for data, that file's point and each later one until the later files between them have
-/// written every damaged guest byte; for metadata, that point and all later ones; for unused
-/// bytes none; for data only a snapshot maps, that snapshot.
-pub fn affected(chain: &[&Path], index: usize, f: &Finding) -> Vec<String> {
-    let name = |p: &Path| {
-        p.file_name()
+/// The files of a chain, oldest first, each opened (alone) the first time a finding needs to
+/// know what it writes: many findings in one chain open each later file once.
+pub struct Chain<'a> {
+    paths: Vec<&'a Path>,
+    opened: Vec<OnceCell<Option<Disk>>>,
+}
+
+impl<'a> Chain<'a> {
+    pub fn new(paths: Vec<&'a Path>) -> Chain<'a> {
+        let opened = paths.iter().map(|_| OnceCell::new()).collect();
+        Chain { paths, opened }
+    }
+
+    fn name(&self, i: usize) -> String {
+        self.paths[i]
+            .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
-    };
-    let points = || chain[index..].iter().map(|p| name(p));
-    match (f.kind, &f.snapshot, f.guest) {
-        (Kind::Unused, ..) => Vec::new(),
-        (_, Some(snap), _) => vec![format!(
-            "{} (internal snapshot '{snap}')",
-            name(chain[index])
-        )],
-        (Kind::Data, None, Some((start, end))) => {
-            let mut left = vec![(start, end)];
-            let mut out = vec![name(chain[index])];
-            for later in &chain[index + 1..] {
-                left = unwritten(later, &left);
-                if left.is_empty() {
-                    break;
-                }
-                out.push(name(later));
+    }
+
+    /// File `i` alone; `None` when it does not open.
+    fn disk(&self, i: usize) -> Option<&Disk> {
+        let opts = OpenOptions {
+            no_backing: true,
+            ..Default::default()
+        };
+        self.opened[i]
+            .get_or_init(|| Disk::open_with(self.paths[i], &opts).ok())
+            .as_ref()
+    }
+
+    /// The restore points (by file name) that read what `f`, found in file `index`, damaged:
+    /// for data, that file's point and each later one until the later files between them
+    /// have written every damaged guest byte; for metadata, that point and all later ones;
+    /// for unused bytes none; for data only a snapshot maps, that snapshot.
+    pub fn affected(&self, index: usize, f: &Finding) -> Vec<String> {
+        match (f.kind, &f.snapshot, f.guest) {
+            (Kind::Unused, ..) => Vec::new(),
+            (_, Some(snap), _) => {
+                vec![format!("{} (internal snapshot '{snap}')", self.name(index))]
             }
-            out
+            (Kind::Data, None, Some((start, end))) => {
+                let mut left = vec![(start, end)];
+                let mut out = vec![self.name(index)];
+                for later in index + 1..self.paths.len() {
+                    left = unwritten(self.disk(later), &left);
+                    if left.is_empty() {
+                        break;
+                    }
+                    out.push(self.name(later));
+                }
+                out
+            }
+            _ => (index..self.paths.len()).map(|i| self.name(i)).collect(),
         }
-        _ => points().collect(),
     }
 }
 
-/// The parts of `ranges` the image at `path` (alone) does not write; all of them when it
+/// The parts of `ranges` that `disk` (one file alone) does not write; all of them when it
 /// cannot be read (a damaged later file shields nothing).
-fn unwritten(path: &Path, ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let opts = OpenOptions {
-        no_backing: true,
-        ..Default::default()
-    };
-    let Ok(disk) = Disk::open_with(path, &opts) else {
+fn unwritten(disk: Option<&Disk>, ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let Some(disk) = disk else {
         return ranges.to_vec();
     };
     let mut out = Vec::new();

@@ -216,11 +216,11 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
     }
     // Per file, in parallel: structure, consistency, every stored byte.
     let results: Vec<FileResult> = chain.files.par_iter().map(verify_file).collect();
-    let paths: Vec<&Path> = chain.files.iter().map(|f| f.path.as_path()).collect();
+    let files = damage::Chain::new(chain.files.iter().map(|f| f.path.as_path()).collect());
     let mut prev: Option<(u64, String)> = None;
     for (i, (f, res)) in chain.files.iter().zip(results).enumerate() {
         for finding in res.damage {
-            let points = damage::affected(&paths, i, &finding);
+            let points = files.affected(i, &finding);
             r.problems.push(Problem::damage(&f.name, finding, points));
         }
         let parent = i.checked_sub(1).map(|p| &chain.files[p]);

@@ -53,7 +53,8 @@ pub fn scratch_dir() -> std::path::PathBuf {
 }
 
 /// The body of the `check_image` fuzz target: `data` written to a scratch file (in `/dev/shm`
-/// where there is one), checked as `qmprestore check` does and, when it is corrupt, repaired
+/// where there is one), checked as `qmprestore check` does, the owners of some of its bytes
+/// found as `verify` finds those of damaged bytes, and, when it is corrupt, repaired
 /// as `check -r all` does (a rebuilt refcount structure, a rewritten snapshot table) and
 /// checked again. Returns whether it was checked.
 pub fn check_bytes(data: &[u8]) -> bool {
@@ -63,6 +64,9 @@ pub fn check_bytes(data: &[u8]) -> bool {
         return false;
     }
     let report = check(&path);
+    // What verify asks of a damaged file: the owners of its bytes, in a few probed ranges.
+    let len = data.len() as u64;
+    let _ = super::check::owners(&path, &[(0, 512), (len / 3, len / 2), (len - len / 4, len)]);
     if report.as_ref().is_ok_and(|r| r.exit_code() != 0) && repair(&path, Repair::All).is_ok() {
         let _ = check(&path);
     }

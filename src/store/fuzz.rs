@@ -41,3 +41,16 @@ pub fn dir_names(data: &[u8]) -> usize {
     let _ = std::fs::remove_dir_all(&dir);
     created
 }
+
+/// The body of the `manifest` fuzz target: manifests are read from backup folders and object
+/// stores, so they are untrusted too. `data` up to its first NUL byte is a manifest (JSON), the
+/// rest the backup file it describes; the manifest is parsed, its checksums decoded, and the
+/// file compared with it. Returns how many extents differ (or `None` when it is no manifest).
+pub fn manifest(data: &[u8]) -> Option<usize> {
+    let split = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+    let (json, file) = (&data[..split], data.get(split + 1..).unwrap_or_default());
+    let m: crate::store::manifest::Manifest = serde_json::from_slice(json).ok()?;
+    let _ = m.sums.crcs();
+    let checked = m.check(&file.to_vec()).ok()?;
+    checked.ok().map(|found| found.len())
+}
