@@ -545,8 +545,10 @@ fn push_big_chain(g: &Garage, work: &Path, prefix: &str) -> (String, PathBuf) {
     (format!("{url}/disk.qcow2"), reference)
 }
 
-/// A raw merge of `disk` into `target` paced at 4 MiB/s (reads spread over seconds), still
-/// running `ms` milliseconds after it started.
+/// A raw merge of `disk` into `target` paced at 2 MiB/s (reads spread over about 28 s; the
+/// FULL's last 16 MiB are read from about 20 s on, so a change made to the store meanwhile
+/// lands before, even on a loaded 2-core machine running the other tests), still running `ms`
+/// milliseconds after it started.
 fn slow_merge(g: &Garage, disk: &str, target: &Path, ms: u64) -> std::process::Child {
     let mut merge = g
         .qmprestore(&[
@@ -554,7 +556,7 @@ fn slow_merge(g: &Garage, disk: &str, target: &Path, ms: u64) -> std::process::C
             "--format",
             "raw",
             "--rate-limit",
-            "4M",
+            "2M",
             "--dir",
             disk,
             "--targetfile",
