@@ -143,8 +143,17 @@ fn of_owners(
 ) -> Vec<Finding> {
     let mut holds: Vec<&'static str> = Vec::new();
     let mut data: Vec<(Option<usize>, u64, u64)> = Vec::new();
+    // A cluster the active image maps too is reported once, as the active image's data.
+    let active: std::collections::HashSet<u64> = owners
+        .iter()
+        .filter(|o| matches!(o.role, Role::Guest { snapshot: None, .. }))
+        .map(|o| o.host)
+        .collect();
     for o in owners {
         match o.role {
+            Role::Guest {
+                snapshot: Some(_), ..
+            } if active.contains(&o.host) => {}
             Role::Structure(what) => {
                 if !holds.contains(&what) {
                     holds.push(what);
@@ -299,6 +308,8 @@ mod tests {
             owner(0x110000, 0x10000, data(0x60000, None)),
             owner(0x120000, 0x10000, Role::Structure("L2 table")),
             owner(0x130000, 0x10000, data(0x0, Some(0))),
+            // Shared by the active image and a snapshot: the active image's data only.
+            owner(0x110000, 0x10000, data(0x60000, Some(0))),
             owner(
                 0x140000,
                 0x100,
