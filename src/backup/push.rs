@@ -90,16 +90,12 @@ fn local_files(dir: &Path) -> Result<Vec<Local>> {
 /// The CRC-32 of a whole file from its manifest's extent CRCs, without reading it.
 fn combined(manifest: &Manifest) -> Option<u32> {
     let sums = &manifest.sums;
-    let crcs = sums.crcs().ok()?;
-    combine_into(
-        &crcs,
-        sums.extent_size,
-        sums.file_size,
-        sums.file_size.max(1),
-    )
-    .first()
-    .copied()
-    .or(Some(crc32fast::hash(&[])))
+    let mut whole = crc32fast::Hasher::new();
+    for (i, crc) in sums.crcs().ok()?.into_iter().enumerate() {
+        let (start, end) = sums.extent(i);
+        whole.combine(&crc32fast::Hasher::new_with_initial_len(crc, end - start));
+    }
+    Some(whole.finalize())
 }
 
 /// The CRCs of consecutive `piece`-byte pieces of a `size`-byte file, combined into the CRCs of

@@ -160,16 +160,16 @@ fn of_owners(
                 }
             }
             Role::Guest {
-                what,
                 guest,
+                compressed,
                 snapshot,
             } => {
                 let (lo, hi) = (o.host.max(m.start), (o.host + o.len).min(m.end));
                 // A compressed cluster is lost as a whole; stored data byte for byte.
-                let range = if what == "data cluster" {
-                    (guest + (lo - o.host), guest + (hi - o.host))
-                } else {
+                let range = if compressed {
                     (guest, guest + cluster)
+                } else {
+                    (guest + (lo - o.host), guest + (hi - o.host))
                 };
                 data.push((snapshot, range.0, range.1));
             }
@@ -299,8 +299,8 @@ mod tests {
         let m = mismatch(1 << 20, 2 << 20);
         let owner = |host: u64, len: u64, role: Role| Owner { host, len, role };
         let data = |guest, snapshot| Role::Guest {
-            what: "data cluster",
             guest,
+            compressed: false,
             snapshot,
         };
         let owners = [
@@ -314,8 +314,8 @@ mod tests {
                 0x140000,
                 0x100,
                 Role::Guest {
-                    what: "compressed cluster",
                     guest: 0x90000,
+                    compressed: true,
                     snapshot: None,
                 },
             ),

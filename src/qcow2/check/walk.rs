@@ -25,19 +25,25 @@ use std::path::Path;
 pub enum Role {
     /// Metadata, by its name ("header", "L2 table", "refcount block", ...).
     Structure(&'static str),
-    /// Guest data ("data cluster", "compressed cluster") of the guest cluster at `guest`, in
-    /// the active image (`snapshot` None) or in internal snapshot number `snapshot`.
+    /// Guest data of the guest cluster at `guest` (stored, or `compressed`: the range is the
+    /// compressed bytes), in the active image (`snapshot` None) or in internal snapshot
+    /// number `snapshot`.
     Guest {
-        what: &'static str,
         guest: u64,
+        compressed: bool,
         snapshot: Option<usize>,
     },
 }
 
 impl Role {
+    /// Its name in messages.
     pub fn what(&self) -> &'static str {
         match self {
-            Role::Structure(w) | Role::Guest { what: w, .. } => w,
+            Role::Structure(w) => w,
+            Role::Guest {
+                compressed: true, ..
+            } => "compressed cluster",
+            Role::Guest { .. } => "data cluster",
         }
     }
 }
@@ -463,8 +469,8 @@ impl<'a> Walk<'a> {
                     let refusal = self.q.compressed_refusal(d);
                     let len = d.max_len.min(self.cs * 2);
                     let role = Role::Guest {
-                        what: "compressed cluster",
                         guest,
+                        compressed: true,
                         snapshot,
                     };
                     self.refused(refusal, d.offset, len, role);
@@ -496,8 +502,8 @@ impl<'a> Walk<'a> {
                         }
                     } else {
                         let role = Role::Guest {
-                            what: "data cluster",
                             guest,
+                            compressed: false,
                             snapshot,
                         };
                         self.refused(refusal, h, self.cs, role);
