@@ -8,13 +8,19 @@
 //! is linked) is re-linked to the FULL, and the folded INCs are deleted oldest first. Re-running
 //! after an interruption at any point converges: a FULL that already holds a newer state is
 //! simply overwritten with the same data by the INCs that are left, newest last.
+//!
+//! The FULL's manifest follows the change ([`Rewrite`]): checksums of what the fold wrote are
+//! recomputed, the others kept, so `verify` still proves the whole file afterwards. The FULL
+//! takes the modification time of the last INC folded into it, before the first kept one's,
+//! as the original restore tool (which orders files by it) needs.
 
 use super::error::{ChainError, Result};
-use super::links::{forget_manifest, is_linked, link_to, remove_backup};
+use super::links::{is_linked, mtime, relink, remove_backup};
 use super::throttle::Throttle;
 use crate::qcow2::pagecache::forget_cached;
 use crate::qcow2::write::Writer;
-use crate::qcow2::{Disk, Extent, Format};
+use crate::qcow2::{Disk, ErrorKind, Extent, Format};
+use crate::store::journal::Rewrite;
 use crate::store::{open_restore_point, RestorePoint};
 use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
@@ -102,10 +108,12 @@ pub fn commit(dir: &Path, opts: &FoldOptions) -> Result<CommitReport> {
     if opts.dry_run {
         return Ok(report);
     }
-    forget_manifest(&full)?;
+    let stamp = mtime(folded.last().expect("not empty"))?;
+    let rw = Rewrite::begin(&full).map_err(|e| ErrorKind::Io(e).at(&full))?;
+    let size = disk.size();
     let mut w = Writer::open(&full)?;
     // A disk that grew between backups: the FULL grows first (a re-run finds it grown).
-    w.grow(disk.size())?;
+    w.grow(size)?;
     drop(disk);
     let throttle = Throttle::new(opts.rate_limit);
     let bar = super::progress::bytes(report.bytes, "commit", opts.progress);
@@ -116,9 +124,7 @@ pub fn commit(dir: &Path, opts: &FoldOptions) -> Result<CommitReport> {
     delete_behind(|deleter| {
         let release = |i: usize| -> Result<bool> {
             if let Some(succ) = folded.get(i + 1).or(next.as_ref()) {
-                if is_linked(succ)? {
-                    link_to(succ, &full)?;
-                }
+                relink(succ, &full)?;
             }
             Ok(deleter.send(folded[i].clone()).is_ok())
         };
@@ -140,6 +146,8 @@ pub fn commit(dir: &Path, opts: &FoldOptions) -> Result<CommitReport> {
             }
         }
         w.finish()?;
+        rw.finish(Some(stamp), |m| m.virtual_size = size)
+            .map_err(|e| ErrorKind::Io(e).at(&full))?;
         release(last)?;
         Ok(())
     })?;

@@ -16,6 +16,7 @@ pub mod map;
 pub mod merge;
 pub mod outdir;
 pub mod progress;
+pub mod prune;
 pub mod rebase;
 pub mod snapshot_rebase;
 pub mod throttle;

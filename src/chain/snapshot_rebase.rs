@@ -3,14 +3,16 @@
 //! order, is folded in, a snapshot named after the INC's time (`%Y-%m-%d-%H:%M:%S`, local time,
 //! as the original) is taken, and the INC is deleted. Each step is flushed before the next, so
 //! a re-run after an interruption continues where it stopped: folding the same INC again
-//! writes the same data, and an existing snapshot of that name is kept.
+//! writes the same data, and an existing snapshot of that name is kept. The FULL's manifest
+//! follows the change, as in commit.
 
 use super::commit::{delete_behind, fold, newer_than_full, refuse_shrunk, FoldOptions};
 use super::error::{ChainError, Result};
-use super::links::{forget_manifest, is_linked, link_to};
+use super::links::{mtime, relink};
 use super::throttle::Throttle;
 use crate::qcow2::write::Writer;
-use crate::qcow2::{Disk, Format};
+use crate::qcow2::{Disk, ErrorKind, Format};
+use crate::store::journal::Rewrite;
 use crate::store::time::local_time;
 use crate::store::{open_restore_point, RestorePoint};
 use std::path::{Path, PathBuf};
@@ -48,6 +50,7 @@ pub fn snapshot_rebase(dir: &Path, opts: &FoldOptions) -> Result<Vec<Step>> {
         )));
     }
     refuse_shrunk(&disk)?;
+    let size = disk.size();
     drop(disk);
     let mut plan = vec![Step {
         snapshot: FULL_SNAPSHOT.to_string(),
@@ -68,7 +71,12 @@ pub fn snapshot_rebase(dir: &Path, opts: &FoldOptions) -> Result<Vec<Step>> {
         Ok(d.qcow2()
             .is_some_and(|q| q.snapshots().iter().any(|s| s.name == name)))
     };
-    forget_manifest(&full)?;
+    let stamp = match chain.files.last() {
+        Some(f) if chain.files.len() > 1 => Some(mtime(&f.path)?),
+        _ => None,
+    };
+    let at = |e| ErrorKind::Io(e).at(&full);
+    let rw = Rewrite::begin(&full).map_err(at)?;
     if !has(FULL_SNAPSHOT)? {
         let mut w = Writer::open(&full)?;
         w.create_snapshot(FULL_SNAPSHOT)?;
@@ -90,15 +98,15 @@ pub fn snapshot_rebase(dir: &Path, opts: &FoldOptions) -> Result<Vec<Step>> {
             }
             w.finish()?;
             if let Some(next) = all.files.get(i + 1) {
-                if is_linked(&next.path)? {
-                    link_to(&next.path, &full)?;
-                }
+                relink(&next.path, &full)?;
             }
             if deleter.send(f.path.clone()).is_err() {
                 break;
             }
         }
-        Ok(())
+        // The FULL is durable and holds what it holds; a re-run finds the journal and ends
+        // here too.
+        Ok(rw.finish(stamp, |m| m.virtual_size = size).map_err(at)?)
     })?;
     bar.finish_and_clear();
     Ok(plan)

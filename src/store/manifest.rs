@@ -78,7 +78,7 @@ pub struct Mismatch {
 
 impl Checksums {
     /// A record of `crcs`, one per `extent_size` bytes of a `file_size`-byte file.
-    fn new(file_size: u64, extent_size: u64, crcs: &[u32]) -> Checksums {
+    pub(super) fn new(file_size: u64, extent_size: u64, crcs: &[u32]) -> Checksums {
         Checksums {
             file_size,
             extent_size,
@@ -126,6 +126,12 @@ impl Checksums {
             ));
         }
         Ok(crcs)
+    }
+
+    /// A record of a `file_size`-byte file in `extent_size` extents, without checksums yet:
+    /// what [`Checksums::extent`] needs.
+    pub(super) fn sized(file_size: u64, extent_size: u64) -> Checksums {
+        Checksums::new(file_size, extent_size, &[])
     }
 
     /// The byte range of extent `i`.
@@ -211,9 +217,23 @@ fn crcs_of(data: &dyn Storage, size: u64, extent: u64) -> io::Result<Vec<u32>> {
     Ok(groups.concat())
 }
 
+/// The CRC-32 of bytes `start..end` of `data`.
+pub(super) fn extent_crc(data: &dyn Storage, start: u64, end: u64) -> io::Result<u32> {
+    let mut buf = vec![0u8; READ.min(end - start) as usize];
+    let mut h = crc32fast::Hasher::new();
+    let mut pos = start;
+    while pos < end {
+        let chunk = &mut buf[..READ.min(end - pos) as usize];
+        read_exact(data, chunk, pos, "backup file")?;
+        h.update(chunk);
+        pos += chunk.len() as u64;
+    }
+    Ok(h.finalize())
+}
+
 /// Manifests are small (16 MiB for a 2 TiB file); one that is far larger is no manifest of
 /// ours.
-const MAX_MANIFEST: u64 = 128 << 20;
+pub(super) const MAX_MANIFEST: u64 = 128 << 20;
 
 impl Manifest {
     /// Reads the manifest of backup file `file` in `place`.

@@ -13,6 +13,7 @@ mod info;
 mod list;
 mod merge;
 mod options;
+mod prune;
 mod rebase;
 mod report;
 mod serve;
@@ -64,6 +65,9 @@ enum Command {
     /// Fold each INC into the FULL and keep every backup as an internal snapshot.
     #[command(name = "snapshotrebase", after_help = fold::SNAPSHOT_REBASE_HELP)]
     SnapshotRebase(fold::Args),
+    /// Keep the restore points retention rules name; fold the others away, crash-safely.
+    #[command(after_help = prune::HELP)]
+    Prune(prune::Args),
     /// Link every INC to its predecessor in place and point `image` at the restore point.
     #[command(after_help = rebase::HELP)]
     Rebase(rebase::Args),
@@ -144,6 +148,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Merge(a) => merge::run(a),
         Command::Commit(a) => fold::commit(a),
         Command::SnapshotRebase(a) => fold::snapshot_rebase(a),
+        Command::Prune(a) => prune::run(a),
         Command::Rebase(a) => rebase::run(a),
         Command::Verify(a) => verify::run(a),
         Command::List(a) => list::run(a),

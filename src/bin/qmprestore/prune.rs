@@ -1,0 +1,86 @@
+//! `qmprestore prune`: keep the restore points the rules name, fold the others away.
+
+use crate::options::{JsonArg, ProgressArg};
+use crate::report::{print, print_json};
+use anyhow::Result;
+use qmpbackup::chain::prune::{self, PruneOptions};
+use qmpbackup::store::keep::Policy;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub const HELP: &str = "Examples:
+  qmprestore prune --dir /backup/vm1/disk1.qcow2 --keep-last 7 --dry-run
+  qmprestore prune --dir /backup/vm1 --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --json
+
+The rules are Proxmox Backup Server's: keep-last keeps the newest N points; keep-hourly,
+-daily, -weekly (ISO weeks), -monthly and -yearly keep the newest point of each of the last N
+such periods (local time) that have one, each rule only among the points no earlier rule
+kept. --dir is one disk's folder, a target holding disk folders, or a --monthly target (its
+YYYY-MM folders go whole when no rule keeps a point of theirs; the newest never goes).
+
+Points before the oldest kept one are folded into the FULL, which is renamed after that
+point (FULL-<its epoch>-<disk>); a point between kept ones is folded into the INC after it.
+Every kept point restores as before, at every instant: an interrupted prune is completed by
+running it again. Changed files get new manifests, so verify keeps proving them.";
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A disk's backup folder, a target holding disk folders, or a --monthly target.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Only consider files whose name contains this (picks one disk in a flat folder).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Keep the newest N restore points.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_last: u32,
+    /// Keep the newest point of each of the last N hours that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_hourly: u32,
+    /// Keep the newest point of each of the last N days that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_daily: u32,
+    /// Keep the newest point of each of the last N ISO weeks that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_weekly: u32,
+    /// Keep the newest point of each of the last N months that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_monthly: u32,
+    /// Keep the newest point of each of the last N years that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_yearly: u32,
+    /// Print what would be kept, folded and removed, and the bytes it frees; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Limit the folds' throughput to this many bytes per second.
+    #[arg(long, value_parser = crate::options::parse_size)]
+    rate_limit: Option<u64>,
+    #[command(flatten)]
+    json: JsonArg,
+    #[command(flatten)]
+    progress: ProgressArg,
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    let policy = Policy {
+        last: a.keep_last,
+        hourly: a.keep_hourly,
+        daily: a.keep_daily,
+        weekly: a.keep_weekly,
+        monthly: a.keep_monthly,
+        yearly: a.keep_yearly,
+    };
+    let opts = PruneOptions {
+        policy,
+        filter: a.filter,
+        dry_run: a.dry_run,
+        rate_limit: a.rate_limit,
+        progress: a.progress.progress,
+    };
+    let report = prune::prune(&a.dir, &opts)?;
+    if a.json.json {
+        print_json(&report)
+    } else {
+        print(&report.human())
+    }
+}

@@ -1,0 +1,668 @@
+//! `qmprestore prune`: retention for backup chains and monthly folders.
+//!
+//! Which restore points stay is decided by PBS's keep rules ([`crate::store::keep`]); what
+//! it takes to drop a point differs from PBS, because a point of a chain is data the later
+//! points build on:
+//! - points before the oldest kept one are folded into the FULL (as `commit --until` does),
+//!   which then holds that point and is renamed after it (`FULL-<its epoch>-<disk>`: the new
+//!   name is linked, the next INC re-linked to it, the old name unlinked);
+//! - a point between kept ones is folded into the INC after it (what that INC does not
+//!   overwrite itself is copied into it, it is re-linked to the point's predecessor, and the
+//!   point's file goes);
+//! - an older chain (files before the latest FULL) with no kept point goes whole, and so does
+//!   a month folder (`--monthly`) with no kept point (never the newest one).
+//!
+//! Every change keeps every kept point restorable at every instant (see `commit` for the
+//! order of a fold; a point folded into its successor stays readable through its file until
+//! that file is deleted, last). The manifests of changed files are rewritten, not dropped
+//! ([`Rewrite`]), and modification times keep the order the original restore tool sorts by.
+//! A fold into the FULL is announced in a record in the disk folder's `.journal/` before it
+//! starts, so that after an interruption the same command finishes it (fold, then rename)
+//! before it looks at the rules again: a FULL caught between two points is never kept as a
+//! point of its own.
+
+use super::commit::{commit, fold, refuse_shrunk, FoldOptions};
+use super::error::{ChainError, Result};
+use super::links::{relink, remove_backup};
+use super::throttle::Throttle;
+use crate::qcow2::write::Writer;
+use crate::qcow2::{Disk, ErrorKind, Extent};
+use crate::store::folder::backup_dirs_below;
+use crate::store::journal::{self, Rewrite};
+use crate::store::keep::{select, Civil, Policy, Rule};
+use crate::store::manifest::Manifest;
+use crate::store::name::{file_name, parse_name};
+use crate::store::place::{Folder, Kind, Place};
+use crate::store::time::local_time;
+use crate::store::{BackupDir, BackupFile, ChainSelect, Level};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What `prune` keeps and how it goes about it.
+pub struct PruneOptions {
+    pub policy: Policy,
+    /// Only files whose name contains this (one disk of a flat folder).
+    pub filter: Option<String>,
+    pub dry_run: bool,
+    pub rate_limit: Option<u64>,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// What happens to one restore point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Keep,
+    /// Folded into the FULL or into the INC after it.
+    Fold,
+    /// Deleted with its older chain or its month folder.
+    Remove,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PointFate {
+    /// The disk folder.
+    pub dir: String,
+    pub file: String,
+    pub epoch: u64,
+    pub time: String,
+    /// The rule that keeps the point, if one does.
+    pub kept_by: Option<Rule>,
+    pub action: Action,
+    /// The file that holds the point's data afterwards (a folded point: what it went into; a
+    /// kept point whose file is folded into the FULL: the FULL's new name).
+    pub into: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PruneReport {
+    pub dir: String,
+    pub policy: String,
+    pub dry_run: bool,
+    pub points: Vec<PointFate>,
+    /// Month folders that go whole.
+    pub removed_folders: Vec<String>,
+    /// Bytes of backup files deleted (folded or removed).
+    pub bytes_freed: u64,
+    /// Guest bytes the folds write into kept files.
+    pub bytes_written: u64,
+    pub notes: Vec<String>,
+}
+
+impl PruneReport {
+    /// The readable report: a line per point, then the totals.
+    pub fn human(&self) -> String {
+        let would = if self.dry_run { "would " } else { "" };
+        let mut s = String::new();
+        for f in &self.removed_folders {
+            s += &format!("{would}remove folder {f} (no point kept)\n");
+        }
+        for p in &self.points {
+            let why = p.kept_by.map(|r| format!(" (keep-{})", r.name()));
+            let line = match (p.action, &p.into) {
+                (Action::Keep, Some(into)) => format!(
+                    "keep   {} {}{}, {would}held by {into}",
+                    p.time,
+                    p.file,
+                    why.unwrap_or_default()
+                ),
+                (Action::Keep, None) => {
+                    format!("keep   {} {}{}", p.time, p.file, why.unwrap_or_default())
+                }
+                (Action::Fold, into) => format!(
+                    "{would}fold {} {} into {}",
+                    p.time,
+                    p.file,
+                    into.as_deref().unwrap_or("?")
+                ),
+                (Action::Remove, _) => format!("{would}remove {} {}", p.time, p.file),
+            };
+            s += &format!("{}: {line}\n", p.dir);
+        }
+        for n in &self.notes {
+            s += &format!("note: {n}\n");
+        }
+        let (frees, writes) = if self.dry_run {
+            ("would free", "would write")
+        } else {
+            ("freed", "wrote")
+        };
+        s + &format!(
+            "{frees} {} bytes of backup files; {writes} {} bytes into kept files\n",
+            self.bytes_freed, self.bytes_written
+        )
+    }
+}
+
+/// The record of a fold into the FULL, written before it starts (see the module docs).
+#[derive(Debug, Serialize, Deserialize)]
+struct FoldRecord {
+    /// The FULL's name before.
+    full: String,
+    /// The INC whose point the FULL comes to hold.
+    until: String,
+    /// The FULL's name after.
+    rename_to: String,
+    epoch: u64,
+}
+
+const RECORD_PREFIX: &str = "prune-";
+
+fn record_name(full: &str) -> String {
+    format!("{}/{RECORD_PREFIX}{full}.json", journal::FOLDER)
+}
+
+/// One disk folder: its backup files (in backup order) and their verdicts.
+struct Unit {
+    dir: PathBuf,
+    /// The month folder it lies in (`--monthly` targets).
+    month: Option<String>,
+    /// What identifies the disk across month folders: its folder's path below the month.
+    key: PathBuf,
+    files: Vec<BackupFile>,
+    kept: Vec<Option<Rule>>,
+}
+
+pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
+    crate::store::bucket::refuse_in_place(dir, "prune")?;
+    if opts.policy.is_empty() {
+        return Err(ChainError::Refused(
+            "no keep rule above 0 given: prune would keep nothing (--keep-last N, --keep-daily N, ...)".into(),
+        ));
+    }
+    let mut report = PruneReport {
+        dir: dir.display().to_string(),
+        policy: opts.policy.describe(),
+        dry_run: opts.dry_run,
+        points: Vec::new(),
+        removed_folders: Vec::new(),
+        bytes_freed: 0,
+        bytes_written: 0,
+        notes: Vec::new(),
+    };
+    let months = month_folders(dir)?;
+    let roots: Vec<(Option<String>, PathBuf)> = if months.is_empty() {
+        vec![(None, dir.to_path_buf())]
+    } else {
+        months
+            .iter()
+            .map(|m| (Some(m.clone()), dir.join(m)))
+            .collect()
+    };
+    if !opts.dry_run {
+        finish_removals(dir)?;
+    }
+    let mut units = Vec::new();
+    for (month, root) in &roots {
+        for d in backup_dirs_below(root, 1)? {
+            if !opts.dry_run {
+                finish_interrupted(&d, opts)?;
+            } else if pending_records(&d)?.next().is_some() {
+                report.notes.push(format!(
+                    "{}: an interrupted prune is pending; it is completed first when run without --dry-run",
+                    d.display()
+                ));
+            }
+            let bd = BackupDir::scan(&d, opts.filter.as_deref())?;
+            bd.refuse_partials()?;
+            refuse_several_disks(&bd)?;
+            let files: Vec<BackupFile> = bd
+                .files
+                .into_iter()
+                .filter(|f| f.level != Level::Copy)
+                .collect();
+            if files.is_empty() {
+                continue;
+            }
+            units.push(Unit {
+                key: d.strip_prefix(root).unwrap_or(&d).to_path_buf(),
+                dir: d,
+                month: month.clone(),
+                kept: vec![None; files.len()],
+                files,
+            });
+        }
+    }
+    if units.is_empty() {
+        return Err(ChainError::Refused(format!(
+            "{}: no backup files found",
+            dir.display()
+        )));
+    }
+    decide(&mut units, &opts.policy);
+    // Month folders no rule keeps a point of go whole; never the newest.
+    let newest = months.last().cloned();
+    for m in &months {
+        let here: Vec<&Unit> = units
+            .iter()
+            .filter(|u| u.month.as_ref() == Some(m))
+            .collect();
+        if Some(m) != newest.as_ref() && here.iter().all(|u| u.kept.iter().all(Option::is_none)) {
+            report.removed_folders.push(m.clone());
+        }
+    }
+    for u in &units {
+        let gone = u
+            .month
+            .as_ref()
+            .is_some_and(|m| report.removed_folders.contains(m));
+        prune_unit(u, gone, opts, &mut report)?;
+    }
+    for m in report.removed_folders.clone() {
+        report.bytes_freed += folder_bytes(&dir.join(&m));
+        if !opts.dry_run {
+            remove_folder(dir, &m)?;
+        }
+    }
+    Ok(report)
+}
+
+/// The `YYYY-MM` folders of a `--monthly` target, oldest first.
+fn month_folders(dir: &Path) -> Result<Vec<String>> {
+    let place = Folder::new(dir);
+    let at = |e| ErrorKind::Io(e).at(dir);
+    let mut months: Vec<String> = place
+        .list("")
+        .map_err(at)?
+        .into_iter()
+        .filter(|e| e.kind == Kind::Folder && is_month(&e.name))
+        .map(|e| e.name)
+        .collect();
+    months.sort();
+    Ok(months)
+}
+
+fn is_month(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.len() == 7
+        && b[4] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || c.is_ascii_digit())
+}
+
+/// A flat folder with several disks' files needs `--filter`: one chain per prune.
+fn refuse_several_disks(bd: &BackupDir) -> Result<()> {
+    let mut disks: Vec<&str> = bd.files.iter().map(|f| f.disk.as_str()).collect();
+    disks.sort();
+    disks.dedup();
+    if disks.len() > 1 {
+        return Err(ChainError::Refused(format!(
+            "{} holds backups of several disks ({}): pick one with --filter",
+            bd.dir.display(),
+            disks.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Applies the policy to each disk's points across all its folders (a disk's key is its
+/// folder below the month folder).
+fn decide(units: &mut [Unit], policy: &Policy) {
+    let mut keys: Vec<PathBuf> = units.iter().map(|u| u.key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    for key in keys {
+        let members: Vec<usize> = (0..units.len()).filter(|&i| units[i].key == key).collect();
+        let epochs: Vec<u64> = members
+            .iter()
+            .flat_map(|&i| units[i].files.iter().map(|f| f.epoch))
+            .collect();
+        let mut verdicts = select(&epochs, policy, Civil::local).into_iter();
+        for &i in &members {
+            for k in units[i].kept.iter_mut() {
+                *k = verdicts.next().expect("one verdict per point");
+            }
+        }
+    }
+}
+
+/// Plans (and, unless a dry run, carries out) the prune of one disk folder.
+fn prune_unit(u: &Unit, folder_goes: bool, opts: &PruneOptions, r: &mut PruneReport) -> Result<()> {
+    let dir = u.dir.display().to_string();
+    let fate =
+        |f: &BackupFile, kept_by: Option<Rule>, action: Action, into: Option<String>| PointFate {
+            dir: dir.clone(),
+            file: f.name.clone(),
+            epoch: f.epoch,
+            time: local_time(f.epoch as i64),
+            kept_by,
+            action,
+            into,
+        };
+    if folder_goes {
+        for (f, k) in u.files.iter().zip(&u.kept) {
+            r.points.push(fate(f, *k, Action::Remove, None));
+        }
+        return Ok(());
+    }
+    // The chains of the folder: each FULL starts one; the last is the one restored.
+    let starts: Vec<usize> = (0..u.files.len())
+        .filter(|&i| u.files[i].level == Level::Full)
+        .collect();
+    let Some(&current) = starts.last() else {
+        return Err(ChainError::Refused(format!("{dir}: no FULL backup found")));
+    };
+    for w in starts
+        .windows(2)
+        .map(|w| (w[0], w[1]))
+        .chain([(0, starts[0])])
+    {
+        let (from, to) = w;
+        let older = &u.files[from..to];
+        let kept = u.kept[from..to].iter().any(Option::is_some);
+        for (f, k) in older.iter().zip(&u.kept[from..to]) {
+            r.points.push(fate(
+                f,
+                *k,
+                if kept { Action::Keep } else { Action::Remove },
+                None,
+            ));
+        }
+        if kept && !older.is_empty() {
+            r.notes.push(format!(
+                "{dir}: the older chain from {} is kept whole: a rule keeps one of its points",
+                older[0].name
+            ));
+        } else if !kept {
+            r.bytes_freed += older.iter().map(|f| f.size).sum::<u64>();
+            if !opts.dry_run {
+                // Newest first: what is left is always a chain's beginning.
+                for f in older.iter().rev() {
+                    remove_backup(&f.path)?;
+                }
+            }
+        }
+    }
+    let chain = &u.files[current..];
+    let kept = &u.kept[current..];
+    let Some(first) = kept.iter().position(Option::is_some) else {
+        r.notes.push(format!(
+            "{dir}: no point of the chain is kept, but its month folder stays: the chain is kept whole"
+        ));
+        for (f, k) in chain.iter().zip(kept) {
+            r.points.push(fate(f, *k, Action::Keep, None));
+        }
+        return Ok(());
+    };
+    let full_name = if first > 0 {
+        let full = &chain[0];
+        let to = if full.named_epoch {
+            file_name(Level::Full, chain[first].epoch, &full.disk, true)
+        } else {
+            full.name.clone()
+        };
+        for f in &chain[..first] {
+            r.points.push(fate(f, None, Action::Fold, Some(to.clone())));
+        }
+        r.points.push(fate(
+            &chain[first],
+            kept[first],
+            Action::Keep,
+            Some(to.clone()),
+        ));
+        r.bytes_freed += chain[1..=first].iter().map(|f| f.size).sum::<u64>();
+        let record = FoldRecord {
+            full: full.name.clone(),
+            until: chain[first].name.clone(),
+            rename_to: to.clone(),
+            epoch: chain[first].epoch,
+        };
+        r.bytes_written += fold_into_full(&u.dir, &record, opts)?;
+        to
+    } else {
+        r.points.push(fate(&chain[0], kept[0], Action::Keep, None));
+        chain[0].name.clone()
+    };
+    // Points between kept ones, oldest first, each into the file after it.
+    let mut prev = u.dir.join(&full_name);
+    for i in first + 1..chain.len() {
+        let f = &chain[i];
+        if kept[i].is_some() {
+            r.points.push(fate(f, kept[i], Action::Keep, None));
+            prev = f.path.clone();
+            continue;
+        }
+        // The newest point is always kept (every rule keeps its period's newest).
+        let Some(next) = chain.get(i + 1) else {
+            r.points.push(fate(f, None, Action::Keep, None));
+            continue;
+        };
+        r.points
+            .push(fate(f, None, Action::Fold, Some(next.name.clone())));
+        r.bytes_freed += f.size;
+        r.bytes_written += fold_into_next(&prev, &f.path, &next.path, opts)?;
+    }
+    Ok(())
+}
+
+/// Folds the chain up to `record.until` into the FULL and renames it, the record durable
+/// first; returns the guest bytes written (to write, in a dry run).
+fn fold_into_full(dir: &Path, record: &FoldRecord, opts: &PruneOptions) -> Result<u64> {
+    let fold = FoldOptions {
+        select: ChainSelect {
+            until: Some(record.until.clone()),
+            filter: opts.filter.clone(),
+            allow_outside_backing: false,
+        },
+        dry_run: opts.dry_run,
+        rate_limit: opts.rate_limit,
+        progress: opts.progress,
+    };
+    if opts.dry_run {
+        return Ok(commit(dir, &fold)?.bytes);
+    }
+    let place = Folder::new(dir);
+    let name = record_name(&record.full);
+    let bytes = serde_json::to_vec_pretty(record).expect("a record serializes");
+    place
+        .write(&name, &bytes)
+        .map_err(|e| ErrorKind::Io(e).at(place.locate(&name)))?;
+    let written = commit(dir, &fold)?.bytes;
+    rename_full(dir, record)?;
+    discard_record(&place, &name)?;
+    Ok(written)
+}
+
+/// The FULL, which now holds the point of `record.until`, takes the name of that point:
+/// link the new name, give it the manifest, re-link the first INC, unlink the old name. Each
+/// step finds the previous one done when run again.
+fn rename_full(dir: &Path, record: &FoldRecord) -> Result<()> {
+    let (old, new) = (dir.join(&record.full), dir.join(&record.rename_to));
+    if old == new || !old.exists() {
+        return Ok(());
+    }
+    let place = Folder::new(dir);
+    let at = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| ErrorKind::Io(e).at(&p)
+    };
+    if !new.exists() {
+        std::fs::hard_link(&old, &new).map_err(at(&new))?;
+        place.sync(&record.rename_to).map_err(at(&new))?;
+    }
+    if let Ok(mut m) = Manifest::read(&place, &record.full) {
+        m.file = record.rename_to.clone();
+        m.epoch = record.epoch;
+        m.write(&place).map_err(at(&new))?;
+    }
+    let bd = BackupDir::scan_disk(dir, &disk_of(&record.full))?;
+    let chain = bd.chain()?;
+    if chain
+        .files
+        .first()
+        .is_some_and(|f| f.name == record.rename_to)
+    {
+        if let Some(inc) = chain.files.get(1) {
+            relink(&inc.path, &new)?;
+        }
+    }
+    remove_backup(&old)
+}
+
+fn disk_of(name: &str) -> String {
+    parse_name(name).map(|(_, _, d)| d).unwrap_or_default()
+}
+
+fn discard_record(place: &Folder, name: &str) -> Result<()> {
+    let at = |e| ErrorKind::Io(e).at(place.locate(name));
+    place.delete(name).map_err(at)?;
+    place.sync(name).map_err(at)?;
+    Ok(())
+}
+
+/// The fold records left in `dir` by an interrupted prune.
+fn pending_records(dir: &Path) -> Result<impl Iterator<Item = String>> {
+    let place = Folder::new(dir);
+    let list = place
+        .list(journal::FOLDER)
+        .map_err(|e| ErrorKind::Io(e).at(dir))?;
+    Ok(list
+        .into_iter()
+        .map(|e| e.name)
+        .filter(|n| n.starts_with(RECORD_PREFIX) && n.ends_with(".json")))
+}
+
+/// Completes what an interrupted prune recorded: the fold into the FULL (if its last INC is
+/// still there), then the rename.
+fn finish_interrupted(dir: &Path, opts: &PruneOptions) -> Result<()> {
+    let place = Folder::new(dir);
+    for file in pending_records(dir)?.collect::<Vec<_>>() {
+        let name = format!("{}/{file}", journal::FOLDER);
+        let path = place.locate(&name);
+        let bad = |e: &dyn std::fmt::Display| {
+            ChainError::Refused(format!(
+                "{}: record of an interrupted prune is unreadable: {e}",
+                path.display()
+            ))
+        };
+        let text = std::fs::read(&path).map_err(|e| bad(&e))?;
+        let record: FoldRecord = serde_json::from_slice(&text).map_err(|e| bad(&e))?;
+        if opts
+            .filter
+            .as_ref()
+            .is_some_and(|f| !record.full.contains(f.as_str()))
+        {
+            continue;
+        }
+        tracing::info!(
+            "{}: completing an interrupted prune: {} comes to hold {} as {}",
+            dir.display(),
+            record.full,
+            record.until,
+            record.rename_to
+        );
+        if dir.join(&record.full).exists() && dir.join(&record.until).exists() {
+            let fold = PruneOptions {
+                policy: opts.policy.clone(),
+                filter: opts.filter.clone(),
+                dry_run: false,
+                rate_limit: opts.rate_limit,
+                progress: opts.progress,
+            };
+            fold_into_full(dir, &record, &fold)?;
+        } else {
+            rename_full(dir, &record)?;
+            discard_record(&place, &name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Folds INC `inc` into `next`, the INC after it: what `next` does not hold itself (data or
+/// zeros) is copied into it, then `next` is re-linked to `prev` and `inc` deleted. Returns the
+/// guest bytes written (to write, in a dry run).
+fn fold_into_next(prev: &Path, inc: &Path, next: &Path, opts: &PruneOptions) -> Result<u64> {
+    let pair = Disk::stack(&[inc.to_path_buf(), next.to_path_buf()])?;
+    refuse_shrunk(&pair)?;
+    let top = pair.chain().next().expect("two layers");
+    let Some(q) = top.qcow2() else {
+        return Err(ChainError::Refused(format!(
+            "{} is raw: folding a point into it needs qcow2",
+            next.display()
+        )));
+    };
+    let cs = q.cluster_size();
+    let size = pair.size();
+    let mut ranges = Vec::new();
+    pair.for_each_extent(0, size, |e| {
+        if e.depth == 1 && (e.data || e.zero) {
+            ranges.push(Extent { depth: 0, ..e });
+        }
+        Ok(())
+    })?;
+    // Whole clusters of `next` only: a partial one would be completed from its backing file,
+    // which is `inc` until the relink and its predecessor after.
+    if let Some(e) = ranges.iter().find(|e| {
+        e.start % cs != 0 || ((e.start + e.length) % cs != 0 && e.start + e.length != size)
+    }) {
+        return Err(ChainError::Refused(format!(
+            "{}: guest bytes {}..{} do not cover whole clusters of {} ({cs} bytes): the files have different cluster sizes; use merge",
+            inc.display(),
+            e.start,
+            e.start + e.length,
+            next.display()
+        )));
+    }
+    let bytes = ranges.iter().map(|e| e.length).sum();
+    if opts.dry_run {
+        return Ok(bytes);
+    }
+    drop(pair);
+    let at = |e| ErrorKind::Io(e).at(next);
+    let rw = Rewrite::begin(next).map_err(at)?;
+    let mut w = Writer::open(next)?;
+    let throttle = Throttle::new(opts.rate_limit);
+    let bar = super::progress::bytes(bytes, "prune", opts.progress);
+    fold(&Disk::open_alone(inc)?, &ranges, &mut w, &throttle, &bar)?;
+    w.finish()?;
+    bar.finish_and_clear();
+    rw.finish(None, |_| {}).map_err(at)?;
+    relink(next, prev)?;
+    remove_backup(inc)?;
+    Ok(bytes)
+}
+
+/// The bytes of the files in a folder and its sub-folders.
+fn folder_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// Where a month folder waits while it is deleted: a dot-name no scan takes for backups.
+const REMOVING: &str = ".removing-";
+
+/// Deletes month folder `month` of `target`: renamed out of sight first (one atomic step),
+/// then deleted; an interruption leaves the renamed folder, which the next prune deletes.
+fn remove_folder(target: &Path, month: &str) -> Result<()> {
+    let from = target.join(month);
+    let to = target.join(format!("{REMOVING}{month}"));
+    let at = |e| ErrorKind::Io(e).at(&from);
+    std::fs::rename(&from, &to).map_err(at)?;
+    crate::qcow2::storage::sync_parent(&to).map_err(at)?;
+    std::fs::remove_dir_all(&to).map_err(at)?;
+    Ok(())
+}
+
+/// Finishes the deletions of month folders an interrupted prune began.
+fn finish_removals(target: &Path) -> Result<()> {
+    let at = |e| ErrorKind::Io(e).at(target);
+    for e in std::fs::read_dir(target).map_err(at)? {
+        let e = e.map_err(at)?;
+        if e.file_name().to_string_lossy().starts_with(REMOVING) && e.path().is_dir() {
+            std::fs::remove_dir_all(e.path()).map_err(at)?;
+        }
+    }
+    Ok(())
+}
