@@ -587,7 +587,8 @@ fn fold_into_next(prev: &Path, inc: &Path, next: &Path, opts: &PruneOptions) -> 
     let size = pair.size();
     let mut ranges = Vec::new();
     pair.for_each_extent(0, size, |e| {
-        if e.depth == 1 && (e.data || e.zero) {
+        // Allocated in `inc` (not merely read as zeros past the bottom of the pair).
+        if e.depth == 1 && e.present && (e.data || e.zero) {
             ranges.push(Extent { depth: 0, ..e });
         }
         Ok(())

@@ -89,8 +89,10 @@ fn notify(file: &File, offset: u64, len: u64) -> io::Result<()> {
 
 /// Writes all of `buf` at `offset` (the one write path of the format engine).
 pub fn pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
-    before_write();
+    // The watch first: a crash injected here then falls between what it journals and the
+    // write, the moment its journal exists for.
     notify(file, offset, buf.len() as u64)?;
+    before_write();
     file.write_all_at(buf, offset)
 }
 
@@ -99,8 +101,8 @@ pub fn pwrite(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
 /// falling back to reads and writes where the kernel cannot. Counts as one write.
 pub fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> io::Result<()> {
     use std::os::unix::io::AsRawFd;
-    before_write();
     notify(dst, dst_off, len)?;
+    before_write();
     let (mut from, mut to, mut left) = (src_off as i64, dst_off as i64, len);
     while left > 0 {
         // SAFETY: both descriptors are open files we borrow; the offsets are ours.

@@ -416,3 +416,43 @@ fn raw_disks_get_a_full_after_a_restart_and_each_disk_keeps_its_options() {
         s.assert_restores(d, None, "z");
     }
 }
+
+/// prune on a chain a real QEMU made: the two newest points stay (the FULL renamed after the
+/// older of them) and restore as before, the chain verifies, and the next incremental backup
+/// builds on the pruned chain, with `--prune` keeping it at two points.
+#[test]
+fn prune_keeps_the_newest_points_and_the_next_inc_builds_on_them() {
+    let Some(mut s) = BackupVm::one_disk() else {
+        return;
+    };
+    s.vm.write(D0.io, 0x10, 0, 2 * MIB);
+    s.backup("full", &[]);
+    s.capture(&[&D0], "0");
+    for i in 1..=4u8 {
+        s.vm.write(D0.io, 0x10 + i, i as u64 * MIB, MIB);
+        s.vm.io(D0.io, &format!("write -z {}M 64k", 8 + i));
+        s.backup("inc", &[]);
+        s.capture(&[&D0], &i.to_string());
+    }
+    let names = s.files();
+    assert_eq!(names.len(), 5, "{names:?}");
+    let dd = s.dd.to_str().unwrap().to_string();
+    qmprestore_ok(&["prune", "--dir", &dd, "--keep-last", "2"]);
+    let full = |inc: &str| format!("FULL-{}-{}", epoch(inc).unwrap(), D0.file);
+    assert_eq!(s.files(), [full(&names[3]), names[4].clone()]);
+    s.assert_restores(&D0, Some(&full(&names[3])), "3");
+    s.assert_restores(&D0, None, "4");
+    common::assert_verifies(&s.dd);
+
+    s.vm.write(D0.io, 0x55, 6 * MIB, MIB);
+    let log = s.backup("inc", &["--prune", "keep-last=2"]);
+    assert!(log.contains("Prune: "), "{log}");
+    s.capture(&[&D0], "5");
+    let now = s.files();
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert_eq!(now[0], full(&names[4]));
+    s.assert_restores(&D0, Some(&now[0]), "4");
+    s.assert_restores(&D0, None, "5");
+    common::assert_verifies(&s.dd);
+    s.vm.stop(Stop::Quit);
+}

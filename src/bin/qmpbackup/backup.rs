@@ -2,7 +2,7 @@
 //! [`Options`](qmpbackup::backup::run::Options), the run, then the push it may ask for.
 
 use crate::push::{self, PushArgs};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::ValueEnum;
 use qmpbackup::backup::device::Selection;
 use qmpbackup::backup::fleece::FileIo;
@@ -10,7 +10,9 @@ use qmpbackup::backup::job::Progress;
 use qmpbackup::backup::plan::Requested;
 use qmpbackup::backup::run::{self, Options};
 use qmpbackup::backup::vm::VmState;
+use qmpbackup::chain::prune::PruneOptions;
 use qmpbackup::qmp::{Address, Qmp};
+use qmpbackup::store::keep::Policy;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -89,6 +91,20 @@ pub struct Args {
     link_incs: bool,
     #[command(flatten)]
     push: PushArgs,
+    /// After a successful run (and push), prune the target by these rules, as
+    /// `qmprestore prune --dir TARGET` does: e.g. "keep-last=7,keep-weekly=4" (rules:
+    /// keep-last, -hourly, -daily, -weekly, -monthly, -yearly).
+    #[arg(long, value_name = "RULES", value_parser = parse_rules)]
+    prune: Option<Policy>,
+}
+
+/// `--prune`'s rules; a policy that keeps nothing is refused here, before QEMU is contacted.
+fn parse_rules(s: &str) -> Result<Policy, String> {
+    let p = Policy::parse(s)?;
+    if p.is_empty() {
+        return Err("no rule above 0: the prune would keep nothing".into());
+    }
+    Ok(p)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -112,6 +128,9 @@ impl Args {
     pub fn refuse(&self) -> Result<()> {
         if !self.exclude.is_empty() && !self.include.is_empty() {
             anyhow::bail!("Specify either included or excluded devices");
+        }
+        if self.prune.is_some() && self.push.push_only {
+            anyhow::bail!("--prune folds the local backup files, which --push-only removes");
         }
         Ok(())
     }
@@ -169,8 +188,31 @@ pub fn run(
     interrupted: &AtomicBool,
 ) -> Result<()> {
     let push_args = std::mem::take(&mut a.push);
+    let rules = a.prune.take();
     let opts = a.options(agent);
     run::run(&mut qmp, &opts, state, interrupted)?;
     drop(qmp);
-    push::push(&opts.target, &push_args)
+    push::push(&opts.target, &push_args)?;
+    if let Some(policy) = rules {
+        prune(&opts.target, policy)?;
+    }
+    Ok(())
+}
+
+/// `--prune`: the target's restore points the rules do not keep are folded away; the report's
+/// lines go to the log.
+fn prune(target: &std::path::Path, policy: Policy) -> Result<()> {
+    let opts = PruneOptions {
+        policy,
+        filter: None,
+        dry_run: false,
+        rate_limit: None,
+        progress: false,
+    };
+    let report = qmpbackup::chain::prune::prune(target, &opts)
+        .with_context(|| format!("pruning {}", target.display()))?;
+    for line in report.human().lines() {
+        tracing::info!(target: crate::LOG, "Prune: {line}");
+    }
+    Ok(())
 }

@@ -18,7 +18,7 @@ pub struct PushArgs {
     /// With --push: remove the local backup files once they are uploaded and verified,
     /// keeping their manifests (what the next incremental needs).
     #[arg(long, requires = "push")]
-    push_only: bool,
+    pub push_only: bool,
 }
 
 /// `qmpbackup push`: needs no QMP socket.
