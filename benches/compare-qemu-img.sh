@@ -240,6 +240,71 @@ SH
     fi
     bench_commit "4-deep, hot region" chain4hot
 fi
+if [ -z "$filter" ] || [[ prune == *$filter* ]]; then
+    # prune --keep-last 2 of a 6-point chain (512 MiB FULL, 5 INCs of 64 MiB that overwrite
+    # the FULL's data, so the fold writes in place), with a manifest per file, against
+    # commit --until doing the same folding. Then commit with and without manifests: what
+    # keeping them exact costs (the journal, each touched MiB proven before its first write
+    # and checksummed after). Each run works on a fresh copy (not timed).
+    if [ ! -d chain6 ]; then
+        mkdir -p chain6
+        truncate -s 1G full.raw
+        dd if=/dev/urandom of=full.raw bs=1M count=512 conv=notrunc status=none
+        qemu-img convert -O qcow2 full.raw chain6/FULL-1700000000-disk.qcow2
+        rm -f full.raw
+        prev=FULL-1700000000-disk.qcow2
+        for i in 1 2 3 4 5; do
+            truncate -s 1G inc.raw
+            dd if=/dev/urandom of=inc.raw bs=1M count=64 seek=$((i * 80)) conv=notrunc status=none
+            name=INC-$((1700000000 + i * 600))-disk.qcow2
+            qemu-img convert -O qcow2 inc.raw "chain6/$name"
+            qemu-img rebase -u -b "$prev" -F qcow2 "chain6/$name"
+            prev=$name
+            rm -f inc.raw
+        done
+        python3 - chain6 <<'PY'
+import json, os, sys, zlib
+d = sys.argv[1]
+names = sorted(n for n in os.listdir(d) if not n.startswith("."))
+names.sort(key=lambda n: (not n.startswith("FULL"), n))
+os.makedirs(f"{d}/.manifest", exist_ok=True)
+for i, n in enumerate(names):
+    crcs = []
+    with open(f"{d}/{n}", "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            crcs.append("%08x" % zlib.crc32(b))
+    m = dict(manifest_version=2, tool="bench", file=n, level="full" if i == 0 else "inc",
+             epoch=int(n.split("-")[1]), uuid="bench", bitmap=None, device="disk", node="disk",
+             qdev=None, source_file="disk.qcow2", qemu_version="10", format="qcow2",
+             virtual_size=1 << 30, cluster_size=65536, parent=names[i - 1] if i else None,
+             file_size=os.path.getsize(f"{d}/{n}"), extent_size=1 << 20, crc32s="".join(crcs))
+    with open(f"{d}/.manifest/{n}.json", "w") as f:
+        json.dump(m, f)
+PY
+        mkdir -p chain6-bare
+        cp chain6/*.qcow2 chain6-bare/
+    fi
+    bench_fold() { # LABEL DIR1 CMD1 DIR2 CMD2 (CMD runs on a fresh copy named c)
+        : > ours.log; : > theirs.log
+        for i in $(seq 0 "$reps"); do
+            for who in ours theirs; do
+                if [ "$who" = ours ]; then src=$2 cmd=$3; else src=$4 cmd=$5; fi
+                rm -rf c; cp -a "$src" c; sync
+                /usr/bin/time -f '%e %M' -o time.txt sh -c "$cmd >/dev/null 2>&1 && sync"
+                [ "$i" = 0 ] || cat time.txt >> "$who.log"   # run 0 warms up
+            done
+        done
+        rm -rf c
+        row "$1" "$(median ours.log)" "$(median theirs.log)"
+    }
+    bench_fold "prune --keep-last 2 vs commit" chain6 "$ours prune --dir c --keep-last 2" \
+        chain6 "$ours commit --dir c --until INC-1700002400"
+    bench_fold "commit: manifests kept vs none" chain6 "$ours commit --dir c --until INC-1700002400" \
+        chain6-bare "$ours commit --dir c --until INC-1700002400"
+fi
 if [ -z "$filter" ] || [[ verify == *$filter* ]]; then
     # verify of the 4-deep chain (every stored cluster read, every file checked) against cat
     # of the same files, both from the page cache after a warm-up; ratio < 1.25 meets
