@@ -773,3 +773,208 @@ fn a_resumed_upload_the_store_refuses_starts_over() {
     ]));
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// A chain of qemu-img-made backups with manifests, pushed to `prefix` as a target folder
+/// (`<prefix>/disk.qcow2`); returns the chain and the disk folder's URL.
+fn push_chain(g: &Garage, work: &Path, prefix: &str) -> (common::chains::Backups, String) {
+    let b = common::chains::build(4, true, "", None);
+    b.write_manifests();
+    let local = work.join(prefix);
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(local.join("uuid"), "test-chain").unwrap();
+    let disk = local.join("disk.qcow2");
+    b.copy_to(&disk);
+    std::fs::create_dir_all(disk.join(".manifest")).unwrap();
+    for n in &b.names {
+        let m = format!(".manifest/{n}.json");
+        std::fs::copy(b.dir.join(&m), disk.join(&m)).unwrap();
+    }
+    let url = push_folder(g, &local, prefix);
+    (b, format!("{url}/disk.qcow2"))
+}
+
+/// The keys below `url` (recursively), relative to it.
+fn objects(g: &Garage, url: &str) -> Vec<String> {
+    let rest = url.strip_prefix(&g.url("")).unwrap();
+    let listing = succeeded(out(&mut g.rclone(&[
+        "lsf",
+        "-R",
+        "--files-only",
+        &g.remote(rest),
+    ])));
+    let mut v: Vec<String> = listing.lines().map(String::from).collect();
+    v.sort();
+    v
+}
+
+/// After a prune of the store keeping the two newest points of `b`: the store lists exactly
+/// them (the FULL renamed after the older), each restores from the store, verify passes, and
+/// the objects of the points that went are gone with their manifests.
+fn assert_store_pruned(g: &Garage, b: &common::chains::Backups, url: &str, work: &Path) {
+    let epoch = |n: &str| -> u64 { n.split('-').nth(1).unwrap().parse().unwrap() };
+    let full = format!("FULL-{}-disk.qcow2", epoch(&b.names[3]));
+    let mut want = vec![
+        full.clone(),
+        b.names[4].clone(),
+        format!(".manifest/{full}.json"),
+        format!(".manifest/{}.json", b.names[4]),
+    ];
+    want.sort();
+    assert_eq!(objects(g, url), want);
+    for k in [3, 4] {
+        let t = work.join("point.qcow2");
+        succeeded(out(&mut g.qmprestore(&[
+            "merge",
+            "--force",
+            "--dir",
+            url,
+            "--until",
+            &epoch(&b.names[k]).to_string(),
+            "--targetfile",
+            t.to_str().unwrap(),
+        ])));
+        common::assert_same(&t, &b.expected[k]);
+    }
+    succeeded(out(&mut g.qmprestore(&["verify", "--dir", url])));
+}
+
+/// prune of a folder on the store: through a local copy, new files up first, deletions last;
+/// a dry run leaves the store as it was; SIGKILL at random moments leaves every kept point
+/// restorable from the store, and the next run completes the prune.
+#[test]
+fn prune_works_on_the_store_and_converges_after_a_kill() {
+    let Some(g) = garage_with_rclone(1) else {
+        return;
+    };
+    let work = tempfile::tempdir().unwrap();
+    let (b, url) = push_chain(&g, work.path(), "pr");
+    let before = objects(&g, &url);
+    let dry = out(&mut g.qmprestore(&["prune", "--dir", &url, "--keep-last", "2", "--dry-run"]));
+    assert!(text(&dry).contains("would fold"), "{}", text(&dry));
+    assert_eq!(objects(&g, &url), before, "a dry run changed the store");
+    let start = Instant::now();
+    let report = succeeded(out(&mut g.qmprestore(&[
+        "prune",
+        "--dir",
+        &url,
+        "--keep-last",
+        "2",
+    ])));
+    let full_run = start.elapsed().as_micros() as u64;
+    assert!(report.contains(&url), "{report}");
+    assert_store_pruned(&g, &b, &url, work.path());
+
+    let mut rng = common::Lcg(7);
+    for k in 0..6 {
+        let prefix = format!("kill{k}");
+        let (b, url) = push_chain(&g, work.path(), &prefix);
+        let mut child = g
+            .qmprestore(&["prune", "--dir", &url, "--keep-last", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(rng.below(full_run)));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        eprintln!("prune on the store, SIGKILL {k}: {status}");
+        for point in [3, 4] {
+            let t = work.path().join("point.qcow2");
+            let epoch = b.names[point].split('-').nth(1).unwrap();
+            succeeded(out(&mut g.qmprestore(&[
+                "merge",
+                "--force",
+                "--dir",
+                &url,
+                "--until",
+                epoch,
+                "--targetfile",
+                t.to_str().unwrap(),
+            ])));
+            common::assert_same(&t, &b.expected[point]);
+        }
+        succeeded(out(&mut g.qmprestore(&[
+            "prune",
+            "--dir",
+            &url,
+            "--keep-last",
+            "2",
+        ])));
+        assert_store_pruned(&g, &b, &url, work.path());
+    }
+}
+
+/// `qmpbackup backup --push URL --prune RULES` on a real QEMU: the local target and the store
+/// both end with the kept points only (the FULL renamed after the older one), and both restore
+/// them.
+#[test]
+fn backup_with_push_and_prune_prunes_the_store_too() {
+    let Some(t) = needs_qemu() else { return };
+    let Some(g) = garage_with_rclone(1) else {
+        return;
+    };
+    let dir = t.path();
+    let mut vm = one_disk_vm(dir);
+    let target = dir.join("b");
+    let url = g.url("vm2");
+    let socket = vm.socket();
+    let mut expected = Vec::new();
+    for (k, level) in ["full", "inc", "inc", "inc"].iter().enumerate() {
+        write_random(&mut vm, dir, k as u64 * 10, 3, k as u64 + 1);
+        let mut args = vec![
+            "--socket",
+            &socket,
+            "backup",
+            "-l",
+            level,
+            "-t",
+            target.to_str().unwrap(),
+            "--push",
+            &url,
+        ];
+        if k == 3 {
+            args.extend(["--prune", "keep-last=2"]);
+        }
+        let o = out(&mut g.qmpbackup(&args));
+        assert!(o.status.success(), "{}", text(&o));
+        let raw = dir.join(format!("expected{k}.raw"));
+        vm.capture(VD0, "d0.qcow2", "qcow2", &raw);
+        expected.push(raw);
+    }
+    vm.quit();
+    let disk_url = format!("{url}/d0.qcow2");
+    let dd = target.join("d0.qcow2");
+    let local: Vec<String> = {
+        let mut v: Vec<String> = std::fs::read_dir(&dd)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(local.len(), 2, "{local:?}");
+    let mut want: Vec<String> = local
+        .iter()
+        .flat_map(|n| [n.clone(), format!(".manifest/{n}.json")])
+        .collect();
+    want.sort();
+    assert_eq!(objects(&g, &disk_url), want);
+    for (k, point) in [(2, &local[0]), (3, &local[1])] {
+        for from in [disk_url.as_str(), dd.to_str().unwrap()] {
+            let m = dir.join("point.qcow2");
+            succeeded(out(&mut g.qmprestore(&[
+                "merge",
+                "--force",
+                "--dir",
+                from,
+                "--until",
+                point,
+                "--targetfile",
+                m.to_str().unwrap(),
+            ])));
+            common::assert_same(&m, &expected[k]);
+        }
+    }
+    succeeded(out(&mut g.qmprestore(&["verify", "--dir", &disk_url])));
+}

@@ -88,6 +88,10 @@ pub struct PruneReport {
     /// Guest bytes the folds write into kept files.
     pub bytes_written: u64,
     pub notes: Vec<String>,
+    /// The backup files deleted (or to delete), relative to `dir`: what a copy of the folder
+    /// elsewhere (an object store) must lose too.
+    #[serde(skip)]
+    pub deleted: Vec<String>,
 }
 
 impl PruneReport {
@@ -180,6 +184,7 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
         bytes_freed: 0,
         bytes_written: 0,
         notes: Vec::new(),
+        deleted: Vec::new(),
     };
     let months = month_folders(dir)?;
     let roots: Vec<(Option<String>, PathBuf)> = if months.is_empty() {
@@ -247,7 +252,7 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
             .month
             .as_ref()
             .is_some_and(|m| report.removed_folders.contains(m));
-        prune_unit(u, gone, opts, &mut report)?;
+        prune_unit(u, dir, gone, opts, &mut report)?;
     }
     for m in report.removed_folders.clone() {
         report.bytes_freed += folder_bytes(&dir.join(&m));
@@ -319,8 +324,21 @@ fn decide(units: &mut [Unit], policy: &Policy) {
 }
 
 /// Plans (and, unless a dry run, carries out) the prune of one disk folder.
-fn prune_unit(u: &Unit, folder_goes: bool, opts: &PruneOptions, r: &mut PruneReport) -> Result<()> {
+fn prune_unit(
+    u: &Unit,
+    top: &Path,
+    folder_goes: bool,
+    opts: &PruneOptions,
+    r: &mut PruneReport,
+) -> Result<()> {
     let dir = u.dir.display().to_string();
+    let rel = |name: &str| -> String {
+        let p = u.dir.join(name);
+        p.strip_prefix(top)
+            .unwrap_or(&p)
+            .to_string_lossy()
+            .into_owned()
+    };
     let fate =
         |f: &BackupFile, kept_by: Option<Rule>, action: Action, into: Option<String>| PointFate {
             dir: dir.clone(),
@@ -367,6 +385,7 @@ fn prune_unit(u: &Unit, folder_goes: bool, opts: &PruneOptions, r: &mut PruneRep
             ));
         } else if !kept {
             r.bytes_freed += older.iter().map(|f| f.size).sum::<u64>();
+            r.deleted.extend(older.iter().map(|f| rel(&f.name)));
             if !opts.dry_run {
                 // Newest first: what is left is always a chain's beginning.
                 for f in older.iter().rev() {
@@ -403,6 +422,11 @@ fn prune_unit(u: &Unit, folder_goes: bool, opts: &PruneOptions, r: &mut PruneRep
             Some(to.clone()),
         ));
         r.bytes_freed += chain[1..=first].iter().map(|f| f.size).sum::<u64>();
+        r.deleted
+            .extend(chain[1..=first].iter().map(|f| rel(&f.name)));
+        if to != full.name {
+            r.deleted.push(rel(&full.name));
+        }
         let record = FoldRecord {
             full: full.name.clone(),
             until: chain[first].name.clone(),
@@ -432,6 +456,7 @@ fn prune_unit(u: &Unit, folder_goes: bool, opts: &PruneOptions, r: &mut PruneRep
         r.points
             .push(fate(f, None, Action::Fold, Some(next.name.clone())));
         r.bytes_freed += f.size;
+        r.deleted.push(rel(&f.name));
         r.bytes_written += fold_into_next(&prev, &f.path, &next.path, opts)?;
     }
     Ok(())
@@ -663,6 +688,99 @@ fn finish_removals(target: &Path) -> Result<()> {
         let e = e.map_err(at)?;
         if e.file_name().to_string_lossy().starts_with(REMOVING) && e.path().is_dir() {
             std::fs::remove_dir_all(e.path()).map_err(at)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies the backup folders below `from` (an object-store prefix) into the local folder
+/// `to`: backup files, manifests, chain ids and configs, not other dot-folders. A prune of an
+/// object store runs on such a copy (objects cannot change in place); see [`forget_in`].
+pub fn stage(from: &Path, to: &Path) -> Result<()> {
+    let place = crate::store::place::at(from).map_err(|e| ErrorKind::Io(e).at(from))?;
+    let mut todo = vec![String::new()];
+    let mut buf = vec![0u8; 8 << 20];
+    while let Some(sub) = todo.pop() {
+        let here = to.join(&sub);
+        std::fs::create_dir_all(&here).map_err(|e| ErrorKind::Io(e).at(&here))?;
+        for e in place.list(&sub).map_err(|e| ErrorKind::Io(e).at(from))? {
+            let name = if sub.is_empty() {
+                e.name.clone()
+            } else {
+                format!("{sub}/{}", e.name)
+            };
+            match e.kind {
+                Kind::Folder
+                    if !e.name.starts_with('.') || e.name == crate::store::manifest::FOLDER =>
+                {
+                    todo.push(name)
+                }
+                Kind::File if !e.name.starts_with('.') => {
+                    let src = place
+                        .open(&name)
+                        .map_err(|err| ErrorKind::Io(err).at(place.locate(&name)))?;
+                    let dst = to.join(&name);
+                    let at = |err| ErrorKind::Io(err).at(&dst);
+                    let f = std::fs::File::create(&dst).map_err(at)?;
+                    let size = src.size().map_err(at)?;
+                    let mut pos = 0;
+                    while pos < size {
+                        let n = (size - pos).min(buf.len() as u64) as usize;
+                        crate::qcow2::storage::read_exact(&*src, &mut buf[..n], pos, "backup file")
+                            .map_err(|err| ErrorKind::Io(err).at(place.locate(&name)))?;
+                        std::os::unix::fs::FileExt::write_all_at(&f, &buf[..n], pos).map_err(at)?;
+                        pos += n as u64;
+                    }
+                    // Ties between equal epochs are broken by modification time, as there.
+                    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.mtime))
+                        .map_err(at)?;
+                    f.sync_all().map_err(at)?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes from `dir` (a copy of the pruned folder, such as its object-store prefix after the
+/// pruned files were uploaded) what `report`'s prune deleted: each file's manifest first (an
+/// object store takes a manifest without its file for a file pushed away), then the file;
+/// whole month folders likewise, manifests first. Missing objects are fine: a re-run after an
+/// interruption deletes the rest.
+pub fn forget_in(dir: &Path, report: &PruneReport) -> Result<()> {
+    let place = crate::store::place::at(dir).map_err(|e| ErrorKind::Io(e).at(dir))?;
+    let gone = |name: &str| -> Result<()> {
+        match place.delete(name) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ErrorKind::Io(e).at(place.locate(name)).into()),
+        }
+    };
+    let manifest_of = |rel: &str| match rel.rsplit_once('/') {
+        Some((sub, file)) => format!("{sub}/{}", crate::store::manifest::name_for(file)),
+        None => crate::store::manifest::name_for(rel),
+    };
+    for f in &report.deleted {
+        gone(&manifest_of(f))?;
+        gone(f)?;
+    }
+    for m in &report.removed_folders {
+        let mut files = Vec::new();
+        let mut todo = vec![m.clone()];
+        while let Some(sub) = todo.pop() {
+            for e in place.list(&sub).map_err(|e| ErrorKind::Io(e).at(dir))? {
+                let name = format!("{sub}/{}", e.name);
+                match e.kind {
+                    Kind::Folder => todo.push(name),
+                    _ => files.push(name),
+                }
+            }
+        }
+        let is_manifest = |n: &String| n.contains(&format!("/{}/", crate::store::manifest::FOLDER));
+        files.sort_by_key(|n| !is_manifest(n));
+        for f in &files {
+            gone(f)?;
         }
     }
     Ok(())

@@ -10,7 +10,7 @@ use qmpbackup::backup::job::Progress;
 use qmpbackup::backup::plan::Requested;
 use qmpbackup::backup::run::{self, Options};
 use qmpbackup::backup::vm::VmState;
-use qmpbackup::chain::prune::PruneOptions;
+use qmpbackup::chain::prune::{PruneOptions, PruneReport};
 use qmpbackup::qmp::{Address, Qmp};
 use qmpbackup::store::keep::Policy;
 use std::io::IsTerminal;
@@ -194,14 +194,20 @@ pub fn run(
     drop(qmp);
     push::push(&opts.target, &push_args)?;
     if let Some(policy) = rules {
-        prune(&opts.target, policy)?;
+        let report = prune(&opts.target, policy)?;
+        // The store follows: what the prune changed goes up, then what it deleted goes.
+        if let Some(url) = push_args.url() {
+            push::push(&opts.target, &push_args)?;
+            qmpbackup::chain::prune::forget_in(std::path::Path::new(url), &report)
+                .with_context(|| format!("deleting the pruned points from {url}"))?;
+        }
     }
     Ok(())
 }
 
 /// `--prune`: the target's restore points the rules do not keep are folded away; the report's
 /// lines go to the log.
-fn prune(target: &std::path::Path, policy: Policy) -> Result<()> {
+fn prune(target: &std::path::Path, policy: Policy) -> Result<PruneReport> {
     let opts = PruneOptions {
         policy,
         filter: None,
@@ -214,5 +220,5 @@ fn prune(target: &std::path::Path, policy: Policy) -> Result<()> {
     for line in report.human().lines() {
         tracing::info!(target: crate::LOG, "Prune: {line}");
     }
-    Ok(())
+    Ok(report)
 }

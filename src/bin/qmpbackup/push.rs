@@ -31,6 +31,13 @@ pub struct Args {
     push: PushArgs,
 }
 
+impl PushArgs {
+    /// The store `--push` names, if any.
+    pub fn url(&self) -> Option<&str> {
+        self.push.as_deref()
+    }
+}
+
 pub fn run(a: &Args) -> Result<()> {
     anyhow::ensure!(a.push.push.is_some(), "give --push s3://BUCKET/PREFIX");
     push(&a.target, &a.push)

@@ -2,10 +2,10 @@
 
 use crate::options::{JsonArg, ProgressArg};
 use crate::report::{print, print_json};
-use anyhow::Result;
-use qmpbackup::chain::prune::{self, PruneOptions};
+use anyhow::{Context, Result};
+use qmpbackup::chain::prune::{self, PruneOptions, PruneReport};
 use qmpbackup::store::keep::Policy;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 pub const HELP: &str = "Examples:
@@ -21,7 +21,13 @@ YYYY-MM folders go whole when no rule keeps a point of theirs; the newest never 
 Points before the oldest kept one are folded into the FULL, which is renamed after that
 point (FULL-<its epoch>-<disk>); a point between kept ones is folded into the INC after it.
 Every kept point restores as before, at every instant: an interrupted prune is completed by
-running it again. Changed files get new manifests, so verify keeps proving them.";
+running it again. Changed files get new manifests, so verify keeps proving them.
+
+On an object store (--dir s3://BUCKET/PREFIX/...) objects cannot change in place: the folder
+is copied to a local work folder (--work-dir, default $TMPDIR), pruned there, the new and
+changed files are uploaded (the FULL before the INCs, files before manifests), and only then
+are the objects of the points that went deleted. An interruption leaves every kept point
+restorable from the store; running it again completes it.";
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -55,6 +61,9 @@ pub struct Args {
     /// Limit the folds' throughput to this many bytes per second.
     #[arg(long, value_parser = crate::options::parse_size)]
     rate_limit: Option<u64>,
+    /// Where an object store's folder is copied to be pruned (default: $TMPDIR).
+    #[arg(long, value_name = "DIR")]
+    work_dir: Option<PathBuf>,
     #[command(flatten)]
     json: JsonArg,
     #[command(flatten)]
@@ -77,10 +86,54 @@ pub fn run(a: Args) -> Result<ExitCode> {
         rate_limit: a.rate_limit,
         progress: a.progress.progress,
     };
-    let report = prune::prune(&a.dir, &opts)?;
+    let report = if qmpbackup::s3::url::is_s3(&a.dir) {
+        in_store(&a.dir, a.work_dir, &opts)?
+    } else {
+        prune::prune(&a.dir, &opts)?
+    };
     if a.json.json {
         print_json(&report)
     } else {
         print(&report.human())
+    }
+}
+
+/// Prunes an object-store folder through a local copy: stage, prune, upload what is new or
+/// changed, then delete what went (see HELP).
+fn in_store(url: &Path, work_dir: Option<PathBuf>, opts: &PruneOptions) -> Result<PruneReport> {
+    // One work folder per store folder: what a killed run left there goes first.
+    let base = work_dir.unwrap_or_else(std::env::temp_dir);
+    let url_crc = crc32fast::hash(url.as_os_str().as_encoded_bytes());
+    let work = Work(base.join(format!(".qmprestore-prune-{url_crc:08x}")));
+    let _ = std::fs::remove_dir_all(&work.0);
+    std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
+    prune::stage(url, &work.0)?;
+    let mut report = prune::prune(&work.0, opts)?;
+    if !opts.dry_run {
+        let bar = indicatif::ProgressBar::hidden();
+        let text = url.to_string_lossy();
+        qmpbackup::backup::push::push(&work.0, &text, false, &bar)
+            .with_context(|| format!("uploading the pruned folder to {text}"))?;
+        prune::forget_in(url, &report)?;
+    }
+    let local = work.0.display().to_string();
+    let shown = url.display().to_string();
+    report.dir = shown.clone();
+    for p in &mut report.points {
+        p.dir = p.dir.replacen(&local, &shown, 1);
+    }
+    for n in &mut report.notes {
+        *n = n.replacen(&local, &shown, 1);
+    }
+    Ok(report)
+}
+
+/// The local copy of a folder being pruned, removed when done (or failed: the store is the
+/// truth, and a re-run copies it again).
+struct Work(PathBuf);
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
