@@ -113,13 +113,13 @@ if [ -z "$filter" ] || [[ convert-zstd == *$filter* ]]; then
     size_row "  output size (zstd)" ours.qcow2 theirs.qcow2
     rm -f ours.qcow2 theirs.qcow2
 fi
-# add_incs DIR COUNT MIB STEP_MIB: appends COUNT INCs of MIB MiB of random data each (the i-th
-# at i * STEP_MIB MiB), in qmpbackup's naming, linked to their predecessors (rebase -u) so that
-# qemu-img can read the same chain.
+# add_incs DIR COUNT MIB STEP_MIB [SIZE]: appends COUNT INCs (virtual SIZE, default 4G) of MIB
+# MiB of random data each (the i-th at i * STEP_MIB MiB), in qmpbackup's naming, linked to
+# their predecessors (rebase -u) so that qemu-img can read the same chain.
 add_incs() {
-    local dir=$1 count=$2 mib=$3 step=$4 prev=FULL-1700000000-disk.qcow2 i name
+    local dir=$1 count=$2 mib=$3 step=$4 size=${5:-4G} prev=FULL-1700000000-disk.qcow2 i name
     for i in $(seq 1 "$count"); do
-        truncate -s 4G inc.raw
+        truncate -s "$size" inc.raw
         dd if=/dev/urandom of=inc.raw bs=1M count="$mib" seek=$((i * step)) conv=notrunc status=none
         name=INC-$((1700000000 + i * 600))-disk.qcow2
         qemu-img convert -O qcow2 inc.raw "$dir/$name"
@@ -252,16 +252,7 @@ if [ -z "$filter" ] || [[ prune == *$filter* ]]; then
         dd if=/dev/urandom of=full.raw bs=1M count=512 conv=notrunc status=none
         qemu-img convert -O qcow2 full.raw chain6/FULL-1700000000-disk.qcow2
         rm -f full.raw
-        prev=FULL-1700000000-disk.qcow2
-        for i in 1 2 3 4 5; do
-            truncate -s 1G inc.raw
-            dd if=/dev/urandom of=inc.raw bs=1M count=64 seek=$((i * 80)) conv=notrunc status=none
-            name=INC-$((1700000000 + i * 600))-disk.qcow2
-            qemu-img convert -O qcow2 inc.raw "chain6/$name"
-            qemu-img rebase -u -b "$prev" -F qcow2 "chain6/$name"
-            prev=$name
-            rm -f inc.raw
-        done
+        add_incs chain6 5 64 80 1G
         python3 - chain6 <<'PY'
 import json, os, sys, zlib
 d = sys.argv[1]

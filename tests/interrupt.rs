@@ -9,6 +9,7 @@
 mod common;
 
 use common::chains::{build, Backups};
+use common::crashes;
 use common::*;
 use std::path::Path;
 use std::process::Command;
@@ -119,68 +120,32 @@ fn crash_points(cmd: &str) {
         .iter()
         .map(|n| sha256_file(&b.dir.join(n)))
         .collect();
-    let mut points = 0;
-    for n in (0..).map(|i: u64| if i < 80 { i } else { 80 + (i - 80) * 7 }) {
+    let fresh = || {
         let dir = b.copy_to(&work);
-        let d = dir.to_str().unwrap();
-        let o = qmprestore(&args(cmd, d, out.to_str().unwrap()))
-            .env(qmpbackup::qcow2::fault::ENV, n.to_string())
-            .output()
-            .unwrap();
-        if o.status.success() {
-            break;
-        }
-        assert_eq!(
-            o.status.code(),
-            None,
-            "crash after {n}: failed instead: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        points += 1;
+        qmprestore(&args(cmd, dir.to_str().unwrap(), out.to_str().unwrap()))
+    };
+    let check = |what: &str| {
         if cmd == "merge" {
-            let now: Vec<String> = b.names.iter().map(|f| sha256_file(&dir.join(f))).collect();
-            assert_eq!(now, sums, "merge changed a backup file");
+            let now: Vec<String> = b.names.iter().map(|f| sha256_file(&work.join(f))).collect();
+            assert_eq!(now, sums, "{what}: merge changed a backup file");
         }
-        judge(
-            cmd,
-            &b,
-            &dir,
-            &out,
-            &format!("{cmd}, crash after write {n}"),
-        );
-        assert!(n < 5000, "{cmd} never finishes");
-    }
+        judge(cmd, &b, &work, &out, what);
+    };
+    let points = crashes::after_each_write(
+        (0..).map(|i: u64| if i < 80 { i } else { 80 + (i - 80) * 7 }),
+        fresh,
+        |what| check(&format!("{cmd}, {what}")),
+    );
     let _ = std::fs::remove_file(&out);
     eprintln!("{cmd}: {points} crash points");
     assert!(points >= 50, "{cmd}: only {points} crash points");
-
-    // SIGKILL at random moments of a run.
-    let mut rng = Lcg(points as u64);
-    let start = std::time::Instant::now();
-    run(&mut qmprestore(&args(
-        cmd,
-        b.copy_to(&work).to_str().unwrap(),
-        out.to_str().unwrap(),
-    )));
-    let full_run = start.elapsed().as_micros() as u64;
-    let _ = std::fs::remove_file(&out);
-    for k in 0..10 {
-        let dir = b.copy_to(&work);
-        let mut child = qmprestore(&args(cmd, dir.to_str().unwrap(), out.to_str().unwrap()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_micros(rng.below(full_run.max(1))));
-        let _ = child.kill();
-        let status = child.wait().unwrap();
-        let what = format!("{cmd}, SIGKILL {k}");
-        if status.success() {
+    crashes::killed_at_random(10, points, fresh, |what, finished| {
+        if finished {
             let _ = std::fs::remove_file(&out);
-            continue;
+        } else {
+            check(&format!("{cmd}, {what}"));
         }
-        judge(cmd, &b, &dir, &out, &what);
-    }
+    });
 }
 
 #[test]

@@ -9,6 +9,7 @@
 mod common;
 
 use common::chains::{build, Backups};
+use common::crashes;
 use common::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -303,6 +304,21 @@ fn monthly_folders_without_a_kept_point_go_whole() {
         copy_with_manifests(&b, &dir);
         chains.push((b, dir));
     }
+    // With --filter no month folder goes whole: it may hold other disks.
+    let o = prune(
+        target.path(),
+        &[
+            "--keep-monthly",
+            "2",
+            "--filter",
+            "disk",
+            "--dry-run",
+            "--json",
+        ],
+    );
+    let v = json_of(&o);
+    assert!(o.status.success(), "{v}");
+    assert_eq!(v["removed_folders"], serde_json::json!([]), "{v}");
     let o = prune(target.path(), &["--keep-monthly", "2", "--json"]);
     let v = json_of(&o);
     assert!(o.status.success(), "{v}");
@@ -353,6 +369,19 @@ fn a_damaged_full_is_not_folded_into() {
     for n in &b.names[1..] {
         assert!(b.dir.join(n).exists(), "{n} went");
     }
+    // Nothing was written: the FULL's manifest is back, and verify names the damage.
+    assert!(manifest_names(&b.dir).contains(&format!("{}.json", b.names[0])));
+    let o = b.qmprestore("verify", &["--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json_of(&o);
+    assert!(
+        v["dirs"][0]["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["file"] == b.names[0].as_str()),
+        "{v}"
+    );
 }
 
 /// Interrupted after its N-th write (for many N) and by SIGKILL at random moments: every
@@ -392,43 +421,9 @@ fn an_interrupted_prune_converges() {
         prune_ok(dir, &["--keep-last", "4"]);
         assert_pruned(&b, dir, &kept, true);
     };
-    let mut crashes = 0;
-    for n in 0u64.. {
-        let dir = copy_with_manifests(&b, &work);
-        let o = prune_cmd(&dir, &["--keep-last", "4"])
-            .env(qmpbackup::qcow2::fault::ENV, n.to_string())
-            .output()
-            .unwrap();
-        if o.status.success() {
-            break;
-        }
-        assert_eq!(
-            o.status.code(),
-            None,
-            "crash after {n}: failed instead: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        crashes += 1;
-        judge(&dir, &format!("crash after write {n}"));
-        assert!(n < 5000, "prune never finishes");
-    }
-    eprintln!("prune: {crashes} crash points");
-    assert!(crashes >= 40, "only {crashes} crash points");
-
-    let start = std::time::Instant::now();
-    prune_ok(&copy_with_manifests(&b, &work), &["--keep-last", "4"]);
-    let full_run = start.elapsed().as_micros() as u64;
-    let mut rng = Lcg(crashes);
-    for k in 0..8 {
-        let dir = copy_with_manifests(&b, &work);
-        let mut child = prune_cmd(&dir, &["--keep-last", "4"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_micros(rng.below(full_run.max(1))));
-        let _ = child.kill();
-        child.wait().unwrap();
-        judge(&dir, &format!("SIGKILL {k}"));
-    }
+    let fresh = || prune_cmd(&copy_with_manifests(&b, &work), &["--keep-last", "4"]);
+    let n = crashes::after_each_write(0.., fresh, |what| judge(&work, what));
+    eprintln!("prune: {n} crash points");
+    assert!(n >= 40, "only {n} crash points");
+    crashes::killed_at_random(8, n, fresh, |what, _| judge(&work, what));
 }

@@ -807,6 +807,23 @@ fn objects(g: &Garage, url: &str) -> Vec<String> {
     v
 }
 
+/// Asserts that the chain in `from` (a store's folder or a local one) restores at `until` to
+/// `expected`.
+fn assert_restores_from(g: &Garage, from: &str, until: &str, expected: &Path, work: &Path) {
+    let t = work.join("point.qcow2");
+    succeeded(out(&mut g.qmprestore(&[
+        "merge",
+        "--force",
+        "--dir",
+        from,
+        "--until",
+        until,
+        "--targetfile",
+        t.to_str().unwrap(),
+    ])));
+    common::assert_same(&t, expected);
+}
+
 /// After a prune of the store keeping the two newest points of `b`: the store lists exactly
 /// them (the FULL renamed after the older), each restores from the store, verify passes, and
 /// the objects of the points that went are gone with their manifests.
@@ -822,18 +839,8 @@ fn assert_store_pruned(g: &Garage, b: &common::chains::Backups, url: &str, work:
     want.sort();
     assert_eq!(objects(g, url), want);
     for k in [3, 4] {
-        let t = work.join("point.qcow2");
-        succeeded(out(&mut g.qmprestore(&[
-            "merge",
-            "--force",
-            "--dir",
-            url,
-            "--until",
-            &epoch(&b.names[k]).to_string(),
-            "--targetfile",
-            t.to_str().unwrap(),
-        ])));
-        common::assert_same(&t, &b.expected[k]);
+        let until = epoch(&b.names[k]).to_string();
+        assert_restores_from(g, url, &until, &b.expected[k], work);
     }
     succeeded(out(&mut g.qmprestore(&["verify", "--dir", url])));
 }
@@ -879,19 +886,8 @@ fn prune_works_on_the_store_and_converges_after_a_kill() {
         let status = child.wait().unwrap();
         eprintln!("prune on the store, SIGKILL {k}: {status}");
         for point in [3, 4] {
-            let t = work.path().join("point.qcow2");
             let epoch = b.names[point].split('-').nth(1).unwrap();
-            succeeded(out(&mut g.qmprestore(&[
-                "merge",
-                "--force",
-                "--dir",
-                &url,
-                "--until",
-                epoch,
-                "--targetfile",
-                t.to_str().unwrap(),
-            ])));
-            common::assert_same(&t, &b.expected[point]);
+            assert_restores_from(&g, &url, epoch, &b.expected[point], work.path());
         }
         succeeded(out(&mut g.qmprestore(&[
             "prune",
@@ -962,18 +958,7 @@ fn backup_with_push_and_prune_prunes_the_store_too() {
     assert_eq!(objects(&g, &disk_url), want);
     for (k, point) in [(2, &local[0]), (3, &local[1])] {
         for from in [disk_url.as_str(), dd.to_str().unwrap()] {
-            let m = dir.join("point.qcow2");
-            succeeded(out(&mut g.qmprestore(&[
-                "merge",
-                "--force",
-                "--dir",
-                from,
-                "--until",
-                point,
-                "--targetfile",
-                m.to_str().unwrap(),
-            ])));
-            common::assert_same(&m, &expected[k]);
+            assert_restores_from(&g, from, point, &expected[k], dir);
         }
     }
     succeeded(out(&mut g.qmprestore(&["verify", "--dir", &disk_url])));

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
 /// How commit and snapshotrebase fold a chain into its FULL.
+#[derive(Clone)]
 pub struct FoldOptions {
     pub select: crate::store::ChainSelect,
     pub dry_run: bool,

@@ -37,7 +37,9 @@ pub fn is_linked(path: &Path) -> Result<bool> {
 pub fn set_backing(file: &Path, backing: &str, format: Format) -> Result<bool> {
     let (place, name) = Folder::of_file(file);
     let done = backing_of(file)? == Some((backing.to_string(), Some(format.name().to_string())));
-    if done && !journal::pending(&place, &name) {
+    // The manifest says so too (an interrupted change may have ended without it).
+    let told = Manifest::read(&place, &name).map_or(true, |m| m.parent.as_deref() == Some(backing));
+    if done && told && !journal::pending(&place, &name) {
         return Ok(false);
     }
     // The new backing must open before anything changes, the manifest included.
@@ -78,10 +80,11 @@ pub fn mtime(file: &Path) -> Result<SystemTime> {
         .map_err(|e| ErrorKind::Io(e).at(file).into())
 }
 
-/// Points `inc`'s backing file at `full` (same directory, so by name).
+/// Points `inc`'s backing file at `full` (same directory, so by name, with its format).
 pub fn link_to(inc: &Path, full: &Path) -> Result<()> {
     let name = full.file_name().expect("a file").to_string_lossy();
-    set_backing(inc, &name, Format::Qcow2)?;
+    let format = Disk::open_alone(full)?.format();
+    set_backing(inc, &name, format)?;
     Ok(())
 }
 

@@ -89,7 +89,9 @@ pub struct PruneReport {
     pub bytes_written: u64,
     pub notes: Vec<String>,
     /// The backup files deleted (or to delete), relative to `dir`: what a copy of the folder
-    /// elsewhere (an object store) must lose too.
+    /// elsewhere (an object store) must lose too. Newest first within a chain, its FULL last:
+    /// deleted in this order, what is left of a chain is always its beginning, whose files
+    /// all find their backing files.
     #[serde(skip)]
     pub deleted: Vec<String>,
 }
@@ -199,7 +201,13 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
         finish_removals(dir)?;
     }
     let mut units = Vec::new();
+    // Month folders that hold more than the disks pruned here (other disks than --filter
+    // picks, COPY backups): never removed whole.
+    let mut blocked = std::collections::HashSet::new();
     for (month, root) in &roots {
+        if opts.filter.is_some() {
+            blocked.extend(month.clone());
+        }
         for d in backup_dirs_below(root, 1)? {
             if !opts.dry_run {
                 finish_interrupted(&d, opts)?;
@@ -212,11 +220,15 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
             let bd = BackupDir::scan(&d, opts.filter.as_deref())?;
             bd.refuse_partials()?;
             refuse_several_disks(&bd)?;
+            let all = bd.files.len();
             let files: Vec<BackupFile> = bd
                 .files
                 .into_iter()
                 .filter(|f| f.level != Level::Copy)
                 .collect();
+            if files.len() < all {
+                blocked.extend(month.clone());
+            }
             if files.is_empty() {
                 continue;
             }
@@ -243,7 +255,10 @@ pub fn prune(dir: &Path, opts: &PruneOptions) -> Result<PruneReport> {
             .iter()
             .filter(|u| u.month.as_ref() == Some(m))
             .collect();
-        if Some(m) != newest.as_ref() && here.iter().all(|u| u.kept.iter().all(Option::is_none)) {
+        if Some(m) != newest.as_ref()
+            && !blocked.contains(m)
+            && here.iter().all(|u| u.kept.iter().all(Option::is_none))
+        {
             report.removed_folders.push(m.clone());
         }
     }
@@ -362,38 +377,60 @@ fn prune_unit(
     let Some(&current) = starts.last() else {
         return Err(ChainError::Refused(format!("{dir}: no FULL backup found")));
     };
-    for w in starts
-        .windows(2)
-        .map(|w| (w[0], w[1]))
-        .chain([(0, starts[0])])
-    {
-        let (from, to) = w;
+    // INCs before the first FULL belong to no chain this folder can restore: they are left
+    // alone, never deleted on a guess.
+    if starts[0] > 0 {
+        for (f, k) in u.files[..starts[0]].iter().zip(&u.kept) {
+            r.points.push(fate(f, *k, Action::Keep, None));
+        }
+        r.notes.push(format!(
+            "{dir}: {} INCs before the first FULL are left as they are",
+            starts[0]
+        ));
+    }
+    prune_chain(u, current, opts, r, &fate, &rel)?;
+    // Older chains go after the current one is done: while a prune is completed, an INC of
+    // the current chain may still name a file of an older one.
+    for (from, to) in starts.windows(2).map(|w| (w[0], w[1])) {
         let older = &u.files[from..to];
         let kept = u.kept[from..to].iter().any(Option::is_some);
+        let action = if kept { Action::Keep } else { Action::Remove };
         for (f, k) in older.iter().zip(&u.kept[from..to]) {
-            r.points.push(fate(
-                f,
-                *k,
-                if kept { Action::Keep } else { Action::Remove },
-                None,
-            ));
+            r.points.push(fate(f, *k, action, None));
         }
-        if kept && !older.is_empty() {
+        if kept {
             r.notes.push(format!(
                 "{dir}: the older chain from {} is kept whole: a rule keeps one of its points",
                 older[0].name
             ));
-        } else if !kept {
-            r.bytes_freed += older.iter().map(|f| f.size).sum::<u64>();
-            r.deleted.extend(older.iter().map(|f| rel(&f.name)));
-            if !opts.dry_run {
-                // Newest first: what is left is always a chain's beginning.
-                for f in older.iter().rev() {
-                    remove_backup(&f.path)?;
-                }
+            continue;
+        }
+        r.bytes_freed += older.iter().map(|f| f.size).sum::<u64>();
+        r.deleted.extend(older.iter().rev().map(|f| rel(&f.name)));
+        if !opts.dry_run {
+            // Newest first: what is left is always a chain's beginning.
+            for f in older.iter().rev() {
+                remove_backup(&f.path)?;
             }
         }
     }
+    Ok(())
+}
+
+/// What the report says of a point: its file, the rule that keeps it, the action, the file
+/// that holds it afterwards.
+type Fate<'a> = dyn Fn(&BackupFile, Option<Rule>, Action, Option<String>) -> PointFate + 'a;
+
+/// Prunes the chain of `u` that starts at file `current` (the folder's latest FULL).
+fn prune_chain(
+    u: &Unit,
+    current: usize,
+    opts: &PruneOptions,
+    r: &mut PruneReport,
+    fate: &Fate<'_>,
+    rel: &dyn Fn(&str) -> String,
+) -> Result<()> {
+    let dir = u.dir.display().to_string();
     let chain = &u.files[current..];
     let kept = &u.kept[current..];
     let Some(first) = kept.iter().position(Option::is_some) else {
@@ -405,13 +442,22 @@ fn prune_unit(
         }
         return Ok(());
     };
+    // The first INC names the FULL it builds on: a run interrupted between uploading a
+    // renamed FULL and its re-linked INC (an object store) may have left the old name.
+    if let (Some(inc), false) = (chain.get(1), opts.dry_run) {
+        if super::links::backing_of(&inc.path)?.is_some_and(|(b, _)| b != chain[0].name) {
+            relink(&inc.path, &chain[0].path)?;
+        }
+    }
     let full_name = if first > 0 {
         let full = &chain[0];
-        let to = if full.named_epoch {
-            file_name(Level::Full, chain[first].epoch, &full.disk, true)
-        } else {
-            full.name.clone()
-        };
+        if !full.named_epoch {
+            return Err(ChainError::Refused(format!(
+                "{}: the FULL's name has no time (--no-timestamp), so its place in the chain is its modification time, which folding changes: prune keeps such a chain (commit --until folds it)",
+                full.path.display()
+            )));
+        }
+        let to = file_name(Level::Full, chain[first].epoch, &full.disk, true);
         for f in &chain[..first] {
             r.points.push(fate(f, None, Action::Fold, Some(to.clone())));
         }
@@ -423,7 +469,7 @@ fn prune_unit(
         ));
         r.bytes_freed += chain[1..=first].iter().map(|f| f.size).sum::<u64>();
         r.deleted
-            .extend(chain[1..=first].iter().map(|f| rel(&f.name)));
+            .extend(chain[1..=first].iter().rev().map(|f| rel(&f.name)));
         if to != full.name {
             r.deleted.push(rel(&full.name));
         }
@@ -475,8 +521,17 @@ fn fold_into_full(dir: &Path, record: &FoldRecord, opts: &PruneOptions) -> Resul
         rate_limit: opts.rate_limit,
         progress: opts.progress,
     };
+    // commit's refusals (a raw or damaged FULL, a shrunk disk, ...) come before the record.
+    let bytes = commit(
+        dir,
+        &FoldOptions {
+            dry_run: true,
+            ..fold.clone()
+        },
+    )?
+    .bytes;
     if opts.dry_run {
-        return Ok(commit(dir, &fold)?.bytes);
+        return Ok(bytes);
     }
     let place = Folder::new(dir);
     let name = record_name(&record.full);
@@ -562,8 +617,23 @@ fn finish_interrupted(dir: &Path, opts: &PruneOptions) -> Result<()> {
                 path.display()
             ))
         };
+        let size = std::fs::metadata(&path).map_err(|e| bad(&e))?.len();
+        if size > 64 << 10 {
+            return Err(bad(&format!("{size} bytes")));
+        }
         let text = std::fs::read(&path).map_err(|e| bad(&e))?;
         let record: FoldRecord = serde_json::from_slice(&text).map_err(|e| bad(&e))?;
+        // Plain backup file names of one disk, nothing that leads elsewhere.
+        let disk = disk_of(&record.full);
+        let plain = |n: &str| {
+            !n.contains('/') && parse_name(n).is_some_and(|(_, _, d)| d == disk && !d.is_empty())
+        };
+        if ![&record.full, &record.until, &record.rename_to]
+            .iter()
+            .all(|n| plain(n))
+        {
+            return Err(bad(&"it names files that are no backups of one disk here"));
+        }
         if opts
             .filter
             .as_ref()
@@ -629,6 +699,16 @@ fn fold_into_next(prev: &Path, inc: &Path, next: &Path, opts: &PruneOptions) -> 
             e.start,
             e.start + e.length,
             next.display()
+        )));
+    }
+    // A version 2 image has no zero flag: a zeroed range written into an INC that names no
+    // backing file would stay unallocated, which there means "unchanged".
+    let zeros = ranges.iter().any(|e| e.zero && !e.data);
+    if zeros && q.header().version < 3 && q.backing_name().is_none() {
+        return Err(ChainError::Refused(format!(
+            "{}: a qcow2 version 2 INC without a backing file name cannot take the zeroed ranges of {}: use merge",
+            next.display(),
+            inc.display()
         )));
     }
     let bytes = ranges.iter().map(|e| e.length).sum();
@@ -777,10 +857,147 @@ pub fn forget_in(dir: &Path, report: &PruneReport) -> Result<()> {
                 }
             }
         }
+        // Manifests first, then the backup files newest first (what is left of a chain is its
+        // beginning), then the rest.
         let is_manifest = |n: &String| n.contains(&format!("/{}/", crate::store::manifest::FOLDER));
-        files.sort_by_key(|n| !is_manifest(n));
+        let epoch = |n: &String| {
+            let base = n.rsplit('/').next().unwrap_or(n);
+            parse_name(base).map(|(_, e, _)| e)
+        };
+        files.sort_by_key(|n| {
+            (
+                !is_manifest(n),
+                epoch(n).is_none(),
+                std::cmp::Reverse(epoch(n)),
+            )
+        });
         for f in &files {
             gone(f)?;
+        }
+    }
+    Ok(())
+}
+
+/// Where a prune of an object store keeps the manifests it is about to upload (a dot-folder no
+/// scan takes for backups): a file goes up before its manifest, so a run killed in between
+/// leaves a file without one, and the next run finds it here.
+const PENDING: &str = ".prune-pending";
+
+/// The suffix of a held manifest's version before the change.
+const OLD: &str = ".old";
+
+fn pending_key(rel: &str) -> String {
+    format!("{PENDING}/{}", rel.replace('/', "#"))
+}
+
+/// The manifests below the local folder `dir` (path relative to it, bytes).
+pub fn manifests(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if d.file_name() == Some(std::ffi::OsStr::new(crate::store::manifest::FOLDER)) {
+                if let (Ok(bytes), Ok(rel)) = (std::fs::read(&p), p.strip_prefix(dir)) {
+                    out.push((rel.to_string_lossy().into_owned(), bytes));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Before the pruned copy `local` of store folder `url` is uploaded: every manifest that is
+/// new or changed (against `before`, the copy's manifests as staged) is kept in the store's
+/// pending folder, then the old versions of the changed ones are deleted (no moment may show
+/// a replaced file with its old manifest: verify would call that damage).
+pub fn hold_manifests(url: &Path, local: &Path, before: &[(String, Vec<u8>)]) -> Result<()> {
+    let place = crate::store::place::at(url).map_err(|e| ErrorKind::Io(e).at(url))?;
+    let at = |name: &str| {
+        let p = place.locate(name);
+        move |e| ErrorKind::Io(e).at(&p)
+    };
+    let old: std::collections::HashMap<&str, &Vec<u8>> =
+        before.iter().map(|(r, b)| (r.as_str(), b)).collect();
+    let changed: Vec<(String, Vec<u8>)> = manifests(local)
+        .into_iter()
+        .filter(|(rel, bytes)| old.get(rel.as_str()) != Some(&bytes))
+        .collect();
+    for (rel, bytes) in &changed {
+        let key = pending_key(rel);
+        place.write(&key, bytes).map_err(at(&key))?;
+        // The old one too: a run killed before the new file is up finds the old file.
+        if let Some(old) = old.get(rel.as_str()) {
+            let key = format!("{key}{OLD}");
+            place.write(&key, old).map_err(at(&key))?;
+        }
+    }
+    for (rel, _) in changed.iter().filter(|(r, _)| old.contains_key(r.as_str())) {
+        match place.delete(rel) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(at(rel)(e))?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// After an interrupted prune of store folder `url`, staged into `local`: a backup file there
+/// without a manifest gets the one the interrupted run held for it (the new or the old
+/// version), if the file is exactly what that manifest describes.
+pub fn take_held_manifests(url: &Path, local: &Path) -> Result<()> {
+    let place = crate::store::place::at(url).map_err(|e| ErrorKind::Io(e).at(url))?;
+    for e in place.list(PENDING).map_err(|e| ErrorKind::Io(e).at(url))? {
+        let rel = e.name.trim_end_matches(OLD).replace('#', "/");
+        let target = local.join(&rel);
+        let (Some(dir), Some(name)) = (
+            Path::new(&rel).parent().and_then(Path::parent),
+            Path::new(&rel)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json")),
+        ) else {
+            continue;
+        };
+        let file = local.join(dir).join(name);
+        if target.exists() || !file.exists() || rel.contains("..") {
+            continue;
+        }
+        let folder = Folder::new(&local.join(dir));
+        let key = format!("{PENDING}/{}", e.name);
+        let Ok(data) = place.open(&key) else { continue };
+        let size = data.size().unwrap_or(u64::MAX);
+        if size > 128 << 20 {
+            continue;
+        }
+        let mut bytes = vec![0u8; size as usize];
+        if crate::qcow2::storage::read_exact(&*data, &mut bytes, 0, "manifest").is_err() {
+            continue;
+        }
+        let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
+            continue;
+        };
+        let Ok(f) = std::fs::File::open(&file) else {
+            continue;
+        };
+        if m.file == name && matches!(m.check(&f), Ok(Ok(found)) if found.is_empty()) {
+            m.write(&folder).map_err(|e| ErrorKind::Io(e).at(&target))?;
+        }
+    }
+    Ok(())
+}
+
+/// After the upload: the manifests held for it (and for interrupted runs before) go.
+pub fn release_manifests(url: &Path) -> Result<()> {
+    let place = crate::store::place::at(url).map_err(|e| ErrorKind::Io(e).at(url))?;
+    let listed = place.list(PENDING).map_err(|e| ErrorKind::Io(e).at(url))?;
+    for key in listed.iter().map(|e| format!("{PENDING}/{}", e.name)) {
+        match place.delete(&key) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(ErrorKind::Io(e).at(place.locate(&key)).into())
+            }
+            _ => {}
         }
     }
     Ok(())

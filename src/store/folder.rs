@@ -322,7 +322,11 @@ impl BackupDir {
                 }
             }
         }
-        files.sort_by(|a, b| (a.epoch, a.mtime, &a.name).cmp(&(b.epoch, b.mtime, &b.name)));
+        // At one epoch a FULL comes last: only a prune makes a FULL share its epoch with an
+        // INC (the FULL then holds that INC's point), and while both exist the FULL must start
+        // the chain.
+        let key = |f: &BackupFile| (f.epoch, f.level == Level::Full, f.mtime);
+        files.sort_by(|a, b| (key(a), &a.name).cmp(&(key(b), &b.name)));
         partials.sort_by(|a, b| a.path.cmp(&b.path));
         let mut disks: Vec<&str> = files.iter().map(|f| f.disk.as_str()).collect();
         disks.sort_unstable();

@@ -75,6 +75,23 @@ struct State {
 const AHEAD: u64 = 32;
 
 impl State {
+    /// Proves extent `i` of the old file against its recorded checksum.
+    fn prove(&self, i: u64) -> io::Result<()> {
+        let (start, end) = self.old.sums.extent(i as usize);
+        let got = extent_crc(&self.data, start, end)?;
+        let want = self.crcs[i as usize];
+        if got != want {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: bytes {start}..{end} no longer match the manifest (crc32 {got:08x}, manifest {want:08x}): the file was damaged before this change, which stopped before writing there (run `qmprestore verify`)",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Before a write of `len` bytes at `offset`: proves and journals the extents of the old
     /// file it is the first to touch.
     fn before_write(&mut self, offset: u64, len: u64) -> io::Result<()> {
@@ -98,22 +115,16 @@ impl State {
             0
         };
         let extents = sums.file_size.div_ceil(sums.extent_size);
-        fresh.extend(
-            (last + 1..(last + 1 + self.ahead).min(extents)).filter(|i| !self.touched.contains(i)),
-        );
         for &i in &fresh {
-            let (start, end) = sums.extent(i as usize);
-            let got = extent_crc(&self.data, start, end)?;
-            let want = self.crcs[i as usize];
-            if got != want {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "{}: bytes {start}..{end} no longer match the manifest (crc32 {got:08x}, manifest {want:08x}): the file was damaged before this change, which stopped before writing there (run `qmprestore verify`)",
-                        self.path.display()
-                    ),
-                ));
+            self.prove(i)?;
+        }
+        // Extents ahead are proven too; one that fails ends the look-ahead (only a write that
+        // reaches it must fail).
+        for i in last + 1..(last + 1 + self.ahead).min(extents) {
+            if self.touched.contains(&i) || self.prove(i).is_err() {
+                break;
             }
+            fresh.push(i);
         }
         let bytes: Vec<u8> = fresh.iter().flat_map(|i| i.to_le_bytes()).collect();
         self.log.write_all(&bytes)?;
@@ -155,14 +166,18 @@ impl Rewrite {
                 format!("{}: {e}", rw.folder.locate(&json).display()),
             )
         })?;
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(rw.folder.locate(&log))?;
+        // A record a crash cut short goes, so the ones appended now stay aligned.
+        let len = log.metadata()?.len();
+        log.set_len(len - len % 8)?;
         let state = Arc::new(Mutex::new(State {
             path: rw.path.clone(),
             old,
             crcs,
             touched,
-            log: std::fs::OpenOptions::new()
-                .append(true)
-                .open(rw.folder.locate(&log))?,
+            log,
             data: File::open(path)?,
             ahead: 0,
         }));
@@ -195,8 +210,21 @@ impl Rewrite {
                 return Ok(None);
             }
         };
+        let size = std::fs::metadata(&self.path)?.len();
+        if size != m.sums.file_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: the file is {size} bytes, its manifest recorded {}: damaged? (run `qmprestore verify`); nothing changed",
+                    self.path.display(),
+                    m.sums.file_size
+                ),
+            ));
+        }
         let log_path = self.folder.locate(log);
-        std::fs::create_dir_all(log_path.parent().expect("in the journal folder"))?;
+        let dir = log_path.parent().expect("in the journal folder");
+        std::fs::create_dir_all(dir)?;
+        crate::qcow2::storage::sync_parent(dir)?;
         File::create(&log_path)?.sync_all()?;
         let since = self
             .mtime
@@ -265,9 +293,26 @@ impl Rewrite {
         m.sums = Checksums::new(size, extent, &crcs);
         m.manifest_version = manifest::MANIFEST_VERSION;
         m.tool = format!("qmprestore {}", env!("CARGO_PKG_VERSION"));
+        m.file = self.name.clone();
         edit(&mut m);
         m.write(&self.folder)?;
         discard(&self.folder, &self.name)
+    }
+}
+
+impl Drop for Rewrite {
+    /// A change that ends without [`Rewrite::finish`] (an error) and wrote nothing puts the
+    /// manifest back, so `verify` keeps proving the file; once something was written the
+    /// journal stays for the run that completes the change.
+    fn drop(&mut self) {
+        self.watch = None;
+        let Some(state) = self.state.take() else {
+            return;
+        };
+        let state = state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.touched.is_empty() && state.old.write(&self.folder).is_ok() {
+            let _ = discard(&self.folder, &self.name);
+        }
     }
 }
 

@@ -329,6 +329,7 @@ impl Lcg {
 }
 pub mod backup_vm;
 pub mod chains;
+pub mod crashes;
 pub mod fake_s3;
 pub mod garage;
 pub mod nbd;

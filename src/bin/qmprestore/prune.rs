@@ -108,13 +108,19 @@ fn in_store(url: &Path, work_dir: Option<PathBuf>, opts: &PruneOptions) -> Resul
     let _ = std::fs::remove_dir_all(&work.0);
     std::fs::create_dir_all(&work.0).with_context(|| format!("creating {}", work.0.display()))?;
     prune::stage(url, &work.0)?;
+    if !opts.dry_run {
+        prune::take_held_manifests(url, &work.0)?;
+    }
+    let before = prune::manifests(&work.0);
     let mut report = prune::prune(&work.0, opts)?;
     if !opts.dry_run {
+        prune::hold_manifests(url, &work.0, &before)?;
         let bar = indicatif::ProgressBar::hidden();
         let text = url.to_string_lossy();
         qmpbackup::backup::push::push(&work.0, &text, false, &bar)
             .with_context(|| format!("uploading the pruned folder to {text}"))?;
         prune::forget_in(url, &report)?;
+        prune::release_manifests(url)?;
     }
     let local = work.0.display().to_string();
     let shown = url.display().to_string();
