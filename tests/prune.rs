@@ -160,10 +160,26 @@ fn keep_last_folds_the_older_points_into_a_renamed_full() {
         let b = build(5, linked, "", None);
         b.write_manifests();
         let dir = copy_with_manifests(&b, &b.root().join("work"));
+        // rebase's `image` link on point 4, which the FULL comes to hold: it follows.
+        if linked {
+            qmprestore_ok(&[
+                "rebase",
+                "--dir",
+                dir.to_str().unwrap(),
+                "--until",
+                &b.names[4],
+            ]);
+        }
         let out = prune_ok(&dir, &["--keep-last", "2"]);
         assert!(out.contains("freed"), "{out}");
         assert_pruned(&b, &dir, &[4, 5], false);
         let full = format!("FULL-{}-disk.qcow2", epoch_of(&b.names[4]));
+        if linked {
+            assert_eq!(
+                std::fs::read_link(dir.join("image")).unwrap(),
+                Path::new(&full)
+            );
+        }
         if linked {
             let info = common::backup_vm::qemu_info(&dir.join(&b.names[5]));
             assert_eq!(info["backing-filename"], full.as_str(), "{info}");
@@ -417,6 +433,29 @@ fn an_interrupted_prune_converges() {
                 String::from_utf8_lossy(&o.stderr)
             );
             assert_same(&out, &b.expected[k]);
+        }
+        // A change left half done is noted by verify.
+        let pending = std::fs::read_dir(dir.join(".journal")).is_ok_and(|r| {
+            r.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.ends_with(".json") && !n.starts_with("prune-")
+            })
+        });
+        if pending {
+            let v = json_of(&qmprestore(&[
+                "verify",
+                "--json",
+                "--dir",
+                dir.to_str().unwrap(),
+            ]));
+            assert!(
+                v["dirs"][0]["notes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|n| n.as_str().unwrap().contains("interrupted in-place change")),
+                "{what}: {v}"
+            );
         }
         prune_ok(dir, &["--keep-last", "4"]);
         assert_pruned(&b, dir, &kept, true);

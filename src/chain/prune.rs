@@ -388,7 +388,7 @@ fn prune_unit(
             starts[0]
         ));
     }
-    prune_chain(u, current, opts, r, &fate, &rel)?;
+    let held = prune_chain(u, current, opts, r, &fate, &rel)?;
     // Older chains go after the current one is done: while a prune is completed, an INC of
     // the current chain may still name a file of an older one.
     for (from, to) in starts.windows(2).map(|w| (w[0], w[1])) {
@@ -414,6 +414,40 @@ fn prune_unit(
             }
         }
     }
+    if !opts.dry_run {
+        follow_image_link(&u.dir, held.as_ref(), r)?;
+    }
+    Ok(())
+}
+
+/// The `image` link `rebase` leaves (it names the restore point chosen then): when its file
+/// went, it names the renamed FULL if that holds the same point, and goes otherwise (its point
+/// is gone; `rebase --until` picks another).
+fn follow_image_link(
+    dir: &Path,
+    held: Option<&(String, String)>,
+    r: &mut PruneReport,
+) -> Result<()> {
+    let link = dir.join("image");
+    let Ok(target) = std::fs::read_link(&link) else {
+        return Ok(());
+    };
+    if dir.join(&target).exists() {
+        return Ok(());
+    }
+    let at = |e| ErrorKind::Io(e).at(&link);
+    std::fs::remove_file(&link).map_err(at)?;
+    match held {
+        Some((point, full)) if target.as_os_str() == point.as_str() => {
+            std::os::unix::fs::symlink(full, &link).map_err(at)?;
+        }
+        _ => r.notes.push(format!(
+            "{}: its restore point {} was pruned, so the link went (rebase --until sets another)",
+            link.display(),
+            target.display()
+        )),
+    }
+    crate::qcow2::storage::sync_parent(&link).map_err(at)?;
     Ok(())
 }
 
@@ -421,7 +455,8 @@ fn prune_unit(
 /// that holds it afterwards.
 type Fate<'a> = dyn Fn(&BackupFile, Option<Rule>, Action, Option<String>) -> PointFate + 'a;
 
-/// Prunes the chain of `u` that starts at file `current` (the folder's latest FULL).
+/// Prunes the chain of `u` that starts at file `current` (the folder's latest FULL); returns
+/// the point the FULL came to hold and its new name, if it folded.
 fn prune_chain(
     u: &Unit,
     current: usize,
@@ -429,7 +464,7 @@ fn prune_chain(
     r: &mut PruneReport,
     fate: &Fate<'_>,
     rel: &dyn Fn(&str) -> String,
-) -> Result<()> {
+) -> Result<Option<(String, String)>> {
     let dir = u.dir.display().to_string();
     let chain = &u.files[current..];
     let kept = &u.kept[current..];
@@ -440,7 +475,7 @@ fn prune_chain(
         for (f, k) in chain.iter().zip(kept) {
             r.points.push(fate(f, *k, Action::Keep, None));
         }
-        return Ok(());
+        return Ok(None);
     };
     // The first INC names the FULL it builds on: a run interrupted between uploading a
     // renamed FULL and its re-linked INC (an object store) may have left the old name.
@@ -449,6 +484,7 @@ fn prune_chain(
             relink(&inc.path, &chain[0].path)?;
         }
     }
+    let mut held = None;
     let full_name = if first > 0 {
         let full = &chain[0];
         if !full.named_epoch {
@@ -480,6 +516,7 @@ fn prune_chain(
             epoch: chain[first].epoch,
         };
         r.bytes_written += fold_into_full(&u.dir, &record, opts)?;
+        held = Some((record.until, to.clone()));
         to
     } else {
         r.points.push(fate(&chain[0], kept[0], Action::Keep, None));
@@ -505,7 +542,7 @@ fn prune_chain(
         r.deleted.push(rel(&f.name));
         r.bytes_written += fold_into_next(&prev, &f.path, &next.path, opts)?;
     }
-    Ok(())
+    Ok(held)
 }
 
 /// Folds the chain up to `record.until` into the FULL and renames it, the record durable

@@ -233,6 +233,13 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
         }
         r.notes
             .extend(res.notes.into_iter().map(|n| format!("{}: {n}", f.name)));
+        if crate::store::journal::pending(&*bd.place, &f.name) {
+            r.notes.push(format!(
+                "{}: an interrupted in-place change (commit, prune, ...) holds its manifest in {}/: run that command again to complete it",
+                f.name,
+                crate::store::journal::FOLDER
+            ));
+        }
         if let Some((size, backing)) = res.shape {
             if let (Some((_, pname)), Some(b)) = (&prev, &backing) {
                 let earlier = chain.files[..i].iter().any(|e| e.name == *b);
