@@ -75,6 +75,22 @@ row() { # LABEL OURS_RESULT THEIRS_RESULT
         printf "%-34s %9.2fs %9.2fs %7.2f %10.1f %10.1f\n", l, t1, t2, (t2 > 0 ? t1 / t2 : 0), m1 / 1024, m2 / 1024 }'
 }
 
+# bench_fold LABEL DIR1 CMD1 DIR2 CMD2: CMD1 against CMD2, each run on a fresh copy of its DIR
+# named c (the copy is not timed; run 0 warms up).
+bench_fold() {
+    : > ours.log; : > theirs.log
+    for i in $(seq 0 "$reps"); do
+        for who in ours theirs; do
+            if [ "$who" = ours ]; then src=$2 cmd=$3; else src=$4 cmd=$5; fi
+            rm -rf c; cp -a "$src" c; sync
+            /usr/bin/time -f '%e %M' -o time.txt sh -c "$cmd >/dev/null 2>&1 && sync"
+            [ "$i" = 0 ] || cat time.txt >> "$who.log"
+        done
+    done
+    rm -rf c
+    row "$1" "$(median ours.log)" "$(median theirs.log)"
+}
+
 # A second disk whose data compresses about 2:1 (half of every 4 KiB block random, half a
 # repeated text), for the compression benchmarks.
 if [ ! -f half.qcow2 ]; then
@@ -218,17 +234,7 @@ done
 SH
     chmod +x orig-commit.sh
     bench_commit() { # LABEL DIR
-        : > ours.log; : > theirs.log
-        for i in $(seq 0 "$reps"); do
-            for who in ours theirs; do
-                rm -rf c; cp -a "$2" c; sync
-                if [ "$who" = ours ]; then cmd="$ours commit --dir c"; else cmd="./orig-commit.sh c"; fi
-                /usr/bin/time -f '%e %M' -o time.txt sh -c "$cmd >/dev/null 2>&1 && sync"
-                [ "$i" = 0 ] || cat time.txt >> "$who.log"   # run 0 warms up
-            done
-        done
-        rm -rf c
-        row "commit $1 vs qemu-img sequence" "$(median ours.log)" "$(median theirs.log)"
+        bench_fold "commit $1 vs qemu-img sequence" "$2" "$ours commit --dir c" "$2" "./orig-commit.sh c"
     }
     bench_commit 4-deep chain4
     # The same FULL with 4 INCs that each rewrite the same 128 MiB (a hot region): the
@@ -278,19 +284,6 @@ PY
         mkdir -p chain6-bare
         cp chain6/*.qcow2 chain6-bare/
     fi
-    bench_fold() { # LABEL DIR1 CMD1 DIR2 CMD2 (CMD runs on a fresh copy named c)
-        : > ours.log; : > theirs.log
-        for i in $(seq 0 "$reps"); do
-            for who in ours theirs; do
-                if [ "$who" = ours ]; then src=$2 cmd=$3; else src=$4 cmd=$5; fi
-                rm -rf c; cp -a "$src" c; sync
-                /usr/bin/time -f '%e %M' -o time.txt sh -c "$cmd >/dev/null 2>&1 && sync"
-                [ "$i" = 0 ] || cat time.txt >> "$who.log"   # run 0 warms up
-            done
-        done
-        rm -rf c
-        row "$1" "$(median ours.log)" "$(median theirs.log)"
-    }
     bench_fold "prune --keep-last 2 vs commit" chain6 "$ours prune --dir c --keep-last 2" \
         chain6 "$ours commit --dir c --until INC-1700002400"
     bench_fold "commit: manifests kept vs none" chain6 "$ours commit --dir c --until INC-1700002400" \
