@@ -1,6 +1,6 @@
 use crate::common::backup_vm::*;
 use crate::common::qemu::{log_of, qmpbackup};
-use crate::common::{self, assert_same, json_of, mode};
+use crate::common::{self, assert_same, json_of, mode, qmprestore_ok};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -369,4 +369,31 @@ fn backups_are_private_and_the_log_reads_as_the_originals() {
         ),
         (0o750, 0o750, 0o640, 0o640)
     );
+}
+
+/// A chain pruned by ours still restores with the original's procedures: they take the files
+/// in modification-time order and want the FULL first, which the renamed FULL keeps (it takes
+/// the last folded INC's time), and the journals live in dot-folders they do not read.
+#[test]
+fn a_pruned_chain_still_restores_with_the_originals_tools() {
+    let Some(mut s) = BackupVm::one_disk() else {
+        return;
+    };
+    s.vm.write(D0.io, 0x61, 0, 2 * MIB);
+    s.backup("full", &[]);
+    for i in 1..=3u8 {
+        s.vm.write(D0.io, 0x61 + i, i as u64 * MIB, MIB);
+        s.backup("inc", &[]);
+    }
+    s.capture(&[&D0], "last");
+    let expected = s.captured(&D0, "last");
+    qmprestore_ok(&["prune", "--dir", s.dd.to_str().unwrap(), "--keep-last", "2"]);
+    let names = s.files();
+    assert_eq!(names.len(), 2, "{names:?}");
+    std::fs::create_dir(s.dir.join("orig-restore")).unwrap();
+    let merged = s.dir.join("orig-restore/restored.qcow2");
+    original_restores(&s, "merge", "orig-merge", Some(&merged));
+    assert_same(&merged, &expected);
+    let c = original_restores(&s, "commit", "orig-commit", None);
+    assert_same(&c.join(&names[0]), &expected);
 }
