@@ -20,8 +20,21 @@ pub const EXTENT_SIZE: u64 = 1 << 20;
 pub const MANIFEST_VERSION: u32 = 2;
 /// Extent sizes a manifest may declare: powers of two from 64 KiB to 1 GiB.
 const EXTENT_SIZES: std::ops::RangeInclusive<u64> = (64 << 10)..=(1 << 30);
-/// The size of the reads a checksum pass makes, whatever the extent size.
-const READ: u64 = 4 << 20;
+/// The size of the reads a checksum pass makes of a local file, whatever the extent size:
+/// small enough that what a read copies is still in the CPU's cache when the checksum reads it
+/// (with 4 MiB reads verify spent 18% more CPU), as `cat`'s 128 KiB reads are.
+const READ: u64 = 256 << 10;
+/// The size of the reads of a remote object: a store answers few large GETs best.
+const REMOTE_READ: u64 = 4 << 20;
+
+/// The read size for `data`.
+fn read_size(data: &dyn Storage) -> u64 {
+    if data.is_remote() {
+        REMOTE_READ
+    } else {
+        READ
+    }
+}
 /// Extents checksummed by one parallel task: a few large sequential reads each.
 const GROUP: u64 = 64 << 20;
 
@@ -179,21 +192,22 @@ pub fn checksums(data: &dyn Storage) -> io::Result<Checksums> {
 }
 
 /// The CRC-32 of every `extent`-byte extent of the first `size` bytes of `data`. Groups of
-/// extents are read in parallel, each in [`READ`]-sized sequential reads whatever the extent
-/// size (a local disk streams them; a store answers few large GETs).
+/// extents are read in parallel, each in sequential reads of [`read_size`] whatever the
+/// extent size.
 fn crcs_of(data: &dyn Storage, size: u64, extent: u64) -> io::Result<Vec<u32>> {
     let group = GROUP.max(extent);
+    let read = read_size(data);
     let groups = (0..size.div_ceil(group))
         .into_par_iter()
         .map_init(
-            || vec![0u8; READ as usize],
+            || vec![0u8; read as usize],
             |buf, g| {
                 let (start, end) = (g * group, ((g + 1) * group).min(size));
                 let mut crcs = Vec::with_capacity(((end - start) / extent + 1) as usize);
                 let mut h = crc32fast::Hasher::new();
                 let mut pos = start;
                 while pos < end {
-                    let n = READ.min(end - pos) as usize;
+                    let n = read.min(end - pos) as usize;
                     let chunk = &mut buf[..n];
                     read_exact(data, chunk, pos, "backup file")?;
                     // Split the chunk at extent boundaries.
@@ -219,11 +233,12 @@ fn crcs_of(data: &dyn Storage, size: u64, extent: u64) -> io::Result<Vec<u32>> {
 
 /// The CRC-32 of bytes `start..end` of `data`.
 pub(super) fn extent_crc(data: &dyn Storage, start: u64, end: u64) -> io::Result<u32> {
-    let mut buf = vec![0u8; READ.min(end - start) as usize];
+    let read = read_size(data);
+    let mut buf = vec![0u8; read.min(end - start) as usize];
     let mut h = crc32fast::Hasher::new();
     let mut pos = start;
     while pos < end {
-        let chunk = &mut buf[..READ.min(end - pos) as usize];
+        let chunk = &mut buf[..read.min(end - pos) as usize];
         read_exact(data, chunk, pos, "backup file")?;
         h.update(chunk);
         pos += chunk.len() as u64;
