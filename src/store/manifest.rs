@@ -192,43 +192,84 @@ pub fn checksums(data: &dyn Storage) -> io::Result<Checksums> {
 }
 
 /// The CRC-32 of every `extent`-byte extent of the first `size` bytes of `data`. Groups of
-/// extents are read in parallel, each in sequential reads of [`read_size`] whatever the
-/// extent size.
+/// extents are checksummed in parallel, each in sequential steps whatever the extent size.
 fn crcs_of(data: &dyn Storage, size: u64, extent: u64) -> io::Result<Vec<u32>> {
     let group = GROUP.max(extent);
-    let read = read_size(data);
+    let file = mappable(data, size);
+    let step = if file.is_some() {
+        MAP_STEP
+    } else {
+        read_size(data)
+    };
     let groups = (0..size.div_ceil(group))
         .into_par_iter()
-        .map_init(
-            || vec![0u8; read as usize],
-            |buf, g| {
-                let (start, end) = (g * group, ((g + 1) * group).min(size));
-                let mut crcs = Vec::with_capacity(((end - start) / extent + 1) as usize);
-                let mut h = crc32fast::Hasher::new();
-                let mut pos = start;
-                while pos < end {
-                    let n = read.min(end - pos) as usize;
-                    let chunk = &mut buf[..n];
-                    read_exact(data, chunk, pos, "backup file")?;
-                    // Split the chunk at extent boundaries.
-                    let mut at = 0;
-                    while at < n {
-                        let boundary = (pos + at as u64) / extent * extent + extent;
-                        let take = ((boundary - (pos + at as u64)) as usize).min(n - at);
-                        h.update(&chunk[at..at + take]);
-                        at += take;
-                        let here = pos + at as u64;
-                        if here % extent == 0 || here == end {
-                            crcs.push(std::mem::take(&mut h).finalize());
-                        }
+        .map_init(Vec::new, |buf, g| {
+            let (start, end) = (g * group, ((g + 1) * group).min(size));
+            let mut crcs = Vec::with_capacity(((end - start) / extent + 1) as usize);
+            let mut h = crc32fast::Hasher::new();
+            let mut pos = start;
+            while pos < end {
+                let n = step.min(end - pos) as usize;
+                let map = file.and_then(|file| map_range(file, pos, n));
+                let chunk: &[u8] = match &map {
+                    Some(map) => map,
+                    None => {
+                        buf.resize(n, 0);
+                        read_exact(data, &mut buf[..n], pos, "backup file")?;
+                        &buf[..n]
                     }
-                    pos += n as u64;
+                };
+                // Split the chunk at extent boundaries.
+                let mut at = 0;
+                while at < n {
+                    let boundary = (pos + at as u64) / extent * extent + extent;
+                    let take = ((boundary - (pos + at as u64)) as usize).min(n - at);
+                    h.update(&chunk[at..at + take]);
+                    at += take;
+                    let here = pos + at as u64;
+                    if here % extent == 0 || here == end {
+                        crcs.push(std::mem::take(&mut h).finalize());
+                    }
                 }
-                Ok(crcs)
-            },
-        )
+                pos += n as u64;
+            }
+            Ok(crcs)
+        })
         .collect::<io::Result<Vec<Vec<u32>>>>()?;
     Ok(groups.concat())
+}
+
+/// The bytes a checksum pass maps of a local file at a time: few enough system calls, and
+/// little resident at once (the mapped pages count in the process's RSS until unmapped).
+const MAP_STEP: u64 = 2 << 20;
+
+/// `data`'s file when it is a local file of at least `size` bytes: a checksum pass then reads
+/// it through read-only mappings, so the CRC reads the page cache itself instead of a copy of
+/// it. That halves verify's CPU and makes it faster than `cat` of the same files.
+///
+/// A file cut shorter while mapped would make a read of the lost pages fault (SIGBUS): the
+/// backup files verify and the manifest writers read are never shrunk in place (the commands
+/// that change them only write within or past their end), so mapping is safe here.
+fn mappable(data: &dyn Storage, size: u64) -> Option<&std::fs::File> {
+    let file = data.as_file()?;
+    (file.metadata().ok()?.len() >= size).then_some(file)
+}
+
+/// A read-only mapping of bytes `pos..pos + len` of `file`, `None` when mapping fails (the
+/// caller reads them instead).
+fn map_range(file: &std::fs::File, pos: u64, len: usize) -> Option<memmap2::Mmap> {
+    // Populated at once: from a cold cache, faulting page by page read the file in small
+    // pieces (30% slower than `cat`); populated, it reads as fast as `cat` does.
+    // SAFETY: see `mappable`: nothing shrinks the file while the mapping lives, and the
+    // mapping is only read.
+    unsafe {
+        memmap2::MmapOptions::new()
+            .offset(pos)
+            .len(len)
+            .populate()
+            .map(file)
+    }
+    .ok()
 }
 
 /// The CRC-32 of bytes `start..end` of `data`.
@@ -310,5 +351,56 @@ impl Manifest {
             }
         }
         Ok(Ok(found))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Bytes that differ from extent to extent (so a checksum of the wrong range shows).
+    fn bytes(len: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9u32;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mapped_files_and_read_storage_give_the_checksums_of_each_extent() {
+        // Not a multiple of the map step, the group or the extent: every boundary case.
+        let data = bytes((MAP_STEP * 9 + 12_345) as usize);
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        for extent in [64 << 10, EXTENT_SIZE, 64 << 20] {
+            let want: Vec<u32> = data.chunks(extent as usize).map(crc32fast::hash).collect();
+            let size = data.len() as u64;
+            assert!(mappable(&file, size).is_some());
+            assert_eq!(
+                crcs_of(&file, size, extent).unwrap(),
+                want,
+                "file, extent {extent}"
+            );
+            assert_eq!(
+                crcs_of(&data, size, extent).unwrap(),
+                want,
+                "memory, extent {extent}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_shorter_than_asked_is_read_and_reported_not_mapped() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes(1000)).unwrap();
+        assert!(mappable(&file, 2000).is_none());
+        let e = crcs_of(&file, 2000, EXTENT_SIZE).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
     }
 }
