@@ -214,11 +214,28 @@ impl Disk {
     /// over the previous, whatever backing files they name themselves. This is how a backup
     /// directory restores: its order is authoritative (the original tool's INCs have no
     /// backing file at all).
+    ///
+    /// The images are opened in parallel when they are all remote (an object store answers
+    /// many requests at once, and a deep chain would otherwise wait its depth in round trips).
     pub fn stack(chain: &[PathBuf]) -> Result<Disk> {
+        // Opened oldest first, so that the newest images' blocks, which a restore reads first,
+        // are the ones an object store's block cache still holds when the opens are done.
+        let opened = super::fanout::map(
+            chain,
+            super::protocol::in_flight(chain),
+            |path| -> Result<(Image, PathBuf)> {
+                let canonical =
+                    super::protocol::identity(path).map_err(|e| ErrorKind::Io(e).at(path))?;
+                Ok((open_layer(path, None)?, canonical))
+            },
+        );
         let mut seen = Vec::new();
         let mut images = Vec::with_capacity(chain.len());
-        for path in chain.iter().rev() {
-            images.push(open_image(path, None, &mut seen)?);
+        for (path, opened) in chain.iter().zip(opened).rev() {
+            let (image, canonical) = opened?;
+            refuse_loop(path, &seen, &canonical)?;
+            seen.push(canonical);
+            images.push(image);
         }
         if images.is_empty() {
             return Err(ErrorKind::NotFound("no images to stack".into()).at(Path::new(".")));
@@ -454,11 +471,15 @@ impl Disk {
 
 /// Opens one file of a chain, refusing one already seen (a loop).
 fn open_image(path: &Path, format: Option<Format>, seen: &mut Vec<PathBuf>) -> Result<Image> {
-    let file = super::protocol::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
-    if let Some(f) = file.as_file() {
-        super::lock::warn_if_written(f, path);
-    }
     let canonical = super::protocol::identity(path).map_err(|e| ErrorKind::Io(e).at(path))?;
+    refuse_loop(path, seen, &canonical)?;
+    seen.push(canonical);
+    open_layer(path, format)
+}
+
+/// Refuses `path` (whose storage `canonical` names) when a file opened before it in this
+/// chain (`seen`) is the same one: a backing file loop.
+fn refuse_loop(path: &Path, seen: &[PathBuf], canonical: &Path) -> Result<()> {
     // Canonical paths compare as bytes (fast: a 1000-file chain checks half a million pairs).
     if let Some(first) = seen
         .iter()
@@ -466,14 +487,23 @@ fn open_image(path: &Path, format: Option<Format>, seen: &mut Vec<PathBuf>) -> R
     {
         let cycle: Vec<String> = seen[first..]
             .iter()
-            .chain(std::iter::once(&canonical))
+            .map(PathBuf::as_path)
+            .chain(std::iter::once(canonical))
             .map(|p| p.display().to_string())
             .collect();
         return Err(
             ErrorKind::Backing(format!("backing file loop: {}", cycle.join(" -> "))).at(path),
         );
     }
-    seen.push(canonical);
+    Ok(())
+}
+
+/// Opens one image of a chain, without its backing file.
+fn open_layer(path: &Path, format: Option<Format>) -> Result<Image> {
+    let file = super::protocol::open(path).map_err(|e| ErrorKind::Io(e).at(path))?;
+    if let Some(f) = file.as_file() {
+        super::lock::warn_if_written(f, path);
+    }
     let format = match format {
         Some(f) => f,
         None => probe(&*file).map_err(|k| k.at(path))?,

@@ -20,6 +20,7 @@ pub mod create;
 pub mod disk;
 pub mod error;
 pub mod ext;
+pub mod fanout;
 pub mod fault;
 pub mod fuzz;
 pub mod header;

@@ -14,6 +14,10 @@ use std::sync::{Arc, RwLock};
 /// Opens names of one protocol as byte storage.
 pub trait Protocol: Send + Sync {
     fn open(&self, name: &Path) -> io::Result<Box<dyn Storage>>;
+    /// How many opens (each a round trip) are worth running at once.
+    fn in_flight(&self) -> usize {
+        1
+    }
 }
 
 type Registry = Vec<(&'static str, Arc<dyn Protocol>)>;
@@ -48,6 +52,16 @@ pub fn open(name: &Path) -> io::Result<Box<dyn Storage>> {
     }
 }
 
+/// How many of `names` to open at once: the protocol's request budget when they are all
+/// remote, one (the page cache answers local files faster than threads start) otherwise.
+pub fn in_flight(names: &[impl AsRef<Path>]) -> usize {
+    names
+        .iter()
+        .map(|n| find(n.as_ref()).map_or(1, |p| p.in_flight()))
+        .min()
+        .unwrap_or(1)
+}
+
 /// The name that identifies `name`'s storage, for loop detection: the canonical path of a
 /// local file, the name itself otherwise.
 pub fn identity(name: &Path) -> io::Result<PathBuf> {
@@ -67,6 +81,9 @@ mod tests {
         fn open(&self, name: &Path) -> io::Result<Box<dyn Storage>> {
             Ok(Box::new(name.to_string_lossy().into_owned().into_bytes()))
         }
+        fn in_flight(&self) -> usize {
+            5
+        }
     }
 
     #[test]
@@ -80,5 +97,7 @@ mod tests {
             Path::new("mem-test:x")
         );
         assert!(open(Path::new("/nonexistent/file")).is_err());
+        assert_eq!(in_flight(&["mem-test:a", "mem-test:b"]), 5);
+        assert_eq!(in_flight(&["mem-test:a", "/local"]), 1);
     }
 }

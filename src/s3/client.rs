@@ -11,6 +11,7 @@ use super::error::S3Error;
 use rusty_s3::actions::{DeleteObject, GetObject, HeadObject, ListObjectsV2, PutObject, S3Action};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +70,98 @@ pub struct Client {
     pub(crate) bucket: Bucket,
     pub(crate) credentials: Credentials,
     agent: ureq::Agent,
+    pub traffic: Traffic,
+}
+
+/// The kinds of request a client sends, as [`Traffic`] counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A GET of an object's bytes.
+    Get,
+    /// A GET of a listing page (objects, or unfinished uploads).
+    List,
+    Head,
+    Put,
+    /// Starting or completing a multipart upload.
+    Post,
+    Delete,
+}
+
+impl Op {
+    fn method(self) -> &'static str {
+        match self {
+            Op::Get | Op::List => "GET",
+            Op::Head => "HEAD",
+            Op::Put => "PUT",
+            Op::Post => "POST",
+            Op::Delete => "DELETE",
+        }
+    }
+}
+
+/// What a client has asked of its store, retries included: `--debug` prints it when a command
+/// ends, and the benchmarks and tests bound it, so a change that reads an object twice or
+/// one round trip at a time where it could read many shows as a number.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    requests: [AtomicU64; 6],
+    /// Object bytes received (GET bodies) and sent (PUT bodies and parts).
+    received: AtomicU64,
+    sent: AtomicU64,
+}
+
+impl Traffic {
+    fn count(&self, op: Op) {
+        self.requests[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn add_sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Object bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Requests of kind `op` sent so far.
+    pub fn requests(&self, op: Op) -> u64 {
+        self.requests[op as usize].load(Ordering::Relaxed)
+    }
+
+    /// One line for a log: `1051 GETs (12.3 MiB), 2 listings, …`, only the kinds sent.
+    pub fn summary(&self) -> String {
+        let mib = |n: &AtomicU64| n.load(Ordering::Relaxed) as f64 / (1 << 20) as f64;
+        let mut parts = Vec::new();
+        for (op, one, many) in [
+            (Op::Get, "GET", "GETs"),
+            (Op::List, "listing", "listings"),
+            (Op::Head, "HEAD", "HEADs"),
+            (Op::Put, "PUT", "PUTs"),
+            (Op::Post, "POST", "POSTs"),
+            (Op::Delete, "DELETE", "DELETEs"),
+        ] {
+            let n = self.requests(op);
+            let mut part = format!("{n} {}", if n == 1 { one } else { many });
+            match op {
+                Op::Get => part += &format!(" ({:.1} MiB)", mib(&self.received)),
+                Op::Put => part += &format!(" ({:.1} MiB)", mib(&self.sent)),
+                _ => {}
+            }
+            if n > 0 {
+                parts.push(part);
+            }
+        }
+        if parts.is_empty() {
+            "no requests".into()
+        } else {
+            parts.join(", ")
+        }
+    }
 }
 
 fn tls_config(config: &Config) -> Result<Arc<rustls::ClientConfig>, S3Error> {
@@ -171,6 +264,7 @@ impl Client {
             bucket,
             credentials,
             agent,
+            traffic: Traffic::default(),
         })
     }
 
@@ -179,9 +273,11 @@ impl Client {
         format!("s3://{}/{key}", self.bucket.name())
     }
 
-    /// A request for a signed URL.
-    pub(crate) fn request<'a>(&self, method: &str, action: &impl S3Action<'a>) -> ureq::Request {
-        self.agent.request(method, action.sign(VALIDITY).as_str())
+    /// A request for a signed URL, counted in [`Client::traffic`].
+    pub(crate) fn request<'a>(&self, op: Op, action: &impl S3Action<'a>) -> ureq::Request {
+        self.traffic.count(op);
+        self.agent
+            .request(op.method(), action.sign(VALIDITY).as_str())
     }
 
     /// Classifies a failed request for [`Client::call`].
@@ -262,7 +358,7 @@ impl Client {
     pub fn describe(&self, key: &str) -> Result<Option<Described>, S3Error> {
         let what = self.url(key);
         let action = HeadObject::new(&self.bucket, Some(&self.credentials), key);
-        let got = self.call(|| match self.request("HEAD", &action).call() {
+        let got = self.call(|| match self.request(Op::Head, &action).call() {
             Ok(r) => Ok(Some(r)),
             Err(ureq::Error::Status(404, _)) => Ok(None),
             Err(e) => Err(self.failure(&what, e)),
@@ -296,7 +392,7 @@ impl Client {
         tracing::trace!("GET {what} {range}");
         self.call(|| {
             let resp = match self
-                .request("GET", &action)
+                .request(Op::Get, &action)
                 .set("If-Match", etag)
                 .set("Range", &range)
                 .call()
@@ -317,7 +413,9 @@ impl Client {
             // A body cut short is a broken connection: read it again.
             resp.into_reader()
                 .read_exact(buf)
-                .map_err(|e| Failure::Retry(S3Error::Transport(what.clone(), e.to_string())))
+                .map_err(|e| Failure::Retry(S3Error::Transport(what.clone(), e.to_string())))?;
+            self.traffic.add_received(buf.len() as u64);
+            Ok(())
         })
     }
 
@@ -339,7 +437,7 @@ impl Client {
             }
             let page = self.call(|| {
                 let resp = self
-                    .request("GET", &action)
+                    .request(Op::List, &action)
                     .call()
                     .map_err(|e| self.failure(&what, e))?;
                 let body = Client::text(resp, 64 << 20, &what)?;
@@ -412,14 +510,16 @@ impl Client {
         }
         self.call(|| {
             let mut req = self
-                .request("PUT", &action)
+                .request(Op::Put, &action)
                 .set("x-amz-checksum-crc32", &crc);
             for (k, v) in meta {
                 req = req.set(k, v);
             }
             req.send_bytes(body)
                 .map(drop)
-                .map_err(|e| self.failure(&what, e))
+                .map_err(|e| self.failure(&what, e))?;
+            self.traffic.add_sent(body.len() as u64);
+            Ok(())
         })
     }
 
@@ -427,7 +527,7 @@ impl Client {
         let what = self.url(key);
         let action = DeleteObject::new(&self.bucket, Some(&self.credentials), key);
         self.call(|| {
-            self.request("DELETE", &action)
+            self.request(Op::Delete, &action)
                 .call()
                 .map(drop)
                 .map_err(|e| self.failure(&what, e))

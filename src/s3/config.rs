@@ -24,7 +24,16 @@ pub struct Config {
     pub secret_key: String,
     pub session_token: Option<String>,
     pub ca_bundle: Option<PathBuf>,
+    /// Requests kept in flight when many objects are wanted at once (a chain's metadata):
+    /// `QMPBACKUP_S3_REQUESTS`, default [`REQUESTS`].
+    pub requests: usize,
 }
+
+/// Requests in flight by default: a store answers dozens at once, and each costs a thread
+/// with a small stack while it waits.
+pub const REQUESTS: usize = 64;
+/// The most `QMPBACKUP_S3_REQUESTS` may ask for.
+const MAX_REQUESTS: usize = 1024;
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -34,6 +43,7 @@ impl std::fmt::Debug for Config {
             .field("path_style", &self.path_style)
             .field("region", &self.region)
             .field("access_key", &self.access_key)
+            .field("requests", &self.requests)
             .finish()
     }
 }
@@ -130,6 +140,18 @@ impl Config {
             secret_key,
             session_token,
             ca_bundle: var("AWS_CA_BUNDLE").map(PathBuf::from),
+            requests: match var("QMPBACKUP_S3_REQUESTS") {
+                None => REQUESTS,
+                Some(v) => v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_REQUESTS).contains(n))
+                    .ok_or_else(|| {
+                        S3Error::Config(format!(
+                            "QMPBACKUP_S3_REQUESTS={v}: give a number of requests from 1 to {MAX_REQUESTS}"
+                        ))
+                    })?,
+            },
         })
     }
 
@@ -227,5 +249,25 @@ mod tests {
             ("AWS_ENDPOINT_URL", "ftp://x".into()),
         ]);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn requests_in_flight_default_and_bounds() {
+        let keys = [
+            ("AWS_ACCESS_KEY_ID", "a".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "b".into()),
+            ("HOME", "/nonexistent".into()),
+        ];
+        assert_eq!(resolve(&keys).unwrap().requests, REQUESTS);
+        let with = |v: &str| {
+            let mut vars = keys.to_vec();
+            vars.push(("QMPBACKUP_S3_REQUESTS", v.into()));
+            resolve(&vars)
+        };
+        assert_eq!(with("8").unwrap().requests, 8);
+        for bad in ["0", "1025", "many"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("QMPBACKUP_S3_REQUESTS"), "{e}");
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! each part's CRC-32, which the store compares with what it stored for that part (AWS and
 //! Garage refuse a mismatch), so a resumed object holds exactly the local file's bytes.
 
-use super::client::{Client, Failure};
+use super::client::{Client, Failure, Op};
 use super::error::S3Error;
 use rusty_s3::actions::ListParts;
 use std::collections::HashMap;
@@ -95,7 +95,7 @@ pub fn held_parts(client: &Client, key: &str, upload_id: &str) -> Result<Option<
             action.set_part_number_marker(m);
         }
         let page = client.call(|| {
-            let resp = match client.request("GET", &action).call() {
+            let resp = match client.request(Op::List, &action).call() {
                 Ok(r) => r,
                 Err(ureq::Error::Status(404, _)) => return Ok(None),
                 Err(e) => return Err(client.failure(&what, e)),

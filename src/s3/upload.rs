@@ -12,7 +12,7 @@
 //! CRC-32 is kept as user metadata ([`CRC_META`]) so a later push can tell an uploaded file
 //! from another one of the same size without downloading it.
 
-use super::client::{crc32_value, Client, Failure, CRC_META};
+use super::client::{crc32_value, Client, Failure, Op, CRC_META};
 use super::error::S3Error;
 use super::resume::{self, Held, Record};
 use rayon::prelude::*;
@@ -147,7 +147,7 @@ pub fn upload(
 fn abort(client: &Client, key: &str, upload_id: &str) {
     let action =
         AbortMultipartUpload::new(&client.bucket, Some(&client.credentials), key, upload_id);
-    let _ = client.request("DELETE", &action).call();
+    let _ = client.request(Op::Delete, &action).call();
 }
 
 fn create(client: &Client, key: &str, meta: &[(&str, String)]) -> Result<String, S3Error> {
@@ -161,7 +161,7 @@ fn create(client: &Client, key: &str, meta: &[(&str, String)]) -> Result<String,
     }
     client.call(|| {
         let mut req = client
-            .request("POST", &action)
+            .request(Op::Post, &action)
             .set("x-amz-checksum-algorithm", "CRC32");
         for (k, v) in meta {
             req = req.set(k, v);
@@ -217,7 +217,7 @@ fn send_parts(
                     .insert("x-amz-checksum-crc32", value.clone());
                 let etag = client.call(|| {
                     let resp = client
-                        .request("PUT", &action)
+                        .request(Op::Put, &action)
                         .set("x-amz-checksum-crc32", &value)
                         .send_bytes(&buf)
                         .map_err(|e| client.failure(&what, e))?;
@@ -225,6 +225,7 @@ fn send_parts(
                         Failure::Fatal(S3Error::Reply(what.clone(), "part without ETag".into()))
                     })
                 })?;
+                client.traffic.add_sent(buf.len() as u64);
                 sent(buf.len() as u64);
                 Ok((etag, crc))
             })
@@ -265,7 +266,7 @@ fn complete(
     body += "</CompleteMultipartUpload>";
     client.call(|| {
         let resp = client
-            .request("POST", &action)
+            .request(Op::Post, &action)
             .send_string(&body)
             .map_err(|e| client.failure(&what, e))?;
         let answer = Client::text(resp, 1 << 20, &what)?;

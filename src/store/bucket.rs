@@ -43,14 +43,19 @@ fn stores() -> &'static Stores {
     })
 }
 
-/// The client for `bucket`, made on first use.
-pub fn client(bucket: &str) -> Result<Arc<Client>, S3Error> {
-    let s = stores();
-    let config = s
+/// This process's store configuration, read from the environment on first use.
+fn config() -> Result<&'static Config, S3Error> {
+    stores()
         .config
         .get_or_init(|| Config::from_env().map_err(|e| e.to_string()))
         .as_ref()
-        .map_err(|e| S3Error::Config(e.clone()))?;
+        .map_err(|e| S3Error::Config(e.clone()))
+}
+
+/// The client for `bucket`, made on first use.
+pub fn client(bucket: &str) -> Result<Arc<Client>, S3Error> {
+    let s = stores();
+    let config = config()?;
     let mut clients = s.clients.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(c) = clients.get(bucket) {
         return Ok(c.clone());
@@ -58,6 +63,17 @@ pub fn client(bucket: &str) -> Result<Arc<Client>, S3Error> {
     let c = Arc::new(Client::new(config, bucket)?);
     clients.insert(bucket.to_string(), c.clone());
     Ok(c)
+}
+
+/// Logs (at debug level) what this process asked of each store it used: the number of
+/// requests of each kind and the bytes moved. Called when a command ends.
+pub fn log_traffic() {
+    let clients = stores().clients.lock().unwrap_or_else(|p| p.into_inner());
+    let mut buckets: Vec<_> = clients.iter().collect();
+    buckets.sort_by(|a, b| a.0.cmp(b.0));
+    for (bucket, client) in buckets {
+        tracing::debug!("s3://{bucket}: {}", client.traffic.summary());
+    }
 }
 
 /// Opens the object `url` names, pinned to the version a listing showed if there was one.
@@ -83,6 +99,17 @@ impl Protocol for S3Protocol {
     fn open(&self, name: &Path) -> io::Result<Box<dyn Storage>> {
         Ok(Box::new(open_object(&S3Url::of_path(name)?)?))
     }
+
+    fn in_flight(&self) -> usize {
+        requests()
+    }
+}
+
+/// Requests to keep in flight when many objects are wanted at once (the configuration's, or
+/// the default when the configuration is broken: the command then fails on its first request
+/// with the configuration's own error).
+pub fn requests() -> usize {
+    config().map_or(crate::s3::config::REQUESTS, |c| c.requests)
 }
 
 /// Makes `s3://BUCKET/KEY` names open as images everywhere (call once, early).

@@ -136,7 +136,9 @@ fn main() -> ExitCode {
         env!("CARGO_PKG_VERSION"),
         argv.join(" ")
     );
-    match run(cli, command, &socket) {
+    let result = run(cli, command, &socket);
+    qmpbackup::store::bucket::log_traffic();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let backup_error = e.downcast_ref::<BackupError>();

@@ -118,7 +118,9 @@ fn main() -> ExitCode {
     // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let _ = cli.skip_check;
-    match run(cli.command) {
+    let result = run(cli.command);
+    qmpbackup::store::bucket::log_traffic();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("qmprestore: {e:#}");
