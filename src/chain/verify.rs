@@ -218,6 +218,7 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
     let results: Vec<FileResult> = chain.files.par_iter().map(verify_file).collect();
     let files = damage::Chain::new(chain.files.iter().map(|f| f.path.as_path()).collect());
     let mut prev: Option<(u64, String)> = None;
+    let pending = crate::store::journal::all_pending(&*bd.place);
     for (i, (f, res)) in chain.files.iter().zip(results).enumerate() {
         for finding in res.damage {
             let points = files.affected(i, &finding);
@@ -233,7 +234,7 @@ fn verify_dir(dir: &Path, filter: Option<&str>) -> DirReport {
         }
         r.notes
             .extend(res.notes.into_iter().map(|n| format!("{}: {n}", f.name)));
-        if crate::store::journal::pending(&*bd.place, &f.name) {
+        if pending.contains(&f.name) {
             r.notes.push(format!(
                 "{}: an interrupted in-place change (commit, prune, ...) holds its manifest in {}/: run that command again to complete it",
                 f.name,

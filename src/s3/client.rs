@@ -358,6 +358,7 @@ impl Client {
     pub fn describe(&self, key: &str) -> Result<Option<Described>, S3Error> {
         let what = self.url(key);
         let action = HeadObject::new(&self.bucket, Some(&self.credentials), key);
+        tracing::trace!("HEAD {what}");
         let got = self.call(|| match self.request(Op::Head, &action).call() {
             Ok(r) => Ok(Some(r)),
             Err(ureq::Error::Status(404, _)) => Ok(None),

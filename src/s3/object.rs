@@ -15,7 +15,6 @@ use super::error::S3Error;
 use crate::qcow2::storage::Storage;
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Reads up to this size are served by whole cached blocks.
@@ -33,7 +32,18 @@ const BLOCKS: usize = 32;
 #[derive(Default)]
 pub struct BlockCache {
     inner: Mutex<Blocks>,
-    next_id: AtomicU64,
+    /// A number for each object version opened (`s3://bucket/key` and ETag): every open of
+    /// one version shares its blocks (verify opens a file three times: checksums, structure,
+    /// check), and a replaced object's new version gets blocks of its own.
+    ids: Mutex<HashMap<(String, String), u64>>,
+}
+
+impl BlockCache {
+    fn id_of(&self, url: String, etag: &str) -> u64 {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let next = ids.len() as u64;
+        *ids.entry((url, etag.to_string())).or_insert(next)
+    }
 }
 
 /// A cached block: when it was last used, and its bytes.
@@ -153,7 +163,7 @@ impl Object {
 
     /// An object whose size and ETag are known already (from a listing).
     pub fn pinned(client: Arc<Client>, key: &str, head: Head, cache: Arc<BlockCache>) -> Object {
-        let id = cache.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = cache.id_of(client.url(key), &head.etag);
         Object {
             client,
             key: key.to_string(),
@@ -207,7 +217,9 @@ impl Storage for Object {
         }
         let n = buf.len().min((self.head.size - offset) as usize);
         let buf = &mut buf[..n];
-        if n > SMALL {
+        // An object of one block is cached whole whatever the read: the next read of it (an
+        // open after a checksum pass) is on its way.
+        if n > SMALL && self.head.size > BLOCK {
             self.client.read(&self.key, &self.head.etag, buf, offset)?;
             return Ok(n);
         }

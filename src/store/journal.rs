@@ -366,6 +366,17 @@ pub fn pending(place: &dyn Place, file: &str) -> bool {
     exists(place, &names(file).0)
 }
 
+/// The backup files of `place` whose change is pending (see [`pending`]), from one listing
+/// of the journals' folder (an object store would otherwise answer one request per file).
+pub fn all_pending(place: &dyn Place) -> std::collections::HashSet<String> {
+    place
+        .list(FOLDER)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| e.name.strip_suffix(".json").map(str::to_string))
+        .collect()
+}
+
 /// Drops the journal of backup file `file`, if any, durably (the file is gone or its new
 /// manifest is written).
 pub fn discard(place: &dyn Place, file: &str) -> io::Result<()> {
