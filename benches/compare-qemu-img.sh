@@ -489,4 +489,110 @@ if [[ -n "$filter" && s3 == *$filter* ]]; then
     chmod +x rclone-check.sh
     compare "verify 4-deep from s3 vs rclone check" none \
         "$ours verify --dir s3://$BUCKET/chain4" ./rclone-check.sh
+    # The shapes restores from a store must be fast on (issue #29), each against rclone copy
+    # --transfers 32 of the folder + a local merge. Below the table: the requests one run of
+    # ours made (its --debug summary) and the store's CPU time for one run of each.
+    store_cpu() { awk '{printf "%.2f", ($14 + $15) / 100}' "/proc/$(cat "$work/garage/node1/pid")/stat"; }
+    requests() { # LABEL OURS_COMMAND THEIR_COMMAND
+        local a b c line
+        a=$(store_cpu)
+        line=$($2 2>&1 >/dev/null | grep -o 's3://[^ ]*: [0-9]* GET.*' | tail -n 1)
+        b=$(store_cpu)
+        $3 >/dev/null 2>&1
+        c=$(store_cpu)
+        awk -v l="$1" -v r="${line#*: }" -v a="$a" -v b="$b" -v c="$c" 'BEGIN {
+            printf "  %-32s %s; store CPU %.2f s (theirs %.2f s)\n", l, r, b - a, c - b }'
+    }
+    s3_shape() { # LABEL DIR
+        local label=$1 dir=$2
+        rclone copy --transfers 32 "$dir" "g:$BUCKET/$dir" 2>/dev/null
+        printf '#!/bin/sh\nset -e\nrm -rf dl\nrclone copy --transfers 32 g:%s/%s dl 2>/dev/null\n%s merge --force --dir dl --targetfile out.qcow2 2>/dev/null\nrm -rf dl\n' \
+            "$BUCKET" "$dir" "$ours" > "rclone-$dir.sh"
+        chmod +x "rclone-$dir.sh"
+        compare "$label" out.qcow2 \
+            "$ours merge --force --dir s3://$BUCKET/$dir --targetfile out.qcow2" "./rclone-$dir.sh" 2>/dev/null
+        rows+=("$label|$ours --debug merge --force --dir s3://$BUCKET/$dir --targetfile out.qcow2|./rclone-$dir.sh")
+    }
+    rows=()
+    # A FULL and 1050 INCs of a 1 MiB disk (hourly backups for six weeks), each INC one
+    # 64 KiB cluster: latency-bound, one small object after another.
+    if [ ! -d deep1050 ]; then
+        python3 - deep1050 1050 <<'PY2'
+import os, subprocess, sys
+d, depth = sys.argv[1], int(sys.argv[2])
+os.makedirs(d + ".tmp", exist_ok=True)
+name = lambda i: "FULL-1700000000-disk.qcow2" if i == 0 else f"INC-{1700000000 + i * 3600}-disk.qcow2"
+for i in range(depth + 1):
+    f = f"{d}.tmp/{name(i)}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", f, "1M"], check=True)
+    pattern = "-s /dev/urandom 0 1M" if i == 0 else f"-P {i % 251 + 1} {(i * 7 % 16) * 65536} 64k"
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write {pattern}", f], check=True,
+                   stdout=subprocess.DEVNULL)
+    if i:
+        # Unsafe rebase: qemu-io on a 1000-deep chain would open the whole chain each time.
+        subprocess.run(["qemu-img", "rebase", "-u", "-b", name(i - 1), "-F", "qcow2", f], check=True)
+os.rename(d + ".tmp", d)
+PY2
+    fi
+    s3_shape "merge 1051-deep from s3 (1 MiB)" deep1050
+    # serve of the same chain, read whole by nbdcopy, against the same rclone copy + merge.
+    if command -v nbdcopy >/dev/null; then
+        cat > serve-deep.sh <<EOF2
+#!/bin/sh
+rm -f nbd.sock out.raw
+$ours \${DEBUG:+--debug} serve --dir s3://$BUCKET/deep1050 --socket nbd.sock 2>\${ERR:-/dev/null} &
+pid=\$!
+i=0; while [ ! -S nbd.sock ] && [ \$i -lt 2000 ]; do sleep 0.005; i=\$((i + 1)); done
+nbdcopy "nbd+unix:///?socket=\$PWD/nbd.sock" out.raw
+kill \$pid; wait \$pid
+EOF2
+        chmod +x serve-deep.sh
+        compare "serve 1051-deep from s3 + nbdcopy" out.raw ./serve-deep.sh ./rclone-deep1050.sh 2>/dev/null
+    fi
+    # 1 GiB FULL + 4 x 128 MiB INCs of data that compresses about 1.7x (16 symbols a byte):
+    # Garage stores its blocks zstd-compressed, so the store's CPU is the bound.
+    if [ ! -d comp4 ]; then
+        python3 - comp4 <<'PY2'
+import os, subprocess, sys
+d = sys.argv[1]
+os.makedirs(d + ".tmp", exist_ok=True)
+table = bytes(97 + (b & 15) for b in range(256))
+def image(name, at, n):
+    with open("shape.raw", "wb") as f:
+        f.truncate(4 << 30)
+        f.seek(at)
+        for _ in range(n >> 20):
+            f.write(os.urandom(1 << 20).translate(table))
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", "shape.raw", f"{d}.tmp/{name}"], check=True)
+    os.remove("shape.raw")
+image("FULL-1700000000-disk.qcow2", 0, 1 << 30)
+prev = "FULL-1700000000-disk.qcow2"
+for i in range(1, 5):
+    name = f"INC-{1700000000 + i * 600}-disk.qcow2"
+    image(name, i * (700 << 20), 128 << 20)
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", prev, "-F", "qcow2", f"{d}.tmp/{name}"], check=True)
+    prev = name
+os.rename(d + ".tmp", d)
+PY2
+    fi
+    s3_shape "merge 4-deep compressible from s3" comp4
+    # 512 MiB FULL + 4 x 64 MiB INCs of random data.
+    if [ ! -d rand4 ]; then
+        mkdir -p rand4.tmp
+        truncate -s 4G full.raw
+        dd if=/dev/urandom of=full.raw bs=1M count=512 conv=notrunc status=none
+        qemu-img convert -O qcow2 full.raw rand4.tmp/FULL-1700000000-disk.qcow2
+        rm -f full.raw
+        add_incs rand4.tmp 4 64 600
+        mv rand4.tmp rand4
+    fi
+    s3_shape "merge 4-deep random from s3" rand4
+    echo "requests of one run (ours), and the store's CPU for one run of each:"
+    for r in "${rows[@]}"; do
+        IFS='|' read -r label cmd theirs <<<"$r"
+        requests "$label" "$cmd" "$theirs"
+    done
+    if command -v nbdcopy >/dev/null; then
+        requests "serve 1051-deep from s3" "env DEBUG=1 ERR=/dev/stderr ./serve-deep.sh" ./rclone-deep1050.sh
+    fi
 fi

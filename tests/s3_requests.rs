@@ -202,6 +202,15 @@ fn a_thousand_object_chain_restores_with_one_get_per_object() {
     let err = stderr_of(g.qmprestore(&["--debug", "verify", "--dir", &url]));
     assert_one_get_per_object("verify", &requests(&err), 1);
 
+    // info --backing-chain and compare follow the backing files from the newest image: the
+    // images before it are opened ahead, many at a time, from one listing.
+    let top = format!("{url}/{}", name(DEPTH - 1));
+    let err = stderr_of(g.qmprestore(&["--debug", "info", "--backing-chain", &top]));
+    assert_one_get_per_object("info --backing-chain", &requests(&err), 1);
+    let local_top = local.join(name(DEPTH - 1));
+    let err = stderr_of(g.qmprestore(&["--debug", "compare", &top, local_top.to_str().unwrap()]));
+    assert_one_get_per_object("compare", &requests(&err), 1);
+
     // serve, read whole by nbdcopy.
     if !have("nbdcopy") {
         return;

@@ -14,6 +14,7 @@ use super::merged::Windows;
 use super::raw::Raw;
 use super::storage::Storage;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -186,6 +187,8 @@ impl Disk {
         let mut images: Vec<Image> = Vec::new();
         let mut seen: Vec<PathBuf> = Vec::new();
         let mut next = Some((path.to_path_buf(), opts.format));
+        // Images opened ahead (see `open_ahead`), taken when the chain reaches them.
+        let mut ahead: HashMap<PathBuf, Result<Image>> = HashMap::new();
         while let Some((path, format)) = next.take() {
             if images.len() > MAX_CHAIN_DEPTH {
                 return Err(ErrorKind::Backing(format!(
@@ -193,11 +196,24 @@ impl Disk {
                 ))
                 .at(&images[0].path));
             }
-            let image = open_image(&path, format, &mut seen)?;
+            let image = match ahead.remove(&path) {
+                Some(Ok(image)) if format.is_none_or(|f| f == image.format()) => {
+                    let canonical =
+                        super::protocol::identity(&path).map_err(|e| ErrorKind::Io(e).at(&path))?;
+                    refuse_loop(&path, &seen, &canonical)?;
+                    seen.push(canonical);
+                    image
+                }
+                // Not opened ahead, or failed there: opened here, with its own error.
+                _ => open_image(&path, format, &mut seen)?,
+            };
             if !opts.no_backing {
                 if let Some(q) = image.qcow2() {
                     if let Some(name) = q.backing_name() {
                         next = Some(backing_of(&path, q, name)?);
+                        if images.is_empty() {
+                            ahead = open_ahead(&path);
+                        }
                     }
                 }
             }
@@ -475,6 +491,22 @@ fn open_image(path: &Path, format: Option<Format>, seen: &mut Vec<PathBuf>) -> R
     refuse_loop(path, seen, &canonical)?;
     seen.push(canonical);
     open_layer(path, format)
+}
+
+/// The images beside `top` that its backing chain likely passes through, opened in parallel
+/// (none for local files): a chain in an object store is otherwise opened one round trip
+/// after the other, since each image names the next.
+fn open_ahead(top: &Path) -> HashMap<PathBuf, Result<Image>> {
+    let mut names = super::protocol::neighbours(top, MAX_CHAIN_DEPTH);
+    if names.is_empty() {
+        return HashMap::new();
+    }
+    // Oldest first, as `Disk::stack` opens: the nearest images' blocks stay cached.
+    names.reverse();
+    let opened = super::fanout::map(&names, super::protocol::in_flight(&names), |p| {
+        open_layer(p, None)
+    });
+    names.into_iter().zip(opened).collect()
 }
 
 /// Refuses `path` (whose storage `canonical` names) when a file opened before it in this

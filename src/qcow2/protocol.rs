@@ -18,6 +18,12 @@ pub trait Protocol: Send + Sync {
     fn in_flight(&self) -> usize {
         1
     }
+    /// Up to `limit` names of the images beside `name` that a backing chain from it likely
+    /// passes through, nearest first, to open ahead and in parallel; none by default (a
+    /// local file's backing file opens at once).
+    fn neighbours(&self, _name: &Path, _limit: usize) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }
 
 type Registry = Vec<(&'static str, Arc<dyn Protocol>)>;
@@ -60,6 +66,11 @@ pub fn in_flight(names: &[impl AsRef<Path>]) -> usize {
         .map(|n| find(n.as_ref()).map_or(1, |p| p.in_flight()))
         .min()
         .unwrap_or(1)
+}
+
+/// [`Protocol::neighbours`] of `name`.
+pub fn neighbours(name: &Path, limit: usize) -> Vec<PathBuf> {
+    find(name).map_or_else(Vec::new, |p| p.neighbours(name, limit))
 }
 
 /// The name that identifies `name`'s storage, for loop detection: the canonical path of a

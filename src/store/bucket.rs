@@ -128,6 +128,38 @@ impl Protocol for S3Protocol {
     fn in_flight(&self) -> usize {
         requests()
     }
+
+    /// The objects listed beside `name` whose names sort before it, nearest first: backup
+    /// files sort by time, so an INC's backing chain is the files before it. The listing
+    /// also pins their versions, so opening them costs no HEAD.
+    fn neighbours(&self, name: &Path, limit: usize) -> Vec<PathBuf> {
+        let Ok(url) = S3Url::of_path(name) else {
+            return Vec::new();
+        };
+        let Some((folder, file)) = url.key.rsplit_once('/') else {
+            return Vec::new();
+        };
+        let folder = S3Url {
+            bucket: url.bucket.clone(),
+            key: folder.to_string(),
+        };
+        let Some(entries) = Prefix::new(folder).ok().and_then(|p| p.list("").ok()) else {
+            return Vec::new();
+        };
+        let mut before: Vec<String> = entries
+            .into_iter()
+            .filter(|e| e.kind == Kind::File && !e.name.starts_with('.') && *e.name < *file)
+            .map(|e| e.name)
+            .collect();
+        before.sort();
+        let parent = name.parent().unwrap_or(Path::new(""));
+        before
+            .into_iter()
+            .rev()
+            .take(limit)
+            .map(|n| parent.join(n))
+            .collect()
+    }
 }
 
 /// Requests to keep in flight when many objects are wanted at once (the configuration's, or
