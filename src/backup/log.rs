@@ -203,7 +203,13 @@ pub fn init(
     syslog: bool,
 ) -> std::io::Result<()> {
     let filter = || {
-        let level = if debug { "debug" } else { "info" };
+        // Debug lines are ours (the QMP and guest agent exchanges log as `qmp` and `qga`):
+        // the HTTP and TLS crates' own (connection pools, handshakes) stay at info.
+        let level = if debug {
+            "info,qmpbackup=debug,qmp=debug,qga=debug"
+        } else {
+            "info"
+        };
         tracing_subscriber::EnvFilter::try_from_env("QMPBACKUP_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level))
     };

@@ -130,7 +130,13 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(debug: bool) {
-    let level = if debug { "debug" } else { "warn" };
+    // Debug lines are ours: the HTTP and TLS crates' own (connection pools, handshakes) stay
+    // at warn.
+    let level = if debug {
+        "warn,qmpbackup=debug,qmprestore=debug"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
