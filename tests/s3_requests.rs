@@ -15,7 +15,6 @@ use qmpbackup::qcow2::Format;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = 65536;
@@ -217,7 +216,7 @@ fn a_thousand_object_chain_restores_with_one_get_per_object() {
     }
     let sock = work.path().join("nbd.sock");
     let log = work.path().join("serve.log");
-    let mut serve = g
+    let child = g
         .qmprestore(&[
             "--debug",
             "serve",
@@ -230,23 +229,20 @@ fn a_thousand_object_chain_restores_with_one_get_per_object() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "serve did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Stopped by its drop if anything below fails.
+    let mut serve = common::nbd::Server {
+        child,
+        socket: sock.clone(),
+    };
+    serve.wait_ready();
     let copy = work.path().join("served.raw");
     let copied = Command::new("nbdcopy")
-        .arg(format!("nbd+unix:///?socket={}", sock.display()))
+        .arg(serve.uri(""))
         .arg(&copy)
         .output()
         .unwrap();
     // SIGTERM: serve stops cleanly and prints its request summary.
-    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
-    assert!(
-        serve.wait().unwrap().success(),
-        "serve did not stop cleanly"
-    );
+    assert!(serve.stop().success(), "serve did not stop cleanly");
     succeeded(copied);
     assert!(
         std::fs::read(&copy).unwrap() == expected,

@@ -200,8 +200,7 @@ impl Disk {
                 Some(Ok(image)) if format.is_none_or(|f| f == image.format()) => {
                     let canonical =
                         super::protocol::identity(&path).map_err(|e| ErrorKind::Io(e).at(&path))?;
-                    refuse_loop(&path, &seen, &canonical)?;
-                    seen.push(canonical);
+                    enter(&path, &mut seen, canonical)?;
                     image
                 }
                 // Not opened ahead, or failed there: opened here, with its own error.
@@ -249,8 +248,7 @@ impl Disk {
         let mut images = Vec::with_capacity(chain.len());
         for (path, opened) in chain.iter().zip(opened).rev() {
             let (image, canonical) = opened?;
-            refuse_loop(path, &seen, &canonical)?;
-            seen.push(canonical);
+            enter(path, &mut seen, canonical)?;
             images.push(image);
         }
         if images.is_empty() {
@@ -488,8 +486,7 @@ impl Disk {
 /// Opens one file of a chain, refusing one already seen (a loop).
 fn open_image(path: &Path, format: Option<Format>, seen: &mut Vec<PathBuf>) -> Result<Image> {
     let canonical = super::protocol::identity(path).map_err(|e| ErrorKind::Io(e).at(path))?;
-    refuse_loop(path, seen, &canonical)?;
-    seen.push(canonical);
+    enter(path, seen, canonical)?;
     open_layer(path, format)
 }
 
@@ -509,9 +506,9 @@ fn open_ahead(top: &Path) -> HashMap<PathBuf, Result<Image>> {
     names.into_iter().zip(opened).collect()
 }
 
-/// Refuses `path` (whose storage `canonical` names) when a file opened before it in this
-/// chain (`seen`) is the same one: a backing file loop.
-fn refuse_loop(path: &Path, seen: &[PathBuf], canonical: &Path) -> Result<()> {
+/// Adds `path` (whose storage `canonical` names) to the files of this chain opened so far
+/// (`seen`), refusing it when one of them is the same file: a backing file loop.
+fn enter(path: &Path, seen: &mut Vec<PathBuf>, canonical: PathBuf) -> Result<()> {
     // Canonical paths compare as bytes (fast: a 1000-file chain checks half a million pairs).
     if let Some(first) = seen
         .iter()
@@ -520,13 +517,14 @@ fn refuse_loop(path: &Path, seen: &[PathBuf], canonical: &Path) -> Result<()> {
         let cycle: Vec<String> = seen[first..]
             .iter()
             .map(PathBuf::as_path)
-            .chain(std::iter::once(canonical))
+            .chain(std::iter::once(canonical.as_path()))
             .map(|p| p.display().to_string())
             .collect();
         return Err(
             ErrorKind::Backing(format!("backing file loop: {}", cycle.join(" -> "))).at(path),
         );
     }
+    seen.push(canonical);
     Ok(())
 }
 

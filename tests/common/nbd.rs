@@ -41,8 +41,11 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(&self.socket).is_err() {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // Its stderr, unless the caller sent that to a file of its own.
                 let mut err = String::new();
-                let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
                 panic!("qmprestore serve exited with {status}: {err}");
             }
             assert!(Instant::now() < deadline, "the server did not come up");
