@@ -59,8 +59,15 @@ impl SelfDoc {
 /// Parses the process's arguments as `C`'s command line, returning that command line too (with
 /// the examples of [`SelfDoc`] that name the program) for help, errors and [`SelfDoc::run`].
 pub fn parse<C: clap::Parser>() -> (C, Command) {
+    parse_from(std::env::args_os())
+}
+
+/// [`parse`] of the given arguments (the program name first).
+pub fn parse_from<C: clap::Parser>(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> (C, Command) {
     let mut cmd = with_self_doc_examples(C::command());
-    let matches = cmd.clone().get_matches();
+    let matches = cmd.clone().get_matches_from(args);
     match C::from_arg_matches(&matches) {
         Ok(cli) => (cli, cmd),
         Err(e) => e.format(&mut cmd).exit(),

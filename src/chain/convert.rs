@@ -14,6 +14,7 @@ use super::outdir::NewDirs;
 use super::progress;
 use super::throttle::Throttle;
 use crate::qcow2::create::CreateOptions;
+use crate::qcow2::crypto::Keying;
 use crate::qcow2::fault::pwrite;
 use crate::qcow2::header::CompressionType;
 use crate::qcow2::pagecache;
@@ -47,6 +48,8 @@ pub struct Qcow2Output {
     pub compression_type: CompressionType,
     /// Write every cluster that shrinks compressed.
     pub compress: bool,
+    /// Encrypt the new image (LUKS).
+    pub encrypt: Option<Keying>,
 }
 
 impl Default for Qcow2Output {
@@ -55,6 +58,7 @@ impl Default for Qcow2Output {
             cluster_size: 65536,
             compression_type: CompressionType::Zlib,
             compress: false,
+            encrypt: None,
         }
     }
 }
@@ -94,12 +98,20 @@ pub fn disk_to_qcow2(
     out: &Qcow2Output,
 ) -> Result<()> {
     let size = disk.size();
+    if out.compress && out.encrypt.is_some() {
+        // QEMU would store compressed clusters in plaintext; qemu-img refuses the same.
+        return Err(ErrorKind::Unsupported(
+            "compression and encryption are not supported at the same time".into(),
+        )
+        .at(dst));
+    }
     let result = Writer::create(
         dst,
         &CreateOptions {
             size,
             cluster_size: out.cluster_size,
             compression: out.compression_type,
+            encrypt: out.encrypt.clone(),
             ..Default::default()
         },
     )
@@ -237,7 +249,7 @@ fn produce(
     if data.is_empty() {
         return Ok(p);
     }
-    if !out.compress {
+    if !out.compress && out.encrypt.is_none() {
         // All data uncompressed in local files (checked as reads check it): copied inside the
         // kernel, holes between the pieces left alone.
         let mut copies = Vec::with_capacity(data.len());

@@ -2,6 +2,7 @@
 //! (`64M`, `2T`), so `qmprestore create` accepts the same command lines.
 
 use crate::qcow2::create::CreateOptions;
+use crate::qcow2::crypto::Keying;
 use crate::qcow2::Format;
 
 /// Parses `512`, `64k`, `1.5G`, `2T` (binary units, as qemu-img).
@@ -85,7 +86,35 @@ pub fn apply(opts: &mut CreateOptions, list: &str) -> Result<(), String> {
                     None => {}
                 }
             }
-            _ => return Err(format!("unknown option '{k}'")),
+            "encrypt.format" => match v {
+                "luks" => {
+                    opts.encrypt
+                        .get_or_insert_with(|| Keying::Fresh(Default::default()));
+                }
+                "aes" => return Err(
+                    "legacy AES encryption is broken and read only here: use encrypt.format=luks"
+                        .into(),
+                ),
+                _ => return Err(format!("unknown encryption format '{v}'")),
+            },
+            "encryption" if on_off(k, v)? => {
+                return Err("encryption=on is legacy AES: use encrypt.format=luks".into())
+            }
+            "encryption" => {}
+            _ => match k.strip_prefix("encrypt.") {
+                Some(key) => {
+                    let fresh = opts
+                        .encrypt
+                        .get_or_insert_with(|| Keying::Fresh(Default::default()));
+                    let Keying::Fresh(request) = fresh else {
+                        return Err(format!("option '{k}' does not apply to this output"));
+                    };
+                    if !request.set(key, v)? {
+                        return Err(format!("unknown option '{k}'"));
+                    }
+                }
+                None => return Err(format!("unknown option '{k}'")),
+            },
         }
     }
     if matches!(&opts.backing, Some((n, _)) if n.is_empty()) {
@@ -123,6 +152,20 @@ mod tests {
         assert_eq!((o.cluster_size, o.version), (4096, 2));
         assert_eq!(o.backing, Some(("b.qcow2".into(), Some(Format::Qcow2))));
         assert!(apply(&mut o, "nonsense=1").is_err());
+        apply(
+            &mut o,
+            "encrypt.format=luks,encrypt.cipher-alg=twofish-256,encrypt.iter-time=10",
+        )
+        .unwrap();
+        let Some(Keying::Fresh(r)) = &o.encrypt else {
+            panic!("luks asked for")
+        };
+        assert_eq!(
+            (r.cipher_alg.as_deref(), r.iter_time),
+            (Some("twofish-256"), Some(10))
+        );
+        assert!(apply(&mut o, "encrypt.format=aes").is_err());
+        assert!(apply(&mut o, "encrypt.nonsense=1").is_err());
         assert!(apply(&mut o, "extended_l2=maybe").is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! written against qemu-img keep working on hosts that only have qmprestore.
 
 use super::units;
+use crate::qcow2::crypto::EncryptInfo;
 use crate::qcow2::{Image, Qcow2};
 use serde::Serialize;
 use std::fmt::Write;
@@ -30,6 +31,9 @@ pub struct ImageInfo {
     pub snapshots: Option<Vec<SnapshotInfo>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<FormatSpecific>,
+    /// qemu-img prints it for encrypted images only.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
     pub dirty_flag: bool,
 }
 
@@ -69,6 +73,8 @@ pub struct Qcow2Specific {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_file_raw: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypt: Option<EncryptInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub corrupt: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extended_l2: Option<bool>,
@@ -94,6 +100,7 @@ pub fn describe(disk: &Image) -> ImageInfo {
         backing_filename_format: None,
         snapshots: None,
         format_specific: None,
+        encrypted: false,
         dirty_flag: false,
     };
     if let Some(q) = disk.qcow2() {
@@ -106,6 +113,7 @@ fn describe_qcow2(q: &Qcow2, info: &mut ImageInfo) {
     let h = q.header();
     info.cluster_size = Some(h.cluster_size());
     info.dirty_flag = h.dirty();
+    info.encrypted = q.encryption().is_some();
     if let Some(name) = q.backing_name() {
         info.backing_filename = Some(String::from_utf8_lossy(name.as_bytes()).into_owned());
         let full = crate::qcow2::image::resolve_relative(q.path(), Path::new(name));
@@ -139,6 +147,7 @@ fn describe_qcow2(q: &Qcow2, info: &mut ImageInfo) {
                 .as_ref()
                 .map(|n| String::from_utf8_lossy(n.as_bytes()).into_owned()),
             data_file_raw: q.data_file().map(|_| h.data_file_raw()),
+            encrypt: q.encryption().map(|e| e.info()),
             corrupt: v3.then(|| h.corrupt()),
             extended_l2: v3.then(|| h.extended_l2()),
         },
@@ -158,6 +167,9 @@ pub fn human(info: &ImageInfo) -> String {
     );
     if let Some(a) = info.actual_size {
         let _ = writeln!(s, "disk size: {}", units::size(a));
+    }
+    if info.encrypted {
+        let _ = writeln!(s, "encrypted: yes");
     }
     if let Some(c) = info.cluster_size {
         let _ = writeln!(s, "cluster_size: {c}");
@@ -204,6 +216,9 @@ pub fn human(info: &ImageInfo) -> String {
         if let Some(raw) = d.data_file_raw {
             let _ = writeln!(s, "    data file raw: {raw}");
         }
+        if let Some(e) = &d.encrypt {
+            s.push_str(&encrypt_lines(e));
+        }
         if let Some(c) = d.corrupt {
             let _ = writeln!(s, "    corrupt: {c}");
         }
@@ -214,6 +229,40 @@ pub fn human(info: &ImageInfo) -> String {
     if info.dirty_flag {
         let _ = writeln!(s, "dirty flag: true");
     }
+    s
+}
+
+/// The `encrypt:` block of the human report, as qemu-img lays it out.
+fn encrypt_lines(e: &EncryptInfo) -> String {
+    let mut s = String::from("    encrypt:\n");
+    let Some(l) = &e.luks else {
+        let _ = writeln!(s, "        format: {}", e.format);
+        return s;
+    };
+    if let Some(h) = l.ivgen_hash_alg {
+        let _ = writeln!(s, "        ivgen hash alg: {h}");
+    }
+    let _ = writeln!(s, "        ivgen alg: {}", l.ivgen_alg);
+    let _ = writeln!(s, "        detached header: {}", l.detached_header);
+    let _ = writeln!(s, "        hash alg: {}", l.hash_alg);
+    let _ = writeln!(s, "        cipher alg: {}", l.cipher_alg);
+    let _ = writeln!(s, "        uuid: {}", l.uuid);
+    let _ = writeln!(s, "        format: {}", e.format);
+    let _ = writeln!(s, "        cipher mode: {}", l.cipher_mode);
+    let _ = writeln!(s, "        slots:");
+    for (i, slot) in l.slots.iter().enumerate() {
+        let _ = writeln!(s, "            [{i}]:");
+        let _ = writeln!(s, "                active: {}", slot.active);
+        if let Some(it) = slot.iters {
+            let _ = writeln!(s, "                iters: {it}");
+        }
+        let _ = writeln!(s, "                key offset: {}", slot.key_offset);
+        if let Some(st) = slot.stripes {
+            let _ = writeln!(s, "                stripes: {st}");
+        }
+    }
+    let _ = writeln!(s, "        payload offset: {}", l.payload_offset);
+    let _ = writeln!(s, "        master key iters: {}", l.master_key_iters);
     s
 }
 

@@ -9,6 +9,7 @@
 use super::convert::{self, ConvertOptions, Qcow2Output};
 use super::error::{ChainError, Result};
 use super::outdir::NewDirs;
+use crate::qcow2::crypto::Keying;
 use crate::qcow2::header::CompressionType;
 use crate::store::{open_restore_point, ChainSelect, RestorePoint};
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ pub struct MergeOptions {
     pub progress: bool,
     /// Average bytes per second to stay under.
     pub rate_limit: Option<u64>,
+    /// Write a plaintext image even when the chain is encrypted.
+    pub decrypt: bool,
 }
 
 /// Merges the chain in `dir` into `target_file`; returns the files merged, oldest first.
@@ -77,6 +80,7 @@ pub fn merge(dir: &Path, target_file: &Path, opts: &MergeOptions) -> Result<Vec<
                 cluster_size: base.unwrap_or(65536),
                 compression_type: opts.compress.unwrap_or(CompressionType::Zlib),
                 compress: opts.compress.is_some(),
+                encrypt: if opts.decrypt { None } else { keying(&disk)? },
             };
             convert::disk_to_qcow2(&disk, out_path, &copts, &out)?
         }
@@ -88,6 +92,34 @@ pub fn merge(dir: &Path, target_file: &Path, opts: &MergeOptions) -> Result<Vec<
     }
     dirs.keep();
     Ok(chain.paths())
+}
+
+/// How a qcow2 merge of `disk` is encrypted: with a new header when a target passphrase was
+/// given; else, when the chain is encrypted, under the LUKS header of its oldest encrypted
+/// file (the FULL's, normally: same passphrases, no new PBKDF2 cost); else not at all.
+fn keying(disk: &crate::qcow2::Disk) -> Result<Option<Keying>> {
+    if crate::qcow2::crypto::keys::target().is_some() {
+        return Ok(Some(Keying::Fresh(Default::default())));
+    }
+    let encrypted: Vec<_> = disk
+        .chain()
+        .rev()
+        .filter_map(|i| i.qcow2())
+        .filter(|q| q.encryption().is_some())
+        .collect();
+    for q in &encrypted {
+        if let Some(k) = q.keying_to_share()? {
+            return Ok(Some(k));
+        }
+    }
+    match encrypted.first() {
+        Some(q) => Err(ChainError::Refused(format!(
+            "{} uses legacy AES encryption, which new images do not get: give --target-key-file \
+             for a LUKS-encrypted merge, or --decrypt for a plaintext one",
+            q.path().display()
+        ))),
+        None => Ok(None),
+    }
 }
 
 /// `.<name>.merging` beside `target`: where a merge writes before the rename.

@@ -11,6 +11,7 @@ use super::header::{self, autoclear, compat, incompat, CompressionType, Header};
 use super::l2::{self, L2Entry, L2Format, L2Table};
 use super::refcount::{self, RefcountFormat};
 use super::Format;
+use crate::qcow2::crypto::{Crypt, Keying};
 use crate::qcow2::fault::pwrite;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ pub struct CreateOptions {
     pub backing: Option<(String, Option<Format>)>,
     /// External data file name as stored (relative to the image), and whether it is raw.
     pub data_file: Option<(String, bool)>,
+    /// LUKS encryption of the guest data.
+    pub encrypt: Option<Keying>,
 }
 
 impl Default for CreateOptions {
@@ -44,6 +47,7 @@ impl Default for CreateOptions {
             compression: CompressionType::Zlib,
             backing: None,
             data_file: None,
+            encrypt: None,
         }
     }
 }
@@ -105,6 +109,12 @@ impl CreateOptions {
                 return Err("a raw external data file cannot have a backing file".into());
             }
         }
+        if let Some(k) = &self.encrypt {
+            if matches!(self.data_file, Some((_, true))) {
+                return Err("a raw external data file cannot be encrypted".into());
+            }
+            k.validate()?;
+        }
         let probe = self.header(0, 0, 0, 0);
         if self.size > probe.max_virtual_size() {
             return Err(format!(
@@ -141,7 +151,11 @@ impl CreateOptions {
             backing_file_size: 0,
             cluster_bits: self.cluster_size.trailing_zeros(),
             size: self.rounded_size(),
-            crypt_method: 0,
+            crypt_method: if self.encrypt.is_some() {
+                crate::qcow2::crypto::METHOD_LUKS
+            } else {
+                0
+            },
             l1_size,
             l1_table_offset: l1_offset,
             refcount_table_offset: rt_offset,
@@ -221,10 +235,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
 /// Creates a new image; with `durable` false nothing is flushed, for an image that will be
 /// filled and only flushed at the end (a half-written output is worthless either way).
 /// What a new image holds: its header and its first cluster (header, extensions, backing
-/// name).
+/// name), and the cipher of an encrypted one.
 pub struct Created {
     pub header: Header,
     pub cluster0: Vec<u8>,
+    pub crypt: Option<Crypt>,
 }
 
 pub fn create_file(path: &Path, opts: &CreateOptions, durable: bool) -> Result<Created> {
@@ -252,6 +267,13 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> R
     let l1_clusters = (l1_size * 8).div_ceil(cs).max(1);
     let raw_data = matches!(opts.data_file, Some((_, true)));
     let l2_clusters = if raw_data { l1_size } else { 0 };
+    let luks = match &opts.encrypt {
+        Some(k) => Some(k.build().map_err(|m| ErrorKind::Encryption(m).at(path))?),
+        None => None,
+    };
+    let luks_clusters = luks
+        .as_ref()
+        .map_or(0, |a| (a.bytes.len() as u64).div_ceil(cs));
     let rf = RefcountFormat {
         cluster_bits: probe.cluster_bits,
         order: probe.refcount_order,
@@ -260,7 +282,7 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> R
     // and the table that points to them.
     let (mut rt, mut rb) = (1u64, 1u64);
     loop {
-        let total = 1 + rt + rb + l1_clusters + l2_clusters;
+        let total = 1 + rt + rb + l1_clusters + l2_clusters + luks_clusters;
         let need_rb = total.div_ceil(rf.block_entries());
         let need_rt = (need_rb * 8).div_ceil(cs);
         if need_rb == rb && need_rt == rt {
@@ -272,7 +294,8 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> R
     let rb_off = rt_off + rt * cs;
     let l1_off = rb_off + rb * cs;
     let l2_off = l1_off + l1_clusters * cs;
-    let total = 1 + rt + rb + l1_clusters + l2_clusters;
+    let luks_off = l2_off + l2_clusters * cs;
+    let total = 1 + rt + rb + l1_clusters + l2_clusters + luks_clusters;
 
     let mut h = opts.header(rt_off, rt as u32, l1_off, l1_size as u32);
     let mut extensions = Vec::new();
@@ -281,6 +304,13 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> R
     }
     if let Some((name, _)) = &opts.data_file {
         extensions.push((ext::DATA_FILE, name.as_bytes().to_vec()));
+    }
+    if let Some(area) = &luks {
+        let e = ext::CryptoExt {
+            offset: luks_off,
+            length: area.bytes.len() as u64,
+        };
+        extensions.push((ext::CRYPTO, e.to_bytes()));
     }
     if opts.version >= 3 {
         extensions.push((ext::FEATURE_TABLE, feature_table()));
@@ -329,6 +359,9 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> R
         }
     }
     pwrite(file, &l1, l1_off).map_err(at)?;
+    if let Some(area) = &luks {
+        pwrite(file, &area.bytes, luks_off).map_err(at)?;
+    }
     if let Some((name, _)) = &opts.data_file {
         let data_path: PathBuf = super::image::resolve_relative(path, Path::new(name));
         let data = OpenOptions::new()
@@ -353,5 +386,6 @@ fn write_new(file: &File, path: &Path, opts: &CreateOptions, durable: bool) -> R
     Ok(Created {
         header: h,
         cluster0,
+        crypt: luks.map(|a| a.crypt),
     })
 }

@@ -333,8 +333,10 @@ impl Disk {
 
     /// The file holding the uncompressed data of layer `depth` (its external data file if it
     /// has one): where an [`Extent`]'s `offset` points.
+    /// `None` for an encrypted layer: its bytes as stored are ciphertext.
     pub fn data_file_of(&self, depth: u32) -> Option<&File> {
         match &self.images.get(depth as usize)?.layer {
+            Layer::Qcow2(q) if q.encryption().is_some() => None,
             Layer::Qcow2(q) => q.data_storage().as_file(),
             Layer::Raw(r) => r.storage().as_file(),
         }
@@ -348,6 +350,7 @@ impl Disk {
             return Ok(None);
         };
         let storage = match &self.images[e.depth as usize].layer {
+            Layer::Qcow2(q) if q.encryption().is_some() => return Ok(None),
             Layer::Qcow2(q) => q.data_source(host, e.length)?.0,
             Layer::Raw(r) => r.storage(),
         };
@@ -384,7 +387,7 @@ impl Disk {
         };
         if !e.compressed {
             let host = e.offset.expect("uncompressed data has a host offset");
-            return q.read_data(dst, host);
+            return q.read_data(dst, host, e.start);
         }
         // Extents of compressed data never cross a cluster: its descriptor is the layer's.
         let Status::Compressed(d) = q.status(e.start, e.length)?.0 else {

@@ -27,6 +27,10 @@ pub enum ErrorKind {
     /// The caller asked for something the image does not have (e.g. a snapshot name).
     #[error("{0}")]
     NotFound(String),
+    /// The image is encrypted and cannot be opened as asked (no key, a wrong key, a header
+    /// that cannot be used).
+    #[error("encryption: {0}")]
+    Encryption(String),
     /// Another process (a running QEMU) holds the image's write lock.
     #[error("{0}")]
     InUse(String),

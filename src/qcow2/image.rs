@@ -8,6 +8,7 @@
 
 use super::bitmap::{self, Bitmap};
 use super::cache::{self, ImageId, L2Cache};
+use super::crypto::Encryption;
 use super::error::{corrupt, ErrorKind, Result};
 use super::ext::Extensions;
 use super::header::{self, Header};
@@ -71,6 +72,7 @@ pub struct Qcow2 {
     cache: Arc<L2Cache>,
     cache_key: ImageId,
     metadata: super::overlap::Metadata,
+    encryption: Option<Encryption>,
 }
 
 /// How strict an open is.
@@ -178,11 +180,13 @@ impl Qcow2 {
                 names.join(", ")
             ))));
         }
-        if header.crypt_method != 0 || ext.crypto.is_some() {
-            return Err(at(ErrorKind::Unsupported(
-                "encrypted images are not supported".into(),
-            )));
-        }
+        let encryption = Encryption::of_qcow2(
+            header.crypt_method,
+            ext.crypto.map(|c| (c.offset, c.length)),
+            file_len,
+            &|pos, buf| read_exact(&*file, buf, pos, "LUKS header"),
+        )
+        .map_err(|m| at(ErrorKind::Encryption(m)))?;
         if header.corrupt() {
             tracing::warn!(
                 "{}: the image is marked corrupt; reading it anyway (never written)",
@@ -266,6 +270,7 @@ impl Qcow2 {
         };
         let structures = super::overlap::Structures {
             header: &header,
+            crypto: encryption.as_ref().and_then(|e| e.area),
             l1: &l1,
             snapshots: &snapshots,
             bitmaps: ext
@@ -300,6 +305,7 @@ impl Qcow2 {
             bitmaps,
             cache: Arc::new(L2Cache::new(cache::BUDGET)),
             cache_key: ImageId::unique(),
+            encryption,
         })
     }
 
@@ -443,11 +449,49 @@ impl Qcow2 {
         }
     }
 
-    /// Reads uncompressed guest data stored at `host` (a [`Status::Data`] run). Bytes past the
-    /// end of the file read as zeros, as in QEMU, but a run that starts past it is corrupt.
-    pub fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+    /// How the image is encrypted (`None`: it is not).
+    pub fn encryption(&self) -> Option<&Encryption> {
+        self.encryption.as_ref()
+    }
+
+    /// The cipher of an encrypted image (`None`: plaintext); an error when no passphrase
+    /// unlocked it.
+    pub fn crypt(&self) -> Result<Option<&std::sync::Arc<super::crypto::Crypt>>> {
+        match &self.encryption {
+            None => Ok(None),
+            Some(e) => e
+                .crypt()
+                .map(Some)
+                .map_err(|m| ErrorKind::Encryption(m).at(&self.path)),
+        }
+    }
+
+    /// How a new image keeps this image's LUKS header (same passphrases, same master key);
+    /// `None` when it has none to share (plaintext, legacy AES).
+    pub fn keying_to_share(&self) -> Result<Option<super::crypto::Keying>> {
+        let (Some(e), Some((offset, _))) = (
+            &self.encryption,
+            self.encryption.as_ref().and_then(|e| e.area),
+        ) else {
+            return Ok(None);
+        };
+        e.keying_to_share(&|at, buf| read_exact(&*self.file, buf, offset + at, "LUKS header"))
+            .map_err(|m| ErrorKind::Encryption(m).at(&self.path))
+    }
+
+    /// Reads uncompressed guest data stored at `host` (a [`Status::Data`] run at guest offset
+    /// `guest`), decrypted. Bytes past the end of the file read as zeros, as in QEMU, but a
+    /// run that starts past it is corrupt.
+    pub fn read_data(&self, buf: &mut [u8], host: u64, guest: u64) -> Result<()> {
         let (storage, path) = self.data_source(host, buf.len() as u64)?;
-        read_zero_padded(storage, buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+        let io = |e| ErrorKind::Io(e).at(path);
+        match self.crypt()? {
+            None => read_zero_padded(storage, buf, host).map_err(io),
+            Some(c) => super::crypto::read_decrypted(c, buf, host, guest, &mut |b, at| {
+                read_zero_padded(storage, b, at)
+            })
+            .map_err(io),
+        }
     }
 
     /// Where `len` bytes of guest data at `host` are stored (the image or its data file),

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod crypto;
 pub mod disk;
 pub mod error;
 pub mod ext;

@@ -23,6 +23,8 @@ pub struct Metadata {
 /// The image's metadata as the reader finds it at open.
 pub struct Structures<'a> {
     pub header: &'a Header,
+    /// The LUKS header and key material (offset, length).
+    pub crypto: Option<(u64, u64)>,
     pub l1: &'a [L1Entry],
     pub snapshots: &'a [Snapshot],
     /// The bitmap directory and its bitmaps, when they are in use.
@@ -62,6 +64,9 @@ impl Metadata {
         if h.refcount_table_clusters > 0 {
             let len = h.refcount_table_clusters as u64 * cs;
             r.push(range(h.refcount_table_offset, len, "the refcount table"));
+        }
+        if let Some((offset, len)) = s.crypto {
+            r.push(range(offset, len, "the LUKS header"));
         }
         if h.nb_snapshots > 0 {
             r.push(range(h.snapshots_offset, cs, "the snapshot table"));

@@ -32,6 +32,7 @@ pub use snapshots::Op as SnapshotOp;
 
 use super::alloc::Refcounts;
 use super::bitmap;
+use super::crypto::{self, Crypt};
 use super::disk::Disk;
 use super::error::{corrupt, ErrorKind, Result};
 use super::header::{self, Header};
@@ -85,6 +86,8 @@ pub struct Writer {
     /// metadata, so only this says a flush has work to do).
     data_written: std::cell::Cell<bool>,
     drop_behind: pagecache::DropBehind,
+    /// The cipher of an encrypted image: data is encrypted on its way to the disk.
+    crypt: Option<std::sync::Arc<Crypt>>,
 }
 
 impl Writer {
@@ -225,8 +228,7 @@ impl Writer {
             let (st, n) = self.status(off, max)?;
             let dst = &mut buf[pos..pos + n as usize];
             match st {
-                Status::Data { host } => read_zero_padded(self.data_file().1, dst, host)
-                    .map_err(|e| self.at(e.into()))?,
+                Status::Data { host } => self.read_host(dst, host, off)?,
                 Status::Zero { .. } => dst.fill(0),
                 Status::Unallocated { .. } => match &self.backing {
                     Some(b) => b.read_at(dst, off)?,
@@ -346,9 +348,47 @@ impl Writer {
         self.refs.alloc(&self.file, 1).map_err(|k| k.at(&self.path))
     }
 
+    /// Reads guest data (at guest offset `guest`) stored at `host`, decrypted.
+    fn read_host(&self, buf: &mut [u8], host: u64, guest: u64) -> Result<()> {
+        let f = self.data_file().1;
+        match &self.crypt {
+            None => read_zero_padded(f, buf, host),
+            Some(c) => {
+                crypto::read_decrypted(c, buf, host, guest, &mut |b, at| read_zero_padded(f, b, at))
+            }
+        }
+        .map_err(|e| self.at(e.into()))
+    }
+
+    /// Writes guest data at `host`, encrypted in an encrypted image (a range that is not
+    /// whole sectors completed from the sectors' current content).
     fn write_host(&self, buf: &[u8], host: u64) -> Result<()> {
         let (path, f) = self.data_target();
-        pwrite(f, buf, host).map_err(|e| ErrorKind::Io(e).at(path))
+        let io = |e| ErrorKind::Io(e).at(path);
+        let Some(c) = &self.crypt else {
+            return pwrite(f, buf, host).map_err(io);
+        };
+        let s = crypto::cipher::SECTOR as u64;
+        let start = host / s * s;
+        let end = (host + buf.len() as u64).div_ceil(s) * s;
+        let mut wide = vec![0u8; (end - start) as usize];
+        let lead = (host - start) as usize;
+        if lead != 0 || end != host + buf.len() as u64 {
+            // Guest offsets only number legacy AES sectors, which are never written.
+            crypto::read_decrypted(c, &mut wide, start, 0, &mut |b, at| {
+                read_zero_padded(f, b, at)
+            })
+            .map_err(io)?;
+        }
+        wide[lead..lead + buf.len()].copy_from_slice(buf);
+        c.encrypt(&mut wide, start, 0);
+        pwrite(f, &wide, start).map_err(io)
+    }
+
+    /// Whether data is encrypted on its way to the disk (so stored bytes cannot be copied
+    /// in the kernel).
+    pub fn encrypted(&self) -> bool {
+        self.crypt.is_some()
     }
 
     /// Starts writing back the guest data written so far without waiting for it

@@ -175,7 +175,12 @@ pub fn render(dir: &Path, image: &str, snapshot: Option<&str>) -> Vec<u8> {
 }
 
 pub fn sha256_bytes(data: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(data))
+    hex(&Sha256::digest(data))
+}
+
+/// Lower-case hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `qemu-img` with arguments, run in `dir`.
@@ -255,7 +260,7 @@ pub fn sha256_of(disk: &Disk) -> String {
         h.update(&buf[..n]);
         off += n as u64;
     }
-    format!("{:x}", h.finalize())
+    hex(&h.finalize())
 }
 
 pub fn sha256_file(path: &Path) -> String {

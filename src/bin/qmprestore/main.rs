@@ -16,6 +16,7 @@ mod options;
 mod prune;
 mod rebase;
 mod report;
+mod secrets;
 mod serve;
 mod snapshot;
 mod verify;
@@ -50,6 +51,8 @@ struct Cli {
     /// through a group.
     #[arg(long, global = true)]
     group_readable: bool,
+    #[command(flatten)]
+    keys: secrets::KeyArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -106,7 +109,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let (cli, cmd) = qmpbackup::cli::parse::<Cli>();
+    let args = secrets::image_opts_args(std::env::args_os().collect());
+    let (cli, cmd) = qmpbackup::cli::parse_from::<Cli>(args);
     if let Command::SelfDoc(doc) = cli.command {
         return doc.run(cmd);
     }
@@ -118,7 +122,8 @@ fn main() -> ExitCode {
     // SAFETY: setting a signal's disposition to "ignore" before any thread starts.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let _ = cli.skip_check;
-    let result = run(cli.command);
+    let result = secrets::install(&cli.keys).and_then(|()| run(cli.command));
+    qmpbackup::qcow2::crypto::keys::forget();
     qmpbackup::store::bucket::log_traffic();
     match result {
         Ok(code) => code,

@@ -12,6 +12,7 @@ pub const HELP: &str = "Examples:
   qmprestore merge --dir /backup/vm1/disk1.qcow2 --targetfile /restore/disk1.qcow2
   qmprestore merge --dir /backup/vm1/disk1.qcow2 --until INC-1700000600 --targetfile at-noon.qcow2
   qmprestore merge --dir /backup/vm1/disk1.qcow2 --format raw --targetfile /dev/vg0/disk1
+  qmprestore merge --key-file /root/backup.key --dir /backup/vm1/disk1.qcow2 --targetfile d.qcow2
 
 The chain is the latest FULL and the INCs after it, in the order of the epochs in their names.";
 
@@ -31,6 +32,10 @@ pub struct Args {
     /// Replace an existing target file.
     #[arg(long)]
     force: bool,
+    /// Write a plaintext image from an encrypted chain (by default the output is encrypted
+    /// under the FULL's LUKS header, or a new one with --target-key-file).
+    #[arg(long)]
+    decrypt: bool,
     #[command(flatten)]
     progress: ProgressArg,
 }
@@ -52,6 +57,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         force: a.force,
         progress: a.progress.progress,
         rate_limit: a.chain.rate_limit,
+        decrypt: a.decrypt,
     };
     for f in merge::merge(&a.chain.dir, &a.targetfile, &opts)? {
         eprintln!("merged {}", f.display());

@@ -188,6 +188,10 @@ impl<'a> Walk<'a> {
             self.unrepairable(finding.clone());
         }
         self.reference(0, cs, Role::Structure("header"));
+        if let Some((offset, len)) = q.encryption().and_then(|e| e.area) {
+            let len = len.min(self.file_len.saturating_sub(offset));
+            self.reference(offset, len, Role::Structure("LUKS header"));
+        }
         let l1_len = h.l1_size as u64 * 8;
         let problem = (l1_len > 0)
             .then(|| past_end("L1 table", h.l1_table_offset, l1_len, self.file_len))

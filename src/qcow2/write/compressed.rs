@@ -18,6 +18,12 @@ impl Writer {
                 "compressed clusters are not possible with an external data file".into(),
             )));
         }
+        if self.encrypted() {
+            // QEMU would store them in plaintext: never in an encrypted image.
+            return Err(self.at(ErrorKind::Unsupported(
+                "compression and encryption are not supported at the same time".into(),
+            )));
+        }
         self.prepare()?;
         for (gc, c) in clusters {
             self.check_range(gc * self.cs, self.cs)?;

@@ -46,7 +46,13 @@ impl Writer {
         let mut done = 0;
         while done < len {
             let at = guest + done;
-            let whole = if at % cs == 0 { (len - done) / cs } else { 0 };
+            // Encrypted data is never copied as stored: it goes through memory (and the
+            // cipher).
+            let whole = if at % cs == 0 && !self.encrypted() {
+                (len - done) / cs
+            } else {
+                0
+            };
             if let Some((table, n)) = self.fresh_run(at / cs, whole)? {
                 let host = self.alloc_run(at / cs, n)?;
                 let (path, dst) = self.data_target();

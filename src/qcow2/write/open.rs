@@ -38,6 +38,15 @@ impl Writer {
             return Writer::open(path);
         }
         refuse_corruptions(&reader, path)?;
+        let crypt = match reader.encryption() {
+            None => None,
+            Some(e) if e.method == crate::qcow2::crypto::Method::Aes => {
+                return Err(at(ErrorKind::Unsupported(
+                    "legacy AES encrypted images are read only (convert them to LUKS)".into(),
+                )))
+            }
+            Some(e) => Some(e.crypt().map_err(|m| at(ErrorKind::Encryption(m)))?.clone()),
+        };
         let bitmaps = reader
             .extensions()
             .bitmaps
@@ -57,6 +66,7 @@ impl Writer {
             snapshots: reader.snapshots().to_vec(),
             snapshot_table_len: reader.snapshot_table_len(),
             bitmaps,
+            crypt,
         })
     }
 
@@ -89,6 +99,7 @@ impl Writer {
             snapshots: Vec::new(),
             snapshot_table_len: 0,
             bitmaps: None,
+            crypt: created.crypt.map(std::sync::Arc::new),
         });
         if result.is_err() {
             let _ = std::fs::remove_file(path);
@@ -140,6 +151,7 @@ impl Writer {
             ordered: true,
             data_written: std::cell::Cell::new(false),
             drop_behind: Default::default(),
+            crypt: p.crypt,
         })
     }
 }
@@ -159,6 +171,7 @@ struct Parts<'a> {
     snapshot_table_len: u64,
     /// Bitmap directory offset and entries, when bitmaps are in use.
     bitmaps: Option<(u64, Vec<bitmap::Bitmap>)>,
+    crypt: Option<std::sync::Arc<crate::qcow2::crypto::Crypt>>,
 }
 
 /// Refuses to write an image whose metadata `check` finds corrupt. The writer trusts the
