@@ -393,10 +393,7 @@ impl LuksRequest {
             }
             (iv, None) => iv.to_string(),
         };
-        let mode = match mode {
-            "ecb" => "ecb".to_string(),
-            m => format!("{m}-{ivgen}"),
-        };
+        let mode = format!("{mode}-{ivgen}");
         let key_bytes = bits / 8 * if mode.starts_with("xts") { 2 } else { 1 };
         let spec = Spec::parse(name, &mode, key_bytes)?;
         let hash_name = self.hash_alg.as_deref().unwrap_or("sha256");
