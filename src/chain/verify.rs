@@ -452,14 +452,26 @@ fn verify_file(f: &BackupFile) -> FileResult {
             Err(e) => res.problems.push(e.to_string()),
         }
     }
+    // An encrypted file's manifest covers its ciphertext, so it is verified without the key;
+    // with the key, every cluster is also read and decrypted (the key opens it, every
+    // cluster can be read and decompressed).
+    let encryption = disk.qcow2().and_then(|q| q.encryption());
+    let locked = encryption.is_some_and(|e| !e.unlocked());
+    let read = |res: &mut FileResult| match disk.read_stored(u64::MAX) {
+        Ok(b) => res.bytes = b,
+        Err(e) => res.problems.push(e.to_string()),
+    };
     match &res.manifest {
         Some(m) if m.matches() => {
             res.bytes = m.manifest.as_ref().map_or(0, |m| m.sums.file_size);
+            if encryption.is_some() && !locked {
+                read(&mut res);
+            }
         }
-        _ => match disk.read_stored(u64::MAX) {
-            Ok(b) => res.bytes = b,
-            Err(e) => res.problems.push(e.to_string()),
-        },
+        _ if locked => res.notes.push(
+            "encrypted, no key given: structure checked, data not decrypted (--key-file reads it all)".into(),
+        ),
+        _ => read(&mut res),
     }
     res.damage = damage::findings(path, Some(&disk), &mismatches);
     let backing = disk
