@@ -115,3 +115,15 @@ fn manifest_fuzz_inputs_stay_fixed() {
     assert_eq!(found["corpus-v2-damaged"], Some(1));
     assert_eq!(found["corpus-hostile"], None);
 }
+
+#[test]
+fn luks_header_fuzz_inputs_stay_fixed() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/luks_header");
+    let mut parsed = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        parsed +=
+            qmpbackup::qcow2::fuzz::luks_header(&std::fs::read(entry.unwrap().path()).unwrap())
+                as u32;
+    }
+    assert!(parsed >= 2, "QEMU's headers parse");
+}
