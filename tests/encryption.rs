@@ -516,3 +516,69 @@ fn bad_keys_and_damaged_headers_fail_clearly_and_write_nothing() {
     }
     assert_eq!(std::fs::read(&img).unwrap(), original, "inputs untouched");
 }
+
+#[test]
+fn key_rotation_keeps_the_data_and_never_removes_the_last_slot() {
+    let Some(t) = needs("qemu-img") else { return };
+    let dir = t.path();
+    keys(dir);
+    create_luks(dir, "k.qcow2", "", "1M");
+    qemu_io_enc(dir, "k.qcow2", 0, &["write -P 7 0 100k"]);
+    let want = qemu_render(dir, "k.qcow2", 0, "key");
+    let (key, key2) = (dir.join("key"), dir.join("key2"));
+    let (k, k2, img) = (
+        key.to_str().unwrap(),
+        key2.to_str().unwrap(),
+        dir.join("k.qcow2"),
+    );
+    let img = img.to_str().unwrap();
+    let out = qmprestore_ok(&[
+        "--key-file",
+        k,
+        "key",
+        "add",
+        "--new-key-file",
+        k2,
+        "--iter-time",
+        "10",
+        img,
+    ]);
+    assert!(out.contains("key slot 1 added"), "{out}");
+    let out = qmprestore_ok(&[
+        "--key-file",
+        k2,
+        "key",
+        "remove",
+        "--remove-key-file",
+        k,
+        img,
+    ]);
+    assert!(out.contains("key slot(s) 0 removed"), "{out}");
+    // QEMU opens it with the new passphrase only; the data did not change.
+    assert_eq!(qemu_render(dir, "k.qcow2", 0, "key2"), want);
+    qemu_check_clean(dir, "k.qcow2", "key2");
+    let e = fails(&[
+        "--key-file",
+        k,
+        "convert",
+        "-O",
+        "raw",
+        img,
+        dir.join("o.raw").to_str().unwrap(),
+    ]);
+    assert!(e.contains("invalid passphrase"), "{e}");
+    let before = std::fs::read(dir.join("k.qcow2")).unwrap();
+    let e = fails(&[
+        "--key-file",
+        k2,
+        "key",
+        "remove",
+        "--remove-key-file",
+        k2,
+        img,
+    ]);
+    assert!(e.contains("every active key slot"), "{e}");
+    let e = fails(&["--key-file", k, "key", "add", "--new-key-file", k2, img]);
+    assert!(e.contains("invalid passphrase"), "{e}");
+    assert_eq!(std::fs::read(dir.join("k.qcow2")).unwrap(), before);
+}

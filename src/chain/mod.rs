@@ -10,6 +10,7 @@ pub mod create_opts;
 pub mod damage;
 pub mod error;
 pub mod info;
+pub mod keys;
 pub mod links;
 pub mod list;
 pub mod map;

@@ -10,6 +10,7 @@ mod convert;
 mod create;
 mod fold;
 mod info;
+mod key;
 mod list;
 mod merge;
 mod options;
@@ -98,6 +99,9 @@ enum Command {
     /// List, create, apply or delete internal snapshots.
     #[command(after_help = snapshot::HELP)]
     Snapshot(snapshot::Args),
+    /// Add or remove the passphrases of LUKS-encrypted images (key slots).
+    #[command(after_help = key::HELP)]
+    Key(key::Args),
     /// Compare the guest-visible contents of two images (qcow2 or raw, probed).
     #[command(after_help = compare::HELP)]
     Compare(compare::Args),
@@ -171,6 +175,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Create(a) => create::run(a),
         Command::Check(a) => check::run(a),
         Command::Snapshot(a) => snapshot::run(a),
+        Command::Key(a) => key::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Serve(a) => serve::run(a),
         Command::SelfDoc(_) => unreachable!("handled in main"),
