@@ -246,6 +246,43 @@ SH
     fi
     bench_commit "4-deep, hot region" chain4hot
 fi
+if [ -z "$filter" ] || [[ encrypted == *$filter* ]]; then
+    # LUKS (aes-256-xts, QEMU's default): the 1 GiB-data FULL and 4 INCs of 128 MiB written
+    # by qemu-io, once encrypted and once in plaintext, the same way. Merge of the encrypted
+    # chain against merge of the plaintext one (what encryption costs us), and convert -O raw
+    # of the encrypted FULL against qemu-img's.
+    printf 'correct horse' > bench.key
+    secret="secret,id=s,file=$work/bench.key"
+    for kind in plain luks; do
+        [ -d "enc-$kind" ] && continue
+        d=enc-$kind.tmp; mkdir -p "$d"
+        obj=(); o=""; opts=""
+        if [ "$kind" = luks ]; then
+            obj=(--object "$secret"); o="encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=100,"
+        fi
+        qemu-img convert "${obj[@]}" -O qcow2 ${o:+-o "${o%,}"} img.qcow2 "$d/FULL-1700000000-disk.qcow2"
+        prev=FULL-1700000000-disk.qcow2
+        for i in 1 2 3 4; do
+            name=INC-$((1700000000 + i * 600))-disk.qcow2
+            qemu-img create -q -f qcow2 "${obj[@]}" -o "${o}backing_file=$prev,backing_fmt=qcow2" "$d/$name"
+            if [ "$kind" = luks ]; then
+                opts="driver=qcow2,file.filename=$d/$name,encrypt.key-secret=s"
+                for j in $(seq "$i"); do opts="$opts,$(printf 'backing.%.0s' $(seq "$j"))encrypt.key-secret=s"; done
+                qemu-io "${obj[@]}" --image-opts "$opts" -c "write -P $i $((i * 700))M 128M" >/dev/null
+            else
+                qemu-io -f qcow2 "$d/$name" -c "write -P $i $((i * 700))M 128M" >/dev/null
+            fi
+            prev=$name
+        done
+        mv "$d" "enc-$kind"
+    done
+    compare "merge 4-deep LUKS vs plaintext" out.qcow2 \
+        "$ours --key-file bench.key merge --dir enc-luks --targetfile out.qcow2" \
+        "$ours merge --dir enc-plain --targetfile out.qcow2"
+    compare "convert -O raw of LUKS (1 GiB)" out.raw \
+        "$ours --key-file bench.key convert -O raw enc-luks/FULL-1700000000-disk.qcow2 out.raw" \
+        "qemu-img convert --object $secret --image-opts driver=qcow2,file.filename=enc-luks/FULL-1700000000-disk.qcow2,encrypt.key-secret=s -O raw out.raw"
+fi
 if [ -z "$filter" ] || [[ prune == *$filter* ]]; then
     # prune --keep-last 2 of a 6-point chain (512 MiB FULL, 5 INCs of 64 MiB that overwrite
     # the FULL's data, so the fold writes in place), with a manifest per file, against
