@@ -631,7 +631,6 @@ fn headers_qemu_cannot_open_either() {
             Box::new(move |b, _| set32(b, 116, 1 << 20)),
         ),
         ("data-file-unnamed", &base, Box::new(|b, _| b[79] |= 1 << 2)),
-        ("encrypted", &base, Box::new(move |b, _| set32(b, 32, 1))),
         (
             "bitmap-directory-cut",
             &base,
@@ -641,6 +640,11 @@ fn headers_qemu_cannot_open_either() {
             }),
         ),
     ];
+    // qemu-img check wants the key of an encrypted image; ours checks its metadata without
+    // one (verify relies on it), so a header that says "legacy AES" is checked, not refused.
+    let img = damaged(&base, "encrypted.qcow2", |b, _| set32(b, 32, 1));
+    assert_eq!(qemu_check_code(&img), 1, "encrypted: qemu-img check");
+    assert_eq!(qmprestore(&["check", s(&img)]).0, 0, "encrypted: our check");
     for (name, base, poke) in cases {
         let img = damaged(base, &format!("{name}.qcow2"), |b, l| poke(b, l));
         let before = std::fs::read(&img).unwrap();
