@@ -204,7 +204,17 @@ fn header_problems() {
         (
             "encrypted",
             |b, _| set_u32(b, 32, 1),
-            "encrypted images are not supported",
+            "give its passphrase with --key-file",
+        ),
+        (
+            "crypt-method-7",
+            |b, _| set_u32(b, 32, 7),
+            "unsupported encryption method 7",
+        ),
+        (
+            "luks-without-header",
+            |b, _| set_u32(b, 32, 2),
+            "missing crypto header extension",
         ),
         (
             "ext-overrun",
