@@ -42,9 +42,11 @@ fn open(path: &Path) -> Result<Slots> {
     let (Some(header), Some((area, _))) = (e.luks.clone(), e.area) else {
         return Err(at("legacy AES images have no key slots".into()));
     };
-    let Some(crate::qcow2::crypto::Keying::Reuse { key, .. }) = q.keying_to_share()? else {
-        return Err(at("the image's passphrase is needed (--key-file)".into()));
-    };
+    e.crypt().map_err(at)?;
+    let key = e
+        .master_key()
+        .expect("an unlocked LUKS image keeps its master key")
+        .clone();
     let (file, ours) = crate::qcow2::lock::open_for_write(path).map_err(|k| k.at(path))?;
     Ok(Slots {
         header,

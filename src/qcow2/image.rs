@@ -18,7 +18,7 @@ use super::mapping;
 pub use super::mapping::Status;
 use super::refcount::{self, RefcountFormat};
 use super::snapshot::{self, Snapshot};
-use super::storage::{read_exact, read_zero_padded, Storage};
+use super::storage::{read_exact, Storage};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -469,10 +469,8 @@ impl Qcow2 {
     /// How a new image keeps this image's LUKS header (same passphrases, same master key);
     /// `None` when it has none to share (plaintext, legacy AES).
     pub fn keying_to_share(&self) -> Result<Option<super::crypto::Keying>> {
-        let (Some(e), Some((offset, _))) = (
-            &self.encryption,
-            self.encryption.as_ref().and_then(|e| e.area),
-        ) else {
+        let Some((e, (offset, _))) = self.encryption.as_ref().and_then(|e| Some((e, e.area?)))
+        else {
             return Ok(None);
         };
         e.keying_to_share(&|at, buf| read_exact(&*self.file, buf, offset + at, "LUKS header"))
@@ -483,15 +481,10 @@ impl Qcow2 {
     /// `guest`), decrypted. Bytes past the end of the file read as zeros, as in QEMU, but a
     /// run that starts past it is corrupt.
     pub fn read_data(&self, buf: &mut [u8], host: u64, guest: u64) -> Result<()> {
+        let crypt = self.crypt()?.map(|c| &**c);
         let (storage, path) = self.data_source(host, buf.len() as u64)?;
-        let io = |e| ErrorKind::Io(e).at(path);
-        match self.crypt()? {
-            None => read_zero_padded(storage, buf, host).map_err(io),
-            Some(c) => super::crypto::read_decrypted(c, buf, host, guest, &mut |b, at| {
-                read_zero_padded(storage, b, at)
-            })
-            .map_err(io),
-        }
+        super::crypto::read_stored(crypt, storage, buf, host, guest)
+            .map_err(|e| ErrorKind::Io(e).at(path))
     }
 
     /// Where `len` bytes of guest data at `host` are stored (the image or its data file),

@@ -40,7 +40,7 @@ use super::l1::{self, L1Entry};
 use super::l2::{self, CompressedDescriptor, L2Entry, L2Format, L2Table};
 use super::lock::Ours;
 use super::mapping::{self, Status};
-use super::storage::{read_exact, read_zero_padded, Storage};
+use super::storage::{read_exact, Storage};
 use crate::qcow2::fault::pwrite;
 use crate::qcow2::pagecache;
 use std::collections::{BTreeSet, HashMap};
@@ -350,14 +350,8 @@ impl Writer {
 
     /// Reads guest data (at guest offset `guest`) stored at `host`, decrypted.
     fn read_host(&self, buf: &mut [u8], host: u64, guest: u64) -> Result<()> {
-        let f = self.data_file().1;
-        match &self.crypt {
-            None => read_zero_padded(f, buf, host),
-            Some(c) => {
-                crypto::read_decrypted(c, buf, host, guest, &mut |b, at| read_zero_padded(f, b, at))
-            }
-        }
-        .map_err(|e| self.at(e.into()))
+        crypto::read_stored(self.crypt.as_deref(), self.data_file().1, buf, host, guest)
+            .map_err(|e| self.at(e.into()))
     }
 
     /// Writes guest data at `host`, encrypted in an encrypted image (a range that is not
@@ -375,10 +369,7 @@ impl Writer {
         let lead = (host - start) as usize;
         if lead != 0 || end != host + buf.len() as u64 {
             // Guest offsets only number legacy AES sectors, which are never written.
-            crypto::read_decrypted(c, &mut wide, start, 0, &mut |b, at| {
-                read_zero_padded(f, b, at)
-            })
-            .map_err(io)?;
+            crypto::read_stored(Some(c), f, &mut wide, start, 0).map_err(io)?;
         }
         wide[lead..lead + buf.len()].copy_from_slice(buf);
         c.encrypt(&mut wide, start, 0);

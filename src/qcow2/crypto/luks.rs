@@ -58,6 +58,17 @@ pub struct Header {
     pub hash: HashAlg,
 }
 
+/// Refuses a key size whose key material (`key_bytes` × 4000 stripes) is not whole sectors:
+/// the slot cipher works sector by sector (QEMU aborts making such a slot).
+pub fn check_key_bytes(key_bytes: u32) -> Result<(), String> {
+    if (key_bytes as u64 * STRIPES as u64) % SECTOR as u64 != 0 {
+        return Err(format!(
+            "{key_bytes}-byte keys make key material that is not whole sectors"
+        ));
+    }
+    Ok(())
+}
+
 fn text(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
@@ -138,12 +149,7 @@ impl Header {
                 self.mk_iterations
             ));
         }
-        if self.material_len() % SECTOR as u64 != 0 {
-            return Err(format!(
-                "{}-byte keys make key material that is not whole sectors",
-                self.key_bytes
-            ));
-        }
+        check_key_bytes(self.key_bytes)?;
         let header_sectors = ALIGN / SECTOR as u64;
         let mut areas = Vec::new();
         for (i, s) in self.slots.iter().enumerate() {

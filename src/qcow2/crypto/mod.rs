@@ -23,6 +23,7 @@ pub mod keys;
 pub mod keyslot;
 pub mod luks;
 
+use super::storage::{read_zero_padded, Storage};
 use cipher::{SectorCipher, Spec, SECTOR};
 use hash::HashAlg;
 use keyslot::Secret;
@@ -78,17 +79,6 @@ impl Crypt {
         };
         debug_assert_eq!(at % SECTOR as u64, 0, "sector aligned");
         at / SECTOR as u64
-    }
-
-    /// Whether ciphertext may be copied verbatim to the same host offset of an image that
-    /// uses `other` (same key, same numbering).
-    pub fn same_key(&self, other: &Crypt) -> bool {
-        // Decrypting one sector under both tells: a different key gives other bytes.
-        let mut a = [0x5au8; SECTOR];
-        let mut b = a;
-        self.cipher.decrypt(&mut a, 1);
-        other.cipher.decrypt(&mut b, 1);
-        a == b && self.base == other.base
     }
 }
 
@@ -146,19 +136,6 @@ impl Encryption {
             }
             (m, _) => Err(format!("unsupported encryption method {m}")),
         }
-    }
-
-    /// The encryption of a raw LUKS volume whose bytes `read` reads.
-    pub fn of_raw_luks(read: ReadAt) -> Result<Encryption, String> {
-        let mut e = Encryption::luks(read)?;
-        if let Some(c) = e.crypt.take() {
-            let c = Arc::into_inner(c).expect("not shared yet");
-            e.crypt = Some(Arc::new(Crypt {
-                base: IvBase::Guest,
-                ..c
-            }));
-        }
-        Ok(e)
     }
 
     fn luks(read: ReadAt) -> Result<Encryption, String> {
@@ -229,6 +206,11 @@ impl Encryption {
             area,
             key: key.clone(),
         }))
+    }
+
+    /// The LUKS master key, once unlocked.
+    pub fn master_key(&self) -> Option<&Secret> {
+        self.key.as_ref()
     }
 
     /// Whether a passphrase unlocked it.
@@ -516,27 +498,30 @@ fn new_uuid() -> std::io::Result<String> {
     ))
 }
 
-/// Reads `buf.len()` bytes of data at `host` (guest offset `guest`) through `read`, which
-/// reads raw stored bytes, and decrypts them: a range that is not whole sectors is read
-/// widened to them.
-pub fn read_decrypted(
-    crypt: &Crypt,
+/// Reads `buf.len()` bytes of guest data (guest offset `guest`) stored at `host` in
+/// `storage`, zero padded past its end, decrypted when `crypt` is given: a range that is not
+/// whole sectors is read widened to them.
+pub fn read_stored(
+    crypt: Option<&Crypt>,
+    storage: &dyn Storage,
     buf: &mut [u8],
     host: u64,
     guest: u64,
-    read: &mut dyn FnMut(&mut [u8], u64) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    let Some(crypt) = crypt else {
+        return read_zero_padded(storage, buf, host);
+    };
     let s = SECTOR as u64;
     let lead = host % s;
     let end = host + buf.len() as u64;
     if lead == 0 && end % s == 0 {
-        read(buf, host)?;
+        read_zero_padded(storage, buf, host)?;
         crypt.decrypt(buf, host, guest);
         return Ok(());
     }
     let start = host - lead;
     let mut wide = vec![0u8; (end.div_ceil(s) * s - start) as usize];
-    read(&mut wide, start)?;
+    read_zero_padded(storage, &mut wide, start)?;
     crypt.decrypt(&mut wide, start, guest - lead);
     buf.copy_from_slice(&wide[lead as usize..lead as usize + buf.len()]);
     Ok(())
