@@ -582,3 +582,32 @@ fn key_rotation_keeps_the_data_and_never_removes_the_last_slot() {
     assert!(e.contains("invalid passphrase"), "{e}");
     assert_eq!(std::fs::read(dir.join("k.qcow2")).unwrap(), before);
 }
+
+#[test]
+fn our_writer_updates_partial_sectors_of_an_encrypted_image_as_qemu_reads_them() {
+    let Some(t) = needs("qemu-img") else { return };
+    let dir = t.path();
+    keys(dir);
+    create_luks(dir, "w.qcow2", "", "1M");
+    qemu_io_enc(dir, "w.qcow2", 0, &["write -P 0x33 0 256k"]);
+    let mut want = qemu_render(dir, "w.qcow2", 0, "key");
+    qmpbackup::qcow2::crypto::keys::add(PASS.to_vec().into());
+    let mut w = qmpbackup::qcow2::write::Writer::open(&dir.join("w.qcow2")).unwrap();
+    // Inside one sector, across sectors with partial ends, from a sector start to a partial
+    // end, from a partial start to a sector end, across a cluster boundary, and into an
+    // unallocated cluster.
+    for (at, len, byte) in [
+        (1000u64, 3usize, 1u8),
+        (4000, 1300, 2),
+        (8192, 700, 3),
+        (9000, 216, 4),
+        (65000, 1100, 5),
+        (300_000, 777, 6),
+    ] {
+        w.write_at(&vec![byte; len], at).unwrap();
+        want[at as usize..at as usize + len].fill(byte);
+    }
+    w.finish().unwrap();
+    assert_eq!(qemu_render(dir, "w.qcow2", 0, "key"), want);
+    qemu_check_clean(dir, "w.qcow2", "key");
+}

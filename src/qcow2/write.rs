@@ -367,9 +367,14 @@ impl Writer {
         let end = (host + buf.len() as u64).div_ceil(s) * s;
         let mut wide = vec![0u8; (end - start) as usize];
         let lead = (host - start) as usize;
-        if lead != 0 || end != host + buf.len() as u64 {
-            // Guest offsets only number legacy AES sectors, which are never written.
-            crypto::read_stored(Some(c), f, &mut wide, start, 0).map_err(io)?;
+        // Only the first and last sectors can be partly written: their current content is
+        // read (guest offsets only number legacy AES sectors, which are never written).
+        let last = wide.len() - s as usize;
+        if lead != 0 {
+            crypto::read_stored(Some(c), f, &mut wide[..s as usize], start, 0).map_err(io)?;
+        }
+        if end != host + buf.len() as u64 && (last > 0 || lead == 0) {
+            crypto::read_stored(Some(c), f, &mut wide[last..], end - s, 0).map_err(io)?;
         }
         wide[lead..lead + buf.len()].copy_from_slice(buf);
         c.encrypt(&mut wide, start, 0);
